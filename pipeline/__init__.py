@@ -1,0 +1,1 @@
+"""Pneumonia chest X-ray training system."""

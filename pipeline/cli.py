@@ -1,0 +1,177 @@
+"""The `pneumo` command: parses arguments and calls the stages; no logic lives here.
+
+Imports are lazy so `pneumo --help` answers at once and `convert` never loads TensorFlow or MLflow.
+Every failure the user can fix ends as one line `pneumo <command>: error: <reason>` and a non-zero exit.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+# TensorFlow's C++ start-up chatter (CPU feature notes, CUDA probes) drowns the useful output.
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+
+def _add_tracking(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--tracking-uri", default=None,
+                   help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else sqlite:///mlruns/mlflow.db)")
+
+
+def cmd_synth(a):
+    from pipeline.synth import make_synthetic_dataset
+
+    s = make_synthetic_dataset(a.out, n=a.n, positive_rate=a.positive_rate, size=a.size, seed=a.seed,
+                               workers=a.workers)
+    print(f"wrote {s['n']} synthetic DICOMs ({s['positives']} positive) to {a.out} in {s['seconds']:.1f} s")
+
+
+def cmd_convert(a):
+    from pipeline.convert import convert_image_dir, convert_rsna, summary
+
+    common = dict(image_size=a.image_size, workers=a.workers, seed=a.seed, test_frac=a.test_frac,
+                  val_frac=a.val_frac, limit=a.limit, progress=not a.quiet)
+    if a.image_dir:
+        manifest = convert_image_dir(a.image_dir, a.out, patient_regex=a.patient_regex, **common)
+    else:
+        if not a.labels:
+            raise UsageError("--dicom-dir needs --labels CSV")
+        manifest = convert_rsna(a.dicom_dir, a.labels, a.out, **common)
+    print(summary(manifest))
+    print(f"wrote {a.out}/manifest.json")
+
+
+def cmd_train(a):
+    from pipeline.config import load_config
+    from pipeline.train import summary_table, train
+
+    cfg = load_config(a.config, a.set)
+    result = train(cfg, a.data, tracking_uri=a.tracking_uri, config_file=a.config)
+    print(summary_table(result))
+
+
+def cmd_tune(a):
+    from pipeline.config import load_config
+    from pipeline.tune import run_tune
+
+    cfg = load_config(a.config, a.set)
+    run_tune(cfg, a.study, data_dir=a.data, trials=a.trials, timeout=a.timeout, workers=a.workers,
+             storage=a.storage, tracking_uri=a.tracking_uri, config_file=a.config)
+
+
+def cmd_evaluate(a):
+    from pipeline.scoring import evaluate_model
+
+    report = evaluate_model(a.model, a.data, a.split, tracking_uri=a.tracking_uri, out=a.out)
+    print(report["table"])
+    print(f"wrote {report['path']}")
+
+
+def cmd_demo(a):
+    from pipeline.demo import run_demo
+
+    run_demo(workdir=a.workdir, tracking_uri=a.tracking_uri, n=a.n)
+
+
+class UsageError(ValueError):
+    pass
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="pneumo", description="Pneumonia chest X-ray training system")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("synth", help="write a synthetic RSNA-like DICOM dataset")
+    p.add_argument("--out", required=True)
+    p.add_argument("--n", type=int, default=200)
+    p.add_argument("--positive-rate", type=float, default=0.25)
+    p.add_argument("--size", type=int, default=1024)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--workers", type=int, default=os.cpu_count() or 1)
+    p.set_defaults(func=cmd_synth)
+
+    p = sub.add_parser("convert", help="DICOMs (or class folders) -> sharded TFRecords + manifest")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--dicom-dir", help="folder of <patientId>.dcm (RSNA layout)")
+    src.add_argument("--image-dir", help="folder with NORMAL/ and PNEUMONIA/ class folders")
+    p.add_argument("--labels", help="RSNA label CSV (with --dicom-dir)")
+    p.add_argument("--patient-regex", help="regex with one group: the patient id in an image file name")
+    p.add_argument("--out", required=True)
+    p.add_argument("--image-size", type=int, default=256)
+    p.add_argument("--workers", type=int, default=None, help="decode processes (default: the core count)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--test-frac", type=float, default=0.2)
+    p.add_argument("--val-frac", type=float, default=0.2)
+    p.add_argument("--limit", type=int, default=None, help="convert only the first N labelled inputs")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_convert)
+
+    p = sub.add_parser("train", help="one training run, tracked in MLflow")
+    p.add_argument("--config", required=True, help="experiments/<name>.toml")
+    p.add_argument("--data", default=None, help="converted data folder (default: [data] dir of the config)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("tune", help="an Optuna study; every trial an MLflow run")
+    p.add_argument("--config", required=True)
+    p.add_argument("--study", required=True)
+    p.add_argument("--data", default=None)
+    p.add_argument("--trials", type=int, default=None, help="N more finished trials for this launch")
+    p.add_argument("--timeout", type=float, default=None, help="seconds after which no new trial starts")
+    p.add_argument("--workers", type=int, default=1, help="worker processes (one per GPU when GPUs exist)")
+    p.add_argument("--storage", default=None,
+                   help="Optuna RDB URL (default: $PNEUMO_OPTUNA_STORAGE, else sqlite:///mlruns/optuna.db)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    p.set_defaults(func=cmd_tune)
+
+    p = sub.add_parser("evaluate", help="metrics of a model on a split, with CIs and the baseline")
+    p.add_argument("--model", required=True, help="model URI, e.g. models:/pneumonia-cnn@champion")
+    p.add_argument("--data", required=True)
+    p.add_argument("--split", default="test", choices=["train", "val", "test"])
+    p.add_argument("--out", default=None, help="JSON report (default: <data>/evaluation-<split>.json)")
+    p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("demo", help="synth -> convert -> ... on the embedded stores")
+    p.add_argument("--workdir", default=".", help="where tfrecords/ and mlruns/ go (default: here)")
+    p.add_argument("--n", type=int, default=300, help="synthetic patients")
+    p.set_defaults(func=cmd_demo)
+
+    for p in sub.choices.values():
+        _add_tracking(p)
+    return parser
+
+
+def _known_errors() -> tuple[type[BaseException], ...]:
+    """Errors that carry a user-facing reason; imported here, after parsing, to keep --help fast."""
+    errors: list[type[BaseException]] = [UsageError, FileNotFoundError, NotADirectoryError, PermissionError]
+    lazy = [("pipeline.config", "ConfigError"), ("pipeline.convert", "ConvertError"),
+            ("pipeline.labels", "LabelError"), ("pipeline.dicom", "DicomError")]
+    # Only where the command already loaded them: importing TensorFlow just to name an error costs 6 s.
+    lazy += [(m, n) for m, n in [("pipeline.data", "DataError"), ("pipeline.tracking", "TrackingError"),
+                                 ("pipeline.tune", "TuneError"), ("mlflow.exceptions", "MlflowException")]
+              if m in sys.modules]
+    for module, name in lazy:
+        try:
+            errors.append(getattr(__import__(module, fromlist=[name]), name))
+        except (ImportError, AttributeError):
+            pass
+    return tuple(errors)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except _known_errors() as e:
+        reason = " ".join(str(e).split()) or type(e).__name__
+        print(f"pneumo {args.command}: error: {reason}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"pneumo {args.command}: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

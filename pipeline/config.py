@@ -1,0 +1,247 @@
+"""Experiment TOML -> frozen dataclasses, with checked `--set key=value` overrides.
+
+Like nanoGPT's configurator, a key that does not exist or a value of the wrong type is an error naming the key:
+`--set model.block=4` fails loudly instead of silently training the default. The resolved config is flattened
+(`flat()`) into MLflow params, so every run can be re-run from its params.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, get_type_hints
+
+
+class ConfigError(ValueError):
+    """A one-line reason why an experiment file or override is unusable."""
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    dir: str = "tfrecords/synth"  # converter output folder (relative to the working directory)
+    batch_size: int = 32
+    cache: str = "auto"  # auto | memory | none | <file path prefix>
+    cache_budget_mb: int = 2048  # `auto` caches in memory when the serialised split fits this budget
+    shuffle_buffer: int = 0  # 0 = the whole split (a true shuffle per epoch)
+    deterministic: bool = False  # True: fixed element order (reproducible, a little slower)
+    interleave_cycle: int = 4  # shards read at once
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    blocks: int = 3  # conv blocks after the stem
+    filters: int = 16  # filters of the first block
+    growth: float = 2.0  # filter multiplier per block
+    max_filters: int = 0  # cap on any block's filters; 0 = no cap (the seed: 32, 64, 128, 128)
+    kernel_size: int = 3
+    convs_per_block: int = 1
+    padding: str = "same"  # same | valid (the seed's Keras default); residual blocks need same
+    stem_stride: int = 2  # strided stem: full-resolution layers are the expensive ones
+    stem_filters: int = 16  # 0 = no stem
+    batch_norm: bool = True
+    residual: bool = False
+    dropout: float = 0.2
+    dense_units: int = 64  # 0 = no hidden dense layer
+    pooling: str = "gap"  # gap (global average) | flatten (the seed)
+    metadata_inputs: bool = False  # view position, sex, age fed beside the image into the penultimate layer
+
+
+@dataclass(frozen=True)
+class AugmentConfig:
+    # Strengths in Keras' units: rotation as a fraction of a full turn, zoom/translation as a fraction of size.
+    rotation: float = 0.02
+    zoom: float = 0.1
+    translation: float = 0.05
+    contrast: float = 0.1
+    brightness: float = 0.1
+    horizontal_flip: bool = False  # off: chest anatomy is not mirror-symmetric (heart on the left)
+    xla_safe: bool = False  # one XLA-compilable RandomAffine instead of Keras' rotation/zoom/translation layers
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    epochs: int = 10
+    steps_per_epoch: int = 0  # 0 = one pass over the train split
+    learning_rate: float = 1e-3
+    weight_decay: float = 0.0
+    class_weight: str = "balanced"  # balanced (loss weights) | oversample (50/50 batches) | none
+    precision: str = "auto"  # auto | float32 | mixed_float16 | mixed_bfloat16
+    jit_compile: bool = False
+    devices: str = "one"  # one | all (MirroredStrategy over all GPUs)
+    lr_scale: str = "linear"  # how LR scales with replicas under devices=all: linear | sqrt | none
+    early_stopping_patience: int = 4  # epochs without val AUC gain; 0 = off
+    lr_plateau_patience: int = 2  # epochs before LR halves on a val AUC plateau; 0 = off
+    target_sensitivity: float = 0.0  # 0 = threshold by Youden's J on validation
+    bootstrap: int = 1000  # bootstrap resamples for confidence intervals
+    seed: int = 0
+    log_model: bool = True
+    checkpoint_dir: str = "mlruns/checkpoints"  # BackupAndRestore state, one folder per run key
+
+
+@dataclass(frozen=True)
+class TuneConfig:
+    trials: int = 20
+    sampler: str = "tpe"  # tpe | random | cmaes | qmc
+    pruner: str = "median"  # median | hyperband | none
+    seed: int = 0
+    metric: str = "val_auc"
+    startup_trials: int = 5  # random trials before TPE and before the median pruner may prune
+    warmup_epochs: int = 1  # epochs before a trial may be pruned
+    heartbeat_interval: int = 10  # seconds; a trial silent for 2x this is stale and retried
+    grace_period: int = 0  # seconds one worker keeps polling for stale trials at the end (0 = 3 heartbeats)
+    max_retries: int = 2
+    model_name: str = "pneumonia-cnn"
+    space: dict = field(default_factory=dict)  # "section.key" -> {type, low, high, log, step, choices}
+
+
+@dataclass(frozen=True)
+class Config:
+    name: str = "experiment"
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    tune: TuneConfig = field(default_factory=TuneConfig)
+
+    def flat(self) -> dict[str, Any]:
+        """`section.key -> value` for every scalar setting (MLflow params); the search space is left out."""
+        out: dict[str, Any] = {"name": self.name}
+        for section in SECTIONS:
+            for f in dataclasses.fields(getattr(self, section)):
+                if f.name != "space":
+                    out[f"{section}.{f.name}"] = getattr(getattr(self, section), f.name)
+        return out
+
+    def with_values(self, values: dict[str, Any]) -> Config:
+        """A copy with `section.key` values replaced (type-checked, unknown keys refused)."""
+        cfg = self
+        for key, value in values.items():
+            section, name = _split_key(key)
+            sub = getattr(cfg, section)
+            cfg = dataclasses.replace(cfg, **{section: dataclasses.replace(sub, **{name: _check(key, value)})})
+        return cfg
+
+
+SECTIONS = ("data", "model", "augment", "train", "tune")
+CHOICES = {
+    "data.cache": None,  # free-form (path prefix allowed)
+    "model.pooling": ("gap", "flatten"),
+    "train.class_weight": ("balanced", "oversample", "none"),
+    "train.precision": ("auto", "float32", "mixed_float16", "mixed_bfloat16"),
+    "train.devices": ("one", "all"),
+    "train.lr_scale": ("linear", "sqrt", "none"),
+    "tune.sampler": ("tpe", "random", "cmaes", "qmc"),
+    "tune.pruner": ("median", "hyperband", "none"),
+}
+
+
+def _section_type(section: str) -> type:
+    return get_type_hints(Config)[section]
+
+
+def _split_key(key: str) -> tuple[str, str]:
+    section, _, name = key.partition(".")
+    if section not in SECTIONS or not name:
+        raise ConfigError(f"unknown config key {key!r} (sections: {', '.join(SECTIONS)})")
+    known = {f.name for f in dataclasses.fields(_section_type(section))}
+    if name not in known:
+        raise ConfigError(f"unknown config key {key!r} (known in [{section}]: {', '.join(sorted(known))})")
+    return section, name
+
+
+def field_type(key: str) -> type:
+    section, name = _split_key(key)
+    return get_type_hints(_section_type(section))[name]
+
+
+def _check(key: str, value: Any) -> Any:
+    """Coerce int -> float where a float is expected; otherwise the type must match exactly."""
+    want = field_type(key)
+    if want is float and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
+    if want is not float and want is not dict and type(value) is not want:
+        raise ConfigError(f"config key {key!r} wants {want.__name__}, got {type(value).__name__} {value!r}")
+    if want is float and type(value) is not float:
+        raise ConfigError(f"config key {key!r} wants float, got {type(value).__name__} {value!r}")
+    if want is dict and not isinstance(value, dict):
+        raise ConfigError(f"config key {key!r} wants a table, got {value!r}")
+    allowed = CHOICES.get(key)
+    if allowed and value not in allowed:
+        raise ConfigError(f"config key {key!r} must be one of {', '.join(allowed)}, got {value!r}")
+    return value
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """`section.key=value` with the value parsed as TOML (so `0.01`, `true`, `"gap"`); bare words become strings."""
+    key, sep, raw = text.partition("=")
+    key = key.strip()
+    if not sep:
+        raise ConfigError(f"override {text!r} is not key=value")
+    want = field_type(key)
+    try:
+        value = tomllib.loads(f"v = {raw.strip()}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw.strip()  # a bare word such as `gap` or a path
+    if want is str and not isinstance(value, str):
+        value = raw.strip()
+    return key, value
+
+
+def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Read an experiment file and apply `--set` overrides; every error names the file or key."""
+    path = Path(path)
+    try:
+        raw = tomllib.loads(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: experiment file not found") from None
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{path}: not valid TOML ({e})") from None
+    values: dict[str, Any] = {}
+    cfg = Config(name=str(raw.pop("name", path.stem)))
+    for section, table in raw.items():
+        if section not in SECTIONS or not isinstance(table, dict):
+            raise ConfigError(f"{path}: unknown section or key {section!r} (sections: {', '.join(SECTIONS)})")
+        for name, value in table.items():
+            values[f"{section}.{name}"] = value
+    try:
+        cfg = cfg.with_values(values)
+        cfg = cfg.with_values(dict(parse_override(o) for o in overrides))
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {e}") from None
+    validate_space(cfg.tune.space, where=str(path))
+    return cfg
+
+
+def validate_space(space: dict, where: str = "config") -> None:
+    """Each `[tune.space]` entry names a real scalar key and a well-formed distribution."""
+    for key, spec in space.items():
+        try:
+            want = field_type(key)
+        except ConfigError as e:
+            raise ConfigError(f"{where}: [tune.space] {e}") from None
+        if not isinstance(spec, dict) or spec.get("type") not in ("float", "int", "categorical"):
+            raise ConfigError(f"{where}: [tune.space] {key!r} needs type = float | int | categorical")
+        unknown = set(spec) - {"type", "low", "high", "log", "step", "choices"}
+        if unknown:
+            raise ConfigError(f"{where}: [tune.space] {key!r} has unknown fields {sorted(unknown)}")
+        kind = spec["type"]
+        if kind == "categorical":
+            choices = spec.get("choices")
+            if not isinstance(choices, list) or not choices:
+                raise ConfigError(f"{where}: [tune.space] {key!r} needs a non-empty choices list")
+            for c in choices:
+                _check(key, c)
+            continue
+        low, high = spec.get("low"), spec.get("high")
+        if not isinstance(low, int | float) or not isinstance(high, int | float) or not low < high:
+            raise ConfigError(f"{where}: [tune.space] {key!r} needs numbers low < high, got {low!r}, {high!r}")
+        if spec.get("log") and low <= 0:
+            raise ConfigError(f"{where}: [tune.space] {key!r} has log = true but low <= 0")
+        if spec.get("log") and spec.get("step"):
+            raise ConfigError(f"{where}: [tune.space] {key!r} cannot have both log and step")
+        if kind == "int" and want is not int:
+            raise ConfigError(f"{where}: [tune.space] {key!r} is {want.__name__}, not int")
+        if kind == "float" and want is not float:
+            raise ConfigError(f"{where}: [tune.space] {key!r} is {want.__name__}, not float")

@@ -1,0 +1,105 @@
+"""Model outputs over a whole split, every record exactly once, with the fields evaluation needs."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from pipeline.data import eval_dataset, load_manifest
+
+
+def model_uses_meta(model) -> bool:
+    return any(getattr(t, "name", "").split(":")[0] == "meta" for t in model.inputs)
+
+
+def predict_split(model, data_dir: str | Path, split: str, batch_size: int = 64,
+                  with_meta: bool | None = None) -> tuple[np.ndarray, np.ndarray, dict]:
+    """-> (labels, probabilities, info) for every record of `split`; info holds patient_id, view_position,
+    sex, age and boxes per record. The count is checked against the manifest: evaluation is exact."""
+    if with_meta is None:
+        with_meta = model_uses_meta(model)
+    ys, ps = [], []
+    info: dict[str, list] = {"patient_id": [], "view_position": [], "sex": [], "age": [], "boxes": []}
+    for features, labels in eval_dataset(data_dir, split, batch_size, with_info=True, with_meta=True):
+        inputs = {"image": features["image"]}
+        if with_meta:
+            inputs["meta"] = features["meta"]
+        ps.append(np.asarray(model.predict_on_batch(inputs), dtype=np.float64).reshape(-1))
+        ys.append(labels.numpy().astype(np.int64))
+        for key in ("patient_id", "view_position", "sex"):
+            info[key] += [v.decode() for v in features[key].numpy()]
+        info["age"] += [int(a) for a in features["age"].numpy()]
+        info["boxes"] += [b[b >= 0].reshape(-1, 4) for b in features["boxes"].numpy()]
+    y, p = np.concatenate(ys), np.concatenate(ps)
+    expected = load_manifest(data_dir)["splits"][split]["count"]
+    if len(y) != expected:
+        raise RuntimeError(f"{data_dir}: read {len(y)} {split} records, manifest.json says {expected}")
+    return y, p, info
+
+
+def load_model(uri: str):
+    """A logged Keras model from any MLflow model URI (runs:/, models:/name@alias, models:/name/1)."""
+    import mlflow
+
+    return mlflow.keras.load_model(uri)
+
+
+def source_run(uri: str) -> tuple[str | None, dict]:
+    """(run id, registered version tags) behind a model URI; the run holds the validation threshold."""
+    from mlflow import MlflowClient
+
+    client = MlflowClient()
+    if uri.startswith("runs:/"):
+        return uri.removeprefix("runs:/").split("/")[0], {}
+    if uri.startswith("models:/"):
+        name, _, ref = uri.removeprefix("models:/").partition("@")
+        if ref:
+            mv = client.get_model_version_by_alias(name, ref)
+        else:
+            name, _, version = name.partition("/")
+            mv = client.get_model_version(name, version)
+        return mv.run_id, dict(mv.tags)
+    return None, {}
+
+
+def stored_threshold(uri: str) -> float | None:
+    """The operating threshold chosen on validation when the model was trained (never re-tuned on test)."""
+    from mlflow import MlflowClient
+
+    run_id, tags = source_run(uri)
+    if "threshold" in tags:
+        return float(tags["threshold"])
+    if run_id:
+        value = MlflowClient().get_run(run_id).data.tags.get("threshold")
+        return float(value) if value is not None else None
+    return None
+
+
+def evaluate_model(uri: str, data_dir: str | Path, split: str = "test", *, tracking_uri: str | None = None,
+                   out: str | Path | None = None, n_boot: int = 1000) -> dict:
+    """`pneumo evaluate`: metrics with CIs, the majority baseline and subgroups; written as JSON."""
+    from pipeline import evaluate as ev
+    from pipeline import tracking
+
+    tracking.setup(tracking_uri)
+    model = load_model(uri)
+    threshold = stored_threshold(uri)
+    threshold_source = "stored with the model (chosen on validation)"
+    if threshold is None:
+        yv, pv, _ = predict_split(model, data_dir, "val")
+        threshold = ev.choose_threshold(yv, pv)
+        threshold_source = "chosen now on the val split (Youden's J)"
+    y, p, info = predict_split(model, data_dir, split)
+    metrics = ev.compute_metrics(y, p, threshold, n_boot=n_boot)
+    groups = {"view_position": info["view_position"], "sex": info["sex"],
+              "age_band": [ev.age_band(a) for a in info["age"]]}
+    subgroups = ev.subgroup_metrics(y, p, threshold, groups)
+    manifest = load_manifest(data_dir)
+    path = Path(out) if out else Path(data_dir) / f"evaluation-{split}.json"
+    payload = {"model": uri, "split": split, "dataset_digest": manifest["digest"],
+               "threshold_source": threshold_source, "metrics": metrics, "subgroups": subgroups}
+    ev.write_json(path, payload)
+    table = ev.format_table(metrics, subgroups) + f"\nthreshold {threshold:.4f}: {threshold_source}"
+    return {**payload, "table": table, "path": str(path), "probabilities": p, "labels": y,
+            "patient_id": info["patient_id"]}

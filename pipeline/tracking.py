@@ -1,0 +1,145 @@
+"""MLflow stores, experiments, dataset inputs and model logging.
+
+Embedded defaults: `sqlite:///mlruns/mlflow.db` with artifacts in `mlruns/artifacts/<experiment>` (MLflow's
+plain file store is deprecated upstream). With a SQLite store MLflow would put artifacts in `<cwd>/mlruns/<id>`
+unless the experiment has an explicit `artifact_location`, so we always pass one. A tracking server
+(`http://...`) decides artifact locations itself.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from pathlib import Path
+
+import mlflow
+from mlflow import MlflowClient
+
+DEFAULT_TRACKING_URI = "sqlite:///mlruns/mlflow.db"
+DEFAULT_OPTUNA_STORAGE = "sqlite:///mlruns/optuna.db"
+
+
+class TrackingError(RuntimeError):
+    """A one-line reason the MLflow store cannot be used."""
+
+
+def resolve_tracking_uri(uri: str | None = None) -> str:
+    return uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
+
+
+def is_local(uri: str) -> bool:
+    return uri.startswith("sqlite:")
+
+
+def artifact_root(uri: str) -> Path:
+    """For a SQLite store, artifacts live in `artifacts/` beside the database file."""
+    db = Path(uri.removeprefix("sqlite:///"))
+    return (db.parent / "artifacts").resolve()
+
+
+def setup(uri: str | None = None) -> MlflowClient:
+    """Point MLflow (tracking and registry) at the store; create the folder of an embedded SQLite store."""
+    uri = resolve_tracking_uri(uri)
+    if is_local(uri):
+        Path(uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
+    return MlflowClient(uri, uri)
+
+
+def ensure_experiment(name: str, uri: str | None = None) -> str:
+    """The experiment's id, creating it (with an explicit artifact location on embedded stores) if needed."""
+    uri = resolve_tracking_uri(uri)
+    client = setup(uri)
+    exp = client.get_experiment_by_name(name)
+    if exp is not None:
+        if exp.lifecycle_stage == "deleted":
+            raise TrackingError(f"MLflow experiment {name!r} is deleted; restore it or pick another name")
+        return exp.experiment_id
+    location = (artifact_root(uri) / name).as_uri() if is_local(uri) else None
+    try:
+        return client.create_experiment(name, artifact_location=location)
+    except mlflow.exceptions.MlflowException:
+        # Another process created it between our look-up and create: use theirs.
+        exp = client.get_experiment_by_name(name)
+        if exp is None:
+            raise
+        return exp.experiment_id
+
+
+def log_dataset(manifest: dict, data_dir: str | Path, context: str = "training") -> None:
+    """The converter's manifest digest as the run's dataset input: the dataset's identity."""
+    from mlflow.data.dataset_source_registry import resolve_dataset_source
+    from mlflow.data.meta_dataset import MetaDataset
+
+    source = resolve_dataset_source(Path(data_dir).resolve().as_uri())
+    name = Path(data_dir).name or "dataset"
+    mlflow.log_input(MetaDataset(source, name=name, digest=manifest["digest"][:36]), context=context)
+    mlflow.set_tag("dataset_digest", manifest["digest"])
+
+
+@functools.cache
+def pip_requirements() -> tuple[str, ...]:
+    """Computed once per process: letting MLflow infer them costs ~9 s per log_model call here."""
+    import keras
+    import numpy as np
+    import tensorflow as tf
+
+    return (f"mlflow=={mlflow.__version__}", f"keras=={keras.__version__}", f"tensorflow=={tf.__version__}",
+            f"numpy=={np.__version__}")
+
+
+def inference_copy(model):
+    """The same network without optimizer state (inference needs none; it would double the artifact)."""
+    import keras
+
+    copy = keras.models.clone_model(model)
+    copy.set_weights(model.get_weights())
+    return copy
+
+
+def _keras_flavour_creates_its_folder() -> None:
+    """Work around an MLflow 3.17 bug: `mlflow.keras.save_model` writes the input example into the model folder
+    before creating it (FileNotFoundError on `input_example.json`). Creating the folder first is all it needs;
+    `Model.log` looks `save_model` up on the module at call time, so wrapping it there is enough."""
+    import mlflow.keras
+
+    original = mlflow.keras.save_model
+    if getattr(original, "creates_folder", False):
+        return
+
+    @functools.wraps(original)
+    def save_model(model, path, *args, **kwargs):
+        os.makedirs(path, exist_ok=True)
+        return original(model, path, *args, **kwargs)
+
+    save_model.creates_folder = True
+    mlflow.keras.save_model = save_model
+
+
+def log_keras_model(model, image_size: int, with_meta: bool, registered_model_name: str | None = None):
+    """Log the model (Keras flavour) with a tensor signature and a synthetic input example; -> ModelInfo."""
+    import numpy as np
+    from mlflow.models import ModelSignature
+    from mlflow.types.schema import Schema, TensorSpec
+
+    from pipeline.records import META_DIM
+
+    inputs = [TensorSpec(np.dtype(np.uint8), (-1, image_size, image_size, 1), "image")]
+    # A smooth synthetic gradient, never a patient's image (PHI stays out of every artifact).
+    ramp = np.linspace(0, 255, image_size, dtype=np.float32)
+    example = {"image": (np.add.outer(ramp, ramp) / 2).astype(np.uint8)[None, :, :, None]}
+    if with_meta:
+        inputs.append(TensorSpec(np.dtype(np.float32), (-1, META_DIM), "meta"))
+        example["meta"] = np.array([[1, 0, 1, 0, 0.5, 1]], dtype=np.float32)
+    _keras_flavour_creates_its_folder()
+    signature = ModelSignature(inputs=Schema(inputs),
+                               outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, 1), "probability")]))
+    return mlflow.keras.log_model(
+        inference_copy(model),
+        name="model",
+        signature=signature,
+        input_example=example,
+        pip_requirements=list(pip_requirements()),
+        registered_model_name=registered_model_name,
+    )

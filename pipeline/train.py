@@ -1,0 +1,294 @@
+"""One training run: precision, strategy, data, callbacks, validation metrics, MLflow logging.
+
+`train()` is what `pneumo train` runs and what every Optuna trial runs. The run is resumable: Keras'
+BackupAndRestore keeps the state of an interrupted fit under `train.checkpoint_dir/<run key>`, together with the
+MLflow run id, so running the same command again continues the same MLflow run from the last finished epoch.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import keras
+import mlflow
+import numpy as np
+import tensorflow as tf
+
+from pipeline import evaluate as ev
+from pipeline import tracking
+from pipeline.config import Config
+from pipeline.data import eval_dataset, load_manifest, train_dataset
+from pipeline.model import apply_precision, build_model
+from pipeline.scoring import predict_split
+
+CURVE_METRICS = ("loss", "auc", "auc_pr", "accuracy", "precision", "recall")
+
+
+@dataclass
+class TrainResult:
+    run_id: str
+    history: dict[str, list[float]]
+    val_metrics: dict
+    threshold: float
+    best_val_auc: float
+    epochs: int
+    images_per_s: float
+    model: keras.Model = field(repr=False)
+    model_uri: str | None = None
+    model_version: str | None = None
+    jit_compile: bool = False
+    precision: str = "float32"
+
+
+def choose_strategy(devices: str) -> tf.distribute.Strategy:
+    """One device by default; `all`: MirroredStrategy over every GPU, or over the logical CPUs when the CPU was
+    split into several (how the multi-device path is tested without a GPU)."""
+    if devices == "all":
+        gpus = tf.config.list_logical_devices("GPU")
+        cpus = tf.config.list_logical_devices("CPU")
+        names = [d.name for d in gpus] or ([d.name for d in cpus] if len(cpus) > 1 else [])
+        if len(names) > 1:
+            return tf.distribute.MirroredStrategy(names)
+    return tf.distribute.get_strategy()
+
+
+def scaled_learning_rate(lr: float, replicas: int, rule: str) -> float:
+    """Global batch grows with replicas; scale LR by the linear rule (Goyal et al. 2017), sqrt, or not at all."""
+    return {"linear": lr * replicas, "sqrt": lr * math.sqrt(replicas), "none": lr}[rule]
+
+
+def class_weights(manifest: dict, mode: str) -> dict[int, float] | None:
+    """Balanced loss weights n / (2 n_c): each class contributes equally to the loss."""
+    split = manifest["splits"]["train"]
+    pos, n = split["positives"], split["count"]
+    if mode != "balanced" or pos == 0 or pos == n:
+        return None
+    return {0: n / (2 * (n - pos)), 1: n / (2 * pos)}
+
+
+class EpochStats(keras.callbacks.Callback):
+    """images/s per epoch (wall and CPU) and metrics to MLflow after every epoch."""
+
+    def __init__(self, images_per_epoch: int, run_id: str):
+        super().__init__()
+        self.images = images_per_epoch
+        self.run_id = run_id
+        self.rates: list[float] = []
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self.t0, self.c0 = time.perf_counter(), time.process_time()
+
+    def on_epoch_end(self, epoch, logs=None):
+        wall, cpu = time.perf_counter() - self.t0, time.process_time() - self.c0
+        logs = dict(logs or {})
+        logs["images_per_s"] = self.images / wall
+        logs["cpu_s_per_epoch"] = cpu
+        logs["epoch_s"] = wall
+        lr = self.model.optimizer.learning_rate
+        logs["learning_rate"] = float(lr.numpy() if hasattr(lr, "numpy") else lr)
+        self.rates.append(logs["images_per_s"])
+        mlflow.log_metrics({k: float(v) for k, v in logs.items() if np.isfinite(v)}, step=epoch,
+                           run_id=self.run_id)
+
+
+def input_capacity(ds: tf.data.Dataset, batches: int = 20) -> float:
+    """Images/s the input pipeline delivers alone (no model): if it is far above the training rate, the
+    accelerator never waits for data. benchmarks/train_step.py measures the wait directly."""
+    it = iter(ds)
+    first = next(it)  # pipeline warm-up (threads, first file reads) is not steady state
+    n = int(first[1].shape[0])
+    t0 = time.perf_counter()
+    for _ in range(batches):
+        next(it)
+    return n * batches / (time.perf_counter() - t0)
+
+
+def run_key(cfg: Config, digest: str, run_name: str | None) -> str:
+    blob = json.dumps({"cfg": cfg.flat(), "digest": digest, "run": run_name}, sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def compile_model(model: keras.Model, cfg: Config, lr: float) -> None:
+    optimizer = (keras.optimizers.AdamW(lr, weight_decay=cfg.train.weight_decay) if cfg.train.weight_decay
+                 else keras.optimizers.Adam(lr))
+    model.compile(
+        optimizer=optimizer,
+        loss=keras.losses.BinaryCrossentropy(),
+        metrics=[
+            keras.metrics.AUC(name="auc"),
+            keras.metrics.AUC(curve="PR", name="auc_pr"),
+            keras.metrics.BinaryAccuracy(name="accuracy"),
+            keras.metrics.Precision(name="precision"),
+            keras.metrics.Recall(name="recall"),
+        ],
+        jit_compile=cfg.train.jit_compile,
+    )
+
+
+def train(cfg: Config, data_dir: str | Path | None = None, *, tracking_uri: str | None = None,
+          experiment: str | None = None, run_name: str | None = None, parent_run_id: str | None = None,
+          tags: dict | None = None, callbacks: list | None = None, register_as: str | None = None,
+          config_file: str | Path | None = None, verbose: int = 2,
+          on_run_started: Callable[[str], None] | None = None,
+          stop_exceptions: tuple[type[BaseException], ...] = ()) -> TrainResult:
+    """Train one model and log it as one MLflow run (nested under `parent_run_id` when given).
+
+    `on_run_started(run_id)` is called as soon as the run exists (a tuning trial stores the id so a sweeper
+    can close the run if the worker dies). An exception in `stop_exceptions` (a pruned trial) ends the run
+    FINISHED and propagates; any other ends it FAILED, Ctrl-C ends it KILLED.
+    """
+    data_dir = Path(data_dir or cfg.data.dir)
+    cfg = cfg.with_values({"data.dir": str(data_dir)})  # the resolved config names the data really used
+    manifest = load_manifest(data_dir)
+    size = manifest["image_size"]
+    tcfg = cfg.train
+    keras.utils.set_random_seed(tcfg.seed)
+    precision = apply_precision(tcfg.precision)
+    strategy = choose_strategy(tcfg.devices)
+    replicas = strategy.num_replicas_in_sync
+    global_batch = cfg.data.batch_size * replicas
+    lr = scaled_learning_rate(tcfg.learning_rate, replicas, tcfg.lr_scale)
+    with_meta = cfg.model.metadata_inputs
+
+    train_ds = train_dataset(data_dir, cfg.data, seed=tcfg.seed, with_meta=with_meta,
+                             balance=tcfg.class_weight == "oversample", batch_size=global_batch)
+    val_ds = eval_dataset(data_dir, "val", global_batch, with_meta=with_meta, verify=False)
+    steps = tcfg.steps_per_epoch or max(1, manifest["splits"]["train"]["count"] // global_batch)
+
+    with strategy.scope():
+        model = build_model(cfg.model, cfg.augment, size, seed=tcfg.seed)
+        compile_model(model, cfg, lr)
+
+    uri = tracking.resolve_tracking_uri(tracking_uri)
+    exp_id = tracking.ensure_experiment(experiment or cfg.name, uri)
+    key = run_key(cfg, manifest["digest"], run_name)
+    backup = Path(tcfg.checkpoint_dir) / key
+    previous = backup / "mlflow_run_id"
+    resume_id = previous.read_text().strip() if previous.exists() else None
+    run = mlflow.start_run(run_id=resume_id, experiment_id=None if resume_id else exp_id, run_name=run_name,
+                           parent_run_id=None if resume_id else parent_run_id, tags=tags)
+    run_id = run.info.run_id
+    try:
+        if on_run_started:
+            on_run_started(run_id)
+        backup.mkdir(parents=True, exist_ok=True)
+        previous.write_text(run_id)
+        if not resume_id:
+            mlflow.log_params({k: str(v) for k, v in cfg.flat().items()})
+            mlflow.log_params({"data.image_size": size, "replicas": replicas,
+                               "global_batch_size": global_batch, "effective_learning_rate": lr,
+                               "precision_policy": precision})
+            tracking.log_dataset(manifest, data_dir)
+            mlflow.log_dict(json.loads(json.dumps(cfg.flat(), default=str)), "config/resolved.json")
+            mlflow.log_dict({"space": cfg.tune.space}, "config/search_space.json")
+            if config_file:
+                mlflow.log_artifact(str(config_file), "config")
+        capacity = input_capacity(train_ds)
+        mlflow.log_metric("input_capacity_images_per_s", capacity, run_id=run_id)
+        stats = EpochStats(steps * global_batch, run_id)
+        cbs = [keras.callbacks.BackupAndRestore(str(backup / "state")), stats]
+        if tcfg.early_stopping_patience:
+            cbs.append(keras.callbacks.EarlyStopping(monitor="val_auc", mode="max", restore_best_weights=True,
+                                                     patience=tcfg.early_stopping_patience))
+        if tcfg.lr_plateau_patience:
+            cbs.append(keras.callbacks.ReduceLROnPlateau(monitor="val_auc", mode="max", factor=0.5,
+                                                         patience=tcfg.lr_plateau_patience))
+        cbs += callbacks or []
+        # validation_steps = exactly the split (last partial batch included); without it Keras 3 warns that
+        # the finite validation set "ran out of data".
+        val_steps = math.ceil(manifest["splits"]["val"]["count"] / global_batch)
+        fit = model.fit(train_ds, validation_data=val_ds, epochs=tcfg.epochs, steps_per_epoch=steps,
+                        validation_steps=val_steps,
+                        class_weight=class_weights(manifest, tcfg.class_weight), callbacks=cbs, verbose=verbose)
+        history = {k: [float(v) for v in vs] for k, vs in fit.history.items()}
+        # XLA may have been switched off by layers that do not support it: log what really ran.
+        jit = bool(getattr(model, "jit_compile", False))
+        mlflow.set_tag("jit_compile_effective", str(jit))
+        result = _finish_run(model, cfg, data_dir, manifest, history, stats, run_id, register_as)
+        result.jit_compile, result.precision = jit, precision
+        shutil.rmtree(backup, ignore_errors=True)  # finished: the next identical command starts a new run
+        mlflow.end_run("FINISHED")
+        return result
+    except stop_exceptions:
+        shutil.rmtree(backup, ignore_errors=True)
+        mlflow.end_run("FINISHED")
+        raise
+    except KeyboardInterrupt:
+        mlflow.end_run("KILLED")
+        raise
+    except BaseException:
+        mlflow.end_run("FAILED")
+        raise
+
+
+def _finish_run(model, cfg: Config, data_dir: Path, manifest: dict, history: dict, stats: EpochStats,
+                run_id: str, register_as: str | None) -> TrainResult:
+    """Validation metrics at a threshold chosen on validation, plots, and the model."""
+    y, p, info = predict_split(model, data_dir, "val", cfg.data.batch_size, with_meta=cfg.model.metadata_inputs)
+    threshold = ev.choose_threshold(y, p, cfg.train.target_sensitivity)
+    metrics = ev.compute_metrics(y, p, threshold, n_boot=cfg.train.bootstrap, seed=cfg.train.seed)
+    groups = {"view_position": info["view_position"], "sex": info["sex"],
+              "age_band": [ev.age_band(a) for a in info["age"]]}
+    subgroups = ev.subgroup_metrics(y, p, threshold, groups, n_boot=200, seed=cfg.train.seed)
+    best_val_auc = max(history.get("val_auc", [float("nan")]))
+    mlflow.log_metrics({f"final_val_{k}": float(v) for k, v in metrics.items()
+                        if isinstance(v, int | float) and np.isfinite(v)})
+    mlflow.log_metric("best_val_auc", best_val_auc)
+    mlflow.log_metric("threshold", threshold)
+    mlflow.set_tag("threshold", f"{threshold:.6f}")
+    mlflow.log_dict({"metrics": metrics, "subgroups": subgroups}, "evaluation/val.json")
+    mlflow.log_text(ev.format_table(metrics, subgroups), "evaluation/val.txt")
+    figures = {
+        "history.png": ev.plot_history(history),
+        "val_roc.png": ev.plot_roc(y, p, title="ROC (validation)"),
+        "val_pr.png": ev.plot_pr(y, p, title="Precision-recall (validation)"),
+        "val_confusion.png": ev.plot_confusion(y, p, threshold),
+        "val_calibration.png": ev.plot_calibration(y, p),
+    }
+    import matplotlib.pyplot as plt
+
+    for name, fig in figures.items():
+        mlflow.log_figure(fig, f"plots/{name}")
+        plt.close(fig)
+    mlflow.set_tag("mlflow.note.content", _description(metrics, best_val_auc, stats, manifest))
+    info_model = version = None
+    if cfg.train.log_model:
+        info_model = tracking.log_keras_model(model, manifest["image_size"], cfg.model.metadata_inputs,
+                                              registered_model_name=register_as)
+        version = getattr(info_model, "registered_model_version", None)
+    rate = float(np.median(stats.rates)) if stats.rates else float("nan")
+    return TrainResult(run_id=run_id, history=history, val_metrics=metrics, threshold=threshold,
+                       best_val_auc=best_val_auc, epochs=len(history.get("loss", [])), images_per_s=rate,
+                       model=model, model_uri=info_model.model_uri if info_model else None,
+                       model_version=str(version) if version is not None else None)
+
+
+def _description(m: dict, best_val_auc: float, stats: EpochStats, manifest: dict) -> str:
+    return (f"val AUC {m['auc']:.3f} [{m['auc_ci_low']:.3f}, {m['auc_ci_high']:.3f}] (best epoch {best_val_auc:.3f}); "
+            f"accuracy {m['accuracy']:.3f} vs majority baseline {m['majority_baseline_accuracy']:.3f}; "
+            f"sensitivity {m['sensitivity']:.3f}, specificity {m['specificity']:.3f} at threshold "
+            f"{m['threshold']:.3f}; {np.median(stats.rates) if stats.rates else 0:.0f} img/s; "
+            f"dataset {manifest['digest'][:12]}")
+
+
+def summary_table(result: TrainResult) -> str:
+    m = result.val_metrics
+    rows = [
+        ("run", result.run_id),
+        ("epochs", str(result.epochs)),
+        ("images/s (median epoch)", f"{result.images_per_s:.1f}"),
+        ("precision policy", result.precision),
+        ("XLA (effective)", str(result.jit_compile)),
+        ("threshold (validation)", f"{result.threshold:.3f}"),
+        ("model", result.model_uri or "-"),
+    ]
+    width = max(len(k) for k, _ in rows)
+    return ev.format_table(m) + "\n" + "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
+

@@ -1,0 +1,170 @@
+"""The CNN family: shapes and dtypes, the seed as one exact configuration, mixed precision, learning, errors."""
+
+from __future__ import annotations
+
+import dataclasses
+import warnings
+
+import numpy as np
+import pytest
+
+tf = pytest.importorskip("tensorflow")
+keras = pytest.importorskip("keras")
+
+from pipeline.config import AugmentConfig, ModelConfig  # noqa: E402
+from pipeline.model import apply_precision, build_model, count_params, resolve_precision  # noqa: E402
+
+SIZE = 32
+TINY = ModelConfig(blocks=2, filters=4, stem_filters=4, dense_units=8)
+NO_AUG = AugmentConfig(rotation=0.0, zoom=0.0, translation=0.0, contrast=0.0, brightness=0.0)
+# The seed project's CNN, exactly (the [model] table of experiments/seed.toml).
+SEED = ModelConfig(blocks=4, filters=32, growth=2.0, max_filters=128, kernel_size=3, convs_per_block=1,
+                   padding="valid", stem_stride=2, stem_filters=0, batch_norm=False, residual=False,
+                   dropout=0.5, dense_units=512, pooling="flatten", metadata_inputs=False)
+
+
+@pytest.fixture
+def float32_after():
+    """Whatever a test sets, the global dtype policy is float32 again afterwards (it leaks across tests)."""
+    yield
+    keras.mixed_precision.set_global_policy("float32")
+
+
+def batch(n: int = 8, seed: int = 0, meta: bool = True) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    out = {"image": rng.integers(0, 256, (n, SIZE, SIZE, 1), dtype=np.uint8)}
+    if meta:
+        out["meta"] = rng.random((n, 6), dtype=np.float32)
+    return out
+
+
+CONFIGS = {
+    "gap": TINY,
+    "flatten": dataclasses.replace(TINY, pooling="flatten"),
+    "residual_bn": dataclasses.replace(TINY, residual=True, convs_per_block=2),
+    "residual_no_bn": dataclasses.replace(TINY, residual=True, batch_norm=False),
+    "no_bn_no_stem_no_dense": dataclasses.replace(TINY, batch_norm=False, stem_filters=0, dense_units=0),
+    "metadata": dataclasses.replace(TINY, metadata_inputs=True),
+    "metadata_flatten_residual": dataclasses.replace(TINY, metadata_inputs=True, pooling="flatten", residual=True),
+}
+
+
+@pytest.mark.parametrize("cfg", CONFIGS.values(), ids=CONFIGS.keys())
+def test_output_shape_dtype_range(cfg):
+    m = build_model(cfg, AugmentConfig(), SIZE)
+    assert [i.name for i in m.inputs] == (["image", "meta"] if cfg.metadata_inputs else ["image"])
+    assert m.inputs[0].dtype == "uint8"
+    x = batch(meta=cfg.metadata_inputs)
+    y = m(x, training=False)
+    assert tuple(y.shape) == (8, 1) and y.dtype == "float32"
+    assert np.all((y.numpy() > 0) & (y.numpy() < 1))
+    assert tuple(m(x, training=True).shape) == (8, 1)  # the augmentation path too
+
+
+def test_seed_configuration_is_the_seed_cnn():
+    m = build_model(SEED, AugmentConfig(), 128)
+    kinds = [type(layer).__name__ for layer in m.layers]
+    assert kinds == ["InputLayer", "Rescaling", "Sequential", "Rescaling",
+                     "Conv2D", "MaxPooling2D", "Conv2D", "MaxPooling2D",
+                     "Conv2D", "MaxPooling2D", "Conv2D", "MaxPooling2D",
+                     "Flatten", "Dropout", "Dense", "Dense"]
+    convs = [layer for layer in m.layers if isinstance(layer, keras.layers.Conv2D)]
+    assert [c.filters for c in convs] == [32, 64, 128, 128]
+    assert {(c.kernel_size, c.padding, c.activation.__name__) for c in convs} == {((3, 3), "valid", "relu")}
+    dropout, hidden, head = m.layers[-3:]
+    assert dropout.rate == 0.5
+    assert (hidden.units, hidden.activation.__name__) == (512, "relu")
+    assert (head.units, head.activation.__name__) == (1, "sigmoid")
+    assert m.get_layer("flatten").output.shape[1] == 6 * 6 * 128
+    assert count_params(m) == 2_600_577
+
+
+def test_default_is_small_and_fast_shaped():
+    """The default: strided stem, few filters at full resolution, global average pooling."""
+    m = build_model(ModelConfig(), AugmentConfig(), 128)
+    assert m.get_layer("stem_conv").strides == (2, 2)
+    assert m.get_layer("stem_conv").output.shape[1] == 64
+    assert m.get_layer("gap") is not None
+    assert count_params(m) < 100_000
+
+
+def test_same_seed_same_weights():
+    a, b, c = (build_model(TINY, NO_AUG, SIZE, seed=s) for s in (1, 1, 2))
+    for wa, wb in zip(a.get_weights(), b.get_weights(), strict=True):
+        np.testing.assert_array_equal(wa, wb)
+    assert not np.array_equal(a.get_layer("block1_conv1").get_weights()[0],
+                              c.get_layer("block1_conv1").get_weights()[0])
+
+
+def test_resolve_precision():
+    assert resolve_precision("auto") == "float32"  # no GPU here
+    assert resolve_precision("mixed_float16") == "mixed_float16"
+    with pytest.raises(ValueError, match="train.precision"):
+        resolve_precision("float16")
+
+
+@pytest.mark.slow
+def test_mixed_float16_computes_in_half_and_outputs_float32(float32_after):
+    assert apply_precision("mixed_float16") == "mixed_float16"
+    cfg = dataclasses.replace(TINY, residual=True, metadata_inputs=True)
+    m = build_model(cfg, AugmentConfig(), SIZE)
+    convs = [layer for layer in m.layers if isinstance(layer, keras.layers.Conv2D)]
+    assert convs and all(c.compute_dtype == "float16" for c in convs)
+    assert m.get_layer("prob").compute_dtype == "float32"
+    m.compile(optimizer=keras.optimizers.Adam(1e-3), loss="binary_crossentropy")
+    assert isinstance(m.optimizer, keras.optimizers.LossScaleOptimizer)  # Keras adds loss scaling itself
+    x, y = batch(16), np.tile([0.0, 1.0], 8).astype(np.float32)
+    history = m.fit(x, y, batch_size=8, epochs=3, verbose=0).history["loss"]
+    assert np.all(np.isfinite(history))
+    out = m.predict(x, verbose=0)
+    assert out.dtype == np.float32 and np.all(np.isfinite(out))
+    assert all(np.all(np.isfinite(w)) for w in m.get_weights())
+
+
+@pytest.mark.slow
+def test_learns_a_separable_dataset():
+    """Dark images are 0, bright images are 1: a working model drives the loss down in a few steps."""
+    rng = np.random.default_rng(0)
+    labels = np.tile([0.0, 1.0], 16).astype(np.float32)
+    images = (60 + 120 * labels[:, None, None, None] + rng.normal(0, 10, (32, SIZE, SIZE, 1)))
+    x = {"image": np.clip(images, 0, 255).astype(np.uint8)}
+    m = build_model(dataclasses.replace(TINY, dropout=0.0), NO_AUG, SIZE, seed=0)
+    m.compile(optimizer=keras.optimizers.Adam(1e-2), loss="binary_crossentropy")
+    before = m.evaluate(x, labels, verbose=0)
+    m.fit(x, labels, batch_size=16, epochs=10, verbose=0)
+    after = m.evaluate(x, labels, verbose=0)
+    assert after < 0.5 * before
+    assert np.all((m.predict(x, verbose=0)[:, 0] > 0.5) == (labels > 0.5))
+
+
+def test_metadata_changes_the_prediction():
+    m = build_model(dataclasses.replace(TINY, metadata_inputs=True), NO_AUG, SIZE)
+    x = batch(4)
+    ap = {"image": x["image"], "meta": np.tile([[1, 0, 1, 0, 0.7, 1]], (4, 1)).astype(np.float32)}
+    pa = {"image": x["image"], "meta": np.tile([[0, 1, 0, 1, 0.2, 1]], (4, 1)).astype(np.float32)}
+    assert not np.allclose(m(ap, training=False), m(pa, training=False))
+
+
+def test_extra_meta_key_is_ignored_by_an_image_only_model():
+    """Keras 3.15 accepts a dict with an extra key (it warns once per trace) and ignores it."""
+    m = build_model(TINY, NO_AUG, SIZE)
+    x = batch(4)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        with_meta = m(x, training=False)
+    np.testing.assert_array_equal(with_meta, m({"image": x["image"]}, training=False))
+
+
+@pytest.mark.parametrize("change,key", [
+    ({"pooling": "max"}, "model.pooling"),
+    ({"padding": "full"}, "model.padding"),
+    ({"blocks": 0}, "model.blocks"),
+    ({"dropout": 1.0}, "model.dropout"),
+    ({"growth": 0.0}, "model.growth"),
+    ({"stem_filters": -1}, "model.stem_filters"),
+    ({"residual": True, "padding": "valid"}, "model.residual"),
+    ({"blocks": 6}, "model.blocks"),  # 32 px / stem 2 / 2**6: nothing left
+])
+def test_bad_values_name_the_key(change, key):
+    with pytest.raises(ValueError, match=key):
+        build_model(dataclasses.replace(TINY, **change), AugmentConfig(), SIZE)
