@@ -139,7 +139,8 @@ def write_shards(out: Path, items: list[Item], kind: str, image_size: int, plan:
     parts = out / ".parts"
     parts.mkdir(exist_ok=True)
     todo = []  # (shard file, item indices) not finished by an earlier run
-    for split, shards in plan.items():
+    for split in SPLITS:
+        shards = plan[split]
         for s, indices in enumerate(shards):
             name = shard_name(split, s, len(shards))
             if not ((out / name).exists() and (parts / f"{name}.json").exists()):
@@ -173,7 +174,8 @@ def build_manifest(out: Path, identity: dict, plan: dict, source: dict, unlabell
                    unmatched: int) -> dict:
     parts = out / ".parts"
     splits, rejected = {}, []
-    for split, shards in plan.items():
+    for split in SPLITS:  # fixed order: the digest concatenates shard digests in this order
+        shards = plan[split]
         entries = [json.loads((parts / f"{shard_name(split, s, len(shards))}.json").read_text())
                    for s in range(len(shards))]
         rejected += [r for e in entries for r in e["rejected"]]

@@ -17,6 +17,7 @@ are imported (never TensorFlow or MLflow).
 from __future__ import annotations
 
 import io
+import numbers
 import os
 import time
 import uuid
@@ -66,11 +67,11 @@ def _fractal_noise(rng: np.random.Generator, b: int, octaves=(4, 8, 16, 32)) -> 
     out = np.zeros((b, b), np.float32)
     for k, grid in enumerate(octaves):
         g = rng.standard_normal((grid, grid)).astype(np.float32)
-        out += np.asarray(Image.fromarray(g, mode="F").resize((b, b), Image.BICUBIC)) * 0.7**k
+        out += np.asarray(Image.fromarray(g).resize((b, b), Image.BICUBIC)) * 0.7**k
     return out / 1.6
 
 
-def _draw_image(rng: np.random.Generator, positive: bool, size: int):
+def _draw_image(rng: np.random.Generator, positive: bool, size: int, ap_view: bool = False):
     """One chest-like image (uint8, size x size) and its opacity boxes in pixels at `size`.
 
     Intensities are built in arbitrary units (air ~0, soft tissue ~0.55, bone brighter, lungs darker),
@@ -85,15 +86,15 @@ def _draw_image(rng: np.random.Generator, positive: bool, size: int):
     cx = 0.5 + rng.uniform(-0.05, 0.05)
     cy = 0.47 + rng.uniform(-0.04, 0.04)
     s = rng.uniform(0.9, 1.05)
-    ap_view = rng.random() < 0.5  # AP films: wider heart shadow, like real bedside images
     dx = xx - cx
 
     img = np.full((b, b), rng.uniform(0.0, 0.08), np.float32)  # air around the patient
-    # Torso: a boxy superellipse whose top (shoulders) runs off the image, plus the neck.
+    # Torso: a boxy superellipse whose top (shoulders) runs off the image.
     torso = (np.abs(dx) / (rng.uniform(0.46, 0.54) * s)) ** 4 + (np.abs(yy - cy - 0.3 * s) / (0.8 * s)) ** 4
     img += _smoothstep((1 - torso) / 0.35) * rng.uniform(0.45, 0.6)
 
-    # Heart: an ellipse low in the chest, mostly on the patient's left (image right).
+    # Heart: an ellipse low in the chest, mostly on the patient's left (image right); wider on AP films
+    # (the heart is further from the detector), as on real bedside images.
     hw = (0.15 if ap_view else 0.125) * s * rng.uniform(0.92, 1.1)
     heart_d = (((dx - 0.05 * s) / hw) ** 2 + ((yy - cy - 0.08 * s) / (0.13 * s)) ** 2)
     heart = _smoothstep((1 - heart_d) / 0.6)
@@ -182,10 +183,18 @@ def _draw_image(rng: np.random.Generator, positive: bool, size: int):
     img = img * rng.uniform(260, 340) + rng.uniform(-20, 10)
 
     if b != size:
-        img = np.asarray(Image.fromarray(img.astype(np.float32), mode="F").resize((size, size), Image.BICUBIC))
-    # Quantum noise at full resolution (what a radiograph looks like up close).
-    img = img + rng.standard_normal((size, size), dtype=np.float32) * rng.uniform(1.5, 4.0)
-    return np.clip(img, 0, 255).astype(np.uint8), tuple(boxes)
+        img = np.asarray(Image.fromarray(img.astype(np.float32)).resize((size, size), Image.BICUBIC))
+    # Quantum noise at full resolution (what a radiograph looks like up close). Triangular noise from two
+    # random bytes per pixel (sd 104.5 before scaling) looks the same as Gaussian and costs ~1.5 ms
+    # instead of ~9 ms at 1024 px; the arithmetic is in place to spare 4 MB temporaries.
+    u = np.frombuffer(rng.bytes(2 * size * size), np.uint8).reshape(2, size, size)
+    noise = u[0].astype(np.float32)
+    noise += u[1]
+    noise -= 255.0
+    noise *= rng.uniform(1.5, 4.0) / 104.5
+    noise += img
+    np.clip(noise, 0, 255, out=noise)
+    return noise.astype(np.uint8), tuple(boxes)
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -199,10 +208,10 @@ def _uid(seed: int, i: int, what: str) -> str:
     return f"2.25.{uuid.uuid5(uuid.NAMESPACE_OID, f'pneumo-synth/{seed}/{i}/{what}').int}"
 
 
-def _dicom_bytes(pixels: np.ndarray, patient_id: str, seed: int, i: int, rng: np.random.Generator) -> bytes:
+def _dicom_bytes(pixels: np.ndarray, patient_id: str, seed: int, i: int, view: str, sex: str, age: int) -> bytes:
     """Encode `pixels` as an RSNA-like JPEG Baseline DICOM file."""
     frame = io.BytesIO()
-    Image.fromarray(pixels, mode="L").save(frame, format="JPEG", quality=JPEG_QUALITY)
+    Image.fromarray(pixels).save(frame, format="JPEG", quality=JPEG_QUALITY)
     frame = frame.getvalue()
     # Drop Pillow's JFIF APP0 segment: the real RSNA frames (DCMTK/libijg) start SOI then DQT, and a reader's
     # fast path should meet the same bytes here as there. The APP0 length field counts itself, not the marker.
@@ -218,8 +227,6 @@ def _dicom_bytes(pixels: np.ndarray, patient_id: str, seed: int, i: int, rng: np
 
     ds = Dataset()
     ds.file_meta = meta
-    view = "AP" if rng.random() < 0.5 else "PA"
-    age = int(np.clip(round(rng.normal(47, 16)), 1, 92))
     # The real RSNA header, with synthetic values: dummy date like RSNA's, no real names anywhere.
     ds.SpecificCharacterSet = "ISO_IR 100"
     ds.SOPClassUID = SecondaryCaptureImageStorage
@@ -235,7 +242,7 @@ def _dicom_bytes(pixels: np.ndarray, patient_id: str, seed: int, i: int, rng: np
     ds.PatientName = "Synthetic^Patient"
     ds.PatientID = patient_id
     ds.PatientBirthDate = ""
-    ds.PatientSex = "M" if rng.random() < 0.55 else "F"
+    ds.PatientSex = sex
     # RSNA writes plain numbers ('51', '6'), not the standard AS form '051Y'; copy RSNA (readers must cope
     # with both) and skip pydicom's AS validation, which would warn on every file.
     ds.add(DataElement(0x00101010, "AS", str(age), validation_mode=pydicom.config.IGNORE))
@@ -285,8 +292,12 @@ def _make_one(args) -> _Case:
     images_dir, i, positive, size, seed = args
     rng = np.random.default_rng([seed, i])
     patient_id = _patient_id(rng)
-    pixels, boxes = _draw_image(rng, positive, size)
-    _write_atomic(Path(images_dir) / f"{patient_id}.dcm", _dicom_bytes(pixels, patient_id, seed, i, rng))
+    view = "AP" if rng.random() < 0.5 else "PA"
+    sex = "M" if rng.random() < 0.55 else "F"
+    age = int(np.clip(round(rng.normal(47, 16)), 1, 92))  # RSNA: mean ~47, range 1-92
+    pixels, boxes = _draw_image(rng, positive, size, ap_view=view == "AP")
+    data = _dicom_bytes(pixels, patient_id, seed, i, view, sex, age)
+    _write_atomic(Path(images_dir) / f"{patient_id}.dcm", data)
     return _Case(patient_id, int(positive), boxes)
 
 
@@ -317,17 +328,21 @@ def make_synthetic_dataset(
     """
     if isinstance(n, bool) or not isinstance(n, int) or n < 1:
         raise ValueError(f"n must be a positive integer, got {n!r}")
-    if not 0 <= positive_rate <= 1:
+    if isinstance(positive_rate, bool) or not isinstance(positive_rate, numbers.Real) or not 0 <= positive_rate <= 1:
         raise ValueError(f"positive_rate must be in [0, 1], got {positive_rate!r}")
     if isinstance(size, bool) or not isinstance(size, int) or not 32 <= size <= 8192:
         raise ValueError(f"size must be an integer in [32, 8192], got {size!r}")
     if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
         raise ValueError(f"workers must be a positive integer, got {workers!r}")
+    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+        raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
 
     start = time.perf_counter()
     out = Path(out_dir)
     images_dir = out / IMAGES_DIR
     images_dir.mkdir(parents=True, exist_ok=True)
+    # A CSV on disk must mean a complete dataset: drop an earlier run's CSV before rewriting its images.
+    (out / LABELS_CSV).unlink(missing_ok=True)
 
     n_pos = round(n * positive_rate)
     positives = set(np.random.default_rng([seed, 2**31]).permutation(n)[:n_pos].tolist())

@@ -93,9 +93,9 @@ def inference_copy(model):
     """The same network without optimizer state (inference needs none; it would double the artifact)."""
     import keras
 
-    copy = keras.models.clone_model(model)
-    copy.set_weights(model.get_weights())
-    return copy
+    # A new, uncompiled Functional over the same layers: no optimizer, no compile config, no weight copy.
+    # (`clone_model` in Keras 3.15 carries the compile config over, and with it the optimizer state.)
+    return keras.Model(inputs=model.input, outputs=model.output, name=model.name)
 
 
 def _keras_flavour_creates_its_folder() -> None:

@@ -12,7 +12,7 @@ import pytest
 from PIL import Image
 from pydicom.data import get_testdata_file, get_testdata_files
 from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.encaps import encapsulate
+from pydicom.encaps import encapsulate, get_frame
 from pydicom.pixels import get_decoder
 from pydicom.uid import (
     ExplicitVRLittleEndian,
@@ -332,11 +332,37 @@ def test_decompression_bomb_rejected_before_decoding(tmp_path, monkeypatch, jpeg
     assert calls == [], "decoding started before the size check"
 
 
-def test_jpeg_frame_larger_than_header_is_rejected(tmp_path):
+@pytest.mark.parametrize("fast_path", [True, False])
+def test_jpeg_frame_larger_than_header_is_rejected(tmp_path, fast_path):
     ds = _jpeg_dataset(_gradient(32, 32), frame=_jpeg_bytes(_gradient(256, 256)))
     with pytest.raises(DicomError) as info:
-        read_dicom(_save(ds, tmp_path / "liar.dcm"), 32)
-    _assert_reason(info.value, "JPEG frame is 256 x 256", "32 x 32")
+        read_dicom(_save(ds, tmp_path / "liar.dcm"), 32, fast_path=fast_path)
+    _assert_reason(info.value, "JPEG", "frame is 256 x 256", "Rows x Columns is 32 x 32")
+
+
+def test_jpeg2000_codestream_bomb_rejected_before_decoding(tmp_path, monkeypatch):
+    """A corrupt SIZ marker (512 x 12 M pixels in a 512 x 512 file) made openjpeg exhaust memory."""
+    ds = pydicom.dcmread(get_testdata_file("693_J2KI.dcm"))
+    frame = bytearray(get_frame(ds.PixelData, 0, number_of_frames=1))
+    at = frame.find(b"\xff\x4f\xff\x51")
+    frame[at + 12 : at + 16] = (12_255_744).to_bytes(4, "big")  # Ysiz
+    ds.PixelData = encapsulate([bytes(frame)])
+    path = _save(ds, tmp_path / "j2k-bomb.dcm")
+
+    real_get_decoder = dicom.get_decoder
+
+    class NoDecode:  # the real decoder's checks, but decoding here would be the bug
+        def __init__(self, uid):
+            self._real = real_get_decoder(uid)
+            self.is_available, self.missing_dependencies = self._real.is_available, []
+
+        def as_array(self, *args, **kwargs):
+            raise RuntimeError("decoder called")
+
+    monkeypatch.setattr(dicom, "get_decoder", NoDecode)
+    with pytest.raises(DicomError) as info:
+        read_dicom(path, 32)
+    _assert_reason(info.value, "frame is 12255744 x 512", "Rows x Columns is 512 x 512")
 
 
 def test_empty_and_multiframe_and_bad_photometric(tmp_path):
@@ -357,7 +383,10 @@ def test_empty_and_multiframe_and_bad_photometric(tmp_path):
 @pytest.mark.parametrize("fast_path", [True, False])
 def test_corrupt_jpeg_frame(tmp_path, fast_path):
     good = _jpeg_bytes(_gradient(64, 64))
-    for name, frame in {"truncated": good[: len(good) // 2], "garbage": b"\xff\xd8" + bytes(range(256)) * 2}.items():
+    for name, frame in {
+        "truncated": good[: len(good) // 2],
+        "garbage": b"\xff\xd8" + bytes(range(256)) * 2,
+    }.items():
         path = _save(_jpeg_dataset(_gradient(64, 64), frame=frame), tmp_path / f"{name}.dcm")
         with pytest.raises(DicomError) as info:
             read_dicom(path, 32, fast_path=fast_path)
@@ -394,9 +423,10 @@ def test_rescale_then_window_on_known_values(tmp_path):
     hu = np.array([-1000, -100, -50, 0.25, 50, 100, 1000])
     stored = ((hu + 1024) / 2).round().astype(np.uint16)
     hu = stored * 2.0 - 1024  # the HU actually representable
-    pixels = np.repeat(np.repeat(stored[None, :], 7, axis=0), 1, axis=1)  # 7 x 7, one value per column
-    ds = _dataset(pixels, bits_stored=12, RescaleSlope=2, RescaleIntercept=-1024,
-                  WindowCenter=0.5, WindowWidth=201)
+    pixels = np.repeat(stored[None, :], 7, axis=0)  # 7 x 7, one value per column
+    ds = _dataset(
+        pixels, bits_stored=12, RescaleSlope=2, RescaleIntercept=-1024, WindowCenter=0.5, WindowWidth=201
+    )
     out = read_dicom(_save(ds, tmp_path / "ct.dcm"), 7).pixels
     c, w = 0.5 - 0.5, 201 - 1.0
     expected = np.clip(np.rint(((hu - c) / w + 0.5) * 255), 0, 255)
@@ -441,8 +471,18 @@ def test_float_pixel_data_ignores_non_finite(tmp_path):
 
 @pytest.mark.parametrize(
     ("text", "years"),
-    [("058Y", 58), ("58", 58), ("6M", 0), ("18M", 1), ("3W", 0), ("10D", 0), ("", -1), ("abc", -1),
-     ("155", -1), (" 51 ", 51)],
+    [
+        ("058Y", 58),
+        ("58", 58),
+        ("6M", 0),
+        ("18M", 1),
+        ("3W", 0),
+        ("10D", 0),
+        ("", -1),
+        ("abc", -1),
+        ("155", -1),
+        (" 51 ", 51),
+    ],
 )
 def test_age_parsing(text, years):
     assert dicom._age(text) == years
@@ -480,7 +520,9 @@ def test_to_square_resizes_both_ways():
     expected = image.reshape(50, 2, 50, 2).astype(float).mean(axis=(1, 3))
     assert np.abs(small - expected).max() <= 1
     big = to_square_uint8(image, 173)
-    assert big.shape == (173, 173) and big.dtype == np.uint8 and big.flags.c_contiguous and big.flags.writeable
+    assert (
+        big.shape == (173, 173) and big.dtype == np.uint8 and big.flags.c_contiguous and big.flags.writeable
+    )
     same = to_square_uint8(image, 100)
     np.testing.assert_array_equal(same, image)
 

@@ -146,7 +146,8 @@ def test_learnable_but_not_trivial(learnable):
 
 @pytest.mark.parametrize(
     "kwargs",
-    [{"n": 0}, {"n": 2.5}, {"positive_rate": 1.5}, {"size": 16}, {"size": 64.0}, {"workers": 0}],
+    [{"n": 0}, {"n": 2.5}, {"positive_rate": 1.5}, {"positive_rate": "0.5"}, {"size": 16}, {"size": 64.0},
+     {"workers": 0}, {"seed": -1}],
 )
 def test_bad_arguments(tmp_path, kwargs):
     with pytest.raises(ValueError):

@@ -1,0 +1,62 @@
+"""Shared fixtures: one synthetic DICOM set and its TFRecords per test session (the suite's main cost is
+training, so the data is made once), plus per-test MLflow/Optuna stores in tmp folders."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+os.environ.setdefault("MLFLOW_ENABLE_ASYNC_LOGGING", "false")
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = REPO.parent / "shared" / "data"
+
+
+def shared_data(*parts: str) -> Path:
+    """A path in ../shared/data, or skip the test with the reason when it is not there (a user's clone)."""
+    path = SHARED_DATA.joinpath(*parts)
+    if not path.exists():
+        pytest.skip(f"real data not available: {path} is absent (tests that need ../shared/data skip)")
+    return path
+
+
+@pytest.fixture(scope="session")
+def synth_raw(tmp_path_factory) -> Path:
+    """240 RSNA-like synthetic DICOMs at 128 px (25% positive) in the real layout."""
+    from pipeline.synth import make_synthetic_dataset
+
+    out = tmp_path_factory.mktemp("synth-raw")
+    make_synthetic_dataset(out, n=240, size=128, seed=0, workers=2, progress=False)
+    return out
+
+
+@pytest.fixture(scope="session")
+def synth_data(synth_raw, tmp_path_factory) -> Path:
+    """Those DICOMs converted at 64 px: the TFRecords every training test reads."""
+    from pipeline.convert import convert_rsna
+
+    out = tmp_path_factory.mktemp("synth-tfrecords") / "data"
+    convert_rsna(synth_raw / "stage_2_train_images", synth_raw / "stage_2_train_labels.csv", out,
+                 image_size=64, workers=2, progress=False)
+    return out
+
+
+@pytest.fixture()
+def tracking_uri(tmp_path) -> str:
+    """A fresh embedded MLflow store for one test."""
+    return f"sqlite:///{tmp_path}/mlruns/mlflow.db"
+
+
+@pytest.fixture()
+def smoke_config(tmp_path):
+    """experiments/smoke.toml with checkpoints kept in the test's tmp folder."""
+    from pipeline.config import load_config
+
+    def make(*overrides: str):
+        return load_config(REPO / "experiments" / "smoke.toml",
+                           [f"train.checkpoint_dir={tmp_path}/ckpt", *overrides])
+
+    return make

@@ -1,0 +1,73 @@
+"""One training run end to end on synthetic TFRecords, and what it leaves in MLflow."""
+
+import keras
+import mlflow
+import numpy as np
+import pytest
+from mlflow import MlflowClient
+
+from pipeline.train import scaled_learning_rate, train
+
+
+class FailAtEpoch(keras.callbacks.Callback):
+    def __init__(self, epoch):
+        super().__init__()
+        self.epoch = epoch
+
+    def on_epoch_end(self, epoch, logs=None):
+        if epoch == self.epoch:
+            raise RuntimeError("simulated crash")
+
+
+def test_smoke_run_is_fully_tracked(synth_data, smoke_config, tracking_uri):
+    result = train(smoke_config(), synth_data, tracking_uri=tracking_uri, verbose=0)
+    client = MlflowClient(tracking_uri)
+    run = client.get_run(result.run_id)
+    assert run.info.status == "FINISHED"
+    params = run.data.params
+    assert params["model.blocks"] == "2" and params["data.dir"] == str(synth_data)
+    assert params["precision_policy"] == "float32" and run.data.tags["jit_compile_effective"] in ("True", "False")
+    for key in ("loss", "val_loss", "auc", "val_auc", "images_per_s", "cpu_s_per_epoch"):
+        assert len(client.get_metric_history(result.run_id, key)) == 2, key  # per epoch
+    assert "input_capacity_images_per_s" in run.data.metrics and "final_val_auc" in run.data.metrics
+    assert run.data.tags["dataset_digest"] == result_digest(synth_data)
+    assert run.inputs.dataset_inputs and run.inputs.dataset_inputs[0].dataset.digest
+    artifacts = {a.path for a in client.list_artifacts(result.run_id, "plots")}
+    assert {"plots/history.png", "plots/val_roc.png", "plots/val_pr.png", "plots/val_confusion.png",
+            "plots/val_calibration.png"} <= artifacts
+    assert "mlflow.note.content" in run.data.tags and "baseline" in run.data.tags["mlflow.note.content"]
+    # The logged model: loadable through pyfunc, same outputs as the Keras model, no optimizer state.
+    mlflow.set_tracking_uri(tracking_uri)
+    batch = np.random.default_rng(0).integers(0, 256, (4, 64, 64, 1), dtype=np.uint8)
+    pyfunc = mlflow.pyfunc.load_model(result.model_uri)
+    expected = result.model.predict({"image": batch}, verbose=0)
+    assert np.allclose(np.asarray(pyfunc.predict({"image": batch})).reshape(-1), expected.reshape(-1), atol=1e-6)
+    loaded = mlflow.keras.load_model(result.model_uri)
+    assert getattr(loaded, "optimizer", None) is None  # inference needs no optimizer state
+
+
+def result_digest(data):
+    import json
+
+    return json.loads((data / "manifest.json").read_text())["digest"]
+
+
+def test_a_crash_marks_the_run_failed_and_a_rerun_resumes_it(synth_data, smoke_config, tracking_uri):
+    cfg = smoke_config("train.epochs=3", "train.log_model=false")
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        train(cfg, synth_data, tracking_uri=tracking_uri, callbacks=[FailAtEpoch(1)], verbose=0)
+    client = MlflowClient(tracking_uri)
+    [crashed] = client.search_runs([client.get_experiment_by_name("smoke").experiment_id])
+    assert crashed.info.status == "FAILED"
+    result = train(cfg, synth_data, tracking_uri=tracking_uri, verbose=0)
+    assert result.run_id == crashed.info.run_id  # same MLflow run, continued
+    assert client.get_run(result.run_id).info.status == "FINISHED"
+    assert len(result.history["loss"]) == 1  # only epoch 3 was left to run: epochs 1-2 were restored
+    steps = [m.step for m in client.get_metric_history(result.run_id, "loss")]
+    assert sorted(steps) == [0, 1, 2]
+
+
+def test_learning_rate_scaling_rules():
+    assert scaled_learning_rate(1e-3, 4, "linear") == pytest.approx(4e-3)
+    assert scaled_learning_rate(1e-3, 4, "sqrt") == pytest.approx(2e-3)
+    assert scaled_learning_rate(1e-3, 4, "none") == pytest.approx(1e-3)
