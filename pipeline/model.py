@@ -25,7 +25,10 @@ from pipeline.config import AugmentConfig, ModelConfig
 
 PRECISIONS = ("auto", "float32", "mixed_float16", "mixed_bfloat16")
 META_FEATURES = 6  # [is_AP, is_PA, is_male, is_female, age/100, age_known]
-META_UNITS = 16  # the small Dense the metadata passes through before it meets the image features
+META_UNITS = 16
+# Keras' default 0.99 averages over ~100 steps: with a few hundred steps per epoch the moving statistics lag
+# the weights, and validation (which uses them) read AUC 0.5-0.7 after the first Kermany epoch. 0.9 tracks.
+BN_MOMENTUM = 0.9  # the small Dense the metadata passes through before it meets the image features
 
 
 def resolve_precision(name: str) -> str:
@@ -107,7 +110,7 @@ def build_model(model: ModelConfig, augment: AugmentConfig, image_size: int, *, 
         """Conv -> BN -> ReLU, or without BN one Conv2D(activation="relu") as the seed wrote it."""
         if not cfg.batch_norm:
             return conv(x, filters, kernel, strides, name, activation="relu")
-        x = layers.BatchNormalization(name=f"{name}_bn")(conv(x, filters, kernel, strides, name))
+        x = layers.BatchNormalization(momentum=BN_MOMENTUM, name=f"{name}_bn")(conv(x, filters, kernel, strides, name))
         return layers.ReLU(name=f"{name}_relu")(x)
 
     image = keras.Input((image_size, image_size, 1), dtype="uint8", name="image")
@@ -127,11 +130,11 @@ def build_model(model: ModelConfig, augment: AugmentConfig, image_size: int, *, 
                 # The last conv's ReLU comes after the add, as in ResNet.
                 x = conv(x, filters, cfg.kernel_size, name=name)
                 if cfg.batch_norm:
-                    x = layers.BatchNormalization(name=f"{name}_bn")(x)
+                    x = layers.BatchNormalization(momentum=BN_MOMENTUM, name=f"{name}_bn")(x)
                 # A 1x1 projection shortcut, so the channel count may change from block to block.
                 shortcut = conv(shortcut, filters, 1, name=f"block{b}_proj")
                 if cfg.batch_norm:
-                    shortcut = layers.BatchNormalization(name=f"block{b}_proj_bn")(shortcut)
+                    shortcut = layers.BatchNormalization(momentum=BN_MOMENTUM, name=f"block{b}_proj_bn")(shortcut)
                 x = layers.ReLU(name=f"block{b}_relu")(layers.Add(name=f"block{b}_add")([x, shortcut]))
             else:
                 x = conv_relu(x, filters, cfg.kernel_size, name=name)

@@ -189,8 +189,9 @@ def make_objective(spec: WorkerSpec, cfg: Config):
             trial.set_user_attr("mlflow_run_id", run_id)
 
         callbacks = [] if cfg.tune.pruner == "none" else [KerasPruningCallback(trial, "val_auc")]
-        tags = {"study": spec.study, "trial_number": str(trial.number), "state": "RUNNING",
-                "worker": f"{os.uname().nodename}:{os.getpid()}"}
+        worker = f"{os.uname().nodename}:{os.getpid()}"
+        trial.set_user_attr("worker", worker)
+        tags = {"study": spec.study, "trial_number": str(trial.number), "state": "RUNNING", "worker": worker}
         frozen = trial.study.get_trials(deepcopy=False)[trial.number]
         retried = optuna.storages.RetryHeartbeatStaleTrialCallback.retried_trial_number(frozen)
         if retried is not None:

@@ -1,0 +1,160 @@
+"""Optuna studies: every trial an MLflow run, completed models registered, workers that survive SIGKILL."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import optuna
+import pytest
+from mlflow import MlflowClient
+from optuna.trial import TrialState
+
+from pipeline import tune
+from pipeline.config import load_config
+from tests.conftest import REPO
+
+SMOKE = REPO / "experiments" / "smoke.toml"
+
+
+def _runs(uri, study):
+    client = MlflowClient(uri)
+    exp = client.get_experiment_by_name(study)
+    return client.search_runs([exp.experiment_id], max_results=1000)
+
+
+@pytest.fixture(scope="module")
+def study4(synth_data, tmp_path_factory):
+    """A 4-trial study run in-process, then one more launch of 1 trial."""
+    tmp = tmp_path_factory.mktemp("study4")
+    uri, storage = f"sqlite:///{tmp}/mlflow.db", f"sqlite:///{tmp}/optuna.db"
+    cfg = load_config(SMOKE, [f"train.checkpoint_dir={tmp}/ckpt"])
+    first = tune.run_tune(cfg, "s4", data_dir=str(synth_data), trials=4, storage=storage, tracking_uri=uri)
+    parent_first = first.user_attrs["mlflow_parent_run_id"]
+    runs_first = _runs(uri, "s4")
+    second = tune.run_tune(cfg, "s4", data_dir=str(synth_data), trials=1, storage=storage, tracking_uri=uri)
+    return {"uri": uri, "storage": storage, "parent_first": parent_first, "runs_first": runs_first,
+            "study": second}
+
+
+def test_four_trials_are_four_nested_runs_with_tags(study4):
+    runs = study4["runs_first"]
+    parents = [r for r in runs if r.data.tags.get("kind") == "study"]
+    trials = [r for r in runs if "trial_number" in r.data.tags]
+    assert len(parents) == 1 and parents[0].info.run_name == "study:s4"
+    assert len(trials) == 4
+    assert sorted(int(r.data.tags["trial_number"]) for r in trials) == [0, 1, 2, 3]
+    for r in trials:
+        assert r.data.tags["mlflow.parentRunId"] == parents[0].info.run_id
+        assert r.data.tags["study"] == "s4" and r.info.run_name == f"trial-{int(r.data.tags['trial_number']):03d}"
+        assert r.data.tags["state"] in ("COMPLETE", "PRUNED")
+        assert r.info.status == "FINISHED"
+        assert "val_auc" in r.data.metrics and "model.filters" in r.data.params
+
+
+def test_rerun_adds_trials_to_the_same_study_and_parent(study4):
+    study = study4["study"]
+    finished = study.get_trials(states=(TrialState.COMPLETE, TrialState.PRUNED))
+    assert len(finished) == 5 and len(study.trials) == 5  # --trials 4 then --trials 1: a study of 5
+    assert study.user_attrs["mlflow_parent_run_id"] == study4["parent_first"]
+    runs = _runs(study4["uri"], "s4")
+    assert len([r for r in runs if r.data.tags.get("kind") == "study"]) == 1
+    for t in study.trials:  # each trial knows its run, and the run its trial
+        run = MlflowClient(study4["uri"]).get_run(t.user_attrs["mlflow_run_id"])
+        assert run.data.tags["trial_number"] == str(t.number) and run.data.tags["state"] == t.state.name
+
+
+def test_registered_versions_are_the_complete_trials(study4):
+    client = MlflowClient(study4["uri"], study4["uri"])
+    versions = client.search_model_versions("name='pneumonia-cnn'")
+    complete = study4["study"].get_trials(states=(TrialState.COMPLETE,))
+    assert sorted(int(v.tags["trial_number"]) for v in versions) == sorted(t.number for t in complete)
+    for v in versions:
+        assert v.tags["study"] == "s4" and float(v.tags["val_auc"]) >= 0 and len(v.tags["dataset_digest"]) == 64
+
+
+def test_parent_run_carries_the_study_summary(study4):
+    client = MlflowClient(study4["uri"])
+    parent = study4["parent_first"]
+    names = {a.path for a in client.list_artifacts(parent, "study")}
+    assert {"study/trials.csv", "study/summary.txt", "study/optimization_history.png",
+            "study/param_importances.png", "study/parallel_coordinate.png"} <= names
+    run = client.get_run(parent)
+    assert run.info.status == "FINISHED" and "best_val_auc" in run.data.metrics
+
+
+def test_a_forced_pruner_prunes(synth_data, tmp_path, monkeypatch):
+    # A pruner that prunes every reported value: the real KerasPruningCallback path must stop the trial.
+    monkeypatch.setattr(tune, "make_pruner", lambda cfg: optuna.pruners.ThresholdPruner(lower=1.1))
+    uri, storage = f"sqlite:///{tmp_path}/mlflow.db", f"sqlite:///{tmp_path}/optuna.db"
+    cfg = load_config(SMOKE, [f"train.checkpoint_dir={tmp_path}/ckpt", "train.epochs=3"])
+    study = tune.run_tune(cfg, "pruned", data_dir=str(synth_data), trials=1, storage=storage, tracking_uri=uri)
+    [trial] = study.trials
+    assert trial.state == TrialState.PRUNED and list(trial.intermediate_values) == [0]
+    run = MlflowClient(uri).get_run(trial.user_attrs["mlflow_run_id"])
+    assert run.data.tags["state"] == "PRUNED" and run.info.status == "FINISHED"
+    assert len(MlflowClient(uri).get_metric_history(run.info.run_id, "val_auc")) == 1  # stopped after epoch 1
+    assert MlflowClient(uri, uri).search_model_versions("name='pneumonia-cnn'") == []
+
+
+def test_unknown_space_keys_are_refused(tmp_path):
+    bad = tmp_path / "bad.toml"
+    bad.write_text('[tune.space]\n"model.filterz" = { type = "int", low = 4, high = 8 }\n')
+    run = subprocess.run([sys.executable, "-m", "pipeline.cli", "tune", "--config", str(bad), "--study", "x"],
+                         capture_output=True, text=True, cwd=tmp_path)
+    assert run.returncode == 2 and "model.filterz" in run.stderr and run.stderr.count("\n") == 1
+
+
+def _wait_for(predicate, timeout, what):
+    end = time.time() + timeout
+    while time.time() < end:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.3)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def test_two_workers_share_a_fresh_store_and_survive_a_sigkill(synth_data, tmp_path):
+    uri, storage = f"sqlite:///{tmp_path}/mlflow.db", f"sqlite:///{tmp_path}/optuna.db"
+    cmd = [sys.executable, "-m", "pipeline.cli", "tune", "--config", str(SMOKE), "--study", "crash",
+           "--data", str(synth_data), "--trials", "3", "--workers", "2", "--storage", storage,
+           "--tracking-uri", uri, "--set", f"train.checkpoint_dir={tmp_path}/ckpt", "--set", "train.epochs=4",
+           "--set", "tune.heartbeat_interval=2"]
+    log = open(tmp_path / "launch.log", "w")  # a file, not a pipe: a full pipe would block the workers
+    launcher = subprocess.Popen(cmd, cwd=tmp_path, stdout=log, stderr=subprocess.STDOUT, text=True)
+    try:
+        # Touch neither store before the launcher has created both (concurrent schema creation crashes).
+        _wait_for(lambda: "trials queued" in (tmp_path / "launch.log").read_text(), 120, "the launch")
+
+        def running_trial():
+            study = optuna.load_study(study_name="crash", storage=storage)
+            live = [t for t in study.get_trials(states=(TrialState.RUNNING,)) if "mlflow_run_id" in t.user_attrs]
+            return live[0] if live else None
+
+        victim = _wait_for(running_trial, 240, "a running trial")
+        pid = int(victim.user_attrs["worker"].rsplit(":", 1)[1])
+        time.sleep(1.0)  # mid-trial: the run exists, training has started
+        os.kill(pid, signal.SIGKILL)
+        launcher.wait(timeout=400)
+    finally:
+        if launcher.poll() is None:
+            launcher.kill()
+        log.close()
+    out = (tmp_path / "launch.log").read_text()
+    assert launcher.returncode == 0, out
+    study = optuna.load_study(study_name="crash", storage=storage)
+    complete = study.get_trials(states=(TrialState.COMPLETE, TrialState.PRUNED))
+    failed = study.get_trials(states=(TrialState.FAIL,))
+    assert len(complete) == 3, out  # the launch still reached its target
+    assert [t.number for t in failed] == [victim.number]
+    retries = [t for t in complete if t.system_attrs.get("failed_trial") == failed[0].number]
+    assert len(retries) == 1, "the killed trial was retried by the surviving worker"
+    runs = _runs(uri, "crash")
+    assert len([r for r in runs if r.data.tags.get("kind") == "study"]) == 1  # one parent for both workers
+    killed = MlflowClient(uri).get_run(victim.user_attrs["mlflow_run_id"])
+    assert killed.info.status == "FAILED" and killed.data.tags["state"] == "FAIL"  # closed by the sweeper
+    assert not [r for r in runs if r.info.status == "RUNNING"]
+    versions = MlflowClient(uri, uri).search_model_versions("name='pneumonia-cnn'")
+    assert len(versions) == len(study.get_trials(states=(TrialState.COMPLETE,)))
