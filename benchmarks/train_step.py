@@ -126,6 +126,9 @@ def main() -> None:
         m = models[name]
         print(f"{name:30} {m.count_params():>9,} {str(m.jit_compile):>5} "
               f"{rates[name]:>7.1f} ({min(walls):.0f}-{max(walls):.0f}) {cpu:>10.1f} {load:>9.2f} {wait:>6.1f}%")
+    cpu_ratio = statistics.median(c for _, c, _ in results["seed"]) / statistics.median(
+        c for _, c, _ in results["default"])
+    print(f"CPU-time ratio (seed CPU s / default CPU s for the same images): {cpu_ratio:.2f}")
     print(f"ratio={rates['default'] / rates['seed']:.2f} target=4")
 
 

@@ -13,6 +13,7 @@ from gathers, which XLA compiles.
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import keras
@@ -37,7 +38,7 @@ def augmentation_block(cfg: AugmentConfig, seed: int) -> keras.Sequential | None
         value = getattr(cfg, key)
         if not 0 <= value < high:
             raise ValueError(f"augment.{key} must be in [0, {high}), got {value!r}")
-    seeds = iter(range(seed, seed + 16))
+    seeds = itertools.count(seed)
     layers: list[keras.Layer] = []
     if cfg.horizontal_flip:
         layers.append(keras.layers.RandomFlip("horizontal", seed=next(seeds), name="flip"))

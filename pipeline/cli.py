@@ -74,6 +74,33 @@ def cmd_demo(a):
     run_demo(workdir=a.workdir, tracking_uri=a.tracking_uri, n=a.n)
 
 
+def cmd_promote(a):
+    from pipeline.registry import format_decision, promote
+
+    decision = promote(a.model, a.data, study=a.study, metric=a.metric, min_delta=a.min_delta,
+                       dry_run=a.dry_run, version=a.version, tracking_uri=a.tracking_uri)
+    print(format_decision(decision))
+
+
+def cmd_predict(a):
+    from pipeline.predict import run_predict
+
+    run_predict(a.paths, a.model, a.out, tracking_uri=a.tracking_uri, force=a.force, threshold=a.threshold,
+                batch_size=a.batch_size)
+
+
+def cmd_ui(a):
+    from pipeline.ui import run_ui
+
+    run_ui(a.tracking_uri, a.port)
+
+
+def cmd_dashboard(a):
+    from pipeline.ui import run_dashboard
+
+    run_dashboard(a.storage, a.port)
+
+
 class UsageError(ValueError):
     pass
 
@@ -132,6 +159,37 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, help="JSON report (default: <data>/evaluation-<split>.json)")
     p.set_defaults(func=cmd_evaluate)
 
+    p = sub.add_parser("promote", help="gate the best registered version against the champion; move the alias")
+    p.add_argument("--model", default="pneumonia-cnn", help="registered model name")
+    p.add_argument("--data", default=None,
+                   help="converted dataset whose locked test split both are scored on (default: the candidate's)")
+    p.add_argument("--study", default=None, help="only versions of this Optuna study")
+    p.add_argument("--metric", default="val_auc", help="validation metric that ranks the candidates")
+    p.add_argument("--min-delta", type=float, default=0.0,
+                   help="promote unless the candidate's test AUC is below the champion's by more than this")
+    p.add_argument("--version", default=None, help="gate this version instead of the best-ranked one")
+    p.add_argument("--dry-run", action="store_true", help="print the decision, change nothing")
+    p.set_defaults(func=cmd_promote)
+
+    p = sub.add_parser("predict", help="DICOM files or folders -> probabilities CSV")
+    p.add_argument("paths", nargs="+", metavar="PATH", help="DICOM files or folders (recursive)")
+    p.add_argument("--model", default=None, help="model URI (default: models:/pneumonia-cnn@champion)")
+    p.add_argument("--out", default=None, help="CSV file (default: CSV to stdout, or a table on a terminal)")
+    p.add_argument("--force", action="store_true", help="predict files whose header is out of scope too")
+    p.add_argument("--threshold", type=float, default=None, help="override the model's stored threshold")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.set_defaults(func=cmd_predict)
+
+    p = sub.add_parser("ui", help="the MLflow UI on 127.0.0.1 over the project's stores")
+    p.add_argument("--port", type=int, default=5000)
+    p.set_defaults(func=cmd_ui)
+
+    p = sub.add_parser("dashboard", help="optuna-dashboard on the study storage (optional extra)")
+    p.add_argument("--port", type=int, default=8080)
+    p.add_argument("--storage", default=None,
+                   help="Optuna RDB URL (default: $PNEUMO_OPTUNA_STORAGE, else sqlite:///mlruns/optuna.db)")
+    p.set_defaults(func=cmd_dashboard)
+
     p = sub.add_parser("demo", help="synth -> convert -> ... on the embedded stores")
     p.add_argument("--workdir", default=".", help="where tfrecords/ and mlruns/ go (default: here)")
     p.add_argument("--n", type=int, default=300, help="synthetic patients")
@@ -149,7 +207,9 @@ def _known_errors() -> tuple[type[BaseException], ...]:
             ("pipeline.labels", "LabelError"), ("pipeline.dicom", "DicomError")]
     # Only where the command already loaded them: importing TensorFlow just to name an error costs 6 s.
     lazy += [(m, n) for m, n in [("pipeline.data", "DataError"), ("pipeline.tracking", "TrackingError"),
-                                 ("pipeline.tune", "TuneError"), ("mlflow.exceptions", "MlflowException")]
+                                 ("pipeline.tune", "TuneError"), ("mlflow.exceptions", "MlflowException"),
+                                 ("pipeline.registry", "RegistryError"), ("pipeline.predict", "PredictError"),
+                                 ("pipeline.ui", "UiError")]
               if m in sys.modules]
     for module, name in lazy:
         try:

@@ -32,14 +32,14 @@ class DataConfig:
 @dataclass(frozen=True)
 class ModelConfig:
     blocks: int = 3  # conv blocks after the stem
-    filters: int = 16  # filters of the first block
+    filters: int = 32  # filters of the first block
     growth: float = 2.0  # filter multiplier per block
     max_filters: int = 0  # cap on any block's filters; 0 = no cap (the seed: 32, 64, 128, 128)
     kernel_size: int = 3
     convs_per_block: int = 1
     padding: str = "same"  # same | valid (the seed's Keras default); residual blocks need same
-    stem_stride: int = 2  # strided stem: full-resolution layers are the expensive ones
-    stem_filters: int = 16  # 0 = no stem
+    stem_stride: int = 4  # strided stem: full-resolution layers are the expensive ones (ConvNeXt-like 4)
+    stem_filters: int = 32  # 0 = no stem; its kernel is 2*stem_stride+1
     batch_norm: bool = True
     residual: bool = False
     dropout: float = 0.2
@@ -128,6 +128,7 @@ SECTIONS = ("data", "model", "augment", "train", "tune")
 CHOICES = {
     "data.cache": None,  # free-form (path prefix allowed)
     "model.pooling": ("gap", "flatten"),
+    "model.padding": ("same", "valid"),
     "train.class_weight": ("balanced", "oversample", "none"),
     "train.precision": ("auto", "float32", "mixed_float16", "mixed_bfloat16"),
     "train.devices": ("one", "all"),

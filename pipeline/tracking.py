@@ -37,11 +37,31 @@ def artifact_root(uri: str) -> Path:
     return (db.parent / "artifacts").resolve()
 
 
+# Retry/backoff of every MLflow REST call (runs, metrics, artifacts, registry) when the store is a tracking
+# server. MLflow's client retries connection errors and 429/5xx answers itself (urllib3 Retry: sleeps of
+# 0, 2f, 4f, 8f, ... s capped at 120 s, f = the backoff factor, plus up to 1 s of jitter). MLflow 3.17's
+# defaults, 7 retries with f = 2, give up after ~4 min. A tuning worker that cannot log loses a trained trial,
+# so workers get 10 retries (MLflow's upper limit) with f = 1: attempts at about 0, 0, 2, 6, 14, 30, 62, 126,
+# 246, 366, 486 s, i.e. ~8 min of patience, with a recovered server noticed within about twice the outage (the
+# same as the defaults). The client timeout stays at MLflow's 120 s: a model upload through the server may be
+# slow. Settings already in the environment win; the workers a launcher starts inherit these.
+# tests/test_scale_out.py restarts a server mid-study to check that nothing is lost.
+HTTP_RETRY_DEFAULTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "10", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1"}
+
+
+def is_server(uri: str) -> bool:
+    return uri.startswith(("http://", "https://"))
+
+
 def setup(uri: str | None = None) -> MlflowClient:
-    """Point MLflow (tracking and registry) at the store; create the folder of an embedded SQLite store."""
+    """Point MLflow (tracking and registry) at the store; create the folder of an embedded SQLite store; give
+    the REST client of a tracking server the retry settings above."""
     uri = resolve_tracking_uri(uri)
     if is_local(uri):
         Path(uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+    if is_server(uri):
+        for key, value in HTTP_RETRY_DEFAULTS.items():
+            os.environ.setdefault(key, value)  # MLflow reads them at every request
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(uri)
     return MlflowClient(uri, uri)

@@ -59,6 +59,26 @@ def choose_strategy(devices: str) -> tf.distribute.Strategy:
     return tf.distribute.get_strategy()
 
 
+def eval_batch_size(count: int, global_batch: int, replicas: int) -> int:
+    """The validation batch for `fit` under several replicas (one replica: the global batch).
+
+    Two Keras 3.15 / tf.distribute limits, both seen on 2 logical CPUs with a 39-record split:
+    - Keras builds a distributed model on the MEAN of the first validation batch across replicas, which fails
+      ("AddN ... must have the same size and shape") when that batch splits unevenly;
+    - a last batch smaller than the replica count leaves a replica an empty batch, which BatchNormalization
+      rejects ("Incompatible shapes: [0,32,32,8] vs. [16]").
+    So: the largest multiple of `replicas` up to the global batch whose last partial batch is empty or has at
+    least one record per replica. Every record is still validated exactly once.
+    """
+    if replicas <= 1:
+        return global_batch
+    for b in range(global_batch // replicas * replicas, 0, -replicas):
+        rest = count % b
+        if (count >= b or count == 0) and (rest == 0 or rest >= replicas):
+            return b
+    return global_batch  # a split smaller than the replica count: nothing divides it (Keras will say so)
+
+
 def scaled_learning_rate(lr: float, replicas: int, rule: str) -> float:
     """Global batch grows with replicas; scale LR by the linear rule (Goyal et al. 2017), sqrt, or not at all."""
     return {"linear": lr * replicas, "sqrt": lr * math.sqrt(replicas), "none": lr}[rule]
@@ -159,7 +179,8 @@ def train(cfg: Config, data_dir: str | Path | None = None, *, tracking_uri: str 
 
     train_ds = train_dataset(data_dir, cfg.data, seed=tcfg.seed, with_meta=with_meta,
                              balance=tcfg.class_weight == "oversample", batch_size=global_batch)
-    val_ds = eval_dataset(data_dir, "val", global_batch, with_meta=with_meta, verify=False)
+    val_batch = eval_batch_size(manifest["splits"]["val"]["count"], global_batch, replicas)
+    val_ds = eval_dataset(data_dir, "val", val_batch, with_meta=with_meta, verify=False)
     steps = tcfg.steps_per_epoch or max(1, manifest["splits"]["train"]["count"] // global_batch)
 
     with strategy.scope():
@@ -201,11 +222,14 @@ def train(cfg: Config, data_dir: str | Path | None = None, *, tracking_uri: str 
             cbs.append(keras.callbacks.ReduceLROnPlateau(monitor="val_auc", mode="max", factor=0.5,
                                                          patience=tcfg.lr_plateau_patience))
         cbs += callbacks or []
-        # validation_steps = exactly the split (last partial batch included); without it Keras 3 warns that
-        # the finite validation set "ran out of data".
-        val_steps = math.ceil(manifest["splits"]["val"]["count"] / global_batch)
+        # The validation set's batch count is declared (last partial batch included): without it Keras 3 warns
+        # that the finite validation set "ran out of data". Declared as the dataset's cardinality rather than
+        # `validation_steps`: with validation_steps Keras keeps one iterator across epochs, and under a
+        # distribution strategy its model build takes one batch from it before each validation, so epoch 2
+        # found it exhausted (StopIteration); with a known cardinality each validation gets a fresh iterator.
+        val_steps = math.ceil(manifest["splits"]["val"]["count"] / val_batch)
+        val_ds = val_ds.apply(tf.data.experimental.assert_cardinality(val_steps))
         fit = model.fit(train_ds, validation_data=val_ds, epochs=tcfg.epochs, steps_per_epoch=steps,
-                        validation_steps=val_steps,
                         class_weight=class_weights(manifest, tcfg.class_weight), callbacks=cbs, verbose=verbose)
         history = {k: [float(v) for v in vs] for k, vs in fit.history.items()}
         # XLA may have been switched off by layers that do not support it: log what really ran.
@@ -231,7 +255,11 @@ def train(cfg: Config, data_dir: str | Path | None = None, *, tracking_uri: str 
 def _finish_run(model, cfg: Config, data_dir: Path, manifest: dict, history: dict, stats: EpochStats,
                 run_id: str, register_as: str | None) -> TrainResult:
     """Validation metrics at a threshold chosen on validation, plots, and the model."""
-    y, p, info = predict_split(model, data_dir, "val", cfg.data.batch_size, with_meta=cfg.model.metadata_inputs)
+    # Under MirroredStrategy Keras 3.15's predict_on_batch runs the whole batch on every replica and concatenates
+    # the results (2 replicas: twice the predictions); the same layers as a model built outside the strategy
+    # predict each record once.
+    scorer = tracking.inference_copy(model) if model.distribute_strategy.num_replicas_in_sync > 1 else model
+    y, p, info = predict_split(scorer, data_dir, "val", cfg.data.batch_size, with_meta=cfg.model.metadata_inputs)
     threshold = ev.choose_threshold(y, p, cfg.train.target_sensitivity)
     metrics = ev.compute_metrics(y, p, threshold, n_boot=cfg.train.bootstrap, seed=cfg.train.seed)
     groups = {"view_position": info["view_position"], "sex": info["sex"],

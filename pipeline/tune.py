@@ -66,6 +66,10 @@ def resolve_storage(url: str | None) -> str:
     url = url or os.environ.get("PNEUMO_OPTUNA_STORAGE") or tracking.DEFAULT_OPTUNA_STORAGE
     if url.startswith("sqlite:///"):
         Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+    if url.startswith("postgresql://"):
+        # SQLAlchemy 2.1 reads a bare postgresql:// as the psycopg 3 driver, which is not installed; the
+        # project's PostgreSQL driver is psycopg2 (psycopg2-binary, a core dependency).
+        url = "postgresql+psycopg2://" + url.removeprefix("postgresql://")
     return url
 
 
@@ -188,7 +192,8 @@ def make_objective(spec: WorkerSpec, cfg: Config):
             run["id"] = run_id
             trial.set_user_attr("mlflow_run_id", run_id)
 
-        callbacks = [] if cfg.tune.pruner == "none" else [KerasPruningCallback(trial, "val_auc")]
+        # Report val AUC every epoch even without a pruner (NopPruner): the study keeps learning curves.
+        callbacks = [KerasPruningCallback(trial, "val_auc")]
         worker = f"{os.uname().nodename}:{os.getpid()}"
         trial.set_user_attr("worker", worker)
         tags = {"study": spec.study, "trial_number": str(trial.number), "state": "RUNNING", "worker": worker}

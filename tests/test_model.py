@@ -80,12 +80,12 @@ def test_seed_configuration_is_the_seed_cnn():
 
 
 def test_default_is_small_and_fast_shaped():
-    """The default: strided stem, few filters at full resolution, global average pooling."""
+    """The default: a strided stem (the first layer works at 1/4 resolution), global average pooling, BN."""
     m = build_model(ModelConfig(), AugmentConfig(), 128)
-    assert m.get_layer("stem_conv").strides == (2, 2)
-    assert m.get_layer("stem_conv").output.shape[1] == 64
-    assert m.get_layer("gap") is not None
-    assert count_params(m) < 100_000
+    assert m.get_layer("stem_conv").strides == (4, 4)
+    assert m.get_layer("stem_conv").output.shape[1] == 32
+    assert m.get_layer("gap") is not None and m.get_layer("stem_conv_bn").momentum == 0.9
+    assert count_params(m) == 113_313
 
 
 def test_same_seed_same_weights():

@@ -1,0 +1,243 @@
+"""`pneumo predict`: DICOM files -> one CSV row each with the model's probability and decision.
+
+Decoding is the converter's own (`pipeline.dicom.read_dicom` at the model's input size), so a file gets the same
+probability here as its record gets from `pneumo evaluate`. Every input gets a row:
+- `ok`: predicted; `prediction` applies the threshold stored with the model (chosen on validation);
+- `skipped`: out of scope by its header (Modality not CR/DX/DR, BodyPartExamined present and not CHEST, or
+  more than one frame): a `warning` and no probability, unless `force` (then predicted, warning kept; a
+  multi-frame file cannot be decoded at all and stays skipped);
+- `error`: unreadable (not DICOM, corrupt pixels, no decoder...): the reason in `error`; the others still run.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import tempfile
+from collections.abc import Iterable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from pipeline.dicom import DicomError, read_dicom
+
+COLUMNS = ["path", "patient_id", "probability", "prediction", "model_version", "dataset_digest", "status",
+           "warning", "error"]
+RADIOGRAPH_MODALITIES = {"CR", "DX", "DR"}
+DICOM_SUFFIXES = {".dcm", ".dicom", ".dic", ""}  # in folders; a file named on the command line is always read
+PROGRESS_MIN = 50  # files: fewer finish before a progress bar would be worth drawing
+
+
+class PredictError(RuntimeError):
+    """A one-line reason prediction could not run (or that some files failed)."""
+
+
+@dataclass
+class LoadedModel:
+    model: object
+    uri: str
+    version: str  # "3" for a registered version, "run:<id>" otherwise
+    threshold: float
+    digest: str
+    image_size: int
+    uses_meta: bool
+
+
+def collect_paths(paths: Iterable[str | Path]) -> list[Path]:
+    """Files as given, and the DICOM-looking files under folders (recursive, sorted, hidden files and DICOMDIR
+    skipped). A path that does not exist is an error: a typo must not pass as an empty prediction."""
+    out: list[Path] = []
+    for p in map(Path, paths):
+        if p.is_dir():
+            found = sorted(f for f in p.rglob("*") if f.is_file() and not f.name.startswith(".")
+                           and f.name.upper() != "DICOMDIR" and f.suffix.lower() in DICOM_SUFFIXES)
+            out += found
+        elif p.exists():
+            out.append(p)
+        else:
+            raise PredictError(f"{p}: no such file or folder")
+    if not out:
+        raise PredictError(f"no DICOM files under {', '.join(map(str, paths))}")
+    return out
+
+
+def load(uri: str, tracking_uri: str | None = None, threshold: float | None = None) -> LoadedModel:
+    """The model, its version, the stored operating threshold and the dataset digest it was trained on."""
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
+    from pipeline import scoring, tracking
+
+    tracking.setup(tracking_uri)
+    try:
+        run_id, tags = scoring.source_run(uri)
+        model = scoring.load_model(uri)
+        stored = scoring.stored_threshold(uri)
+        run_tags = MlflowClient().get_run(run_id).data.tags if run_id else {}
+    except MlflowException as e:
+        raise PredictError(f"model {uri}: {' '.join(str(e.message).split())[:300]}") from None
+    if threshold is None:
+        threshold = stored
+    if threshold is None:
+        raise PredictError(f"model {uri} has no stored threshold (tag `threshold` on its version or run): "
+                           "pass --threshold")
+    version = _version(uri, run_id)
+    size = int(model.inputs[0].shape[1])
+    digest = tags.get("dataset_digest") or run_tags.get("dataset_digest", "")
+    return LoadedModel(model, uri, version, float(threshold), digest, size, scoring.model_uses_meta(model))
+
+
+def _version(uri: str, run_id: str | None) -> str:
+    if uri.startswith("models:/"):
+        from mlflow import MlflowClient
+
+        name, _, ref = uri.removeprefix("models:/").partition("@")
+        if ref:
+            return str(MlflowClient().get_model_version_by_alias(name, ref).version)
+        return name.partition("/")[2]
+    return f"run:{run_id}" if run_id else uri
+
+
+def scope_warning(img) -> str:
+    """Why a decoded DICOM is not a chest radiograph by its header ("" when it is)."""
+    problems = []
+    if img.modality not in RADIOGRAPH_MODALITIES:
+        problems.append(f"Modality {img.modality or '(absent)'} is not a radiograph (CR/DX/DR)")
+    if img.body_part and img.body_part != "CHEST":
+        problems.append(f"BodyPartExamined {img.body_part} is not CHEST")
+    return "; ".join(problems)
+
+
+def _decode(path: Path, size: int, force: bool) -> dict:
+    row = {"path": str(path), "patient_id": "", "status": "ok", "warning": "", "error": ""}
+    try:
+        img = read_dicom(path, size)
+    except DicomError as e:
+        reason = str(e)
+        if reason.startswith("multi-frame"):
+            row.update(status="skipped", warning=f"not a single 2-D frame: {reason}")
+        else:
+            row.update(status="error", error=reason)
+        return row
+    row["patient_id"] = img.patient_id
+    row["warning"] = scope_warning(img)
+    if row["warning"] and not force:
+        row["status"] = "skipped"
+    if row["status"] == "ok":
+        row["_pixels"], row["_meta"] = img.pixels, (img.view_position, img.sex, img.age)
+    return row
+
+
+def _meta_batch(meta: list[tuple[str, str, int]]) -> np.ndarray:
+    """The model's side inputs, by the same function that builds them from the TFRecords."""
+    from pipeline.records import metadata_vector
+
+    view, sex, age = (np.array(col) for col in zip(*meta, strict=True))
+    return metadata_vector(view, sex, age.astype(np.int64)).numpy()
+
+
+def predict_files(files: list[Path], lm: LoadedModel, *, force: bool = False, batch_size: int = 64,
+                  progress: bool | None = None, workers: int = 2):
+    """-> pandas DataFrame with one row per file (COLUMNS), in input order."""
+    import pandas as pd
+    from tqdm import tqdm
+
+    show = progress if progress is not None else len(files) >= PROGRESS_MIN
+    rows: list[dict] = []
+    bar = tqdm(total=len(files), unit="file", desc="predict", disable=None if show else True, file=sys.stderr)
+    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:  # Pillow and pydicom release the GIL
+        for start in range(0, len(files), batch_size):
+            chunk = list(pool.map(lambda p: _decode(p, lm.image_size, force), files[start:start + batch_size]))
+            ready = [r for r in chunk if "_pixels" in r]
+            if ready:
+                inputs = {"image": np.stack([r.pop("_pixels") for r in ready])[..., None]}
+                meta = [r.pop("_meta") for r in ready]
+                if lm.uses_meta:
+                    inputs["meta"] = _meta_batch(meta)
+                probs = np.asarray(lm.model.predict_on_batch(inputs), dtype=np.float64).reshape(-1)
+                for r, p in zip(ready, probs, strict=True):
+                    r.update(probability=float(p), prediction=int(p >= lm.threshold))
+            rows += chunk
+            bar.update(len(chunk))
+    bar.close()
+    df = pd.DataFrame(rows).reindex(columns=COLUMNS)
+    df["model_version"], df["dataset_digest"] = lm.version, lm.digest
+    df["prediction"] = df["prediction"].astype("Int64")  # blank, not NaN-as-float, where nothing was predicted
+    return df
+
+
+def write_csv(df, path: str | Path) -> None:
+    """Atomic: a temp file in the same folder, then rename (a reader never sees half a CSV)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", newline="") as fh:
+            df.to_csv(fh, index=False, float_format="%.6f")
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def format_table(df, limit: int = 20) -> str:
+    """A short terminal table: file, probability, prediction, status and the first words of any problem."""
+    lines = [f"{'file':<40} {'probability':>11} {'pred':>4}  {'status':<8} note"]
+    for r in df.head(limit).itertuples():
+        name = Path(r.path).name
+        name = name if len(name) <= 40 else "..." + name[-37:]
+        prob = f"{r.probability:.4f}" if r.probability == r.probability else "-"
+        pred = "-" if r.prediction is None or str(r.prediction) == "<NA>" else str(r.prediction)
+        note = str(r.error or r.warning or "")
+        lines.append(f"{name:<40} {prob:>11} {pred:>4}  {r.status:<8} {note[:60]}")
+    if len(df) > limit:
+        lines.append(f"... {len(df) - limit} more rows")
+    return "\n".join(lines)
+
+
+def summary(df, lm: LoadedModel, out: str | None) -> str:
+    counts = df["status"].value_counts()
+    ok, skipped, failed = (int(counts.get(k, 0)) for k in ("ok", "skipped", "error"))
+    positives = int((df["prediction"] == 1).sum())
+    text = (f"predicted {ok} of {len(df)} files with {lm.uri} (version {lm.version}, threshold "
+            f"{lm.threshold:.4f}): {positives} flagged positive")
+    if skipped:
+        text += f"; {skipped} skipped as out of scope (--force predicts them)"
+    if failed:
+        text += f"; {failed} failed to read"
+    return text + (f"; wrote {out}" if out else "")
+
+
+def run_predict(paths: list[str], model_uri: str | None = None, out: str | None = None, *,
+                tracking_uri: str | None = None, force: bool = False, threshold: float | None = None,
+                batch_size: int = 64, progress: bool | None = None, stdout=None) -> dict:
+    """`pneumo predict`: the CSV to `out` (or to stdout when it is not a terminal) and a summary line.
+
+    Raises PredictError after writing everything when any file failed, so the exit code is non-zero.
+    """
+    from pipeline.registry import champion_uri
+
+    stdout = stdout or sys.stdout
+    files = collect_paths(paths)
+    lm = load(model_uri or champion_uri(), tracking_uri, threshold)
+    df = predict_files(files, lm, force=force, batch_size=batch_size, progress=progress)
+    tty = hasattr(stdout, "isatty") and stdout.isatty()
+    if out:
+        write_csv(df, out)
+        if tty:
+            print(format_table(df, limit=10), file=stdout)
+    elif tty:
+        print(format_table(df, limit=len(df)), file=stdout)
+    else:
+        df.to_csv(stdout, index=False, float_format="%.6f")
+    line = summary(df, lm, out)
+    print(line, file=sys.stderr)
+    failed = int((df["status"] == "error").sum())
+    if failed:
+        raise PredictError(f"{failed} of {len(df)} files could not be read (see the error column"
+                           + (f" in {out})" if out else ")"))
+    return {"frame": df, "summary": line, "failed": failed}

@@ -1,0 +1,100 @@
+"""Fixtures for the registry, predict and UI tests (a pytest plugin: `pytest_plugins = ["fixtures_registry"]`).
+
+Once per session, on conftest's synthetic TFRecords: three tiny models of one simulated Optuna study (parent
+run `study:<name>`, nested runs `trial-000`..`trial-002`, versions tagged as `pneumo tune` tags them) and one
+model with metadata inputs under another name, all in one MLflow store. Each test gets its own copy of that
+store, so promotions never leak from one test into another. ~30 s on 2 CPU cores.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+MODEL = "pneumonia-cnn"
+META_MODEL = "pneumonia-cnn-meta"
+STUDY = "regstudy"
+
+# Different enough to give different test AUCs: an under-trained model and two trained ones.
+TRIALS = [
+    ["train.epochs=1", "train.learning_rate=1e-4", "train.seed=0"],
+    ["train.epochs=3", "train.learning_rate=3e-3", "train.seed=1"],
+    ["train.epochs=2", "train.learning_rate=3e-3", "train.seed=2"],
+]
+
+
+@dataclass(frozen=True)
+class Store:
+    root: Path
+    uri: str
+    data: Path
+    raw: Path
+    versions: tuple[str, ...]  # of MODEL, in trial order
+    val_auc: dict  # version -> val AUC tag
+    test_auc: dict  # version -> test AUC (what the gate will see)
+    meta_version: str  # of META_MODEL
+
+    @property
+    def by_test_auc(self) -> list[str]:
+        """Versions of MODEL from the worst to the best test AUC."""
+        return sorted(self.versions, key=lambda v: self.test_auc[v])
+
+    @property
+    def artifacts(self) -> Path:
+        return self.root / "mlruns" / "artifacts"
+
+
+def _config(tmp: Path, overrides: list[str]):
+    from pipeline.config import load_config
+
+    return load_config(REPO / "experiments" / "smoke.toml",
+                       [f"train.checkpoint_dir={tmp}/ckpt", "train.log_model=true", "train.bootstrap=100",
+                        *overrides])
+
+
+@pytest.fixture(scope="session")
+def registry_base(synth_raw, synth_data, tmp_path_factory) -> Store:
+    from pipeline import tracking
+    from pipeline.registry import evaluate_version
+    from pipeline.train import train
+
+    root = tmp_path_factory.mktemp("registry-base")
+    uri = f"sqlite:///{root}/mlruns/mlflow.db"
+    client = tracking.setup(uri)
+    exp = tracking.ensure_experiment(STUDY, uri)
+    parent = client.create_run(exp, run_name=f"study:{STUDY}", tags={"study": STUDY, "kind": "study"}).info.run_id
+    digest = json.loads((synth_data / "manifest.json").read_text())["digest"]
+    versions, val_auc = [], {}
+    for i, overrides in enumerate(TRIALS):
+        r = train(_config(root, overrides), synth_data, tracking_uri=uri, experiment=STUDY,
+                  run_name=f"trial-{i:03d}", parent_run_id=parent, register_as=MODEL, verbose=0,
+                  tags={"study": STUDY, "trial_number": str(i), "state": "RUNNING"})
+        client.set_tag(r.run_id, "state", "COMPLETE")
+        value = float(r.val_metrics["auc"])
+        for key, val in {"study": STUDY, "trial_number": str(i), "val_auc": f"{value:.6f}",
+                         "dataset_digest": digest, "threshold": f"{r.threshold:.6f}", "run_id": r.run_id}.items():
+            client.set_model_version_tag(MODEL, r.model_version, key, val)  # as pneumo tune tags them
+        versions.append(r.model_version)
+        val_auc[r.model_version] = float(f"{value:.6f}")
+    client.set_terminated(parent, "FINISHED")
+    meta = train(_config(root, ["train.epochs=1", "model.metadata_inputs=true"]), synth_data, tracking_uri=uri,
+                 experiment="meta", run_name="meta-000", register_as=META_MODEL, verbose=0)
+    test_auc = {v: evaluate_version(MODEL, v, synth_data, uri, n_boot=10).metrics["auc"] for v in versions}
+    if len(set(test_auc.values())) < len(versions):
+        pytest.skip(f"the tiny models tied on test AUC ({test_auc}): the gate tests need an order")
+    return Store(root, uri, synth_data, synth_raw, tuple(versions), val_auc, test_auc, meta.model_version)
+
+
+@pytest.fixture()
+def registry_store(registry_base, tmp_path) -> Store:
+    """A private copy of the session's store (artifacts of the trained models stay shared and read-only)."""
+    root = tmp_path / "store"
+    (root / "mlruns").mkdir(parents=True)
+    shutil.copy2(registry_base.root / "mlruns" / "mlflow.db", root / "mlruns" / "mlflow.db")
+    return Store(root, f"sqlite:///{root}/mlruns/mlflow.db", registry_base.data, registry_base.raw,
+                 registry_base.versions, registry_base.val_auc, registry_base.test_auc, registry_base.meta_version)

@@ -1,0 +1,142 @@
+"""`pneumo predict`: a row per file, bad files reported, out-of-scope headers guarded, and the same
+probabilities as `pneumo evaluate` on the same images."""
+
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+
+import numpy as np
+import pandas as pd
+import pydicom
+import pytest
+
+pytest_plugins = ["fixtures_registry"]
+MODEL, META_MODEL, STUDY = "pneumonia-cnn", "pneumonia-cnn-meta", "regstudy"  # as in fixtures_registry
+pytestmark = pytest.mark.slow
+
+
+def _test_patients(data) -> list[str]:
+    with open(data / "splits.csv") as f:
+        return [r["patient_id"] for r in csv.DictReader(f) if r["split"] == "test"]
+
+
+def _dicom(store, pid):
+    return store.raw / "stage_2_train_images" / f"{pid}.dcm"
+
+
+@pytest.fixture()
+def folder(registry_store, tmp_path):
+    """5 good DICOMs (one in a subfolder), a truncated one, a CT by its header, and a text file."""
+    s = registry_store
+    pids = _test_patients(s.data)[:6]
+    root = tmp_path / "incoming"
+    (root / "nested").mkdir(parents=True)
+    for pid in pids[:4]:
+        shutil.copy(_dicom(s, pid), root / f"{pid}.dcm")
+    shutil.copy(_dicom(s, pids[4]), root / "nested" / f"{pids[4]}.dcm")
+    (root / "corrupt.dcm").write_bytes(_dicom(s, pids[5]).read_bytes()[:400])
+    ds = pydicom.dcmread(_dicom(s, pids[5]))
+    ds.Modality = "CT"
+    ds.save_as(root / "ct.dcm")
+    (root / "notes.txt").write_text("not an image")
+    return root
+
+
+def test_folder_with_a_corrupt_file_gets_a_row_per_file(registry_store, folder, tmp_path, capsys):
+    from pipeline.cli import main
+
+    s = registry_store
+    v = s.versions[1]
+    out = tmp_path / "out" / "predictions.csv"
+    code = main(["predict", str(folder), "--model", f"models:/{MODEL}/{v}", "--out", str(out),
+                 "--tracking-uri", s.uri])
+    err = capsys.readouterr().err
+    assert code == 2  # a file failed: non-zero, after writing every row
+    assert "predicted 5 of 7 files" in err and "1 skipped as out of scope" in err and "1 failed to read" in err
+    assert "pneumo predict: error: 1 of 7 files could not be read" in err
+    df = pd.read_csv(out, keep_default_na=False)
+    assert list(df.columns) == ["path", "patient_id", "probability", "prediction", "model_version",
+                                "dataset_digest", "status", "warning", "error"]
+    assert len(df) == 7 and not any(p.endswith("notes.txt") for p in df["path"])
+    assert any("nested" in p for p in df["path"])  # folders are read recursively
+    rows = {p.rsplit("/", 1)[-1]: r for p, r in zip(df["path"], df.to_dict("records"), strict=True)}
+    bad = rows["corrupt.dcm"]
+    assert bad["status"] == "error" and bad["error"] and bad["probability"] == ""
+    ct = rows["ct.dcm"]
+    assert ct["status"] == "skipped" and "Modality CT is not a radiograph" in ct["warning"]
+    assert ct["probability"] == "" and ct["prediction"] == ""
+    good = df[df["status"] == "ok"]
+    assert len(good) == 5 and good["probability"].astype(float).between(0, 1).all()
+    threshold = _threshold(s, v)
+    assert ((good["probability"].astype(float) >= threshold).astype(int) == good["prediction"].astype(int)).all()
+    digest = json.loads((s.data / "manifest.json").read_text())["digest"]
+    assert (good["model_version"].astype(str) == v).all() and (good["dataset_digest"] == digest).all()
+    assert all(pid == p.rsplit("/", 1)[-1].removesuffix(".dcm") for pid, p in zip(good["patient_id"],
+                                                                                   good["path"], strict=True))
+    # --force predicts the out-of-scope file anyway and keeps its warning.
+    code = main(["predict", str(folder / "ct.dcm"), "--model", f"models:/{MODEL}/{v}", "--out", str(out),
+                 "--force", "--tracking-uri", s.uri])
+    assert code == 0
+    forced = pd.read_csv(out, keep_default_na=False).iloc[0]
+    assert forced["status"] == "ok" and forced["warning"] and 0 <= float(forced["probability"]) <= 1
+
+
+def _threshold(store, version) -> float:
+    from mlflow import MlflowClient
+
+    return float(MlflowClient(store.uri, store.uri).get_model_version(MODEL, version).tags["threshold"])
+
+
+@pytest.mark.parametrize("which", ["champion", "meta"])
+def test_probabilities_equal_pneumo_evaluate(registry_store, tmp_path, which):
+    """Every test-split DICOM through `predict` gets the probability its record gets from `evaluate`
+    (the default model URI is the champion; the meta model also feeds view, sex and age)."""
+    from mlflow import MlflowClient
+
+    from pipeline.predict import run_predict
+    from pipeline.scoring import evaluate_model
+
+    s = registry_store
+    if which == "champion":
+        MlflowClient(s.uri, s.uri).set_registered_model_alias(MODEL, "champion", s.versions[2])
+        uri, model_arg = f"models:/{MODEL}@champion", None
+    else:
+        uri = model_arg = f"models:/{META_MODEL}/{s.meta_version}"
+    files = [str(_dicom(s, pid)) for pid in _test_patients(s.data)]
+    out = tmp_path / "p.csv"
+    result = run_predict(files, model_arg, str(out), tracking_uri=s.uri, batch_size=16)
+    assert result["failed"] == 0
+    df = pd.read_csv(out, dtype={"patient_id": str})
+    report = evaluate_model(uri, s.data, "test", tracking_uri=s.uri, out=tmp_path / "eval.json", n_boot=10)
+    expected = dict(zip(report["patient_id"], report["probabilities"], strict=True))
+    assert len(df) == len(expected) == report["metrics"]["n"]
+    got = np.array([expected[p] for p in df["patient_id"]])
+    np.testing.assert_allclose(df["probability"].to_numpy(), got, atol=2e-6)  # CSV keeps 6 decimals
+    # ... and the same decisions at the same stored threshold.
+    threshold = report["metrics"]["threshold"]
+    assert (df["prediction"].to_numpy() == (got >= threshold).astype(int)).all()
+
+
+def test_predict_reports_a_missing_path_and_a_model_without_champion(registry_store, tmp_path, capsys):
+    from pipeline.cli import main
+
+    s = registry_store
+    assert main(["predict", str(tmp_path / "missing.dcm"), "--tracking-uri", s.uri]) == 2
+    assert "missing.dcm: no such file or folder" in capsys.readouterr().err
+    one = _dicom(s, _test_patients(s.data)[0])
+    assert main(["predict", str(one), "--tracking-uri", s.uri]) == 2  # no champion in this store yet
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("pneumo predict: error: model models:/pneumonia-cnn@champion")
+
+
+def test_csv_to_stdout_when_piped(registry_store, capsys):
+    from pipeline.predict import run_predict
+
+    s = registry_store
+    files = [str(_dicom(s, pid)) for pid in _test_patients(s.data)[:3]]
+    run_predict(files, f"models:/{MODEL}/{s.versions[0]}", None, tracking_uri=s.uri)
+    out = capsys.readouterr().out
+    assert out.splitlines()[0].startswith("path,patient_id,probability,prediction")
+    assert len(out.splitlines()) == 4

@@ -1,0 +1,130 @@
+"""The MLflow server over the project's stores: REST answers with the study's runs, the registered model and
+its champion alias; plots are served; the whole process group stops. Plus `pneumo ui` and `pneumo dashboard`."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.parse
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+pytest_plugins = ["fixtures_registry"]
+MODEL, META_MODEL, STUDY = "pneumonia-cnn", "pneumonia-cnn-meta", "regstudy"  # as in fixtures_registry
+pytestmark = pytest.mark.slow
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _get(url: str) -> dict:
+    with urllib.request.urlopen(url, timeout=30) as r:
+        return json.loads(r.read())
+
+
+def _post(url: str, body: dict) -> dict:
+    req = urllib.request.Request(url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=30) as r:
+        return json.loads(r.read())
+
+
+def test_mlflow_server_answers_with_runs_model_and_champion(registry_store):
+    from mlflow import MlflowClient
+
+    from pipeline.ui import MlflowServer, group_alive
+
+    s = registry_store
+    champion = s.versions[1]
+    MlflowClient(s.uri, s.uri).set_registered_model_alias(MODEL, "champion", champion)
+    with MlflowServer(s.uri, s.artifacts) as server:
+        assert server.url.startswith("http://127.0.0.1:") and server.port != 5000
+        pgid = server.proc.pid
+        api = server.url + "/api/2.0/mlflow"
+        exp = _get(f"{api}/experiments/get-by-name?experiment_name={STUDY}")["experiment"]
+        runs = _post(f"{api}/runs/search", {"experiment_ids": [exp["experiment_id"]], "max_results": 100})["runs"]
+        names = {r["info"]["run_name"] for r in runs}
+        assert names == {f"study:{STUDY}", "trial-000", "trial-001", "trial-002"}
+        trial = next(r for r in runs if r["info"]["run_name"] == "trial-001")
+        tags = {t["key"]: t["value"] for t in trial["data"]["tags"]}
+        assert tags["study"] == STUDY and "val AUC" in tags["mlflow.note.content"]  # a run description
+        model = _get(f"{api}/registered-models/get?name={MODEL}")["registered_model"]
+        assert {"alias": "champion", "version": champion} in model["aliases"]
+        by_alias = _get(f"{api}/registered-models/alias?name={MODEL}&alias=champion")["model_version"]
+        assert by_alias["version"] == champion
+        # The Python client over HTTP sees the same, and the UI can fetch a run's plot.
+        assert MlflowClient(server.url).get_model_version_by_alias(MODEL, "champion").version == champion
+        query = urllib.parse.urlencode({"path": "plots/history.png", "run_uuid": trial["info"]["run_id"]})
+        with urllib.request.urlopen(f"{server.url}/get-artifact?{query}", timeout=30) as r:
+            assert r.read(8) == b"\x89PNG\r\n\x1a\n"
+    assert server.proc is None and not group_alive(pgid)  # the whole group, workers included, is gone
+
+
+def test_pneumo_ui_serves_until_interrupted(registry_store):
+    from pipeline.ui import free_port
+
+    s = registry_store
+    port = free_port()
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "ui", "--port", str(port), "--tracking-uri",
+                             s.uri], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
+                            start_new_session=True)
+    try:
+        line = proc.stdout.readline()
+        assert f"MLflow UI: http://127.0.0.1:{port}" in line, line + proc.stdout.read()
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=10) as r:
+            assert r.status == 200
+    finally:
+        proc.send_signal(signal.SIGINT)  # Ctrl-C: pneumo stops the server's own process group
+        rest = proc.communicate(timeout=60)[0]
+    assert proc.returncode == 0 and "stopped mlflow server" in rest
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and _listening(port):
+        time.sleep(0.2)
+    assert not _listening(port)
+
+
+def _listening(port: int) -> bool:
+    import socket
+
+    with socket.socket() as sock:
+        return sock.connect_ex(("127.0.0.1", port)) == 0
+
+
+def test_ui_without_a_store_says_so(tmp_path, capsys):
+    from pipeline.cli import main
+
+    assert main(["ui", "--tracking-uri", f"sqlite:///{tmp_path}/none/mlflow.db"]) == 2
+    assert "no MLflow store yet" in capsys.readouterr().err
+
+
+def test_dashboard_missing_extra_names_the_install(monkeypatch, capsys):
+    from pipeline.cli import main
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "optuna_dashboard" else real(name, *a))
+    assert main(["dashboard"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == "pneumo dashboard: error: optuna-dashboard is not installed: pip install 'pneumo[dashboard]'"
+
+
+@pytest.mark.skipif(importlib.util.find_spec("optuna_dashboard") is None, reason="optional extra not installed")
+def test_dashboard_serves_a_study(tmp_path):
+    import optuna
+
+    from pipeline.ui import DashboardServer, group_alive
+
+    storage = f"sqlite:///{tmp_path}/optuna.db"
+    study = optuna.create_study(study_name="dash", storage=storage)
+    study.optimize(lambda t: t.suggest_float("x", 0, 1), n_trials=2)
+    with DashboardServer(storage) as server:
+        pgid = server.proc.pid
+        studies = _get(server.url + "/api/studies")
+        assert any(st["study_name"] == "dash" for st in studies["study_summaries"])
+    assert not group_alive(pgid)
