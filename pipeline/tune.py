@@ -73,6 +73,20 @@ def resolve_storage(url: str | None) -> str:
     return url
 
 
+def shown_url(url: str) -> str:
+    """A store URL for logs: a server's password (postgresql://user:secret@host/db) is masked."""
+    if "@" not in url:
+        return url
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import ArgumentError
+
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except ArgumentError:  # an http:// tracking URI with credentials
+        scheme, _, rest = url.partition("://")
+        return f"{scheme}://***@{rest.rsplit('@', 1)[1]}"
+
+
 def config_to_json(cfg: Config) -> dict:
     values = {k: v for k, v in cfg.flat().items() if k != "name"}
     return {"name": cfg.name, "values": values, "space": cfg.tune.space}
@@ -323,7 +337,8 @@ def run_tune(cfg: Config, study_name: str, *, data_dir: str | None = None, trial
     tracking.setup(uri)
     parent, waiting = prepare(cfg, study_name, storage_url, uri, trials)
     print(f"study {study_name}: {trials} trials queued" + (f" (+{waiting} left by an earlier launch)" if waiting else "")
-          + f"; {workers} worker(s); storage {storage_url}; MLflow {uri} parent run {parent}", flush=True)
+          + f"; {workers} worker(s); storage {shown_url(storage_url)}; MLflow {shown_url(uri)} parent run {parent}",
+          flush=True)
     spec = WorkerSpec(study=study_name, storage=storage_url, tracking_uri=uri, data_dir=data_dir,
                       config=config_to_json(cfg), parent_run_id=parent,
                       deadline=time.time() + timeout if timeout else None,

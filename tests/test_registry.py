@@ -233,11 +233,23 @@ def test_racing_promotions_end_with_the_better_model(registry_store, slow_is_bet
     assert c.get_model_version(MODEL, _aliases(s)["previous-champion"]).tags["replaced_by"] == best
 
 
+@pytest.fixture()
+def bare_registry(tmp_path):
+    """A store with the registered model and no versions: all the lock needs."""
+    from types import SimpleNamespace
+
+    from pipeline import tracking
+
+    uri = f"sqlite:///{tmp_path}/mlruns/mlflow.db"
+    tracking.setup(uri).create_registered_model(MODEL)
+    return SimpleNamespace(uri=uri)
+
+
 @pytest.mark.parametrize("kind", ["file", "tag"])
-def test_promotion_lock_excludes_concurrent_holders(registry_store, kind):
+def test_promotion_lock_excludes_concurrent_holders(bare_registry, kind):
     from pipeline.registry import promotion_lock
 
-    s = registry_store
+    s = bare_registry
     spans = []
 
     errors = []
@@ -263,10 +275,10 @@ def test_promotion_lock_excludes_concurrent_holders(registry_store, kind):
         assert "promotion_lock" not in (_client(s.uri).get_registered_model(MODEL).tags or {})
 
 
-def test_promotion_lock_times_out_with_a_reason(registry_store):
+def test_promotion_lock_times_out_with_a_reason(bare_registry):
     from pipeline.registry import RegistryError, promotion_lock
 
-    s = registry_store
+    s = bare_registry
     with promotion_lock(s.uri, MODEL):
         errors = []
 

@@ -60,7 +60,8 @@ def _admin_connection():
 
 @pytest.fixture()
 def postgres():
-    """`make(tag)` -> the SQLAlchemy URL of a new empty database; every database made is dropped at the end."""
+    """`make(tag)` -> the URL (`postgresql://user@host:port/name`, as a user types it) of a new empty database;
+    every database made is dropped at the end."""
     conn, server = _admin_connection()
     made: list[str] = []
 
@@ -109,12 +110,18 @@ def _queued(log: Path) -> bool:
     return "trials queued" in log.read_text()
 
 
+def psycopg2_url(url: str) -> str:
+    """The URL with the installed driver named: SQLAlchemy 2.1 reads a bare postgresql:// as psycopg 3, which
+    is not a dependency (`pneumo tune --storage` does this itself; `mlflow server` needs it spelled out)."""
+    return url.replace("postgresql://", "postgresql+psycopg2://", 1)
+
+
 def _running_trial(study_name: str, storage: str):
     """A RUNNING trial whose MLflow run exists (its worker is training), else None."""
     import optuna
     from optuna.trial import TrialState
 
-    study = optuna.load_study(study_name=study_name, storage=storage)
+    study = optuna.load_study(study_name=study_name, storage=psycopg2_url(storage))
     live = [t for t in study.get_trials(states=(TrialState.RUNNING,)) if "mlflow_run_id" in t.user_attrs]
     return live[0] if live else None
 
@@ -134,7 +141,7 @@ def _check_study_and_runs(study_name: str, storage: str, server_url: str, target
     from mlflow import MlflowClient
     from optuna.trial import TrialState
 
-    study = optuna.load_study(study_name=study_name, storage=storage)
+    study = optuna.load_study(study_name=study_name, storage=psycopg2_url(storage))
     trials = study.get_trials()
     numbers = [t.number for t in trials]
     assert len(numbers) == len(set(numbers)), f"a trial number twice: {sorted(numbers)}"
@@ -177,7 +184,7 @@ def _report(name: str, figures: dict) -> None:
 def test_three_workers_share_a_postgres_study_and_survive_a_sigkill(synth_data, tmp_path, postgres):
     from pipeline.ui import MlflowServer
 
-    storage, backend = postgres("optuna"), postgres("mlflow")
+    storage, backend = postgres("optuna"), psycopg2_url(postgres("mlflow"))
     log = tmp_path / "launch.log"
     with MlflowServer(backend, tmp_path / "artifacts", log_file=tmp_path / "server.log") as server:
         t0 = time.perf_counter()
@@ -220,7 +227,7 @@ def test_three_workers_share_a_postgres_study_and_survive_a_sigkill(synth_data, 
 def test_workers_ride_out_an_mlflow_server_restart(synth_data, tmp_path, postgres):
     from pipeline.ui import MlflowServer
 
-    storage, backend = postgres("optuna"), postgres("mlflow")
+    storage, backend = postgres("optuna"), psycopg2_url(postgres("mlflow"))
     log = tmp_path / "launch.log"
     server = MlflowServer(backend, tmp_path / "artifacts", log_file=tmp_path / "server-1.log").start()
     port, url = server.port, server.url

@@ -98,3 +98,25 @@ def test_the_default_cnn_learns_synthetic_pneumonia(learnable_data, tmp_path, tr
     result = train(cfg, learnable_data, tracking_uri=tracking_uri, verbose=0)
     assert result.val_metrics["auc"] >= 0.9, result.history["val_auc"]
     assert result.val_metrics["accuracy"] > result.val_metrics["majority_baseline_accuracy"]
+
+
+def test_rsna_recipe_with_metadata_inputs_runs_small(synth_data, tmp_path, tracking_uri):
+    """experiments/rsna.toml (residual CNN, metadata inputs, precision auto) shrunk to 64 px and one epoch."""
+    from tests.conftest import REPO
+
+    from pipeline.config import load_config
+
+    cfg = load_config(REPO / "experiments" / "rsna.toml", [
+        "data.batch_size=16", "train.epochs=1", "model.blocks=3", f"train.checkpoint_dir={tmp_path}/ckpt",
+        "train.bootstrap=50",
+    ])
+    assert cfg.model.metadata_inputs and cfg.model.residual
+    result = train(cfg, synth_data, tracking_uri=tracking_uri, verbose=0)
+    assert result.precision == "float32"  # auto = float32 without a GPU
+    assert {t.name.split(":")[0] for t in result.model.inputs} == {"image", "meta"}
+    assert np.isfinite(result.history["loss"]).all()
+    # The logged model takes the side inputs too, through the same signature.
+    mlflow.set_tracking_uri(tracking_uri)
+    pyfunc = mlflow.pyfunc.load_model(result.model_uri)
+    batch = {"image": np.zeros((2, 64, 64, 1), np.uint8), "meta": np.array([[1, 0, 1, 0, 0.5, 1]] * 2, np.float32)}
+    assert np.asarray(pyfunc.predict(batch)).shape[0] == 2
