@@ -46,8 +46,17 @@ WORKERS = 2
 
 # Runs the command, timestamps its tqdm progress, reaps the whole process tree; prints one JSON line.
 WRAPPER = r"""
-import ctypes, json, os, re, resource, subprocess, sys, threading, time
+import ctypes, glob, json, os, re, resource, subprocess, sys, threading, time
 subreaper = ctypes.CDLL(None, use_errno=True).prctl(36, 1, 0, 0, 0) == 0  # PR_SET_CHILD_SUBREAPER
+tick = os.sysconf("SC_CLK_TCK")
+def tree_cpu(pid):  # CPU seconds of pid and its live descendants (+ those they reaped)
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        kids = [int(k) for c in glob.glob(f"/proc/{pid}/task/*/children") for k in open(c).read().split()]
+    except OSError:
+        return 0.0
+    return sum(map(int, fields[11:15])) / tick + sum(tree_cpu(k) for k in kids)
 t0 = time.perf_counter()
 p = subprocess.Popen(sys.argv[1:], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
 samples, tail = [], [b""]
@@ -56,7 +65,9 @@ def read_progress():  # a thread: the pool's processes hold stderr open after th
     for chunk in iter(lambda: p.stderr.read1(1 << 16), b""):
         now = time.perf_counter() - t0
         *lines, buf = re.split(rb"[\r\n]", buf + chunk)
-        samples.extend((now, int(m[1])) for m in map(bar.search, lines) if m)
+        done = [int(m[1]) for m in map(bar.search, lines) if m]
+        if done and p.poll() is None:
+            samples.append((now, done[-1], tree_cpu(p.pid)))
         tail[0] = (tail[0] + chunk)[-2000:]
 reader = threading.Thread(target=read_progress, daemon=True)
 reader.start()
@@ -97,7 +108,7 @@ def run_convert(images: Path, labels: Path, out: Path, n: int) -> dict:
     written = sum(s["count"] for s in manifest["splits"].values())
     if written != n:
         raise SystemExit(f"pneumo convert wrote {written} records, expected {n}")
-    samples = r["samples"]
+    samples = r["samples"]  # (seconds since start, records done, CPU seconds of the process tree)
     first = next(s for s in samples if s[1] >= 0.2 * n)
     last = [s for s in samples if s[1] <= 0.8 * n][-1]
     if last[1] - first[1] < 0.3 * n:
@@ -106,8 +117,10 @@ def run_convert(images: Path, labels: Path, out: Path, n: int) -> dict:
     return {
         "wall": r["wall"], "cpu": r["cpu"], "subreaper": r["subreaper"],
         "steady": (last[1] - first[1]) / (last[0] - first[0]),
-        "first_record": next(t for t, k in samples if k >= 1),
-        "last_record": next(t for t, k in samples if k >= n),
+        "steady_cpu": (last[1] - first[1]) / max(1e-9, last[2] - first[2]),  # img per CPU-s of the tree
+        "cores": (last[2] - first[2]) / (last[0] - first[0]),  # CPU cores the tree got meanwhile
+        "first_record": next(t for t, k, _ in samples if k >= 1),
+        "last_record": next(t for t, k, _ in samples if k >= n),
     }
 
 
@@ -193,7 +206,8 @@ def main() -> None:
         [w for w, _ in rows["seed"]], med(c for _, c in rows["seed"]))
     row(f"pneumo convert --workers {WORKERS}: whole process", f"{a.n}x{a.repeats}", whole,
         med(a.n / c["cpu"] for c in conv))
-    row("pneumo convert: steady state (20%-80% of its progress)", f"{int(0.6 * a.n)}x{a.repeats}", steady, None)
+    row("pneumo convert: steady state (20%-80% of its progress)", f"{int(0.6 * a.n)}x{a.repeats}", steady,
+        med(c["steady_cpu"] for c in conv))
     row("decode only: read_dicom(p, 256), 1 proc", f"{a.limit_files}x{a.repeats}", limit1,
         med(c for _, c in rows["limit"]))
     row("decode-bound limit: the above x2 (2 cores)", "", limit2, None)
@@ -206,6 +220,9 @@ def main() -> None:
     print(f"CPU per image: convert {cpu_per_image:.2f} ms (whole process tree, start-up included; "
           f"{'subreaper accounting' if all(c['subreaper'] for c in conv) else 'WITHOUT pool workers'}), "
           f"decode only {decode_cpu:.2f} ms")
+    steady_eff = med(c["steady_cpu"] for c in conv) / med(c for _, c in rows["limit"])
+    print(f"steady state: the process tree got {med(c['cores'] for c in conv):.2f} cores of 2 (shared machine); "
+          f"per CPU-second it converts {100 * steady_eff:.0f}% of what decode alone does")
     print(f"whole process / seed-style = {whole_ratio:.1f}x (target >= 6); "
           f"steady state / decode-bound limit = {100 * med(steady_vs_limit):.0f}% "
           f"(per repeat: {', '.join(f'{100 * v:.0f}%' for v in steady_vs_limit)}; target >= 85%)")

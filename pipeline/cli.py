@@ -159,7 +159,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, help="JSON report (default: <data>/evaluation-<split>.json)")
     p.set_defaults(func=cmd_evaluate)
 
-    p = sub.add_parser("promote", help="gate the best registered version against the champion; move the alias")
+    p = sub.add_parser("promote", help="gate the best version against the champion; move the alias")
     p.add_argument("--model", default="pneumonia-cnn", help="registered model name")
     p.add_argument("--data", default=None,
                    help="converted dataset whose locked test split both are scored on (default: the candidate's)")

@@ -51,3 +51,20 @@ def run_demo(workdir: str = ".", tracking_uri: str | None = None, n: int = 400) 
              config_file=str(REPO_EXPERIMENTS / "demo.toml"))
     _promote_and_predict(data, new, tracking_uri, steps)
     print(f"\ndemo finished in {time.perf_counter() - start:.0f} s. Browse it: pneumo ui  (http://127.0.0.1:5000)")
+
+
+def _promote_and_predict(data: Path, new: Path, tracking_uri: str | None, steps: int) -> None:
+    """The last two steps: the evaluation gate moves `champion`, then the champion scores unseen DICOMs."""
+    import io
+
+    from pipeline.predict import format_table, run_predict
+    from pipeline.registry import champion_uri, format_decision, promote
+
+    _step(steps - 1, steps, "promote: the study's best version vs the champion on the locked test split")
+    print(format_decision(promote(data_dir=data, study="demo", tracking_uri=tracking_uri)))
+
+    out = new.parent / "demo-predictions.csv"
+    _step(steps, steps, f"predict: {new.name} (patients no model has seen) with {champion_uri()} -> {out}")
+    result = run_predict([str(new / "stage_2_train_images")], None, str(out), tracking_uri=tracking_uri,
+                         stdout=io.StringIO())  # the table is printed below, terminal or not
+    print(format_table(result["frame"]))

@@ -222,6 +222,8 @@ def run_predict(paths: list[str], model_uri: str | None = None, out: str | None 
     from pipeline.registry import champion_uri
 
     stdout = stdout or sys.stdout
+    if out and Path(out).is_dir():
+        raise PredictError(f"--out {out} is a folder: name a CSV file")
     files = collect_paths(paths)
     lm = load(model_uri or champion_uri(), tracking_uri, threshold)
     df = predict_files(files, lm, force=force, batch_size=batch_size, progress=progress)

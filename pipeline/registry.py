@@ -320,8 +320,11 @@ def _tag_lease(client: MlflowClient, model: str, deadline: float, poll: float, s
     while True:
         current = holder()
         if current is None:
-            client.set_registered_model_tag(model, LOCK_TAG, json.dumps({"owner": token,
-                                                                          "expires": time.time() + lease}))
+            try:
+                client.set_registered_model_tag(model, LOCK_TAG, json.dumps({"owner": token,
+                                                                              "expires": time.time() + lease}))
+            except MlflowException:
+                pass  # a concurrent writer created the tag first (unique key): read back who holds it
             time.sleep(settle)
             current = holder()
             if current and current["owner"] == token:

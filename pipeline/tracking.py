@@ -9,6 +9,7 @@ unless the experiment has an explicit `artifact_location`, so we always pass one
 from __future__ import annotations
 
 import functools
+import logging
 import os
 from pathlib import Path
 
@@ -53,6 +54,20 @@ def is_server(uri: str) -> bool:
     return uri.startswith(("http://", "https://"))
 
 
+def _show_http_retries() -> None:
+    """urllib3 logs every retry at WARNING, but into a NullHandler: a worker waiting for a lost server would be
+    silent. With no logging configured, one line per retry goes to stderr ("... Retrying (Retry(total=9, ...))
+    after connection broken by 'NewConnectionError(... Connection refused)': /api/2.0/mlflow/runs/log-batch")."""
+    log = logging.getLogger("urllib3.connectionpool")
+    if logging.getLogger().handlers or any(getattr(h, "pneumo_retries", False) for h in log.handlers):
+        return  # the application's own logging shows them (or this ran before)
+    handler = logging.StreamHandler()
+    handler.setLevel(logging.WARNING)
+    handler.setFormatter(logging.Formatter("%(asctime)s MLflow client: %(message)s", "%Y-%m-%d %H:%M:%S"))
+    handler.pneumo_retries = True
+    log.addHandler(handler)
+
+
 def setup(uri: str | None = None) -> MlflowClient:
     """Point MLflow (tracking and registry) at the store; create the folder of an embedded SQLite store; give
     the REST client of a tracking server the retry settings above."""
@@ -62,6 +77,7 @@ def setup(uri: str | None = None) -> MlflowClient:
     if is_server(uri):
         for key, value in HTTP_RETRY_DEFAULTS.items():
             os.environ.setdefault(key, value)  # MLflow reads them at every request
+        _show_http_retries()
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(uri)
     return MlflowClient(uri, uri)

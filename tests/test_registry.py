@@ -147,16 +147,14 @@ def test_already_champion_is_unchanged(registry_store):
     assert snapshot(s.uri) == before
 
 
-def test_no_registered_versions(tmp_path, capsys):
-    from pipeline import tracking
+def test_no_registered_versions(bare_registry, capsys):
     from pipeline.cli import main
 
-    uri = f"sqlite:///{tmp_path}/mlruns/mlflow.db"
-    tracking.setup(uri).create_registered_model("empty-model")
+    uri = bare_registry.uri
     assert main(["promote", "--tracking-uri", uri]) == 2
-    err = capsys.readouterr().err.strip().splitlines()[-1]  # (MLflow logs its schema creation before it)
+    err = capsys.readouterr().err.strip().splitlines()[-1]  # (MLflow may log before it)
     assert err.startswith("pneumo promote: error: no registered model 'pneumonia-cnn'")
-    assert main(["promote", "--model", "empty-model", "--tracking-uri", uri]) == 2
+    assert main(["promote", "--model", bare_registry.model, "--tracking-uri", uri]) == 2
     assert "has no registered versions" in capsys.readouterr().err
 
 
@@ -233,16 +231,24 @@ def test_racing_promotions_end_with_the_better_model(registry_store, slow_is_bet
     assert c.get_model_version(MODEL, _aliases(s)["previous-champion"]).tags["replaced_by"] == best
 
 
-@pytest.fixture()
-def bare_registry(tmp_path):
-    """A store with the registered model and no versions: all the lock needs."""
-    from types import SimpleNamespace
-
+@pytest.fixture(scope="session")
+def bare_store(tmp_path_factory) -> str:
+    """One store without versions for the lock and no-version tests (a fresh SQLite store costs ~3 s)."""
     from pipeline import tracking
 
-    uri = f"sqlite:///{tmp_path}/mlruns/mlflow.db"
-    tracking.setup(uri).create_registered_model(MODEL)
-    return SimpleNamespace(uri=uri)
+    uri = f"sqlite:///{tmp_path_factory.mktemp('bare')}/mlruns/mlflow.db"
+    tracking.setup(uri)
+    return uri
+
+
+@pytest.fixture()
+def bare_registry(bare_store, request):
+    """A registered model of its own (no versions) in the bare store: all the lock needs."""
+    from types import SimpleNamespace
+
+    name = "lock-" + "".join(ch if ch.isalnum() else "-" for ch in request.node.name)
+    _client(bare_store).create_registered_model(name)
+    return SimpleNamespace(uri=bare_store, model=name)
 
 
 @pytest.mark.parametrize("kind", ["file", "tag"])
@@ -256,7 +262,7 @@ def test_promotion_lock_excludes_concurrent_holders(bare_registry, kind):
 
     def hold():
         try:
-            with promotion_lock(s.uri, MODEL, kind=kind, poll=0.05, settle=0.3, timeout=60):
+            with promotion_lock(s.uri, s.model, kind=kind, poll=0.05, settle=0.3, timeout=60):
                 t0 = time.monotonic()
                 time.sleep(0.4)
                 spans.append((t0, time.monotonic()))
@@ -272,19 +278,19 @@ def test_promotion_lock_excludes_concurrent_holders(bare_registry, kind):
     assert not errors and len(spans) == 3
     assert all(a[1] <= b[0] for a, b in zip(spans, spans[1:], strict=False)), spans
     if kind == "tag":  # the lease is gone once released
-        assert "promotion_lock" not in (_client(s.uri).get_registered_model(MODEL).tags or {})
+        assert "promotion_lock" not in (_client(s.uri).get_registered_model(s.model).tags or {})
 
 
 def test_promotion_lock_times_out_with_a_reason(bare_registry):
     from pipeline.registry import RegistryError, promotion_lock
 
     s = bare_registry
-    with promotion_lock(s.uri, MODEL):
+    with promotion_lock(s.uri, s.model):
         errors = []
 
         def other():
             try:
-                with promotion_lock(s.uri, MODEL, timeout=0.3, poll=0.05):
+                with promotion_lock(s.uri, s.model, timeout=0.3, poll=0.05):
                     pass
             except RegistryError as e:
                 errors.append(str(e))

@@ -255,11 +255,11 @@ def test_workers_ride_out_an_mlflow_server_restart(synth_data, tmp_path, postgre
 
         assert not study.get_trials(states=(TrialState.FAIL,)), out  # nothing lost: no trial failed or retried
         assert len(study.trials) == 3
-        # The outage really hit the workers: requests were refused and retried ...
-        assert re.search(r"Retrying \(.*(NewConnectionError|Connection refused|RemoteDisconnected)", out), out
-        # ... while a trial was in flight, which still finished with all of its metrics, plots and model.
+        # A trial was in flight through the outage and still finished with all of its metrics, plots and model ...
         spanning = [t for t in study.trials if t.datetime_start < stopped_at and t.datetime_complete > back_at]
         assert spanning, [(t.number, t.datetime_start, t.datetime_complete) for t in study.trials]
+        # ... because the outage really hit the workers: their requests were refused and retried (logged).
+        assert re.search(r"MLflow client: Retrying \(.*(NewConnectionError|Connection refused)", out), out
         for t in spanning:
             run = got["by_trial"][t.number]
             assert "plots/history.png" in {a.path for a in client.list_artifacts(run.info.run_id, "plots")}

@@ -102,9 +102,8 @@ def test_the_default_cnn_learns_synthetic_pneumonia(learnable_data, tmp_path, tr
 
 def test_rsna_recipe_with_metadata_inputs_runs_small(synth_data, tmp_path, tracking_uri):
     """experiments/rsna.toml (residual CNN, metadata inputs, precision auto) shrunk to 64 px and one epoch."""
-    from tests.conftest import REPO
-
     from pipeline.config import load_config
+    from tests.conftest import REPO
 
     cfg = load_config(REPO / "experiments" / "rsna.toml", [
         "data.batch_size=16", "train.epochs=1", "model.blocks=3", f"train.checkpoint_dir={tmp_path}/ckpt",

@@ -58,7 +58,7 @@ def test_mlflow_server_answers_with_runs_model_and_champion(registry_store):
         by_alias = _get(f"{api}/registered-models/alias?name={MODEL}&alias=champion")["model_version"]
         assert by_alias["version"] == champion
         # The Python client over HTTP sees the same, and the UI can fetch a run's plot.
-        assert MlflowClient(server.url).get_model_version_by_alias(MODEL, "champion").version == champion
+        assert MlflowClient(server.url, server.url).get_model_version_by_alias(MODEL, "champion").version == champion
         query = urllib.parse.urlencode({"path": "plots/history.png", "run_uuid": trial["info"]["run_id"]})
         with urllib.request.urlopen(f"{server.url}/get-artifact?{query}", timeout=30) as r:
             assert r.read(8) == b"\x89PNG\r\n\x1a\n"
