@@ -9,7 +9,8 @@ phase of this shared machine hits every row:
 
 * seed-style: per file `pydicom.dcmread(p).pixel_array` (pydicom's default plugins), PIL resize to 256
   (Pillow's default filter), save a PNG into a folder. One process; timed on a distinct slice of the files
-  per repeat (its cost per file is constant, so a slice gives its rate; the row says how many).
+  per repeat (its cost per file is constant, so a slice gives its rate; the row says how many), in this
+  process: its own start-up (imports, ~0.5 s) is not charged to it, which favours it slightly.
 * decode-bound limit: `pipeline.dicom.read_dicom(p, 256)` in one process over a slice of the files; x2 is
   what two cores doing nothing but decoding could reach.
 * `pneumo convert --image-size 256 --workers 2` over all N files, run as a subprocess (the console script
@@ -30,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import statistics
 import subprocess
@@ -49,14 +51,14 @@ WRAPPER = r"""
 import ctypes, glob, json, os, re, resource, subprocess, sys, threading, time
 subreaper = ctypes.CDLL(None, use_errno=True).prctl(36, 1, 0, 0, 0) == 0  # PR_SET_CHILD_SUBREAPER
 tick = os.sysconf("SC_CLK_TCK")
-def tree_cpu(pid):  # CPU seconds of pid and its live descendants (+ those they reaped)
+def tree_cpu(pid):  # (CPU s of pid itself, of pid and its live descendants + those they reaped)
     try:
         with open(f"/proc/{pid}/stat") as f:
-            fields = f.read().rsplit(")", 1)[1].split()
+            own = sum(map(int, f.read().rsplit(")", 1)[1].split()[11:15])) / tick
         kids = [int(k) for c in glob.glob(f"/proc/{pid}/task/*/children") for k in open(c).read().split()]
     except OSError:
-        return 0.0
-    return sum(map(int, fields[11:15])) / tick + sum(tree_cpu(k) for k in kids)
+        return 0.0, 0.0
+    return own, own + sum(tree_cpu(k)[1] for k in kids)
 t0 = time.perf_counter()
 p = subprocess.Popen(sys.argv[1:], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
 samples, tail = [], [b""]
@@ -67,7 +69,7 @@ def read_progress():  # a thread: the pool's processes hold stderr open after th
         *lines, buf = re.split(rb"[\r\n]", buf + chunk)
         done = [int(m[1]) for m in map(bar.search, lines) if m]
         if done and p.poll() is None:
-            samples.append((now, done[-1], tree_cpu(p.pid)))
+            samples.append((now, done[-1], *tree_cpu(p.pid)))
         tail[0] = (tail[0] + chunk)[-2000:]
 reader = threading.Thread(target=read_progress, daemon=True)
 reader.start()
@@ -108,7 +110,7 @@ def run_convert(images: Path, labels: Path, out: Path, n: int) -> dict:
     written = sum(s["count"] for s in manifest["splits"].values())
     if written != n:
         raise SystemExit(f"pneumo convert wrote {written} records, expected {n}")
-    samples = r["samples"]  # (seconds since start, records done, CPU seconds of the process tree)
+    samples = r["samples"]  # (s since start, records done, CPU s of the main process, CPU s of the whole tree)
     first = next(s for s in samples if s[1] >= 0.2 * n)
     last = [s for s in samples if s[1] <= 0.8 * n][-1]
     if last[1] - first[1] < 0.3 * n:
@@ -117,10 +119,11 @@ def run_convert(images: Path, labels: Path, out: Path, n: int) -> dict:
     return {
         "wall": r["wall"], "cpu": r["cpu"], "subreaper": r["subreaper"],
         "steady": (last[1] - first[1]) / (last[0] - first[0]),
-        "steady_cpu": (last[1] - first[1]) / max(1e-9, last[2] - first[2]),  # img per CPU-s of the tree
-        "cores": (last[2] - first[2]) / (last[0] - first[0]),  # CPU cores the tree got meanwhile
-        "first_record": next(t for t, k, _ in samples if k >= 1),
-        "last_record": next(t for t, k, _ in samples if k >= n),
+        "steady_cpu": (last[1] - first[1]) / max(1e-9, last[3] - first[3]),  # img per CPU-s of the tree
+        "main_ms": 1000 * (last[2] - first[2]) / (last[1] - first[1]),  # CPU ms per image: main process
+        "cores": (last[3] - first[3]) / (last[0] - first[0]),  # CPU cores the tree got meanwhile
+        "first_record": next(t for t, k, *_ in samples if k >= 1),
+        "last_record": next(t for t, k, *_ in samples if k >= n),
     }
 
 
@@ -151,6 +154,8 @@ def main() -> None:
         t = time.perf_counter()
         images, labels = make_dicoms(a.data or tmp / "dicom", a.n)
         print(f"synthetic data: {a.n} DICOMs 1024 x 1024 JPEG Baseline ready in {time.perf_counter() - t:.0f} s",
+              flush=True)
+        print(f"machine: {os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f} (other users count too)",
               flush=True)
         files = sorted(images.glob("*.dcm"))[: a.n]  # the converter's --limit takes the same first n
         plugin = pydicom_plugin_used(files[0])
@@ -221,7 +226,10 @@ def main() -> None:
           f"{'subreaper accounting' if all(c['subreaper'] for c in conv) else 'WITHOUT pool workers'}), "
           f"decode only {decode_cpu:.2f} ms")
     steady_eff = med(c["steady_cpu"] for c in conv) / med(c for _, c in rows["limit"])
-    print(f"steady state: the process tree got {med(c['cores'] for c in conv):.2f} cores of 2 (shared machine); "
+    tree_ms, main_ms = med(1000 / c["steady_cpu"] for c in conv), med(c["main_ms"] for c in conv)
+    print(f"steady state: the process tree got {med(c['cores'] for c in conv):.2f} of 2 cores (machine shared; "
+          f"load average {os.getloadavg()[0]:.1f} at the end); CPU per image {tree_ms:.2f} ms = workers "
+          f"{tree_ms - main_ms:.2f} + main process {main_ms:.2f} (decode alone {decode_cpu:.2f}): "
           f"per CPU-second it converts {100 * steady_eff:.0f}% of what decode alone does")
     print(f"whole process / seed-style = {whole_ratio:.1f}x (target >= 6); "
           f"steady state / decode-bound limit = {100 * med(steady_vs_limit):.0f}% "

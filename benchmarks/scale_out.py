@@ -12,8 +12,8 @@ measured in the same run: K workers sharing network stores must at least keep up
 on the same cores (on a host with G GPUs and `--workers G` the scale-out should approach G times it; here all
 workers share 2 CPU cores, so the gain comes only from overlapping start-up, logging and evaluation).
 
-    .venv/bin/python benchmarks/scale_out.py                               # 3 x 12 trials + 4 baseline, ~8 min
-    .venv/bin/python benchmarks/scale_out.py --workers 4 --trials 40 --kill 2   # the larger run, ~25 min
+    .venv/bin/python benchmarks/scale_out.py                               # 3 x 12 trials + 12 baseline, ~7 min
+    .venv/bin/python benchmarks/scale_out.py --workers 4 --trials 40 --kill 2   # the larger run, ~20 min
 
 Needs PostgreSQL: $PNEUMO_BENCH_POSTGRES (default postgresql://127.0.0.1:5432; user postgres, else root).
 Its databases get unique names and are dropped at the end.
@@ -77,9 +77,10 @@ class Databases:
             cur.execute("SELECT pg_database_size(%s)", ([n for n in self.names if name_part in n][0],))
             return int(cur.fetchone()[0]) / 2**20
 
-    def connections(self) -> int:
+    def connections(self, name_part: str) -> int:
         with self.conn.cursor() as cur:
-            cur.execute("SELECT count(*) FROM pg_stat_activity WHERE datname = ANY(%s)", (self.names,))
+            cur.execute("SELECT count(*) FROM pg_stat_activity WHERE datname = ANY(%s)",
+                        ([n for n in self.names if name_part in n],))
             return int(cur.fetchone()[0])
 
     def __enter__(self) -> Databases:
@@ -133,6 +134,7 @@ def launch(tmp: Path, study: str, data: Path, trials: int, workers: int, storage
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     start = time.perf_counter()
     killed: list[int] = []
+    poll = None  # one storage (one pooled connection) for the kill loop, made once the launcher created the study
     with open(log, "w") as out:
         proc = subprocess.Popen(cmd, cwd=tmp, stdout=out, stderr=subprocess.STDOUT, text=True)
     try:
@@ -141,7 +143,8 @@ def launch(tmp: Path, study: str, data: Path, trials: int, workers: int, storage
             time.sleep(1.0)
             if "trials queued" not in log.read_text():
                 continue  # never touch the study before the launcher has created it
-            s = optuna.load_study(study_name=study, storage=storage)
+            poll = poll or optuna.storages.RDBStorage(storage)
+            s = optuna.load_study(study_name=study, storage=poll)
             done = len(s.get_trials(states=(TrialState.COMPLETE, TrialState.PRUNED)))
             if done < (len(killed) + 1) * trials / (kill + 1):
                 continue
@@ -150,6 +153,8 @@ def launch(tmp: Path, study: str, data: Path, trials: int, workers: int, storage
                 time.sleep(1.0)  # mid-trial
                 os.kill(int(live[0].user_attrs["worker"].rsplit(":", 1)[1]), signal.SIGKILL)
                 killed.append(live[0].number)
+        if poll is not None:
+            poll.engine.dispose()
         proc.wait()
     finally:
         if proc.poll() is None:
@@ -182,9 +187,11 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=3)
     parser.add_argument("--trials", type=int, default=12)
     parser.add_argument("--kill", type=int, default=0, help="workers to SIGKILL mid-trial during the scale-out arm")
-    parser.add_argument("--baseline-trials", type=int, default=4, help="trials of the one-worker SQLite arm")
+    parser.add_argument("--baseline-trials", type=int, default=None,
+                        help="trials of the one-worker SQLite arm (default: --trials, so both pay start-up alike)")
     parser.add_argument("--n", type=int, default=240, help="synthetic patients")
     args = parser.parse_args()
+    args.baseline_trials = args.baseline_trials or args.trials
 
     from pipeline.convert import convert_rsna
     from pipeline.synth import make_synthetic_dataset
@@ -204,7 +211,9 @@ def main() -> None:
 
         storage, backend = dbs.make("optuna"), dbs.make("mlflow")
         with MlflowServer(backend, tmp / "artifacts", log_file=tmp / "server.log") as server:
-            sampler = Sampler(pg_connections=dbs.connections, server_rss_mb=lambda: group_rss_mb(server.proc.pid))
+            sampler = Sampler(optuna_connections=lambda: dbs.connections("optuna"),
+                              mlflow_connections=lambda: dbs.connections("mlflow"),
+                              server_rss_mb=lambda: group_rss_mb(server.proc.pid))
             sampler.start()
             scale = launch(tmp, "scale", tmp / "data", args.trials, args.workers, storage, server.url,
                            tmp / "scale.log", kill=args.kill)
@@ -224,8 +233,10 @@ def main() -> None:
                   f"{a['wall_s']:>7.1f} {a['cpu_s']:>7.1f} {a['trials_per_hour']:>8.1f} {a['open_runs']:>9}")
         print(f"scale-out: {len(scale['killed'])} worker(s) SIGKILLed mid-trial (trials {scale['killed']}), "
               f"{scale['retried']} retried by other workers; launch exit {scale['exit']}; "
-              f"{scale['http_retries']} MLflow HTTP retries; peak {scale['pg_connections']:.0f} PostgreSQL "
-              f"connections (Optuna + MLflow server); MLflow server {scale['server_rss_mb']:.0f} MB resident")
+              f"{scale['http_retries']} MLflow HTTP retries; peak PostgreSQL connections: "
+              f"{scale['optuna_connections']:.0f} to the Optuna database (launcher + workers"
+              f"{' + this script' if args.kill else ''}), {scale['mlflow_connections']:.0f} to the MLflow "
+              f"database (the server); MLflow server {scale['server_rss_mb']:.0f} MB resident")
         print(f"storage per trial: {artifacts_mb / n_runs:.2f} MB of artifacts, "
               f"{dbs.size_mb('mlflow') / n_runs:.2f} MB in the MLflow database "
               f"({dbs.size_mb('mlflow'):.0f} MB in all), Optuna database {dbs.size_mb('optuna'):.0f} MB in all")

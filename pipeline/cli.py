@@ -192,7 +192,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo", help="synth -> convert -> ... on the embedded stores")
     p.add_argument("--workdir", default=".", help="where tfrecords/ and mlruns/ go (default: here)")
-    p.add_argument("--n", type=int, default=300, help="synthetic patients")
+    p.add_argument("--n", type=int, default=800, help="synthetic patients")
     p.set_defaults(func=cmd_demo)
 
     for p in sub.choices.values():

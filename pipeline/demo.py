@@ -17,7 +17,7 @@ def _step(n: int, total: int, text: str) -> None:
     print(f"\n[{n}/{total}] {text}", flush=True)
 
 
-def run_demo(workdir: str = ".", tracking_uri: str | None = None, n: int = 400) -> None:
+def run_demo(workdir: str = ".", tracking_uri: str | None = None, n: int = 800) -> None:
     from pipeline.config import load_config
     from pipeline.convert import convert_rsna, summary
     from pipeline.synth import make_synthetic_dataset

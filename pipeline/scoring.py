@@ -19,6 +19,10 @@ def predict_split(model, data_dir: str | Path, split: str, batch_size: int = 64,
     sex, age and boxes per record. The count is checked against the manifest: evaluation is exact."""
     if with_meta is None:
         with_meta = model_uses_meta(model)
+    # The last, partial batch and every new model retrace the predict function; TF warns about each one.
+    import tensorflow as tf
+
+    tf.get_logger().setLevel("ERROR")
     ys, ps = [], []
     info: dict[str, list] = {"patient_id": [], "view_position": [], "sex": [], "age": [], "boxes": []}
     for features, labels in eval_dataset(data_dir, split, batch_size, with_info=True, with_meta=True):

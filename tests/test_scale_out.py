@@ -73,6 +73,8 @@ def postgres():
         return server.set(database=name).render_as_string(hide_password=False)
 
     yield make
+    while _STORAGES:  # the test's own connections first
+        _STORAGES.popitem()[1].engine.dispose()
     with conn.cursor() as cur:
         for name in made:  # FORCE: a worker killed mid-query may have left a session behind
             cur.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
@@ -116,12 +118,25 @@ def psycopg2_url(url: str) -> str:
     return url.replace("postgresql://", "postgresql+psycopg2://", 1)
 
 
+_STORAGES: dict = {}
+
+
+def _storage(url: str):
+    """One Optuna storage (one small connection pool) per database for the whole test: polling with a new
+    storage every time would open a new pool each time."""
+    import optuna
+
+    if url not in _STORAGES:
+        _STORAGES[url] = optuna.storages.RDBStorage(psycopg2_url(url))
+    return _STORAGES[url]
+
+
 def _running_trial(study_name: str, storage: str):
     """A RUNNING trial whose MLflow run exists (its worker is training), else None."""
     import optuna
     from optuna.trial import TrialState
 
-    study = optuna.load_study(study_name=study_name, storage=psycopg2_url(storage))
+    study = optuna.load_study(study_name=study_name, storage=_storage(storage))
     live = [t for t in study.get_trials(states=(TrialState.RUNNING,)) if "mlflow_run_id" in t.user_attrs]
     return live[0] if live else None
 
@@ -141,7 +156,7 @@ def _check_study_and_runs(study_name: str, storage: str, server_url: str, target
     from mlflow import MlflowClient
     from optuna.trial import TrialState
 
-    study = optuna.load_study(study_name=study_name, storage=psycopg2_url(storage))
+    study = optuna.load_study(study_name=study_name, storage=_storage(storage))
     trials = study.get_trials()
     numbers = [t.number for t in trials]
     assert len(numbers) == len(set(numbers)), f"a trial number twice: {sorted(numbers)}"
