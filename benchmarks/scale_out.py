@@ -1,7 +1,8 @@
 """Scale-out throughput: one study shared by K workers on PostgreSQL, logging to an MLflow tracking server,
 against the seed-style way (one process running trials one after another on local files).
 
-Both arms run the real command, `python -m pipeline.cli tune` on the smoke config (64 px synthetic data):
+Both arms run the real command, `python -m pipeline.cli tune` on the smoke config (64 px synthetic data,
+pruner off so that every trial does the same work):
 - scale-out: `--workers K --storage postgresql://... --tracking-uri http://...` with a PostgreSQL database for
   Optuna and an `mlflow server --workers 1` over a second PostgreSQL database (served artifacts in a folder);
   optionally `--kill N` workers are SIGKILLed mid-trial, spread over the run, to measure recovery at scale;
@@ -130,7 +131,11 @@ def launch(tmp: Path, study: str, data: Path, trials: int, workers: int, storage
 
     cmd = [sys.executable, "-m", "pipeline.cli", "tune", "--config", str(SMOKE), "--study", study,
            "--data", str(data), "--trials", str(trials), "--workers", str(workers), "--storage", storage,
-           "--tracking-uri", tracking_uri, "--set", f"train.checkpoint_dir={tmp}/ckpt-{study}"]
+           "--tracking-uri", tracking_uri, "--set", f"train.checkpoint_dir={tmp}/ckpt-{study}",
+           # No pruning: every trial does the same work (2 epochs, evaluation, model logging), so trials/hour
+           # compares the arms' infrastructure, not how many trials each arm's pruner happened to stop early
+           # (one sequential worker prunes more: it sees every earlier result).
+           "--set", "tune.pruner=none"]
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     start = time.perf_counter()
     killed: list[int] = []

@@ -89,6 +89,12 @@ def cmd_predict(a):
                 batch_size=a.batch_size)
 
 
+def cmd_explain(a):
+    from pipeline.explain import run_explain
+
+    run_explain(a.paths, a.model, a.out, tracking_uri=a.tracking_uri)
+
+
 def cmd_ui(a):
     from pipeline.ui import run_ui
 
@@ -180,6 +186,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=64)
     p.set_defaults(func=cmd_predict)
 
+    p = sub.add_parser("explain", help="Grad-CAM heat maps over DICOMs or PNG/JPEG files, one PNG each")
+    p.add_argument("paths", nargs="+", metavar="PATH", help="DICOM or PNG/JPEG files or folders (recursive)")
+    p.add_argument("--model", default=None, help="model URI (default: models:/pneumonia-cnn@champion)")
+    p.add_argument("--out", default="explanations", help="folder for <stem>.png (default: explanations)")
+    p.set_defaults(func=cmd_explain)
+
     p = sub.add_parser("ui", help="the MLflow UI on 127.0.0.1 over the project's stores")
     p.add_argument("--port", type=int, default=5000)
     p.set_defaults(func=cmd_ui)
@@ -209,6 +221,7 @@ def _known_errors() -> tuple[type[BaseException], ...]:
     lazy += [(m, n) for m, n in [("pipeline.data", "DataError"), ("pipeline.tracking", "TrackingError"),
                                  ("pipeline.tune", "TuneError"), ("mlflow.exceptions", "MlflowException"),
                                  ("pipeline.registry", "RegistryError"), ("pipeline.predict", "PredictError"),
+                                 ("pipeline.explain", "ExplainError"),
                                  ("pipeline.ui", "UiError")]
               if m in sys.modules]
     for module, name in lazy:

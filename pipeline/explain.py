@@ -107,10 +107,10 @@ class GradCam:
     def _cam(self, inputs):
         import tensorflow as tf
 
+        # The tape records the sub-model's ops because they touch its trainable variables, so the gradient
+        # with respect to the intermediate map is there without `watch`.
         with tf.GradientTape() as tape:
             fmap, out = self.sub(inputs, training=False)
-            fmap = tf.cast(fmap, tf.float32)  # float16 under mixed precision
-            tape.watch(fmap)
             out = tf.cast(out, tf.float32)
             if self.head is not None:
                 logit = tf.matmul(out, tf.cast(self.head.kernel, tf.float32))
@@ -121,6 +121,10 @@ class GradCam:
                 prob = logit = out
             target = tf.reduce_sum(logit)  # images are independent: d(sum)/dA_b = dz_b/dA_b
         grads = tape.gradient(target, fmap)
+        if grads is None:
+            raise ExplainError(f"no gradient reaches layer {self.layer.name!r} (frozen model?)")
+        # Differentiate with respect to the map itself, then cast: float16 under mixed precision.
+        fmap, grads = tf.cast(fmap, tf.float32), tf.cast(grads, tf.float32)
         weights = tf.reduce_mean(grads, axis=(1, 2), keepdims=True)  # alpha_k per image
         cam = tf.nn.relu(tf.reduce_sum(weights * fmap, axis=-1, keepdims=True))
         cam = tf.image.resize(cam, (self.size, self.size), method="bilinear")[..., 0]
@@ -154,15 +158,15 @@ def gradcam(model, images, meta=None) -> np.ndarray:
     return _explainer(model)(images, meta)[0]
 
 
-_CACHE: dict[int, GradCam] = {}
+_LAST: list[GradCam] = []  # one slot: the last model's explainer (holding more would keep old models alive)
 
 
 def _explainer(model) -> GradCam:
-    """One GradCam per model object (building the sub-model and tracing its function cost ~1 s)."""
-    cam = _CACHE.get(id(model))
-    if cam is None or cam.model is not model:
-        cam = _CACHE[id(model)] = GradCam(model)
-    return cam
+    """The GradCam of `model`, reused while the same model is explained (building the sub-model and tracing its
+    function costs ~1 s)."""
+    if not _LAST or _LAST[0].model is not model:
+        _LAST[:] = [GradCam(model)]
+    return _LAST[0]
 
 
 # --- pointing game ---------------------------------------------------------------------------------------

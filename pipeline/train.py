@@ -68,15 +68,16 @@ def eval_batch_size(count: int, global_batch: int, replicas: int) -> int:
     - a last batch smaller than the replica count leaves a replica an empty batch, which BatchNormalization
       rejects ("Incompatible shapes: [0,32,32,8] vs. [16]").
     So: the largest multiple of `replicas` up to the global batch whose last partial batch is empty or has at
-    least one record per replica. Every record is still validated exactly once.
+    least one record per replica. Every record is still validated exactly once. Only tiny splits have none
+    (7 records on 3 replicas): a ValueError says so rather than Keras' shape error.
     """
-    if replicas <= 1:
+    if replicas <= 1 or count == 0:
         return global_batch
-    for b in range(global_batch // replicas * replicas, 0, -replicas):
-        rest = count % b
-        if (count >= b or count == 0) and (rest == 0 or rest >= replicas):
+    for b in range(min(global_batch, count) // replicas * replicas, 0, -replicas):
+        if count % b == 0 or count % b >= replicas:
             return b
-    return global_batch  # a split smaller than the replica count: nothing divides it (Keras will say so)
+    raise ValueError(f"a validation split of {count} records cannot be spread over {replicas} replicas in equal "
+                     f"batches: use more validation data or fewer devices (train.devices)")
 
 
 def scaled_learning_rate(lr: float, replicas: int, rule: str) -> float:

@@ -143,3 +143,24 @@ def test_model_saves_logs_and_reloads_with_equal_predictions(mirrored):
     # Distributed inference uses each replica's own BatchNormalization moving statistics (Keras keeps them per
     # replica, unsynchronised); the saved model carries replica 0's, so the two differ a little.
     assert mirrored["mirrored_max_abs_diff"] < 0.05
+
+
+@pytest.mark.parametrize("replicas", [1, 2, 3, 4, 8])
+@pytest.mark.parametrize("count", [0, 1, 5, 7, 39, 63, 64, 65, 129, 1000, 5337])
+def test_validation_batches_split_evenly_first_and_never_leave_a_replica_empty(count, replicas):
+    from pipeline.train import eval_batch_size
+
+    global_batch = 32 * replicas
+    if replicas == 1 or count == 0:
+        assert eval_batch_size(count, global_batch, replicas) == global_batch
+        return
+    possible = [b for b in range(replicas, min(count, global_batch) + 1, replicas)
+                if count % b == 0 or count % b >= replicas]
+    if not possible:  # a tiny split (7 records on 3 replicas): a clear error, not Keras' shape error
+        with pytest.raises(ValueError, match=f"{count} records cannot be spread over {replicas} replicas"):
+            eval_batch_size(count, global_batch, replicas)
+        return
+    b = eval_batch_size(count, global_batch, replicas)
+    assert b == max(possible) and b % replicas == 0
+    assert count >= b  # the first batch is a full one, split evenly
+    assert count % b == 0 or count % b >= replicas  # the last one gives every replica at least one record

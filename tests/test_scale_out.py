@@ -283,3 +283,36 @@ def test_workers_ride_out_an_mlflow_server_restart(synth_data, tmp_path, postgre
         server.stop()
     outage = (back_at - stopped_at).total_seconds()
     _report("restart", {"workers": 2, "finished_trials": 3, "outage_s": round(outage, 1), "failed_trials": 0})
+
+
+# --- the small pieces the launches rely on -----------------------------------------------------------------
+def test_server_uris_get_retry_settings_that_the_environment_can_override(monkeypatch):
+    import mlflow
+    from mlflow.environment_variables import MLFLOW_HTTP_REQUEST_MAX_RETRIES
+
+    from pipeline import tracking
+
+    for key in tracking.HTTP_RETRY_DEFAULTS:  # set, then delete: monkeypatch removes what setup() adds
+        monkeypatch.setenv(key, "0")
+        monkeypatch.delenv(key)
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "3")
+    before = mlflow.get_tracking_uri(), mlflow.get_registry_uri()
+    try:
+        tracking.setup("http://127.0.0.1:1")
+        assert os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] == "10"
+        assert os.environ["MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR"] == "3"  # the user's setting wins
+        assert MLFLOW_HTTP_REQUEST_MAX_RETRIES.get() == 10  # what MLflow's REST client reads at every request
+    finally:
+        mlflow.set_tracking_uri(before[0])
+        mlflow.set_registry_uri(before[1])
+
+
+def test_postgres_urls_name_the_installed_driver_and_logs_hide_passwords():
+    from pipeline.tune import resolve_storage, shown_url
+
+    assert resolve_storage("postgresql://pneumo@db:5432/optuna") == "postgresql+psycopg2://pneumo@db:5432/optuna"
+    assert resolve_storage("postgresql+psycopg2://x@db/o") == "postgresql+psycopg2://x@db/o"
+    assert shown_url("postgresql+psycopg2://pneumo:s3cret@db:5432/optuna") == \
+        "postgresql+psycopg2://pneumo:***@db:5432/optuna"
+    assert "s3cret" not in shown_url("http://user:s3cret@mlflow:5000")
+    assert shown_url("http://127.0.0.1:5000") == "http://127.0.0.1:5000"
