@@ -12,7 +12,7 @@ several repeats, medians with min-max, CPU seconds (all threads of this process)
 * seed-style generator: a Python generator that, per step, reads 64 of the train split's DICOMs with pydicom's
   default plugins (`pixel_array`), resizes each to 256 with PIL (Pillow's default filter), scales to float32
   in [0, 1] and yields (images, labels), wrapped in `tf.data.Dataset.from_generator` (the seed's way).
-  Slow (~30 img/s), so it is timed on fewer steps.
+  Slow (tens of img/s), so it is timed on fewer steps.
 * raw read loop ("ceiling"): `TFRecordDataset(train shards).repeat().batch(64).map(parse_batch)`, iterated
   bare: no interleave, shuffle, cache, parallel map or prefetch; the shards are in the page cache.
 * train pipeline, first epoch: a fresh `train_dataset(dir, DataConfig(batch_size=64))` (manifest, shard

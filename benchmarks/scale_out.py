@@ -63,7 +63,7 @@ class Databases:
         else:
             raise SystemExit(f"PostgreSQL not reachable at {server_url}: {'; '.join(errors)}")
         self.conn.autocommit = True
-        self.server = url.set(username=user, drivername="postgresql+psycopg2", database=None)
+        self.server = url.set(username=user, database=None)  # URLs as a user writes them: postgresql://...
         self.names: list[str] = []
 
     def make(self, tag: str) -> str:

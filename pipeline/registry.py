@@ -34,6 +34,7 @@ import json
 import math
 import os
 import socket
+import sys
 import tempfile
 import time
 import uuid
@@ -462,7 +463,23 @@ def promote(model: str = MODEL_NAME, data_dir: str | Path | None = None, *, stud
         raise RegistryError(f"{model}: the champion changed {max_attempts} times during this promotion; "
                             "try again")
     _record(client, uri, decision, manifest)
+    if decision.outcome == "promoted":
+        _explain(client, uri, model, decision, data_dir)
     return decision
+
+
+def _explain(client: MlflowClient, uri: str, model: str, d: Decision, data_dir: str | Path) -> None:
+    """Grad-CAM grid and pointing-game score of the new champion on the test split, logged to its training
+    run. Runs after the gate decided, so the test split cannot sway the decision; never undoes a promotion."""
+    from pipeline.explain import ExplainError, log_explanations  # lazy: TensorFlow only when promoting
+
+    v = d.candidate.version
+    try:
+        score = log_explanations(f"models:/{model}/{v}", data_dir, "test", d.candidate.run_id, tracking_uri=uri)
+        if math.isfinite(score):
+            client.set_model_version_tag(model, v, "pointing_game", f"{score:.4f}")
+    except (ExplainError, MlflowException, OSError) as e:
+        print(f"warning: no Grad-CAM explanations for v{v}: {e}", file=sys.stderr)
 
 
 def _check_champion_dataset(client: MlflowClient, model: str, champ: str, digest: str, data_dir: str) -> None:

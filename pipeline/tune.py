@@ -16,6 +16,7 @@ How a launch works:
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import shutil
@@ -66,9 +67,9 @@ def resolve_storage(url: str | None) -> str:
     url = url or os.environ.get("PNEUMO_OPTUNA_STORAGE") or tracking.DEFAULT_OPTUNA_STORAGE
     if url.startswith("sqlite:///"):
         Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
-    if url.startswith("postgresql://"):
-        # SQLAlchemy 2.1 reads a bare postgresql:// as the psycopg 3 driver, which is not installed; the
-        # project's PostgreSQL driver is psycopg2 (psycopg2-binary, a core dependency).
+    if url.startswith("postgresql://") and importlib.util.find_spec("psycopg") is None:
+        # SQLAlchemy 2.1 reads a bare postgresql:// as psycopg 3; where only psycopg2 is installed (an older
+        # environment of this project), name it, as pipeline.registry does.
         url = "postgresql+psycopg2://" + url.removeprefix("postgresql://")
     return url
 

@@ -112,12 +112,6 @@ def _queued(log: Path) -> bool:
     return "trials queued" in log.read_text()
 
 
-def psycopg2_url(url: str) -> str:
-    """The URL with the installed driver named: SQLAlchemy 2.1 reads a bare postgresql:// as psycopg 3, which
-    is not a dependency (`pneumo tune --storage` does this itself; `mlflow server` needs it spelled out)."""
-    return url.replace("postgresql://", "postgresql+psycopg2://", 1)
-
-
 _STORAGES: dict = {}
 
 
@@ -127,7 +121,7 @@ def _storage(url: str):
     import optuna
 
     if url not in _STORAGES:
-        _STORAGES[url] = optuna.storages.RDBStorage(psycopg2_url(url))
+        _STORAGES[url] = optuna.storages.RDBStorage(url)
     return _STORAGES[url]
 
 
@@ -199,7 +193,7 @@ def _report(name: str, figures: dict) -> None:
 def test_three_workers_share_a_postgres_study_and_survive_a_sigkill(synth_data, tmp_path, postgres):
     from pipeline.ui import MlflowServer
 
-    storage, backend = postgres("optuna"), psycopg2_url(postgres("mlflow"))
+    storage, backend = postgres("optuna"), postgres("mlflow")
     log = tmp_path / "launch.log"
     with MlflowServer(backend, tmp_path / "artifacts", log_file=tmp_path / "server.log") as server:
         t0 = time.perf_counter()
@@ -242,7 +236,7 @@ def test_three_workers_share_a_postgres_study_and_survive_a_sigkill(synth_data, 
 def test_workers_ride_out_an_mlflow_server_restart(synth_data, tmp_path, postgres):
     from pipeline.ui import MlflowServer
 
-    storage, backend = postgres("optuna"), psycopg2_url(postgres("mlflow"))
+    storage, backend = postgres("optuna"), postgres("mlflow")
     log = tmp_path / "launch.log"
     server = MlflowServer(backend, tmp_path / "artifacts", log_file=tmp_path / "server-1.log").start()
     port, url = server.port, server.url
@@ -307,10 +301,13 @@ def test_server_uris_get_retry_settings_that_the_environment_can_override(monkey
         mlflow.set_registry_uri(before[1])
 
 
-def test_postgres_urls_name_the_installed_driver_and_logs_hide_passwords():
+def test_postgres_urls_work_as_written_and_logs_hide_passwords():
+    from sqlalchemy.engine import make_url
+
     from pipeline.tune import resolve_storage, shown_url
 
-    assert resolve_storage("postgresql://pneumo@db:5432/optuna") == "postgresql+psycopg2://pneumo@db:5432/optuna"
+    url = resolve_storage("postgresql://pneumo@db:5432/optuna")  # psycopg 3, or psycopg2 where only it exists
+    make_url(url).get_dialect().import_dbapi()  # the driver SQLAlchemy will use is installed
     assert resolve_storage("postgresql+psycopg2://x@db/o") == "postgresql+psycopg2://x@db/o"
     assert shown_url("postgresql+psycopg2://pneumo:s3cret@db:5432/optuna") == \
         "postgresql+psycopg2://pneumo:***@db:5432/optuna"
