@@ -14,7 +14,7 @@ on the same cores (on a host with G GPUs and `--workers G` the scale-out should 
 workers share 2 CPU cores, so the gain comes only from overlapping start-up, logging and evaluation).
 
     .venv/bin/python benchmarks/scale_out.py                               # 3 x 12 trials + 12 baseline, ~7 min
-    .venv/bin/python benchmarks/scale_out.py --workers 4 --trials 40 --kill 2   # the larger run, ~20 min
+    .venv/bin/python benchmarks/scale_out.py --workers 4 --trials 40 --kill 2   # the larger run, 10-20 min
 
 Needs PostgreSQL: $PNEUMO_BENCH_POSTGRES (default postgresql://127.0.0.1:5432; user postgres, else root).
 Its databases get unique names and are dropped at the end.
@@ -155,9 +155,12 @@ def launch(tmp: Path, study: str, data: Path, trials: int, workers: int, storage
                 continue
             live = [t for t in s.get_trials(states=(TrialState.RUNNING,)) if "mlflow_run_id" in t.user_attrs]
             if live:
-                time.sleep(1.0)  # mid-trial
-                os.kill(int(live[0].user_attrs["worker"].rsplit(":", 1)[1]), signal.SIGKILL)
-                killed.append(live[0].number)
+                time.sleep(1.0)  # mid-trial: training has started
+                victim = s.get_trials(deepcopy=False)[live[0].number]
+                if victim.state != TrialState.RUNNING:
+                    continue  # it finished meanwhile: its worker is between trials, pick another
+                os.kill(int(victim.user_attrs["worker"].rsplit(":", 1)[1]), signal.SIGKILL)
+                killed.append(victim.number)
         if poll is not None:
             poll.engine.dispose()
         proc.wait()
@@ -174,7 +177,8 @@ def launch(tmp: Path, study: str, data: Path, trials: int, workers: int, storage
     return {"exit": proc.returncode, "wall_s": wall, "cpu_s": (after.ru_utime + after.ru_stime)
             - (before.ru_utime + before.ru_stime), "states": states, "finished": finished,
             "trials_per_hour": finished * 3600 / wall, "killed": killed,
-            "retried": sum(1 for t in s.trials if "failed_trial" in t.system_attrs),
+            "retried": sorted(t.system_attrs["failed_trial"] for t in s.trials if "failed_trial" in t.system_attrs),
+            "failed": sorted(t.number for t in s.trials if t.state == TrialState.FAIL),
             "bad_lines": [ln for ln in text.splitlines() if BAD_LOG.search(ln)],
             "http_retries": text.count("MLflow client: Retrying")}
 
@@ -236,8 +240,9 @@ def main() -> None:
         for name, a in arms:
             print(f"{name:<34} {a['finished']:>6} {a['states']['PRUNED']:>6} {a['states']['FAIL']:>6} "
                   f"{a['wall_s']:>7.1f} {a['cpu_s']:>7.1f} {a['trials_per_hour']:>8.1f} {a['open_runs']:>9}")
-        print(f"scale-out: {len(scale['killed'])} worker(s) SIGKILLed mid-trial (trials {scale['killed']}), "
-              f"{scale['retried']} retried by other workers; launch exit {scale['exit']}; "
+        print(f"scale-out: {len(scale['killed'])} worker(s) SIGKILLed mid-trial (trials {scale['killed']}); "
+              f"failed trials {scale['failed']}, retried by other workers {scale['retried']}; "
+              f"launch exit {scale['exit']}; "
               f"{scale['http_retries']} MLflow HTTP retries; peak PostgreSQL connections: "
               f"{scale['optuna_connections']:.0f} to the Optuna database (launcher + workers"
               f"{' + this script' if args.kill else ''}), {scale['mlflow_connections']:.0f} to the MLflow "
@@ -249,11 +254,12 @@ def main() -> None:
         print(f"lock/deadlock/traceback lines in the logs: {len(problems)}")
         for line in problems[:10]:
             print("  " + line[:200])
-        ok = (scale["finished"] == args.trials and scale["open_runs"] == 0 and not problems
-              and scale["retried"] == len(scale["killed"]))
-        print(f"target reached: {args.trials} finished trials, no run left RUNNING, every killed trial retried, "
-              f"clean logs: {'yes' if ok else 'NO'}; speed-up over one worker "
-              f"{scale['trials_per_hour'] / base['trials_per_hour']:.2f}x")
+        checks = {f"{args.trials} finished trials": scale["finished"] == args.trials,
+                  "no run left RUNNING": scale["open_runs"] == 0,
+                  "every killed trial failed and was retried": scale["failed"] == scale["retried"] == scale["killed"],
+                  "clean logs": not problems}
+        print("checks: " + ", ".join(f"{name}: {'yes' if good else 'NO'}" for name, good in checks.items())
+              + f"; speed-up over one worker {scale['trials_per_hour'] / base['trials_per_hour']:.2f}x")
         print(f"trials_per_hour={scale['trials_per_hour']:.1f} target={base['trials_per_hour']:.1f}")
 
 
