@@ -384,7 +384,7 @@ def jsonable(obj: Any) -> Any:
     return obj
 
 
-def _atomic_write(path, write) -> None:
+def atomic_write(path, write) -> None:
     """Write via a temp file in the same folder + os.replace: readers never see a half-written file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -403,7 +403,7 @@ def _atomic_write(path, write) -> None:
 def write_json(path, payload: dict) -> None:
     """Atomic JSON write; NaN/inf become null (allow_nan=False makes a slip an error, not invalid JSON)."""
     text = json.dumps(jsonable(payload), indent=2, sort_keys=True, allow_nan=False) + "\n"
-    _atomic_write(path, lambda fh: fh.write(text.encode("utf-8")))
+    atomic_write(path, lambda fh: fh.write(text.encode("utf-8")))
 
 
 # --- plots ----------------------------------------------------------------------------------------------
@@ -419,7 +419,7 @@ def save_figure(fig: Figure, path) -> None:
     """Save a figure atomically (format from the suffix, PNG by default) and release it."""
     path = Path(path)
     fmt = path.suffix.lstrip(".") or "png"
-    _atomic_write(path, lambda fh: fig.savefig(fh, format=fmt, dpi=110))
+    atomic_write(path, lambda fh: fig.savefig(fh, format=fmt, dpi=110))
     plt = sys.modules.get("matplotlib.pyplot")  # only a pyplot-made figure needs closing
     if plt is not None and getattr(fig.canvas, "manager", None) is not None:
         plt.close(fig)

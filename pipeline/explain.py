@@ -303,21 +303,10 @@ def grid(tiles: list[np.ndarray], columns: int = 4, gap: int = 4) -> np.ndarray:
 
 # --- files -> PNGs (`pneumo explain`) ---------------------------------------------------------------------
 def collect_paths(paths: Iterable[str | Path]) -> list[Path]:
-    """Files as given, and the DICOM and PNG/JPEG files under folders (recursive, sorted, hidden files and
-    DICOMDIR skipped). A path that does not exist is an error."""
-    out: list[Path] = []
-    wanted = DICOM_SUFFIXES | IMAGE_SUFFIXES
-    for p in map(Path, paths):
-        if p.is_dir():
-            out += sorted(f for f in p.rglob("*") if f.is_file() and not f.name.startswith(".")
-                          and f.name.upper() != "DICOMDIR" and f.suffix.lower() in wanted)
-        elif p.exists():
-            out.append(p)
-        else:
-            raise ExplainError(f"{p}: no such file or folder")
-    if not out:
-        raise ExplainError(f"no DICOM or PNG/JPEG files under {', '.join(map(str, paths))}")
-    return out
+    """DICOM and PNG/JPEG files, found as `pneumo predict` finds DICOMs."""
+    from pipeline.predict import collect_paths as collect
+
+    return collect(paths, DICOM_SUFFIXES | IMAGE_SUFFIXES, "DICOM or PNG/JPEG", ExplainError)
 
 
 @dataclass

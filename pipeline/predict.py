@@ -11,9 +11,7 @@ probability here as its record gets from `pneumo evaluate`. Every input gets a r
 
 from __future__ import annotations
 
-import os
 import sys
-import tempfile
 from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -45,21 +43,22 @@ class LoadedModel:
     uses_meta: bool
 
 
-def collect_paths(paths: Iterable[str | Path]) -> list[Path]:
-    """Files as given, and the DICOM-looking files under folders (recursive, sorted, hidden files and DICOMDIR
-    skipped). A path that does not exist is an error: a typo must not pass as an empty prediction."""
+def collect_paths(paths: Iterable[str | Path], suffixes: set[str] = DICOM_SUFFIXES, what: str = "DICOM",
+                  error: type[Exception] = PredictError) -> list[Path]:
+    """Files as given, and the files with `suffixes` under folders (recursive, sorted, hidden files and
+    DICOMDIR skipped). A path that does not exist is an error: a typo must not pass as an empty prediction.
+    Shared with `pneumo explain`, which also takes PNG/JPEG files."""
     out: list[Path] = []
     for p in map(Path, paths):
         if p.is_dir():
-            found = sorted(f for f in p.rglob("*") if f.is_file() and not f.name.startswith(".")
-                           and f.name.upper() != "DICOMDIR" and f.suffix.lower() in DICOM_SUFFIXES)
-            out += found
+            out += sorted(f for f in p.rglob("*") if f.is_file() and not f.name.startswith(".")
+                          and f.name.upper() != "DICOMDIR" and f.suffix.lower() in suffixes)
         elif p.exists():
             out.append(p)
         else:
-            raise PredictError(f"{p}: no such file or folder")
+            raise error(f"{p}: no such file or folder")
     if not out:
-        raise PredictError(f"no DICOM files under {', '.join(map(str, paths))}")
+        raise error(f"no {what} files under {', '.join(map(str, paths))}")
     return out
 
 
@@ -169,19 +168,10 @@ def predict_files(files: list[Path], lm: LoadedModel, *, force: bool = False, ba
 
 
 def write_csv(df, path: str | Path) -> None:
-    """Atomic: a temp file in the same folder, then rename (a reader never sees half a CSV)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", newline="") as fh:
-            df.to_csv(fh, index=False, float_format="%.6f")
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    """Atomic (temp file + rename, via evaluate.atomic_write): a reader never sees half a CSV."""
+    from pipeline.evaluate import atomic_write
+
+    atomic_write(path, lambda fh: fh.write(df.to_csv(index=False, float_format="%.6f").encode("utf-8")))
 
 
 def format_table(df, limit: int = 20) -> str:
