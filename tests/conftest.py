@@ -4,6 +4,8 @@ training, so the data is made once), plus per-test MLflow/Optuna stores in tmp f
 from __future__ import annotations
 
 import os
+import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -21,6 +23,22 @@ def shared_data(*parts: str) -> Path:
     if not path.exists():
         pytest.skip(f"real data not available: {path} is absent (tests that need ../shared/data skip)")
     return path
+
+
+def wait_for(predicate, timeout: float, what: str, launcher: subprocess.Popen | None = None,
+             log: Path | None = None):
+    """Poll `predicate` until it returns something truthy; fail fast (with the log's tail) if the launched
+    process ended first, rather than waiting out the timeout."""
+    end = time.time() + timeout
+    while time.time() < end:
+        value = predicate()
+        if value:
+            return value
+        if launcher is not None and launcher.poll() is not None:
+            raise AssertionError(f"the launch ended (exit {launcher.returncode}) before {what}:\n"
+                                 + (log.read_text()[-4000:] if log else ""))
+        time.sleep(0.3)
+    raise AssertionError(f"timed out waiting for {what}")
 
 
 @pytest.fixture(scope="session")

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import REPO
+from tests.conftest import REPO, wait_for
 
 pytestmark = pytest.mark.slow
 
@@ -82,19 +82,6 @@ def postgres():
 
 
 # --- helpers -----------------------------------------------------------------------------------------------
-def _wait_for(predicate, timeout: float, what: str, launcher: subprocess.Popen | None = None, log: Path | None = None):
-    end = time.time() + timeout
-    while time.time() < end:
-        value = predicate()
-        if value:
-            return value
-        if launcher is not None and launcher.poll() is not None:
-            raise AssertionError(f"the launch ended (exit {launcher.returncode}) before {what}:\n"
-                                 + (log.read_text()[-4000:] if log else ""))
-        time.sleep(0.3)
-    raise AssertionError(f"timed out waiting for {what}")
-
-
 def _launch(tmp: Path, study: str, storage: str, tracking_uri: str, data: Path, trials: int, workers: int,
             log: Path) -> subprocess.Popen:
     cmd = [sys.executable, "-m", "pipeline.cli", "tune", "--config", str(SMOKE), "--study", study,
@@ -200,8 +187,8 @@ def test_three_workers_share_a_postgres_study_and_survive_a_sigkill(synth_data, 
         launcher = _launch(tmp_path, "load", storage, server.url, synth_data, trials=6, workers=3, log=log)
         try:
             # Touch the study only once the launcher has created it.
-            _wait_for(lambda: _queued(log), 120, "the launch", launcher, log)
-            victim = _wait_for(lambda: _running_trial("load", storage), 300, "a running trial", launcher, log)
+            wait_for(lambda: _queued(log), 120, "the launch", launcher, log)
+            victim = wait_for(lambda: _running_trial("load", storage), 300, "a running trial", launcher, log)
             pid = int(victim.user_attrs["worker"].rsplit(":", 1)[1])
             time.sleep(1.0)  # mid-trial: the run exists, training has started
             os.kill(pid, signal.SIGKILL)
@@ -243,8 +230,8 @@ def test_workers_ride_out_an_mlflow_server_restart(synth_data, tmp_path, postgre
     try:
         launcher = _launch(tmp_path, "restart", storage, url, synth_data, trials=3, workers=2, log=log)
         try:
-            _wait_for(lambda: _queued(log), 120, "the launch", launcher, log)
-            _wait_for(lambda: _running_trial("restart", storage), 300, "a running trial", launcher, log)
+            wait_for(lambda: _queued(log), 120, "the launch", launcher, log)
+            wait_for(lambda: _running_trial("restart", storage), 300, "a running trial", launcher, log)
             time.sleep(1.0)  # the trial is logging to its run
             stopped_at = dt.datetime.now()
             server.stop()  # SIGTERM to the server's group: every request from now on is refused

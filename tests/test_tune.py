@@ -13,7 +13,7 @@ from optuna.trial import TrialState
 
 from pipeline import tune
 from pipeline.config import load_config
-from tests.conftest import REPO
+from tests.conftest import REPO, wait_for
 
 SMOKE = REPO / "experiments" / "smoke.toml"
 
@@ -106,16 +106,6 @@ def test_unknown_space_keys_are_refused(tmp_path):
     assert run.returncode == 2 and "model.filterz" in run.stderr and run.stderr.count("\n") == 1
 
 
-def _wait_for(predicate, timeout, what):
-    end = time.time() + timeout
-    while time.time() < end:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.3)
-    raise AssertionError(f"timed out waiting for {what}")
-
-
 def test_two_workers_share_a_fresh_store_and_survive_a_sigkill(synth_data, tmp_path):
     uri, storage = f"sqlite:///{tmp_path}/mlflow.db", f"sqlite:///{tmp_path}/optuna.db"
     cmd = [sys.executable, "-m", "pipeline.cli", "tune", "--config", str(SMOKE), "--study", "crash",
@@ -126,14 +116,14 @@ def test_two_workers_share_a_fresh_store_and_survive_a_sigkill(synth_data, tmp_p
     launcher = subprocess.Popen(cmd, cwd=tmp_path, stdout=log, stderr=subprocess.STDOUT, text=True)
     try:
         # Touch neither store before the launcher has created both (concurrent schema creation crashes).
-        _wait_for(lambda: "trials queued" in (tmp_path / "launch.log").read_text(), 120, "the launch")
+        wait_for(lambda: "trials queued" in (tmp_path / "launch.log").read_text(), 120, "the launch")
 
         def running_trial():
             study = optuna.load_study(study_name="crash", storage=storage)
             live = [t for t in study.get_trials(states=(TrialState.RUNNING,)) if "mlflow_run_id" in t.user_attrs]
             return live[0] if live else None
 
-        victim = _wait_for(running_trial, 240, "a running trial")
+        victim = wait_for(running_trial, 240, "a running trial")
         pid = int(victim.user_attrs["worker"].rsplit(":", 1)[1])
         time.sleep(1.0)  # mid-trial: the run exists, training has started
         os.kill(pid, signal.SIGKILL)
