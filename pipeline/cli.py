@@ -10,6 +10,8 @@ import argparse
 import os
 import sys
 
+from pipeline.errors import InputError
+
 # TensorFlow's C++ start-up chatter (CPU feature notes, CUDA probes) drowns the useful output.
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
@@ -107,8 +109,8 @@ def cmd_dashboard(a):
     run_dashboard(a.storage, a.port)
 
 
-class UsageError(ValueError):
-    pass
+class UsageError(InputError):
+    """A flag combination argparse cannot express (exit 2)."""
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -212,38 +214,37 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _known_errors() -> tuple[type[BaseException], ...]:
-    """Errors that carry a user-facing reason; imported here, after parsing, to keep --help fast."""
-    errors: list[type[BaseException]] = [UsageError, FileNotFoundError, NotADirectoryError, PermissionError]
-    lazy = [("pipeline.config", "ConfigError"), ("pipeline.convert", "ConvertError"),
-            ("pipeline.labels", "LabelError"), ("pipeline.dicom", "DicomError")]
-    # Only where the command already loaded them: importing TensorFlow just to name an error costs 6 s.
-    lazy += [(m, n) for m, n in [("pipeline.data", "DataError"), ("pipeline.tracking", "TrackingError"),
-                                 ("pipeline.tune", "TuneError"), ("mlflow.exceptions", "MlflowException"),
-                                 ("pipeline.registry", "RegistryError"), ("pipeline.predict", "PredictError"),
-                                 ("pipeline.explain", "ExplainError"),
-                                 ("pipeline.ui", "UiError")]
-              if m in sys.modules]
-    for module, name in lazy:
-        try:
-            errors.append(getattr(__import__(module, fromlist=[name]), name))
-        except (ImportError, AttributeError):
-            pass
-    return tuple(errors)
+def _third_party_errors() -> tuple[type[BaseException], ...]:
+    """MLflow's error, only where the command already loaded MLflow (importing it just to name it costs
+    seconds); its messages name the store and the object, which is the reason the user needs."""
+    if "mlflow.exceptions" in sys.modules:
+        return (sys.modules["mlflow.exceptions"].MlflowException,)
+    return ()
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run one command. Exit 0 on success, 2 on bad input (`InputError`, a missing file), 1 on a failure at
+    run time (`PneumoError`, an OS error such as a full disk, a store that does not answer), 130 on Ctrl-C;
+    every failure is one line on stderr, never a traceback."""
+    from pipeline.errors import PneumoError, one_line
+
     args = build_parser().parse_args(argv)
     try:
         args.func(args)
-    except _known_errors() as e:
-        reason = " ".join(str(e).split()) or type(e).__name__
-        print(f"pneumo {args.command}: error: {reason}", file=sys.stderr)
-        return 2
+        return 0
     except KeyboardInterrupt:
         print(f"pneumo {args.command}: interrupted", file=sys.stderr)
         return 130
-    return 0
+    except PneumoError as e:
+        code, reason = e.exit_code, one_line(e)
+    except (FileNotFoundError, NotADirectoryError, IsADirectoryError) as e:
+        code, reason = 2, one_line(e)
+    except OSError as e:  # a full disk, a permission, a connection refused: the input was fine
+        code, reason = 1, one_line(e)
+    except _third_party_errors() as e:
+        code, reason = 1, one_line(e)
+    print(f"pneumo {args.command}: error: {reason}", file=sys.stderr)
+    return code
 
 
 if __name__ == "__main__":

@@ -13,8 +13,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, get_type_hints
 
+from pipeline.errors import InputError
 
-class ConfigError(ValueError):
+
+class ConfigError(InputError):
     """A one-line reason why an experiment file or override is unusable."""
 
 

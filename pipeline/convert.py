@@ -26,13 +26,15 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.dicom import DicomError, load_image_file, read_dicom
+from pipeline.errors import PneumoError
+from pipeline.files import atomic_write_text, sha256_file
 from pipeline.records import SCHEMA_VERSION, Record, encode_example, frame_record
 
 SPLITS = ("train", "val", "test")
 SHARD_TARGET_BYTES = 64 * 2**20  # tens of MB per shard: large sequential reads, enough files to interleave
 
 
-class ConvertError(RuntimeError):
+class ConvertError(PneumoError):
     """A one-line reason the conversion cannot run (bad inputs, a foreign output folder, nothing written)."""
 
 
@@ -66,14 +68,6 @@ def decode_item(task: tuple[Item, str, int]) -> tuple[str, bytes | str, int]:
 
 
 # --- planning --------------------------------------------------------------------------------------------
-def _sha256_file(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(2**20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def shard_count(n: int, image_size: int, workers: int) -> int:
     """At least one shard per worker (parallel reads), about SHARD_TARGET_BYTES each, never more than records."""
     if n == 0:
@@ -99,12 +93,6 @@ def shard_name(split: str, index: int, total: int) -> str:
 
 
 # --- writing ---------------------------------------------------------------------------------------------
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def _open_plan(out: Path, identity: dict, plan: dict) -> dict:
     """Create `out/.plan.json`, or reuse the one there when it describes the same inputs and settings."""
     plan_path = out / ".plan.json"
@@ -119,7 +107,7 @@ def _open_plan(out: Path, identity: dict, plan: dict) -> dict:
         return stored["plan"]  # the stored shard layout wins: resuming with another --workers changes nothing
     if any(out.glob("*.tfrecord")) or (out / "manifest.json").exists():
         raise ConvertError(f"{out} holds TFRecords this converter did not plan; use another --out")
-    _atomic_write_text(plan_path, json.dumps({"identity": identity, "plan": plan}, sort_keys=True))
+    atomic_write_text(plan_path, json.dumps({"identity": identity, "plan": plan}, sort_keys=True))
     return plan
 
 
@@ -184,7 +172,7 @@ def write_shards(out: Path, items: list[Item], kind: str, image_size: int, plan:
                     bar.update()
             part = {"file": name, "count": count, "positives": positives, "sha256": digest.hexdigest(),
                     "rejected": rejected}
-            _atomic_write_text(parts / f"{name}.json", json.dumps(part, sort_keys=True))
+            atomic_write_text(parts / f"{name}.json", json.dumps(part, sort_keys=True))
             os.replace(tmp, out / name)
 
 
@@ -250,8 +238,8 @@ def run_conversion(items: list[Item], source: dict, out: str | Path, image_size:
     manifest = build_manifest(out, identity, plan, source, list(unlabelled), unmatched)
     rejected_paths = {r["path"] for r in manifest["rejected"]}
     rows = sorted({(it.patient_id, split_of[it.patient_id], it.label) for it in items if it.path not in rejected_paths})
-    _atomic_write_text(out / "splits.csv", "patient_id,split,label\n" + "".join(f"{p},{s},{y}\n" for p, s, y in rows))
-    _atomic_write_text(out / "manifest.json", json.dumps(manifest, indent=2) + "\n")
+    atomic_write_text(out / "splits.csv", "patient_id,split,label\n" + "".join(f"{p},{s},{y}\n" for p, s, y in rows))
+    atomic_write_text(out / "manifest.json", json.dumps(manifest, indent=2) + "\n")
     total = sum(sp["count"] for sp in manifest["splits"].values())
     if total == 0:
         raise ConvertError(f"no record could be written: all {len(manifest['rejected'])} inputs were rejected "
@@ -280,7 +268,7 @@ def convert_rsna(dicom_dir: str | Path, labels_csv: str | Path, out: str | Path,
     items = [Item(f, Path(f).stem, labels[Path(f).stem].label, labels[Path(f).stem].boxes) for f in matched]
     source = {
         "kind": "dicom",
-        "labels_sha256": _sha256_file(labels_csv),
+        "labels_sha256": sha256_file(labels_csv),
         "n_inputs": len(files),
     }
     return run_conversion(items, source, out, image_size, seed, test_frac, val_frac, workers, progress,

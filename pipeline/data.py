@@ -7,28 +7,14 @@ bytes, not floats (4x less memory traffic).
 
 from __future__ import annotations
 
-import hashlib
-import json
 from pathlib import Path
 
 import tensorflow as tf
 
 from pipeline.config import DataConfig
+from pipeline.files import sha256_file
+from pipeline.manifest import DataError, load_manifest  # noqa: F401  (re-exported)
 from pipeline.records import parse_batch
-
-
-class DataError(RuntimeError):
-    """A one-line reason the data folder cannot be read (missing manifest, damaged shard, empty split)."""
-
-
-def load_manifest(data_dir: str | Path) -> dict:
-    path = Path(data_dir) / "manifest.json"
-    try:
-        return json.loads(path.read_text())
-    except FileNotFoundError:
-        raise DataError(f"{path} not found: run `pneumo convert` first (or pass --data)") from None
-    except json.JSONDecodeError as e:
-        raise DataError(f"{path}: not valid JSON ({e})") from None
 
 
 def shard_paths(data_dir: str | Path, manifest: dict, split: str, verify: bool = True) -> list[str]:
@@ -41,18 +27,10 @@ def shard_paths(data_dir: str | Path, manifest: dict, split: str, verify: bool =
         p = Path(data_dir) / shard["file"]
         if not p.exists():
             raise DataError(f"{p}: shard listed in manifest.json is missing")
-        if verify and _sha256(p) != shard["sha256"]:
+        if verify and sha256_file(p) != shard["sha256"]:
             raise DataError(f"{p}: shard is damaged (sha256 differs from manifest.json); re-run `pneumo convert`")
         paths.append(str(p))
     return paths
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(2**22), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _drop_meta(features, label):

@@ -73,6 +73,8 @@ from pydicom.uid import (
     RLELossless,
 )
 
+from pipeline.errors import InputError
+
 __all__ = [
     "MAX_PIXELS",
     "DicomError",
@@ -102,7 +104,7 @@ _OBJECT_REPR = re.compile(r"\s*<[^<>]* at 0x[0-9a-fA-F]+>")
 _ENCAPSULATED_ITEM = b"\xfe\xff\x00\xe0"  # (FFFE,E000) little endian: first item of encapsulated data
 
 
-class DicomError(ValueError):
+class DicomError(InputError):
     """One-line reason an input could not be turned into an image; str(e) is that reason (no newlines)."""
 
     def __init__(self, reason: str):
@@ -110,7 +112,7 @@ class DicomError(ValueError):
         super().__init__(_clean(reason))
 
 
-class ImageError(ValueError):
+class ImageError(InputError):
     """One-line reason a PNG/JPEG file could not be turned into an image (same contract as DicomError)."""
 
     def __init__(self, reason: str):

@@ -15,16 +15,15 @@ so a threshold taken from its output reproduces the same operating point).
 
 from __future__ import annotations
 
-import json
 import math
-import os
 import sys
-import tempfile
 from pathlib import Path
 from statistics import NormalDist
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import numpy as np
+
+from pipeline.files import atomic_write, jsonable, write_json  # noqa: F401  (re-exported)
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -367,43 +366,6 @@ def format_table(metrics: dict, subgroups: list[dict] | None = None) -> str:
                 f"{_f(r['specificity']):>7}{_f(r['accuracy']):>7}{_f(r['majority_baseline_accuracy']):>7}"
             )
     return "\n".join(lines)
-
-
-def jsonable(obj: Any) -> Any:
-    """Plain JSON types: numpy scalars/arrays -> Python, NaN/inf -> None (JSON has no NaN)."""
-    if isinstance(obj, dict):
-        return {str(k): jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, list | tuple | np.ndarray):
-        return [jsonable(v) for v in obj]
-    if isinstance(obj, np.generic):
-        obj = obj.item()
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return None
-    if isinstance(obj, Path):
-        return str(obj)
-    return obj
-
-
-def atomic_write(path, write) -> None:
-    """Write via a temp file in the same folder + os.replace: readers never see a half-written file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=path.suffix)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            write(fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def write_json(path, payload: dict) -> None:
-    """Atomic JSON write; NaN/inf become null (allow_nan=False makes a slip an error, not invalid JSON)."""
-    text = json.dumps(jsonable(payload), indent=2, sort_keys=True, allow_nan=False) + "\n"
-    atomic_write(path, lambda fh: fh.write(text.encode("utf-8")))
 
 
 # --- plots ----------------------------------------------------------------------------------------------

@@ -39,10 +39,12 @@ from pathlib import Path
 
 import numpy as np
 
+from pipeline import inputs
 from pipeline.dicom import DicomError, ImageError, load_image_file, read_dicom
+from pipeline.errors import InputError
+from pipeline.inputs import DICOM_SUFFIXES, IMAGE_SUFFIXES
+from pipeline.model_store import champion_uri
 
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg"}
-DICOM_SUFFIXES = {".dcm", ".dicom", ".dic", ""}  # as `pneumo predict` finds them in folders
 ALPHA = 0.4
 CMAP = "jet"
 DISPLAY = 256  # overlays smaller than this are enlarged to it, so the title stays legible
@@ -50,7 +52,7 @@ BOX_COLOUR = (0, 255, 0)
 PEAK_COLOUR = (255, 255, 255)
 
 
-class ExplainError(RuntimeError):
+class ExplainError(InputError):
     """A one-line reason explanations could not be made (or that some files failed)."""
 
 
@@ -90,7 +92,7 @@ class GradCam:
         import keras
         import tensorflow as tf
 
-        from pipeline.scoring import model_uses_meta
+        from pipeline.model_store import model_uses_meta
 
         self.model = model
         self.layer = model.get_layer(layer) if layer else feature_layer(model)
@@ -304,9 +306,7 @@ def grid(tiles: list[np.ndarray], columns: int = 4, gap: int = 4) -> np.ndarray:
 # --- files -> PNGs (`pneumo explain`) ---------------------------------------------------------------------
 def collect_paths(paths: Iterable[str | Path]) -> list[Path]:
     """DICOM and PNG/JPEG files, found as `pneumo predict` finds DICOMs."""
-    from pipeline.predict import collect_paths as collect
-
-    return collect(paths, DICOM_SUFFIXES | IMAGE_SUFFIXES, "DICOM or PNG/JPEG", ExplainError)
+    return inputs.collect_paths(paths, DICOM_SUFFIXES | IMAGE_SUFFIXES, "DICOM or PNG/JPEG", ExplainError)
 
 
 @dataclass
@@ -329,17 +329,13 @@ def _decode(path: Path, size: int) -> _Decoded:
 
 def meta_vectors(meta: list[tuple[str, str, int]]) -> np.ndarray:
     """The model's side inputs (B, 6), by the function that builds them from the TFRecords."""
-    from pipeline.records import metadata_vector
-
-    view, sex, age = (np.array(col) for col in zip(*meta, strict=True))
-    return metadata_vector(view.astype(str), sex.astype(str), age.astype(np.int64)).numpy()
+    return inputs.meta_batch(meta)
 
 
 def load(model_uri: str | None = None, tracking_uri: str | None = None):
     """-> (model, uri): the model behind an MLflow URI (default: the champion) in the store `tracking_uri`
     (default: $MLFLOW_TRACKING_URI, else the embedded one); ExplainError with MLflow's reason if it fails."""
     from pipeline import tracking
-    from pipeline.registry import champion_uri
 
     uri = model_uri or champion_uri()
     tracking.setup(tracking_uri)
@@ -350,11 +346,10 @@ def _load_model(uri: str):
     """From the store MLflow is pointed at now."""
     from mlflow.exceptions import MlflowException
 
-    import pipeline.augment  # noqa: F401  (registers RandomAffine, should the model use it)
-    from pipeline import scoring
+    from pipeline.model_store import load_keras
 
     try:
-        return scoring.load_model(uri)
+        return load_keras(uri)
     except MlflowException as e:
         raise ExplainError(f"model {uri}: {' '.join(str(e.message).split())[:300]}") from None
 

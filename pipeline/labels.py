@@ -25,6 +25,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from pipeline.errors import InputError
+
 __all__ = [
     "KERMANY_PATIENT_REGEX",
     "MAX_BOX_EXTENT",
@@ -54,7 +56,7 @@ CLASS_DIRS = (("NORMAL", 0), ("PNEUMONIA", 1))
 SPLITS = ("train", "val", "test")
 
 
-class LabelError(ValueError):
+class LabelError(InputError):
     """Bad label input, with a one-line reason naming the file and row
     (e.g. 'labels.csv data row 17 (line 18): Target must be 0 or 1, got '2'')."""
 

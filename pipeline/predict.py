@@ -12,91 +12,24 @@ probability here as its record gets from `pneumo evaluate`. Every input gets a r
 from __future__ import annotations
 
 import sys
-from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from pipeline.dicom import DicomError, read_dicom
+from pipeline.errors import InputError
+from pipeline.inputs import collect_paths, meta_batch
+from pipeline.model_store import LoadedModel, champion_uri, load
 
 COLUMNS = ["path", "patient_id", "probability", "prediction", "model_version", "dataset_digest", "status",
            "warning", "error"]
 RADIOGRAPH_MODALITIES = {"CR", "DX", "DR"}
-DICOM_SUFFIXES = {".dcm", ".dicom", ".dic", ""}  # in folders; a file named on the command line is always read
 PROGRESS_MIN = 50  # files: fewer finish before a progress bar would be worth drawing
 
 
-class PredictError(RuntimeError):
+class PredictError(InputError):
     """A one-line reason prediction could not run (or that some files failed)."""
-
-
-@dataclass
-class LoadedModel:
-    model: object
-    uri: str
-    version: str  # "3" for a registered version, "run:<id>" otherwise
-    threshold: float
-    digest: str
-    image_size: int
-    uses_meta: bool
-
-
-def collect_paths(paths: Iterable[str | Path], suffixes: set[str] = DICOM_SUFFIXES, what: str = "DICOM",
-                  error: type[Exception] = PredictError) -> list[Path]:
-    """Files as given, and the files with `suffixes` under folders (recursive, sorted, hidden files and
-    DICOMDIR skipped). A path that does not exist is an error: a typo must not pass as an empty prediction.
-    Shared with `pneumo explain`, which also takes PNG/JPEG files."""
-    out: list[Path] = []
-    for p in map(Path, paths):
-        if p.is_dir():
-            out += sorted(f for f in p.rglob("*") if f.is_file() and not f.name.startswith(".")
-                          and f.name.upper() != "DICOMDIR" and f.suffix.lower() in suffixes)
-        elif p.exists():
-            out.append(p)
-        else:
-            raise error(f"{p}: no such file or folder")
-    if not out:
-        raise error(f"no {what} files under {', '.join(map(str, paths))}")
-    return out
-
-
-def load(uri: str, tracking_uri: str | None = None, threshold: float | None = None) -> LoadedModel:
-    """The model, its version, the stored operating threshold and the dataset digest it was trained on."""
-    from mlflow import MlflowClient
-    from mlflow.exceptions import MlflowException
-
-    from pipeline import scoring, tracking
-
-    tracking.setup(tracking_uri)
-    try:
-        run_id, tags = scoring.source_run(uri)
-        model = scoring.load_model(uri)
-        stored = scoring.stored_threshold(uri)
-        run_tags = MlflowClient().get_run(run_id).data.tags if run_id else {}
-    except MlflowException as e:
-        raise PredictError(f"model {uri}: {' '.join(str(e.message).split())[:300]}") from None
-    if threshold is None:
-        threshold = stored
-    if threshold is None:
-        raise PredictError(f"model {uri} has no stored threshold (tag `threshold` on its version or run): "
-                           "pass --threshold")
-    version = _version(uri, run_id)
-    size = int(model.inputs[0].shape[1])
-    digest = tags.get("dataset_digest") or run_tags.get("dataset_digest", "")
-    return LoadedModel(model, uri, version, float(threshold), digest, size, scoring.model_uses_meta(model))
-
-
-def _version(uri: str, run_id: str | None) -> str:
-    if uri.startswith("models:/"):
-        from mlflow import MlflowClient
-
-        name, _, ref = uri.removeprefix("models:/").partition("@")
-        if ref:
-            return str(MlflowClient().get_model_version_by_alias(name, ref).version)
-        return name.partition("/")[2]
-    return f"run:{run_id}" if run_id else uri
 
 
 def scope_warning(img) -> str:
@@ -129,14 +62,6 @@ def _decode(path: Path, size: int, force: bool) -> dict:
     return row
 
 
-def _meta_batch(meta: list[tuple[str, str, int]]) -> np.ndarray:
-    """The model's side inputs, by the same function that builds them from the TFRecords."""
-    from pipeline.records import metadata_vector
-
-    view, sex, age = (np.array(col) for col in zip(*meta, strict=True))
-    return metadata_vector(view, sex, age.astype(np.int64)).numpy()
-
-
 def predict_files(files: list[Path], lm: LoadedModel, *, force: bool = False, batch_size: int = 64,
                   progress: bool | None = None, workers: int = 2):
     """-> pandas DataFrame with one row per file (COLUMNS), in input order."""
@@ -151,11 +76,9 @@ def predict_files(files: list[Path], lm: LoadedModel, *, force: bool = False, ba
             chunk = list(pool.map(lambda p: _decode(p, lm.image_size, force), files[start:start + batch_size]))
             ready = [r for r in chunk if "_pixels" in r]
             if ready:
-                inputs = {"image": np.stack([r.pop("_pixels") for r in ready])[..., None]}
+                images = np.stack([r.pop("_pixels") for r in ready])[..., None]
                 meta = [r.pop("_meta") for r in ready]
-                if lm.uses_meta:
-                    inputs["meta"] = _meta_batch(meta)
-                probs = np.asarray(lm.model.predict_on_batch(inputs), dtype=np.float64).reshape(-1)
+                probs = lm.probabilities(images, meta_batch(meta) if lm.uses_meta else None)
                 for r, p in zip(ready, probs, strict=True):
                     r.update(probability=float(p), prediction=int(p >= lm.threshold))
             rows += chunk
@@ -169,7 +92,7 @@ def predict_files(files: list[Path], lm: LoadedModel, *, force: bool = False, ba
 
 def write_csv(df, path: str | Path) -> None:
     """Atomic (temp file + rename, via evaluate.atomic_write): a reader never sees half a CSV."""
-    from pipeline.evaluate import atomic_write
+    from pipeline.files import atomic_write
 
     atomic_write(path, lambda fh: fh.write(df.to_csv(index=False, float_format="%.6f").encode("utf-8")))
 
@@ -209,12 +132,10 @@ def run_predict(paths: list[str], model_uri: str | None = None, out: str | None 
 
     Raises PredictError after writing everything when any file failed, so the exit code is non-zero.
     """
-    from pipeline.registry import champion_uri
-
     stdout = stdout or sys.stdout
     if out and Path(out).is_dir():
         raise PredictError(f"--out {out} is a folder: name a CSV file")
-    files = collect_paths(paths)
+    files = collect_paths(paths, error=PredictError)
     lm = load(model_uri or champion_uri(), tracking_uri, threshold)
     df = predict_files(files, lm, force=force, batch_size=batch_size, progress=progress)
     tty = hasattr(stdout, "isatty") and stdout.isatty()

@@ -47,20 +47,16 @@ from mlflow.exceptions import MlflowException
 
 from pipeline import evaluate as ev
 from pipeline import model_card, tracking
+from pipeline.errors import InputError
+from pipeline.model_store import CHAMPION, MODEL_NAME, champion_uri  # noqa: F401  (re-exported)
 
-MODEL_NAME = "pneumonia-cnn"
-CHAMPION = "champion"
 PREVIOUS = "previous-champion"
 EXPERIMENT = "promotions"
 LOCK_TAG = "promotion_lock"
 
 
-class RegistryError(RuntimeError):
+class RegistryError(InputError):
     """A one-line reason a promotion cannot be decided (no versions, missing data, mismatched datasets...)."""
-
-
-def champion_uri(model: str = MODEL_NAME) -> str:
-    return f"models:/{model}@{CHAMPION}"
 
 
 def _now() -> str:
@@ -366,14 +362,13 @@ class Decision:
 
 
 def _manifest(data_dir: str | Path) -> dict:
-    path = Path(data_dir) / "manifest.json"
+    """The dataset's manifest, which must have a non-empty locked test split."""
+    from pipeline.manifest import DataError, load_manifest
+
     try:
-        manifest = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise RegistryError(f"{path} not found: missing data; pass --data with the converted dataset the "
-                            "models were trained on") from None
-    except (OSError, ValueError) as e:
-        raise RegistryError(f"{path}: unreadable manifest ({e})") from None
+        manifest = load_manifest(data_dir)
+    except DataError as e:
+        raise RegistryError(f"{e}; pass --data with the converted dataset the models were trained on") from None
     if not manifest.get("splits", {}).get("test", {}).get("count"):
         raise RegistryError(f"{data_dir}: the test split is empty: the gate needs a locked test split")
     return manifest

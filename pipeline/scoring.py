@@ -7,10 +7,7 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.data import eval_dataset, load_manifest
-
-
-def model_uses_meta(model) -> bool:
-    return any(getattr(t, "name", "").split(":")[0] == "meta" for t in model.inputs)
+from pipeline.model_store import load, model_uses_meta
 
 
 def predict_split(model, data_dir: str | Path, split: str, batch_size: int = 64,
@@ -42,59 +39,20 @@ def predict_split(model, data_dir: str | Path, split: str, batch_size: int = 64,
     return y, p, info
 
 
-def load_model(uri: str):
-    """A logged Keras model from any MLflow model URI (runs:/, models:/name@alias, models:/name/1)."""
-    import mlflow
-
-    return mlflow.keras.load_model(uri)
-
-
-def source_run(uri: str) -> tuple[str | None, dict]:
-    """(run id, registered version tags) behind a model URI; the run holds the validation threshold."""
-    from mlflow import MlflowClient
-
-    client = MlflowClient()
-    if uri.startswith("runs:/"):
-        return uri.removeprefix("runs:/").split("/")[0], {}
-    if uri.startswith("models:/"):
-        name, _, ref = uri.removeprefix("models:/").partition("@")
-        if ref:
-            mv = client.get_model_version_by_alias(name, ref)
-        else:
-            name, _, version = name.partition("/")
-            mv = client.get_model_version(name, version)
-        return mv.run_id, dict(mv.tags)
-    return None, {}
-
-
-def stored_threshold(uri: str) -> float | None:
-    """The operating threshold chosen on validation when the model was trained (never re-tuned on test)."""
-    from mlflow import MlflowClient
-
-    run_id, tags = source_run(uri)
-    if "threshold" in tags:
-        return float(tags["threshold"])
-    if run_id:
-        value = MlflowClient().get_run(run_id).data.tags.get("threshold")
-        return float(value) if value is not None else None
-    return None
-
-
 def evaluate_model(uri: str, data_dir: str | Path, split: str = "test", *, tracking_uri: str | None = None,
                    out: str | Path | None = None, n_boot: int = 1000) -> dict:
     """`pneumo evaluate`: metrics with CIs, the majority baseline and subgroups; written as JSON."""
     from pipeline import evaluate as ev
-    from pipeline import tracking
 
-    tracking.setup(tracking_uri)
-    model = load_model(uri)
-    threshold = stored_threshold(uri)
+    lm = load(uri, tracking_uri, require_threshold=False)
+    threshold = lm.threshold
     threshold_source = "stored with the model (chosen on validation)"
     if threshold is None:
-        yv, pv, _ = predict_split(model, data_dir, "val")
-        threshold = ev.choose_threshold(yv, pv)
+        yv, pv, _ = predict_split(lm.model, data_dir, "val")
+        threshold = ev.choose_threshold(yv, lm.calibrate(pv))
         threshold_source = "chosen now on the val split (Youden's J)"
-    y, p, info = predict_split(model, data_dir, split)
+    y, p, info = predict_split(lm.model, data_dir, split)
+    p = lm.calibrate(p)
     metrics = ev.compute_metrics(y, p, threshold, n_boot=n_boot)
     groups = {"view_position": info["view_position"], "sex": info["sex"],
               "age_band": [ev.age_band(a) for a in info["age"]]}

@@ -16,16 +16,12 @@ from pathlib import Path
 import mlflow
 from mlflow import MlflowClient
 
-DEFAULT_TRACKING_URI = "sqlite:///mlruns/mlflow.db"
-DEFAULT_OPTUNA_STORAGE = "sqlite:///mlruns/optuna.db"
+from pipeline.errors import PneumoError
+from pipeline.stores import masked, resolve_tracking_uri  # noqa: F401  (re-exported)
 
 
-class TrackingError(RuntimeError):
+class TrackingError(PneumoError):
     """A one-line reason the MLflow store cannot be used."""
-
-
-def resolve_tracking_uri(uri: str | None = None) -> str:
-    return uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
 
 
 def is_local(uri: str) -> bool:

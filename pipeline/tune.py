@@ -35,6 +35,9 @@ from optuna.trial import TrialState
 
 from pipeline import study_report, tracking
 from pipeline.config import Config, ConfigError
+from pipeline.errors import PneumoError
+from pipeline.manifest import dataset_digest
+from pipeline.stores import masked, resolve_optuna_storage
 
 warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
 optuna.logging.set_verbosity(optuna.logging.WARNING)  # one line per trial is printed by the worker loop
@@ -44,7 +47,7 @@ class QueueEmpty(Exception):
     """No queued trial is left for this launch."""
 
 
-class TuneError(RuntimeError):
+class TuneError(PneumoError):
     """A one-line reason the study cannot run."""
 
 
@@ -64,7 +67,7 @@ class WorkerSpec:
 
 
 def resolve_storage(url: str | None) -> str:
-    url = url or os.environ.get("PNEUMO_OPTUNA_STORAGE") or tracking.DEFAULT_OPTUNA_STORAGE
+    url = resolve_optuna_storage(url)
     if url.startswith("sqlite:///"):
         Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
     if url.startswith("postgresql://") and importlib.util.find_spec("psycopg") is None:
@@ -72,20 +75,6 @@ def resolve_storage(url: str | None) -> str:
         # environment of this project), name it, as pipeline.registry does.
         url = "postgresql+psycopg2://" + url.removeprefix("postgresql://")
     return url
-
-
-def shown_url(url: str) -> str:
-    """A store URL for logs: a server's password (postgresql://user:secret@host/db) is masked."""
-    if "@" not in url:
-        return url
-    from sqlalchemy.engine import make_url
-    from sqlalchemy.exc import ArgumentError
-
-    try:
-        return make_url(url).render_as_string(hide_password=True)
-    except ArgumentError:  # an http:// tracking URI with credentials
-        scheme, _, rest = url.partition("://")
-        return f"{scheme}://***@{rest.rsplit('@', 1)[1]}"
 
 
 def config_to_json(cfg: Config) -> dict:
@@ -246,7 +235,7 @@ def make_objective(spec: WorkerSpec, cfg: Config):
 
 
 def _digest(data_dir: str) -> str:
-    return json.loads((Path(data_dir) / "manifest.json").read_text())["digest"]
+    return dataset_digest(data_dir)
 
 
 def work(spec: WorkerSpec) -> dict[str, int]:
@@ -338,7 +327,7 @@ def run_tune(cfg: Config, study_name: str, *, data_dir: str | None = None, trial
     tracking.setup(uri)
     parent, waiting = prepare(cfg, study_name, storage_url, uri, trials)
     print(f"study {study_name}: {trials} trials queued" + (f" (+{waiting} left by an earlier launch)" if waiting else "")
-          + f"; {workers} worker(s); storage {shown_url(storage_url)}; MLflow {shown_url(uri)} parent run {parent}",
+          + f"; {workers} worker(s); storage {masked(storage_url)}; MLflow {masked(uri)} parent run {parent}",
           flush=True)
     spec = WorkerSpec(study=study_name, storage=storage_url, tracking_uri=uri, data_dir=data_dir,
                       config=config_to_json(cfg), parent_run_id=parent,

@@ -23,10 +23,12 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
+from pipeline.errors import InputError
+
 DASHBOARD_HINT = "pip install 'pneumo[dashboard]'"
 
 
-class UiError(RuntimeError):
+class UiError(InputError):
     """A one-line reason a server could not be started."""
 
 

@@ -163,7 +163,7 @@ def test_missing_data_and_mismatched_datasets_are_refused(registry_store, tmp_pa
 
     s = registry_store
     worst, mid, best = s.by_test_auc
-    with pytest.raises(RegistryError, match=r"nowhere/manifest.json not found: missing data"):
+    with pytest.raises(RegistryError, match=r"nowhere/manifest.json not found: run `pneumo convert` first.*pass --data with the converted dataset"):
         _promote(s, data_dir=tmp_path / "nowhere")
     # A dataset with another digest: the candidates were not trained on it.
     other = tmp_path / "other"

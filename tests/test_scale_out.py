@@ -291,7 +291,8 @@ def test_server_uris_get_retry_settings_that_the_environment_can_override(monkey
 def test_postgres_urls_work_as_written_and_logs_hide_passwords():
     from sqlalchemy.engine import make_url
 
-    from pipeline.tune import resolve_storage, shown_url
+    from pipeline.stores import masked as shown_url
+    from pipeline.tune import resolve_storage
 
     url = resolve_storage("postgresql://pneumo@db:5432/optuna")  # psycopg 3, or psycopg2 where only it exists
     make_url(url).get_dialect().import_dbapi()  # the driver SQLAlchemy will use is installed

@@ -1,0 +1,137 @@
+"""One home for loading a model: an MLflow model URI -> the Keras model and what travels with its version.
+
+What travels with a registered version (tags on the version, else on its training run): the operating
+`threshold` chosen on validation, the calibration `temperature` fitted on validation (`pipeline.calibration`),
+the `dataset_digest` it was trained on. `LoadedModel.probabilities` returns calibrated probabilities, and the
+threshold applies to them, so predict, evaluate, explain and the served model make the same decision.
+
+Imports MLflow and Keras lazily: the CLI's `--help` and the converter never pay for them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from pipeline.errors import InputError, PneumoError
+
+MODEL_NAME = "pneumonia-cnn"
+CHAMPION = "champion"
+
+
+class ModelError(InputError):
+    """The model asked for is not there or lacks what it needs (not found, no threshold): exit 2."""
+
+
+class ModelStoreError(PneumoError):
+    """The store holding the model failed (unreachable, broken artifact): exit 1."""
+
+
+def champion_uri(model: str = MODEL_NAME) -> str:
+    return f"models:/{model}@{CHAMPION}"
+
+
+def source_run(uri: str) -> tuple[str | None, dict, str | None]:
+    """(run id, version tags, version) behind a model URI: `runs:/<id>/...` has no version and no tags."""
+    from mlflow import MlflowClient
+
+    client = MlflowClient()
+    if uri.startswith("runs:/"):
+        return uri.removeprefix("runs:/").split("/")[0], {}, None
+    if uri.startswith("models:/"):
+        name, _, ref = uri.removeprefix("models:/").partition("@")
+        if ref:
+            mv = client.get_model_version_by_alias(name, ref)
+        else:
+            name, _, version = name.partition("/")
+            mv = client.get_model_version(name, version)
+        return mv.run_id, dict(mv.tags), str(mv.version)
+    return None, {}, None
+
+
+def _tag(name: str, version_tags: dict, run_tags: dict) -> str | None:
+    """A version's own tag wins over its training run's (promotion may re-fit, training set the first)."""
+    return version_tags.get(name, run_tags.get(name))
+
+
+def load_keras(uri: str):
+    """The Keras model behind an MLflow URI, as saved (MLflow's Keras flavour); custom layers registered."""
+    import mlflow
+
+    import pipeline.augment  # noqa: F401  (registers RandomAffine, should the model use it)
+
+    return mlflow.keras.load_model(uri)
+
+
+def model_uses_meta(model) -> bool:
+    return any(getattr(t, "name", "").split(":")[0] == "meta" for t in model.inputs)
+
+
+@dataclass
+class LoadedModel:
+    model: object
+    uri: str
+    version: str  # "3" for a registered version, "run:<id>" otherwise
+    threshold: float | None  # on the calibrated scale; None when the version carries none
+    temperature: float  # 1.0 = uncalibrated
+    digest: str
+    image_size: int
+    uses_meta: bool
+    run_id: str | None = None
+    tags: dict = field(default_factory=dict)  # the version's tags over its run's
+
+    def calibrate(self, raw) -> np.ndarray:
+        from pipeline.calibration import apply_temperature
+
+        return apply_temperature(raw, self.temperature)
+
+    def raw_probabilities(self, images, meta=None) -> np.ndarray:
+        """The network's own sigmoid output for a batch of uint8 images (B, H, W, 1)."""
+        inputs = {"image": images}
+        if self.uses_meta:
+            if meta is None:
+                raise ModelError(f"model {self.uri} takes metadata inputs: pass the meta vectors")
+            inputs["meta"] = meta
+        return np.asarray(self.model.predict_on_batch(inputs), dtype=np.float64).reshape(-1)
+
+    def probabilities(self, images, meta=None) -> np.ndarray:
+        """Calibrated probabilities for a batch: what every output of the system reports."""
+        return self.calibrate(self.raw_probabilities(images, meta))
+
+
+def load(uri: str, tracking_uri: str | None = None, threshold: float | None = None,
+         require_threshold: bool = True) -> LoadedModel:
+    """The model behind `uri` with its threshold, temperature and dataset digest; `threshold` overrides the
+    stored one. ModelError (one line, naming the URI and the store) when anything is missing."""
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
+    from pipeline import tracking
+
+    resolved = tracking.resolve_tracking_uri(tracking_uri)
+    tracking.setup(tracking_uri)
+    try:
+        run_id, version_tags, version = source_run(uri)
+        model = load_keras(uri)
+        run_tags = dict(MlflowClient().get_run(run_id).data.tags) if run_id else {}
+    except MlflowException as e:
+        # No such model, version or alias (MLflow answers RESOURCE_DOES_NOT_EXIST, or INVALID_PARAMETER_VALUE
+        # for an unknown alias) is the caller's choice of URI; anything else is the store failing.
+        error = ModelError if e.error_code in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE") \
+            else ModelStoreError
+        raise error(f"model {uri} in store {tracking.masked(resolved)}: "
+                    f"{' '.join(str(e.message).split())[:300]}") from None
+    tags = {**run_tags, **version_tags}
+    if threshold is None:
+        stored = _tag("threshold", version_tags, run_tags)
+        threshold = float(stored) if stored is not None else None
+    if threshold is None and require_threshold:
+        raise ModelError(f"model {uri} has no stored threshold (tag `threshold` on its version or run): "
+                         "pass --threshold")
+    temperature = float(_tag("temperature", version_tags, run_tags) or 1.0)
+    return LoadedModel(model=model, uri=uri, version=version or (f"run:{run_id}" if run_id else uri),
+                       threshold=threshold, temperature=temperature,
+                       digest=_tag("dataset_digest", version_tags, run_tags) or "",
+                       image_size=int(model.inputs[0].shape[1]), uses_meta=model_uses_meta(model),
+                       run_id=run_id, tags=tags)
