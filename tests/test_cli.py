@@ -228,7 +228,7 @@ def test_train_registers_and_tags_its_run(synth_data, tracking_uri, tmp_path, mo
     client = MlflowClient(tracking_uri, tracking_uri)
     (mv,) = client.search_model_versions("name='cli-cnn'")
     run = client.get_run(mv.run_id)
-    assert mv.version == "1" and mv.status == "READY"
+    assert str(mv.version) == "1" and mv.status == "READY"
     # Readable name: the experiment file's stem and the start time.
     assert run.info.run_name.startswith("smoke-20") and len(run.info.run_name) == len("smoke-20260101-120000")
     # Provenance: the checkout's commit and whether tracked files differ from it.
