@@ -64,6 +64,22 @@ def test_predict_from_another_folder_creates_no_store_and_names_it(tmp_path):
     assert not (elsewhere / "mlruns").exists() and not (home / "mlruns").exists()
 
 
+def test_a_model_not_found_names_the_store_and_what_fills_it(tmp_path, capsys):
+    from mlflow import MlflowClient
+
+    from pipeline import tracking
+    from pipeline.cli import main
+
+    uri = f"sqlite:///{tmp_path}/mlruns/mlflow.db"
+    tracking.setup(uri)
+    MlflowClient(uri, uri).search_experiments()  # an existing, empty store
+    (tmp_path / "scan.dcm").write_bytes(b"DICM")
+    assert main(["predict", str(tmp_path / "scan.dcm"), "--tracking-uri", uri]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith(f"pneumo predict: error: model models:/pneumonia-cnn@champion in store {uri}: ")
+    assert err.endswith("(`pneumo train --register`, `pneumo tune` or `pneumo demo` registers models)")
+
+
 @pytest.mark.parametrize("argv", [
     ["evaluate", "--model", "models:/pneumonia-cnn@champion", "--data", "DATA"],
     ["explain", "FILE"],
