@@ -75,6 +75,8 @@ def setup(uri: str | None = None, read_only: str | None = None) -> MlflowClient:
         require_store(uri, read_only)
     elif is_local(uri):
         Path(uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+    if uri.startswith("postgresql"):
+        _check_database(uri)
     if is_server(uri):
         for key, value in HTTP_RETRY_DEFAULTS.items():
             os.environ.setdefault(key, value)  # MLflow reads them at every request
@@ -120,6 +122,28 @@ def source_tags() -> dict[str, str]:
     except (OSError, subprocess.SubprocessError):
         return {}
     return {"mlflow.source.git.commit": commit, "git_dirty": str(bool(dirty)).lower()}
+
+
+_checked: set[str] = set()  # database stores that answered once in this process
+
+
+def _check_database(uri: str) -> None:
+    """One connection attempt (10 s at most) before MLflow opens the store: MLflow itself retries a database
+    that does not answer for ~100 s, printing a multi-line warning each time, before its own error."""
+    import sqlalchemy as sa
+
+    if uri in _checked:
+        return
+    engine = sa.create_engine(uri, poolclass=sa.pool.NullPool, connect_args={"connect_timeout": 10})
+    try:
+        with engine.connect():
+            pass
+    except sa.exc.OperationalError as e:
+        reason = str(e.orig if e.orig is not None else e).strip().splitlines()[0]
+        raise TrackingError(f"MLflow store {masked(uri)} does not answer: {reason}") from None
+    finally:
+        engine.dispose()
+    _checked.add(uri)
 
 
 def ensure_experiment(name: str, uri: str | None = None) -> str:

@@ -131,6 +131,17 @@ def test_unreachable_postgresql_is_one_line_exit_1(tmp_path):
     assert not (tmp_path / "mlruns" / "mlflow.db").exists()  # checked before the MLflow store is made
 
 
+def test_an_unreachable_postgresql_tracking_store_is_one_line_exit_1(tmp_path, capsys):
+    from pipeline.cli import main
+
+    (tmp_path / "scan.dcm").write_bytes(b"DICM")
+    code = main(["predict", str(tmp_path / "scan.dcm"), "--tracking-uri", "postgresql://u:s3cret@127.0.0.1:1/m"])
+    err = capsys.readouterr().err.strip()
+    assert code == 1 and "\n" not in err, err  # at once: not after MLflow's ~100 s of retries
+    assert err.startswith("pneumo predict: error: MLflow store postgresql+psycopg://u:***@127.0.0.1:1/m does not "
+                          "answer: connection failed") and "s3cret" not in err
+
+
 def test_a_full_disk_is_one_line_exit_1(tmp_path, monkeypatch, capsys):
     """ENOSPC from the first file write (simulated in-process: no tmpfs can be mounted here)."""
     from pipeline.cli import main
