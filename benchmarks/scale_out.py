@@ -48,17 +48,17 @@ class Databases:
     """Creates uniquely named databases on the server and drops them all on exit."""
 
     def __init__(self, server_url: str):
-        import psycopg2
+        import psycopg  # psycopg 3, the project's one PostgreSQL driver
         from sqlalchemy.engine import make_url
 
         url = make_url(server_url)
         errors = []
         for user in [url.username] if url.username else ["postgres", "root"]:
             try:
-                self.conn = psycopg2.connect(host=url.host or "127.0.0.1", port=url.port or 5432, user=user,
-                                             password=url.password, dbname="postgres", connect_timeout=5)
+                self.conn = psycopg.connect(host=url.host or "127.0.0.1", port=url.port or 5432, user=user,
+                                            password=url.password, dbname="postgres", connect_timeout=5)
                 break
-            except psycopg2.OperationalError as e:
+            except psycopg.OperationalError as e:
                 errors.append(f"{user}: {' '.join(str(e).split())}")
         else:
             raise SystemExit(f"PostgreSQL not reachable at {server_url}: {'; '.join(errors)}")

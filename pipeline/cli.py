@@ -10,7 +10,7 @@ import argparse
 import os
 import sys
 
-from pipeline.errors import InputError
+from pipeline.errors import InputError, one_line
 
 # TensorFlow's C++ start-up chatter (CPU feature notes, CUDA probes) drowns the useful output.
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -18,14 +18,55 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 def _add_tracking(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tracking-uri", default=None,
-                   help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else sqlite:///mlruns/mlflow.db)")
+                   help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else sqlite:///mlruns/mlflow.db "
+                        "under $PNEUMO_HOME or the project folder)")
+
+
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Every flag's help ends with its default, unless the help already says it (a None default means
+    "see the help text", never "(default: None)"; an on/off switch is off unless given)."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if "default" in text or action.default in (None, False) or isinstance(action.default, list):
+            return text
+        return super()._get_help_string(action)
+
+
+class _Parser(argparse.ArgumentParser):
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("formatter_class", _HelpFormatter)
+        super().__init__(*args, **kwargs)
+
+
+def _number(kind: type, low: float, high: float | None = None, what: str = ""):
+    """An argparse type: a `kind` number in [low, high]; the error names the flag (argparse adds it)."""
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not {'an integer' if kind is int else 'a number'}: {text!r}") \
+                from None
+        if value < low or (high is not None and value > high):
+            bound = f"in [{low}, {high}]" if high is not None else f">= {low}"
+            raise argparse.ArgumentTypeError(f"must be {bound}{what}, got {text}")
+        return value
+
+    parse.__name__ = kind.__name__
+    return parse
+
+
+positive_int = _number(int, 1)
+non_negative_int = _number(int, 0)
+port_number = _number(int, 1, 65535)
+probability = _number(float, 0.0, 1.0)
 
 
 def cmd_synth(a):
     from pipeline.synth import make_synthetic_dataset
 
     s = make_synthetic_dataset(a.out, n=a.n, positive_rate=a.positive_rate, size=a.size, seed=a.seed,
-                               workers=a.workers)
+                               workers=a.workers, progress=not a.quiet)
     print(f"wrote {s['n']} synthetic DICOMs ({s['positives']} positive) to {a.out} in {s['seconds']:.1f} s")
 
 
@@ -46,11 +87,21 @@ def cmd_convert(a):
 
 def cmd_train(a):
     from pipeline.config import load_config
+
+    # The experiment file is checked before TensorFlow loads (seconds): a typo answers at once.
+    cfg = load_config(a.config, a.set)
+    if a.register and not cfg.train.log_model:
+        raise UsageError("--register needs train.log_model = true (nothing is logged to register)")
+    from pipeline.manifest import load_manifest
+
+    load_manifest(a.data or cfg.data.dir)  # a missing dataset, too
     from pipeline.train import summary_table, train
 
-    cfg = load_config(a.config, a.set)
-    result = train(cfg, a.data, tracking_uri=a.tracking_uri, config_file=a.config)
+    result = train(cfg, a.data, tracking_uri=a.tracking_uri, config_file=a.config, register_as=a.register)
     print(summary_table(result))
+    if result.model_version:
+        print(f"registered {a.register} version {result.model_version} "
+              f"(pneumo promote --model-name {a.register} gates it against the champion)")
 
 
 def cmd_tune(a):
@@ -62,7 +113,16 @@ def cmd_tune(a):
              storage=a.storage, tracking_uri=a.tracking_uri, config_file=a.config)
 
 
+def _read_only(a, uri: str | None = None) -> None:
+    """A command that only reads the MLflow store must not create an empty one (see pipeline.stores)."""
+    from pipeline.stores import require_store, resolve_tracking_uri
+
+    if uri is None or uri.startswith(("models:/", "runs:/")):  # a local model folder needs no store
+        require_store(resolve_tracking_uri(a.tracking_uri), a.command)
+
+
 def cmd_evaluate(a):
+    _read_only(a, a.model)
     from pipeline.scoring import evaluate_model
 
     report = evaluate_model(a.model, a.data, a.split, tracking_uri=a.tracking_uri, out=a.out)
@@ -73,25 +133,28 @@ def cmd_evaluate(a):
 def cmd_demo(a):
     from pipeline.demo import run_demo
 
-    run_demo(workdir=a.workdir, tracking_uri=a.tracking_uri, n=a.n)
+    run_demo(workdir=a.workdir, tracking_uri=a.tracking_uri, n=a.n, quiet=a.quiet)
 
 
 def cmd_promote(a):
+    _read_only(a)  # it moves an alias at most: a store without registered models cannot be promoted from
     from pipeline.registry import format_decision, promote
 
-    decision = promote(a.model, a.data, study=a.study, metric=a.metric, min_delta=a.min_delta,
+    decision = promote(a.model_name, a.data, study=a.study, metric=a.metric, min_delta=a.min_delta,
                        dry_run=a.dry_run, version=a.version, tracking_uri=a.tracking_uri)
     print(format_decision(decision))
 
 
 def cmd_predict(a):
+    _read_only(a, a.model)
     from pipeline.predict import run_predict
 
     run_predict(a.paths, a.model, a.out, tracking_uri=a.tracking_uri, force=a.force, threshold=a.threshold,
-                batch_size=a.batch_size)
+                batch_size=a.batch_size, progress=False if a.quiet else None)
 
 
 def cmd_explain(a):
+    _read_only(a, a.model)
     from pipeline.explain import run_explain
 
     run_explain(a.paths, a.model, a.out, tracking_uri=a.tracking_uri)
@@ -114,16 +177,21 @@ class UsageError(InputError):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="pneumo", description="Pneumonia chest X-ray training system")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    from pipeline import __version__
+
+    parser = _Parser(prog="pneumo", description="Pneumonia chest X-ray training system")
+    parser.add_argument("--version", action="version", version=f"pneumo {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=_Parser)
 
     p = sub.add_parser("synth", help="write a synthetic RSNA-like DICOM dataset")
-    p.add_argument("--out", required=True)
-    p.add_argument("--n", type=int, default=200)
-    p.add_argument("--positive-rate", type=float, default=0.25)
-    p.add_argument("--size", type=int, default=1024)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--workers", type=int, default=os.cpu_count() or 1)
+    p.add_argument("--out", required=True, help="output folder (RSNA layout)")
+    p.add_argument("--n", type=int, default=200, help="synthetic patients")
+    p.add_argument("--positive-rate", type=float, default=0.25, help="fraction of positive patients")
+    p.add_argument("--size", type=int, default=1024, help="DICOM width and height in pixels")
+    p.add_argument("--seed", type=int, default=0, help="random seed")
+    p.add_argument("--workers", type=positive_int, default=os.cpu_count() or 1,
+                   help="writer processes (default: the core count, %(default)s here)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_synth)
 
     p = sub.add_parser("convert", help="DICOMs (or class folders) -> sharded TFRecords + manifest")
@@ -132,50 +200,61 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("--image-dir", help="folder with NORMAL/ and PNEUMONIA/ class folders")
     p.add_argument("--labels", help="RSNA label CSV (with --dicom-dir)")
     p.add_argument("--patient-regex", help="regex with one group: the patient id in an image file name")
-    p.add_argument("--out", required=True)
-    p.add_argument("--image-size", type=int, default=256)
-    p.add_argument("--workers", type=int, default=None, help="decode processes (default: the core count)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--test-frac", type=float, default=0.2)
-    p.add_argument("--val-frac", type=float, default=0.2)
-    p.add_argument("--limit", type=int, default=None, help="convert only the first N labelled inputs")
+    p.add_argument("--out", required=True, help="output folder for the shards and manifest.json")
+    p.add_argument("--image-size", type=positive_int, default=256, help="stored image width and height")
+    p.add_argument("--workers", type=positive_int, default=None, help="decode processes (default: the core count)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the patient-level split")
+    p.add_argument("--test-frac", type=float, default=0.2, help="fraction of patients in the test split")
+    p.add_argument("--val-frac", type=float, default=0.2, help="fraction of the remaining patients in validation")
+    p.add_argument("--limit", type=positive_int, default=None,
+                   help="convert only the first N labelled inputs (default: all)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_convert)
 
     p = sub.add_parser("train", help="one training run, tracked in MLflow")
     p.add_argument("--config", required=True, help="experiments/<name>.toml")
     p.add_argument("--data", default=None, help="converted data folder (default: [data] dir of the config)")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config key (repeatable; default: none)")
+    p.add_argument("--register", nargs="?", const="pneumonia-cnn", default=None, metavar="NAME",
+                   help="register the run's model as a new version of NAME (default: not registered; "
+                        "NAME defaults to pneumonia-cnn)")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("tune", help="an Optuna study; every trial an MLflow run")
-    p.add_argument("--config", required=True)
-    p.add_argument("--study", required=True)
-    p.add_argument("--data", default=None)
-    p.add_argument("--trials", type=int, default=None, help="N more finished trials for this launch")
-    p.add_argument("--timeout", type=float, default=None, help="seconds after which no new trial starts")
-    p.add_argument("--workers", type=int, default=1, help="worker processes (one per GPU when GPUs exist)")
+    p.add_argument("--config", required=True, help="experiments/<name>.toml with a [tune.space]")
+    p.add_argument("--study", required=True, help="study name (also the MLflow experiment)")
+    p.add_argument("--data", default=None, help="converted data folder (default: [data] dir of the config)")
+    p.add_argument("--trials", type=non_negative_int, default=None,
+                   help="N more finished trials for this launch (default: tune.trials of the config)")
+    p.add_argument("--timeout", type=_number(float, 1e-9), default=None,
+                   help="seconds after which no new trial starts (default: none)")
+    p.add_argument("--workers", type=positive_int, default=1, help="worker processes (one per GPU when GPUs exist)")
     p.add_argument("--storage", default=None,
-                   help="Optuna RDB URL (default: $PNEUMO_OPTUNA_STORAGE, else sqlite:///mlruns/optuna.db)")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+                   help="Optuna RDB URL (default: $PNEUMO_OPTUNA_STORAGE, else sqlite:///mlruns/optuna.db "
+                        "under $PNEUMO_HOME or the project folder)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config key (repeatable; default: none)")
     p.set_defaults(func=cmd_tune)
 
     p = sub.add_parser("evaluate", help="metrics of a model on a split, with CIs and the baseline")
     p.add_argument("--model", required=True, help="model URI, e.g. models:/pneumonia-cnn@champion")
-    p.add_argument("--data", required=True)
-    p.add_argument("--split", default="test", choices=["train", "val", "test"])
+    p.add_argument("--data", required=True, help="converted data folder")
+    p.add_argument("--split", default="test", choices=["train", "val", "test"], help="split to score")
     p.add_argument("--out", default=None, help="JSON report (default: <data>/evaluation-<split>.json)")
     p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("promote", help="gate the best version against the champion; move the alias")
-    p.add_argument("--model", default="pneumonia-cnn", help="registered model name")
+    p.add_argument("--model-name", default="pneumonia-cnn", help="registered model name")
+    p.add_argument("--model", dest="model_name", help=argparse.SUPPRESS)  # deprecated alias of --model-name
     p.add_argument("--data", default=None,
                    help="converted dataset whose locked test split both are scored on (default: the candidate's)")
-    p.add_argument("--study", default=None, help="only versions of this Optuna study")
+    p.add_argument("--study", default=None, help="only versions of this Optuna study (default: all versions)")
     p.add_argument("--metric", default="val_auc", help="validation metric that ranks the candidates")
-    p.add_argument("--min-delta", type=float, default=0.0,
+    p.add_argument("--min-delta", type=_number(float, 0.0), default=0.0,
                    help="promote unless the candidate's test AUC is below the champion's by more than this")
-    p.add_argument("--version", default=None, help="gate this version instead of the best-ranked one")
+    p.add_argument("--version", default=None,
+                   help="gate this version instead of the best-ranked one (default: the best-ranked)")
     p.add_argument("--dry-run", action="store_true", help="print the decision, change nothing")
     p.set_defaults(func=cmd_promote)
 
@@ -184,49 +263,69 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default=None, help="model URI (default: models:/pneumonia-cnn@champion)")
     p.add_argument("--out", default=None, help="CSV file (default: CSV to stdout, or a table on a terminal)")
     p.add_argument("--force", action="store_true", help="predict files whose header is out of scope too")
-    p.add_argument("--threshold", type=float, default=None, help="override the model's stored threshold")
-    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--threshold", type=probability, default=None,
+                   help="override the model's stored threshold (default: the stored one)")
+    p.add_argument("--batch-size", type=positive_int, default=64, help="images per model call")
+    p.add_argument("--quiet", action="store_true", help="no progress bar (default: one from 50 files on)")
     p.set_defaults(func=cmd_predict)
 
     p = sub.add_parser("explain", help="Grad-CAM heat maps over DICOMs or PNG/JPEG files, one PNG each")
     p.add_argument("paths", nargs="+", metavar="PATH", help="DICOM or PNG/JPEG files or folders (recursive)")
     p.add_argument("--model", default=None, help="model URI (default: models:/pneumonia-cnn@champion)")
-    p.add_argument("--out", default="explanations", help="folder for <stem>.png (default: explanations)")
+    p.add_argument("--out", default="explanations", help="folder for <stem>.png")
     p.set_defaults(func=cmd_explain)
 
     p = sub.add_parser("ui", help="the MLflow UI on 127.0.0.1 over the project's stores")
-    p.add_argument("--port", type=int, default=5000)
+    p.add_argument("--port", type=port_number, default=5000, help="port on 127.0.0.1")
     p.set_defaults(func=cmd_ui)
 
     p = sub.add_parser("dashboard", help="optuna-dashboard on the study storage (optional extra)")
-    p.add_argument("--port", type=int, default=8080)
+    p.add_argument("--port", type=port_number, default=8080, help="port on 127.0.0.1")
     p.add_argument("--storage", default=None,
-                   help="Optuna RDB URL (default: $PNEUMO_OPTUNA_STORAGE, else sqlite:///mlruns/optuna.db)")
+                   help="Optuna RDB URL (default: $PNEUMO_OPTUNA_STORAGE, else sqlite:///mlruns/optuna.db "
+                        "under $PNEUMO_HOME or the project folder)")
     p.set_defaults(func=cmd_dashboard)
 
     p = sub.add_parser("demo", help="synth -> convert -> ... on the embedded stores")
-    p.add_argument("--workdir", default=".", help="where tfrecords/ and mlruns/ go (default: here)")
-    p.add_argument("--n", type=int, default=800, help="synthetic patients")
+    p.add_argument("--workdir", default=".",
+                   help="where tfrecords/ and, unless --tracking-uri is given, mlruns/ go (default: %(default)s, the current folder)")
+    p.add_argument("--n", type=positive_int, default=800, help="synthetic patients")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_demo)
 
-    for p in sub.choices.values():
-        _add_tracking(p)
+    for name, p in sub.choices.items():
+        if name not in NO_TRACKING:
+            _add_tracking(p)
     return parser
+
+
+NO_TRACKING = ("synth", "convert", "dashboard")  # commands that never touch the MLflow store
 
 
 def _third_party_errors() -> tuple[type[BaseException], ...]:
     """MLflow's error, only where the command already loaded MLflow (importing it just to name it costs
     seconds); its messages name the store and the object, which is the reason the user needs."""
+    errors = []
     if "mlflow.exceptions" in sys.modules:
-        return (sys.modules["mlflow.exceptions"].MlflowException,)
-    return ()
+        errors.append(sys.modules["mlflow.exceptions"].MlflowException)
+    if "sqlalchemy.exc" in sys.modules:  # a database store that refuses, times out or runs out of space
+        errors.append(sys.modules["sqlalchemy.exc"].SQLAlchemyError)
+    return tuple(errors)
+
+
+def _reason(e: BaseException) -> str:
+    """One line: a database error's own first line (SQLAlchemy appends the SQL and a help link)."""
+    orig = getattr(e, "orig", None)
+    if orig is not None:
+        return f"{type(e).__name__}: " + (str(orig).strip().splitlines() or [type(orig).__name__])[0]
+    return one_line(e)
 
 
 def main(argv: list[str] | None = None) -> int:
     """Run one command. Exit 0 on success, 2 on bad input (`InputError`, a missing file), 1 on a failure at
     run time (`PneumoError`, an OS error such as a full disk, a store that does not answer), 130 on Ctrl-C;
     every failure is one line on stderr, never a traceback."""
-    from pipeline.errors import PneumoError, one_line
+    from pipeline.errors import PneumoError
 
     args = build_parser().parse_args(argv)
     try:
@@ -242,7 +341,7 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as e:  # a full disk, a permission, a connection refused: the input was fine
         code, reason = 1, one_line(e)
     except _third_party_errors() as e:
-        code, reason = 1, one_line(e)
+        code, reason = 1, _reason(e)
     print(f"pneumo {args.command}: error: {reason}", file=sys.stderr)
     return code
 

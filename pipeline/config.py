@@ -92,7 +92,6 @@ class TuneConfig:
     startup_trials: int = 5  # random trials before TPE and before the median pruner may prune
     warmup_epochs: int = 1  # epochs before a trial may be pruned
     heartbeat_interval: int = 10  # seconds; a trial silent for 2x this is stale and retried
-    grace_period: int = 0  # seconds one worker keeps polling for stale trials at the end (0 = 3 heartbeats)
     max_retries: int = 2
     model_name: str = "pneumonia-cnn"
     space: dict = field(default_factory=dict)  # "section.key" -> {type, low, high, log, step, choices}
@@ -140,6 +139,64 @@ CHOICES = {
 }
 
 
+INF = float("inf")
+# Allowed ranges of numeric keys: (low, high, high_open). `low` is inclusive; `high` is inclusive unless
+# high_open. A value outside is an error naming the key, so `--set data.batch_size=0` fails before any work
+# instead of deep inside TensorFlow. Checked for files, overrides and every value a search space can propose.
+BOUNDS: dict[str, tuple[float, float, bool]] = {
+    "data.batch_size": (1, INF, False),
+    "data.cache_budget_mb": (0, INF, False),
+    "data.shuffle_buffer": (0, INF, False),
+    "data.interleave_cycle": (1, INF, False),
+    "model.blocks": (1, INF, False),
+    "model.filters": (1, INF, False),
+    "model.growth": (1e-9, INF, False),  # > 0
+    "model.max_filters": (0, INF, False),
+    "model.kernel_size": (1, INF, False),
+    "model.convs_per_block": (1, INF, False),
+    "model.stem_stride": (1, INF, False),
+    "model.stem_filters": (0, INF, False),
+    "model.dropout": (0, 1, True),
+    "model.dense_units": (0, INF, False),
+    "augment.rotation": (0, 1, False),  # fraction of a full turn
+    "augment.zoom": (0, 1, True),
+    "augment.translation": (0, 1, True),
+    "augment.contrast": (0, 1, False),
+    "augment.brightness": (0, 1, False),
+    "train.epochs": (1, INF, False),
+    "train.steps_per_epoch": (0, INF, False),
+    "train.learning_rate": (1e-12, INF, False),  # > 0
+    "train.weight_decay": (0, INF, False),
+    "train.early_stopping_patience": (0, INF, False),
+    "train.lr_plateau_patience": (0, INF, False),
+    "train.target_sensitivity": (0, 1, False),
+    "train.bootstrap": (0, INF, False),
+    "train.seed": (0, INF, False),
+    "tune.trials": (1, INF, False),
+    "tune.seed": (0, INF, False),
+    "tune.startup_trials": (0, INF, False),
+    "tune.warmup_epochs": (0, INF, False),
+    "tune.heartbeat_interval": (1, INF, False),
+    "tune.max_retries": (0, INF, False),
+}
+
+
+def _range_text(key: str) -> str:
+    low, high, high_open = BOUNDS[key]
+    if high == INF:
+        return "> 0" if 0 < low < 1e-6 else f">= {low:g}"
+    return f"in [{low:g}, {high:g}{')' if high_open else ']'}"
+
+
+def check_range(key: str, value: Any) -> None:
+    """ConfigError naming key and value when a number lies outside BOUNDS."""
+    if key not in BOUNDS or isinstance(value, bool) or not isinstance(value, int | float):
+        return
+    low, high, high_open = BOUNDS[key]
+    if not (low <= value and (value < high if high_open else value <= high)):
+        raise ConfigError(f"config key {key!r} must be {_range_text(key)}, got {value!r}")
+
+
 def _section_type(section: str) -> type:
     return get_type_hints(Config)[section]
 
@@ -173,6 +230,7 @@ def _check(key: str, value: Any) -> Any:
     allowed = CHOICES.get(key)
     if allowed and value not in allowed:
         raise ConfigError(f"config key {key!r} must be one of {', '.join(allowed)}, got {value!r}")
+    check_range(key, value)
     return value
 
 
@@ -244,6 +302,11 @@ def validate_space(space: dict, where: str = "config") -> None:
             raise ConfigError(f"{where}: [tune.space] {key!r} has log = true but low <= 0")
         if spec.get("log") and spec.get("step"):
             raise ConfigError(f"{where}: [tune.space] {key!r} cannot have both log and step")
+        for end in (low, high):  # every value the sampler may propose must be a valid setting
+            try:
+                check_range(key, end)
+            except ConfigError as e:
+                raise ConfigError(f"{where}: [tune.space] {key!r} low/high: {e}") from None
         if kind == "int" and want is not int:
             raise ConfigError(f"{where}: [tune.space] {key!r} is {want.__name__}, not int")
         if kind == "float" and want is not float:

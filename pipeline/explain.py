@@ -344,14 +344,17 @@ def load(model_uri: str | None = None, tracking_uri: str | None = None):
 
 def _load_model(uri: str):
     """From the store MLflow is pointed at now."""
+    import mlflow
     from mlflow.exceptions import MlflowException
 
     from pipeline.model_store import load_keras
+    from pipeline.stores import FILLED_BY, masked
 
     try:
         return load_keras(uri)
-    except MlflowException as e:
-        raise ExplainError(f"model {uri}: {' '.join(str(e.message).split())[:300]}") from None
+    except MlflowException as e:  # name the store it looked in and what fills it
+        raise ExplainError(f"model {uri}: {' '.join(str(e.message).split())[:300]} (store "
+                           f"{masked(mlflow.get_tracking_uri())}; {FILLED_BY['tracking']} registers models)") from None
 
 
 def _png_name(path: Path, used: set[str]) -> str:

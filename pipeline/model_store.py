@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from pipeline.errors import InputError, PneumoError
+from pipeline.stores import FILLED_BY
 
 MODEL_NAME = "pneumonia-cnn"
 CHAMPION = "champion"
@@ -118,10 +119,11 @@ def load(uri: str, tracking_uri: str | None = None, threshold: float | None = No
     except MlflowException as e:
         # No such model, version or alias (MLflow answers RESOURCE_DOES_NOT_EXIST, or INVALID_PARAMETER_VALUE
         # for an unknown alias) is the caller's choice of URI; anything else is the store failing.
-        error = ModelError if e.error_code in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE") \
-            else ModelStoreError
+        missing = e.error_code in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE")
+        error = ModelError if missing else ModelStoreError
+        hint = f" ({FILLED_BY['tracking']} registers models)" if missing else ""
         raise error(f"model {uri} in store {tracking.masked(resolved)}: "
-                    f"{' '.join(str(e.message).split())[:300]}") from None
+                    f"{' '.join(str(e.message).split())[:300]}{hint}") from None
     tags = {**run_tags, **version_tags}
     if threshold is None:
         stored = _tag("threshold", version_tags, run_tags)

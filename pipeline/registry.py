@@ -29,7 +29,6 @@ import contextlib
 import datetime
 import fcntl
 import hashlib
-import importlib.util
 import json
 import math
 import os
@@ -119,8 +118,8 @@ def versions(client: MlflowClient, model: str) -> list:
     try:
         client.get_registered_model(model)
     except MlflowException:
-        raise RegistryError(f"no registered model {model!r} in {client.tracking_uri}: no registered versions "
-                            "(`pneumo train` and `pneumo tune` register every model they log)") from None
+        raise RegistryError(f"no registered model {model!r} in store {tracking.masked(client.tracking_uri)}: "
+                            "`pneumo train --register` or `pneumo tune` registers the models it trains") from None
     found = client.search_model_versions(f"name='{model}'")
     return [mv for mv in found if mv.status == "READY"]
 
@@ -130,7 +129,8 @@ def rank_candidates(client: MlflowClient, model: str, metric: str = "val_auc", s
     """-> (candidates best first, [(version, why it is not a candidate)])."""
     all_versions = versions(client, model)
     if not all_versions:
-        raise RegistryError(f"registered model {model!r} has no registered versions (train or tune first)")
+        raise RegistryError(f"registered model {model!r} has no registered versions: "
+                            "`pneumo train --register` or `pneumo tune` registers them")
     runs = _Runs(client)
     ranked, skipped = [], []
     for mv in all_versions:
@@ -269,10 +269,9 @@ def _advisory_lock(uri: str, model: str, deadline: float, poll: float, give_up: 
     """A session-level advisory lock in the tracking database (PostgreSQL or MySQL/MariaDB)."""
     import sqlalchemy as sa
 
-    url = sa.engine.make_url(uri)
-    if url.drivername in ("postgresql", "postgres") and importlib.util.find_spec("psycopg") is None:
-        # SQLAlchemy 2.1 maps a bare postgresql:// to psycopg 3; the project ships psycopg2-binary.
-        url = url.set(drivername="postgresql+psycopg2")
+    from pipeline.stores import postgres_driver
+
+    url = sa.engine.make_url(postgres_driver(uri))  # psycopg 3, the project's one PostgreSQL driver
     engine = sa.create_engine(url, poolclass=sa.pool.NullPool)
     name = f"pneumo-promote:{model}"
     if engine.dialect.name == "postgresql":

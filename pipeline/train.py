@@ -194,8 +194,14 @@ def train(cfg: Config, data_dir: str | Path | None = None, *, tracking_uri: str 
     backup = Path(tcfg.checkpoint_dir) / key
     previous = backup / "mlflow_run_id"
     resume_id = previous.read_text().strip() if previous.exists() else None
-    run = mlflow.start_run(run_id=resume_id, experiment_id=None if resume_id else exp_id, run_name=run_name,
-                           parent_run_id=None if resume_id else parent_run_id, tags=tags)
+    # `pneumo train` runs get a readable name, the experiment file's stem and the start time (the run key
+    # above stays name-free, so an interrupted run still resumes); trials pass their own names.
+    display = run_name or f"{Path(config_file).stem if config_file else cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    tracking.enable_system_metrics()
+    run = mlflow.start_run(run_id=resume_id, experiment_id=None if resume_id else exp_id,
+                           run_name=run_name if resume_id else display,
+                           parent_run_id=None if resume_id else parent_run_id,
+                           tags={**tracking.source_tags(), **(tags or {})}, log_system_metrics=True)
     run_id = run.info.run_id
     try:
         if on_run_started:

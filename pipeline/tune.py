@@ -16,7 +16,7 @@ How a launch works:
 
 from __future__ import annotations
 
-import importlib.util
+import datetime
 import json
 import os
 import shutil
@@ -67,14 +67,9 @@ class WorkerSpec:
 
 
 def resolve_storage(url: str | None) -> str:
-    url = resolve_optuna_storage(url)
-    if url.startswith("sqlite:///"):
-        Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
-    if url.startswith("postgresql://") and importlib.util.find_spec("psycopg") is None:
-        # SQLAlchemy 2.1 reads a bare postgresql:// as psycopg 3; where only psycopg2 is installed (an older
-        # environment of this project), name it, as pipeline.registry does.
-        url = "postgresql+psycopg2://" + url.removeprefix("postgresql://")
-    return url
+    """--storage, else $PNEUMO_OPTUNA_STORAGE, else the project's SQLite file (pipeline.stores; PostgreSQL
+    through psycopg 3). Creates nothing: `run_tune` makes the SQLite folder, read-only commands never do."""
+    return resolve_optuna_storage(url)
 
 
 def config_to_json(cfg: Config) -> dict:
@@ -107,14 +102,20 @@ class StaleTrialSweeper:
 
 
 def make_storage(url: str, cfg: Config) -> optuna.storages.RDBStorage:
+    import sqlalchemy.exc
+
     engine_kwargs = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {"pool_pre_ping": True}
-    return optuna.storages.RDBStorage(
-        url,
-        engine_kwargs=engine_kwargs,
-        heartbeat_interval=cfg.tune.heartbeat_interval,
-        grace_period=2 * cfg.tune.heartbeat_interval,
-        heartbeat_stale_trial_callback=StaleTrialSweeper(cfg.tune.max_retries),
-    )
+    try:
+        return optuna.storages.RDBStorage(
+            url,
+            engine_kwargs=engine_kwargs,
+            heartbeat_interval=cfg.tune.heartbeat_interval,
+            grace_period=2 * cfg.tune.heartbeat_interval,
+            heartbeat_stale_trial_callback=StaleTrialSweeper(cfg.tune.max_retries),
+        )
+    except sqlalchemy.exc.OperationalError as e:  # refused, unknown host, bad password, full disk: run time
+        reason = str(e.orig if e.orig is not None else e).strip().splitlines()[0]
+        raise TuneError(f"Optuna storage {masked(url)} does not answer: {reason}") from None
 
 
 def make_sampler(cfg: Config, worker: int) -> optuna.samplers.BaseSampler:
@@ -291,7 +292,7 @@ def prepare(cfg: Config, study_name: str, storage_url: str, tracking_uri: str, t
             parent = None  # the MLflow store was reset: start a new parent
     if not parent:
         run = client.create_run(exp_id, run_name=f"study:{study_name}",
-                                tags={"study": study_name, "kind": "study"})
+                                tags={"study": study_name, "kind": "study", **tracking.source_tags()})
         parent = run.info.run_id
         study.set_user_attr("mlflow_parent_run_id", parent)
         study.set_user_attr("mlflow_experiment_id", exp_id)
@@ -323,12 +324,17 @@ def run_tune(cfg: Config, study_name: str, *, data_dir: str | None = None, trial
         raise TuneError(f"{data_dir}/manifest.json not found: run `pneumo convert` first (or pass --data)")
     trials = cfg.tune.trials if trials is None else trials
     storage_url = resolve_storage(storage)
+    if storage_url.startswith("sqlite:///"):
+        Path(storage_url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+    make_storage(storage_url, cfg)  # a storage that does not answer fails before any MLflow store is made
     uri = tracking.resolve_tracking_uri(tracking_uri)
     tracking.setup(uri)
     parent, waiting = prepare(cfg, study_name, storage_url, uri, trials)
     print(f"study {study_name}: {trials} trials queued" + (f" (+{waiting} left by an earlier launch)" if waiting else "")
           + f"; {workers} worker(s); storage {masked(storage_url)}; MLflow {masked(uri)} parent run {parent}",
           flush=True)
+    launched = datetime.datetime.now()  # Optuna stamps trials with naive local time
+    crashed: list[int] = []
     spec = WorkerSpec(study=study_name, storage=storage_url, tracking_uri=uri, data_dir=data_dir,
                       config=config_to_json(cfg), parent_run_id=parent,
                       deadline=time.time() + timeout if timeout else None,
@@ -337,7 +343,7 @@ def run_tune(cfg: Config, study_name: str, *, data_dir: str | None = None, trial
         if workers <= 1:
             work(spec)
         else:
-            _run_worker_processes(spec, workers)
+            crashed = _run_worker_processes(spec, workers)
     finally:
         from mlflow import MlflowClient
 
@@ -348,10 +354,27 @@ def run_tune(cfg: Config, study_name: str, *, data_dir: str | None = None, trial
             print(f"warning: study summary not refreshed: {e}", file=sys.stderr)
         MlflowClient().set_terminated(parent, "FINISHED")
     print(study_report.summary_table(study))
+    problem = launch_problem(study, launched, crashed)
+    if problem:
+        raise TuneError(f"study {study_name}: {problem}")
     return study
 
 
-def _run_worker_processes(spec: WorkerSpec, workers: int) -> None:
+def launch_problem(study: optuna.Study, since: datetime.datetime, crashed: list[int]) -> str | None:
+    """Why this launch failed, for the summary and a non-zero exit: crashed workers (their exit codes), or
+    every trial the launch finished failed. None when at least one trial completed or was pruned."""
+    mine = [t for t in study.get_trials(deepcopy=False) if t.datetime_start and t.datetime_start >= since
+            and t.state.is_finished()]
+    failed = sum(t.state == TrialState.FAIL for t in mine)
+    reasons = []
+    if crashed:
+        reasons.append(f"{len(crashed)} worker(s) crashed (exit codes {', '.join(map(str, crashed))})")
+    if mine and failed == len(mine):
+        reasons.append(f"every trial of this launch failed ({failed} FAIL; see each run's `error` tag)")
+    return "; ".join(reasons) or None
+
+
+def _run_worker_processes(spec: WorkerSpec, workers: int) -> list[int]:
     gpus = count_gpus()
     with tempfile.TemporaryDirectory(prefix="pneumo-tune-") as tmp:
         procs = []
@@ -371,9 +394,7 @@ def _run_worker_processes(spec: WorkerSpec, workers: int) -> None:
             for p in procs:
                 p.wait(timeout=120)
             raise
-    bad = [c for c in codes if c != 0]
-    if bad:
-        print(f"warning: {len(bad)} worker(s) exited with errors {bad}", file=sys.stderr)
+    return [c for c in codes if c != 0]  # the caller reports them and exits non-zero
 
 
 def worker_main(spec_path: str) -> int:

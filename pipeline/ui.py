@@ -232,17 +232,17 @@ def _serve(server: ManagedServer, what: str) -> None:
 
 def run_ui(tracking_uri: str | None = None, port: int = 5000) -> None:
     """`pneumo ui`: the MLflow UI over the project's stores (the embedded SQLite store by default)."""
-    uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or "sqlite:///mlruns/mlflow.db"
+    from pipeline.stores import project_home, require_store, resolve_tracking_uri
+
+    uri = resolve_tracking_uri(tracking_uri)  # the project's store, not the current folder's
     if uri.startswith(("http://", "https://")):
         print(f"the tracking store is already a server: open {uri}")
         return
     if not uri.startswith("sqlite:///"):
-        artifacts = Path("mlruns") / "artifacts"
+        artifacts = project_home() / "mlruns" / "artifacts"
     else:
-        db = Path(uri.removeprefix("sqlite:///"))
-        if not db.exists():
-            raise UiError(f"{db}: no MLflow store yet (run `pneumo train`, `tune` or `demo` first)")
-        artifacts = db.parent / "artifacts"
+        require_store(uri, "ui")  # opening it would create an empty store
+        artifacts = Path(uri.removeprefix("sqlite:///")).parent / "artifacts"
     _check_port(port)
     _serve(MlflowServer(uri, artifacts, port=port, log_file=artifacts.parent / "mlflow-server.log"),
            "MLflow UI")
@@ -252,11 +252,11 @@ def run_dashboard(storage: str | None = None, port: int = 8080) -> None:
     """`pneumo dashboard`: optuna-dashboard on the study storage, when the optional extra is installed."""
     if importlib.util.find_spec("optuna_dashboard") is None:
         raise UiError(f"optuna-dashboard is not installed: {DASHBOARD_HINT}")
+    from pipeline.stores import require_store
     from pipeline.tune import resolve_storage
 
     url = resolve_storage(storage)
-    if url.startswith("sqlite:///") and not Path(url.removeprefix("sqlite:///")).exists():
-        raise UiError(f"{url.removeprefix('sqlite:///')}: no Optuna storage yet (run `pneumo tune` first)")
+    require_store(url, "dashboard", kind="optuna")
     _check_port(port)
     _serve(DashboardServer(url, port=port), "Optuna dashboard")
 

@@ -303,13 +303,12 @@ def test_promotion_lock_times_out_with_a_reason(bare_registry):
 
 def test_promotion_lock_on_postgresql():
     """The database advisory lock, against the machine's PostgreSQL when there is one."""
-    pytest.importorskip("psycopg2")
-    import psycopg2
+    import psycopg  # psycopg 3 only: the lock must not need psycopg2
 
     url = "postgresql://postgres@127.0.0.1:5432/test"
     try:
-        psycopg2.connect(url, connect_timeout=2).close()
-    except psycopg2.OperationalError as e:
+        psycopg.connect(url, connect_timeout=2).close()
+    except psycopg.OperationalError as e:
         pytest.skip(f"no PostgreSQL on 127.0.0.1:5432 ({e})")
     from pipeline.registry import promotion_lock
 

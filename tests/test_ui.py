@@ -100,7 +100,7 @@ def test_ui_without_a_store_says_so(tmp_path, capsys):
     from pipeline.cli import main
 
     assert main(["ui", "--tracking-uri", f"sqlite:///{tmp_path}/none/mlflow.db"]) == 2
-    assert "no MLflow store yet" in capsys.readouterr().err
+    assert f"no MLflow store at {tmp_path}/none/mlflow.db" in capsys.readouterr().err
 
 
 def test_dashboard_missing_extra_names_the_install(monkeypatch, capsys):
