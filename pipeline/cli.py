@@ -24,22 +24,32 @@ def _add_tracking(p: argparse.ArgumentParser) -> None:
 def cmd_synth(a):
     from pipeline.synth import make_synthetic_dataset
 
-    s = make_synthetic_dataset(a.out, n=a.n, positive_rate=a.positive_rate, size=a.size, seed=a.seed,
-                               workers=a.workers)
+    s = make_synthetic_dataset(a.out, n=a.n, positive_rate=a.positive_rate, size=a.image_size, seed=a.seed,
+                               workers=a.workers, progress=not a.quiet)
     print(f"wrote {s['n']} synthetic DICOMs ({s['positives']} positive) to {a.out} in {s['seconds']:.1f} s")
 
 
 def cmd_convert(a):
     from pipeline.convert import convert_image_dir, convert_rsna, summary
 
+    patient_regex, out = a.patient_regex, a.out
+    if a.config:  # the recipe's own patient rule and output folder ([data] patient_regex, dir)
+        from pipeline.config import load_config
+
+        data = load_config(a.config, []).data
+        patient_regex = patient_regex or data.patient_regex or None
+        out = out or data.dir
+    if not out:
+        raise UsageError("--out is required (or --config with a [data] dir)")
+    a.out = out
     common = dict(image_size=a.image_size, workers=a.workers, seed=a.seed, test_frac=a.test_frac,
-                  val_frac=a.val_frac, limit=a.limit, progress=not a.quiet)
+                  val_frac=a.val_frac, limit=a.limit, progress=not a.quiet, decode_timeout=a.decode_timeout)
     if a.image_dir:
-        manifest = convert_image_dir(a.image_dir, a.out, patient_regex=a.patient_regex, **common)
+        manifest = convert_image_dir(a.image_dir, out, patient_regex=patient_regex, **common)
     else:
         if not a.labels:
             raise UsageError("--dicom-dir needs --labels CSV")
-        manifest = convert_rsna(a.dicom_dir, a.labels, a.out, **common)
+        manifest = convert_rsna(a.dicom_dir, a.labels, out, **common)
     print(summary(manifest))
     print(f"wrote {a.out}/manifest.json")
 
@@ -88,7 +98,7 @@ def cmd_predict(a):
     from pipeline.predict import run_predict
 
     run_predict(a.paths, a.model, a.out, tracking_uri=a.tracking_uri, force=a.force, threshold=a.threshold,
-                batch_size=a.batch_size)
+                batch_size=a.batch_size, with_patient_id=a.with_patient_id)
 
 
 def cmd_explain(a):
@@ -121,9 +131,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True)
     p.add_argument("--n", type=int, default=200)
     p.add_argument("--positive-rate", type=float, default=0.25)
-    p.add_argument("--size", type=int, default=1024)
+    p.add_argument("--image-size", "--size", dest="image_size", type=int, default=1024,
+                   help="stored image side in pixels (default: 1024; --size is the older name)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--workers", type=int, default=os.cpu_count() or 1)
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_synth)
 
     p = sub.add_parser("convert", help="DICOMs (or class folders) -> sharded TFRecords + manifest")
@@ -131,14 +143,20 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("--dicom-dir", help="folder of <patientId>.dcm (RSNA layout)")
     src.add_argument("--image-dir", help="folder with NORMAL/ and PNEUMONIA/ class folders")
     p.add_argument("--labels", help="RSNA label CSV (with --dicom-dir)")
-    p.add_argument("--patient-regex", help="regex with one group: the patient id in an image file name")
-    p.add_argument("--out", required=True)
+    p.add_argument("--patient-regex", help="regex with one group: the patient id in an image file name "
+                   "(default: [data] patient_regex of --config)")
+    p.add_argument("--config", default=None,
+                   help="experiment file whose [data] patient_regex and dir are the defaults for the rule and --out")
+    p.add_argument("--out", default=None, help="output folder (default: [data] dir of --config)")
     p.add_argument("--image-size", type=int, default=256)
     p.add_argument("--workers", type=int, default=None, help="decode processes (default: the core count)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--test-frac", type=float, default=0.2)
     p.add_argument("--val-frac", type=float, default=0.2)
-    p.add_argument("--limit", type=int, default=None, help="convert only the first N labelled inputs")
+    p.add_argument("--limit", type=int, default=None,
+                   help="convert only N labelled inputs (image folders: a stratified N, both classes kept)")
+    p.add_argument("--decode-timeout", type=float, default=60.0,
+                   help="seconds one file may take to decode before it is rejected (default: 60)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_convert)
 
@@ -186,6 +204,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="predict files whose header is out of scope too")
     p.add_argument("--threshold", type=float, default=None, help="override the model's stored threshold")
     p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--with-patient-id", action="store_true",
+                   help="add the header's PatientID column (PHI; left out by default)")
     p.set_defaults(func=cmd_predict)
 
     p = sub.add_parser("explain", help="Grad-CAM heat maps over DICOMs or PNG/JPEG files, one PNG each")
