@@ -43,7 +43,7 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.dicom import DicomError, load_image_file, read_dicom
-from pipeline.errors import PneumoError
+from pipeline.errors import InputError, PneumoError
 from pipeline.files import atomic_write_text, fsync_dir, sha256_file
 from pipeline.records import SCHEMA_VERSION, Record, encode_example, frame_record
 
@@ -58,6 +58,10 @@ DECODE_TIMEOUT_S = 60.0
 
 class ConvertError(PneumoError):
     """A one-line reason the conversion cannot run (bad inputs, a foreign output folder, nothing written)."""
+
+
+class ConvertValueError(ConvertError, InputError):
+    """A bad flag value (--limit, --test-frac, ...): the user's mistake, exit status 2."""
 
 
 @dataclass(frozen=True)
@@ -372,14 +376,14 @@ def run_conversion(items: list[Item], source: dict, out: str | Path, image_size:
     if not items:
         raise ConvertError("no labelled inputs to convert")
     if not 16 <= image_size <= 4096:
-        raise ConvertError(f"--image-size must be between 16 and 4096, got {image_size}")
+        raise ConvertValueError(f"--image-size must be between 16 and 4096, got {image_size}")
     for name, value in (("--test-frac", test_frac), ("--val-frac", val_frac)):
         if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value < 1:
-            raise ConvertError(f"{name} must be a number in [0, 1), got {value!r}")
+            raise ConvertValueError(f"{name} must be a number in [0, 1), got {value!r}")
     if workers is not None and workers < 1:
-        raise ConvertError(f"--workers must be at least 1, got {workers}")
+        raise ConvertValueError(f"--workers must be at least 1, got {workers}")
     if not decode_timeout or decode_timeout <= 0:
-        raise ConvertError(f"--decode-timeout must be positive, got {decode_timeout!r}")
+        raise ConvertValueError(f"--decode-timeout must be positive, got {decode_timeout!r}")
     workers = workers or os.cpu_count() or 1
     root = None if root is None else os.fspath(root)
     start = time.perf_counter()
@@ -424,7 +428,7 @@ NO_PATIENT_RULE = ("no patient rule: every image is treated as its own patient, 
 
 def _check_limit(limit: int | None) -> None:
     if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
-        raise ConvertError(f"--limit must be a positive integer, got {limit!r}")
+        raise ConvertValueError(f"--limit must be a positive integer, got {limit!r}")
 
 
 def stratified_take(found: list, limit: int) -> list:
