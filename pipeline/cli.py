@@ -110,7 +110,7 @@ def cmd_explain(a):
 def cmd_ui(a):
     from pipeline.ui import run_ui
 
-    run_ui(a.tracking_uri, a.port)
+    run_ui(a.tracking_uri, a.port, host=a.host, auth=a.auth)
 
 
 def cmd_dashboard(a):
@@ -216,6 +216,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("ui", help="the MLflow UI on 127.0.0.1 over the project's stores")
     p.add_argument("--port", type=int, default=5000)
+    p.add_argument("--host", default="127.0.0.1",
+                   help="address to listen on (default: 127.0.0.1; another address warns: add --auth and TLS)")
+    p.add_argument("--auth", action="store_true",
+                   help="MLflow's basic-auth app: users and passwords (admin password from "
+                        "$MLFLOW_AUTH_ADMIN_PASSWORD)")
     p.set_defaults(func=cmd_ui)
 
     p = sub.add_parser("dashboard", help="optuna-dashboard on the study storage (optional extra)")
