@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import secrets
 import signal
 import socket
 import subprocess
@@ -223,6 +224,9 @@ class MlflowServer(ManagedServer):
                 raise UiError("authentication needs the admin password in the environment: set "
                               "MLFLOW_AUTH_ADMIN_PASSWORD (and MLFLOW_AUTH_ADMIN_USERNAME, default admin)")
             env.setdefault("MLFLOW_AUTH_CONFIG_PATH", str(self._auth_config()))
+            # The auth app's CSRF tokens are signed with this key: random per start unless set (several servers
+            # behind one proxy must share one: set MLFLOW_FLASK_SERVER_SECRET_KEY yourself).
+            env.setdefault("MLFLOW_FLASK_SERVER_SECRET_KEY", secrets.token_hex(32))
         return env
 
     def _auth_config(self) -> Path:
