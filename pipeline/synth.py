@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import io
 import numbers
-import os
 import time
 import uuid
 from dataclasses import dataclass
@@ -33,6 +32,7 @@ from pydicom.encaps import encapsulate
 from pydicom.uid import JPEGBaseline8Bit, SecondaryCaptureImageStorage
 
 from pipeline.errors import InputError
+from pipeline.files import atomic_write_bytes
 
 __all__ = ["make_synthetic_dataset", "IMAGES_DIR", "LABELS_CSV"]
 
@@ -284,9 +284,7 @@ def _patient_id(rng: np.random.Generator) -> str:
 
 
 def _write_atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
+    atomic_write_bytes(path, data)  # temp file, fsync, rename, folder fsync: never half a file after a crash
 
 
 def _make_one(args) -> _Case:
