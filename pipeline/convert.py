@@ -16,6 +16,10 @@ Faults a decode can meet, and what happens (each a `rejected` entry with its rea
   worker and rejected;
 * a worker killed by the kernel (out of memory, SIGKILL): the pool is rebuilt, the files that were in flight
   are retried one at a time, each in its own process, so only the culprit is rejected ("worker died ...").
+  With `--workers 1` decoding runs in the converter's own process (no pool to rebuild): a kill ends the run,
+  and the rerun resumes from the finished shards.
+The SIGALRM timeout interrupts Python code and blocking system calls; a C decoder stuck without returning to
+the interpreter is bounded by MAX_PIXELS / MAX_INFLATED_BYTES in pipeline/dicom.py rather than by the timer.
 
 Decode workers import pydicom, Pillow and numpy only: this module keeps its heavier imports (pandas through
 labels, tqdm) inside the functions that run in the parent.

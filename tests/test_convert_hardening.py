@@ -302,6 +302,14 @@ def test_patient_ids_with_commas_and_quotes_survive_splits_csv(tmp_path):
     assert all(len(row) == 3 for row in rows) and len(rows) == 5
 
 
+def test_a_fifo_in_an_image_folder_is_rejected_with_a_reason(tmp_path):
+    imgs = _image_folders(tmp_path / "imgs", {"NORMAL": ["a_0.png", "b_0.png"], "PNEUMONIA": ["c_0.png", "d_0.png"]})
+    os.mkfifo(imgs / "PNEUMONIA" / "e_0.png")
+    m = convert_image_dir(imgs, tmp_path / "out", patient_regex=r"^(\w)_", image_size=16, workers=2, progress=False)
+    assert m["rejected"] == [{"path": "PNEUMONIA/e_0.png", "reason": "not a regular file (a FIFO): skipped"}]
+    assert sum(sp["count"] for sp in m["splits"].values()) == 4
+
+
 def test_image_folder_without_a_rule_warns_and_limit_keeps_both_classes(tmp_path, capsys):
     imgs = _image_folders(tmp_path / "imgs", {"NORMAL": [f"n{k}.png" for k in range(4)],
                                               "PNEUMONIA": [f"p{k}.png" for k in range(16)]})

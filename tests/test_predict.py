@@ -51,7 +51,7 @@ def test_folder_with_a_corrupt_file_gets_a_row_per_file(registry_store, folder, 
     v = s.versions[1]
     out = tmp_path / "out" / "predictions.csv"
     code = main(["predict", str(folder), "--model", f"models:/{MODEL}/{v}", "--out", str(out),
-                 "--tracking-uri", s.uri])
+                 "--tracking-uri", s.uri, "--with-patient-id"])
     err = capsys.readouterr().err
     assert code == 2  # a file failed: non-zero, after writing every row
     assert "predicted 5 of 7 files" in err and "1 skipped as out of scope" in err and "1 failed to read" in err

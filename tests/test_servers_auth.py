@@ -69,12 +69,14 @@ def test_the_store_password_is_never_on_a_command_line_nor_in_an_error(postgres,
     assert not group_alive(pgid)
     import psycopg2
 
-    conn, _ = _admin_connection()
-    conn.close()
     db = make_url(url)
-    with psycopg2.connect(host=db.host, port=db.port, user=db.username, dbname=db.database) as c, c.cursor() as cur:
-        cur.execute("SELECT name FROM experiments WHERE name = 'pw-check'")
-        assert cur.fetchone() == ("pw-check",)
+    c = psycopg2.connect(host=db.host, port=db.port, user=db.username, dbname=db.database)
+    try:
+        with c.cursor() as cur:
+            cur.execute("SELECT name FROM experiments WHERE name = 'pw-check'")
+            assert cur.fetchone() == ("pw-check",)
+    finally:
+        c.close()  # (a psycopg2 `with` block only ends the transaction)
     assert SECRET not in (tmp_path / "server.log").read_text(errors="replace")
 
     # A store that cannot be opened: the error quotes the log, never the password.
