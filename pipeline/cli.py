@@ -65,7 +65,7 @@ probability = _number(float, 0.0, 1.0)
 def cmd_synth(a):
     from pipeline.synth import make_synthetic_dataset
 
-    s = make_synthetic_dataset(a.out, n=a.n, positive_rate=a.positive_rate, size=a.size, seed=a.seed,
+    s = make_synthetic_dataset(a.out, n=a.n, positive_rate=a.positive_rate, size=a.image_size, seed=a.seed,
                                workers=a.workers, progress=not a.quiet)
     print(f"wrote {s['n']} synthetic DICOMs ({s['positives']} positive) to {a.out} in {s['seconds']:.1f} s")
 
@@ -73,14 +73,24 @@ def cmd_synth(a):
 def cmd_convert(a):
     from pipeline.convert import convert_image_dir, convert_rsna, summary
 
+    patient_regex, out = a.patient_regex, a.out
+    if a.config:  # the recipe's own patient rule and output folder ([data] patient_regex, dir)
+        from pipeline.config import load_config
+
+        data = load_config(a.config, []).data
+        patient_regex = patient_regex or data.patient_regex or None
+        out = out or data.dir
+    if not out:
+        raise UsageError("--out is required (or --config with a [data] dir)")
+    a.out = out
     common = dict(image_size=a.image_size, workers=a.workers, seed=a.seed, test_frac=a.test_frac,
-                  val_frac=a.val_frac, limit=a.limit, progress=not a.quiet)
+                  val_frac=a.val_frac, limit=a.limit, progress=not a.quiet, decode_timeout=a.decode_timeout)
     if a.image_dir:
-        manifest = convert_image_dir(a.image_dir, a.out, patient_regex=a.patient_regex, **common)
+        manifest = convert_image_dir(a.image_dir, out, patient_regex=patient_regex, **common)
     else:
         if not a.labels:
             raise UsageError("--dicom-dir needs --labels CSV")
-        manifest = convert_rsna(a.dicom_dir, a.labels, a.out, **common)
+        manifest = convert_rsna(a.dicom_dir, a.labels, out, **common)
     print(summary(manifest))
     print(f"wrote {a.out}/manifest.json")
 
@@ -150,7 +160,8 @@ def cmd_predict(a):
     from pipeline.predict import run_predict
 
     run_predict(a.paths, a.model, a.out, tracking_uri=a.tracking_uri, force=a.force, threshold=a.threshold,
-                batch_size=a.batch_size, progress=False if a.quiet else None)
+                batch_size=a.batch_size, progress=False if a.quiet else None,
+                with_patient_id=a.with_patient_id)
 
 
 def cmd_explain(a):
@@ -163,7 +174,7 @@ def cmd_explain(a):
 def cmd_ui(a):
     from pipeline.ui import run_ui
 
-    run_ui(a.tracking_uri, a.port)
+    run_ui(a.tracking_uri, a.port, host=a.host, auth=a.auth)
 
 
 def cmd_dashboard(a):
@@ -187,7 +198,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output folder (RSNA layout)")
     p.add_argument("--n", type=int, default=200, help="synthetic patients")
     p.add_argument("--positive-rate", type=float, default=0.25, help="fraction of positive patients")
-    p.add_argument("--size", type=int, default=1024, help="DICOM width and height in pixels")
+    p.add_argument("--image-size", "--size", dest="image_size", type=positive_int, default=1024,
+                   help="stored image side in pixels (--size is the older name)")
     p.add_argument("--seed", type=int, default=0, help="random seed")
     p.add_argument("--workers", type=positive_int, default=os.cpu_count() or 1,
                    help="writer processes (default: the core count, %(default)s here)")
@@ -199,15 +211,20 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("--dicom-dir", help="folder of <patientId>.dcm (RSNA layout)")
     src.add_argument("--image-dir", help="folder with NORMAL/ and PNEUMONIA/ class folders")
     p.add_argument("--labels", help="RSNA label CSV (with --dicom-dir)")
-    p.add_argument("--patient-regex", help="regex with one group: the patient id in an image file name")
-    p.add_argument("--out", required=True, help="output folder for the shards and manifest.json")
+    p.add_argument("--patient-regex", help="regex with one group: the patient id in an image file name "
+                   "(default: [data] patient_regex of --config)")
+    p.add_argument("--config", default=None,
+                   help="experiment file whose [data] patient_regex and dir are the defaults for the rule and --out")
+    p.add_argument("--out", default=None, help="output folder (default: [data] dir of --config)")
     p.add_argument("--image-size", type=positive_int, default=256, help="stored image width and height")
     p.add_argument("--workers", type=positive_int, default=None, help="decode processes (default: the core count)")
     p.add_argument("--seed", type=int, default=0, help="seed of the patient-level split")
     p.add_argument("--test-frac", type=float, default=0.2, help="fraction of patients in the test split")
     p.add_argument("--val-frac", type=float, default=0.2, help="fraction of the remaining patients in validation")
     p.add_argument("--limit", type=positive_int, default=None,
-                   help="convert only the first N labelled inputs (default: all)")
+                   help="convert only N labelled inputs (image folders: a stratified N, both classes kept)")
+    p.add_argument("--decode-timeout", type=float, default=60.0,
+                   help="seconds one file may take to decode before it is rejected")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_convert)
 
@@ -267,6 +284,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="override the model's stored threshold (default: the stored one)")
     p.add_argument("--batch-size", type=positive_int, default=64, help="images per model call")
     p.add_argument("--quiet", action="store_true", help="no progress bar (default: one from 50 files on)")
+    p.add_argument("--with-patient-id", action="store_true",
+                   help="add the header's PatientID column (PHI; left out by default)")
     p.set_defaults(func=cmd_predict)
 
     p = sub.add_parser("explain", help="Grad-CAM heat maps over DICOMs or PNG/JPEG files, one PNG each")
@@ -276,7 +295,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_explain)
 
     p = sub.add_parser("ui", help="the MLflow UI on 127.0.0.1 over the project's stores")
-    p.add_argument("--port", type=port_number, default=5000, help="port on 127.0.0.1")
+    p.add_argument("--port", type=port_number, default=5000, help="port to listen on")
+    p.add_argument("--host", default="127.0.0.1",
+                   help="address to listen on (another than loopback warns: add --auth and TLS)")
+    p.add_argument("--auth", action="store_true",
+                   help="MLflow's basic-auth app: users and passwords (admin password from "
+                        "$MLFLOW_AUTH_ADMIN_PASSWORD)")
     p.set_defaults(func=cmd_ui)
 
     p = sub.add_parser("dashboard", help="optuna-dashboard on the study storage (optional extra)")

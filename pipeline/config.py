@@ -23,6 +23,9 @@ class ConfigError(InputError):
 @dataclass(frozen=True)
 class DataConfig:
     dir: str = "tfrecords/synth"  # converter output folder (relative to the working directory)
+    # Image folders: regex whose one group is the patient id in a file name, read by `pneumo convert --config`
+    # (the recipe carries its rule: without one every image is its own patient and patients leak).
+    patient_regex: str = ""
     batch_size: int = 32
     cache: str = "auto"  # auto | memory | none | <file path prefix>
     cache_budget_mb: int = 2048  # `auto` caches in memory when the serialised split fits this budget

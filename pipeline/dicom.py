@@ -89,12 +89,24 @@ __all__ = [
 # can declare any size). 100 M pixels is several times the largest radiographs (~4300 x 3500 = 15 M) and
 # costs 100 MB at 8 bits, 200 MB at 16, in a worker.
 MAX_PIXELS = 100_000_000
+# A Deflated Explicit VR Little Endian file is inflated in 1 MiB steps and refused once its data set would
+# exceed this many bytes (pydicom itself inflates the whole file in one call, before any size check: a 408 KB
+# file of zeros reached 857 MB). 2 bytes x MAX_PIXELS (the largest 16-bit image the pixel guard lets through)
+# plus 8 MiB of header. Peak memory of a worker refusing a bomb is this limit plus one step and the buffer's
+# growth slack: a 1.0 MB file inflating to 1 GiB is refused after 0.96 s at a tracemalloc peak of 225 MiB
+# (ru_maxrss +200 MiB); pydicom.dcmread alone took 20 s and 2.1 GB for it. A decode worker therefore needs at
+# most ~230 MiB for the inflate plus the decoded pixels (<= 200 MB at MAX_PIXELS, 16 bit). The test
+# tests/test_convert_hardening.py::test_deflate_bomb_memory_is_bounded checks the bound with a small limit.
+MAX_INFLATED_BYTES = 2 * MAX_PIXELS + 8 * 2**20
+_INFLATE_STEP = 2**20
 
 _PIXEL_KEYWORDS = ("PixelData", "FloatPixelData", "DoubleFloatPixelData")
 _GREY = {"MONOCHROME1", "MONOCHROME2"}
 _COLOUR = {"RGB", "YBR_FULL", "YBR_FULL_422", "YBR_ICT", "YBR_RCT"}
 _LUMA = np.array([0.299, 0.587, 0.114])
 _MAX_AGE = 130  # older is a data-entry error (RSNA's headers reportedly hold a few up to 155): unknown
+# HIPAA Safe Harbor (45 CFR 164.514(b)(2)(i)(C)): ages over 89 are aggregated into one category "90 or older".
+SAFE_HARBOR_AGE = 90
 _AGE_RE = re.compile(r"(\d{1,3})\s*([DWMY]?)", re.IGNORECASE)
 _AGE_DIVISOR = {"": 1, "Y": 1, "M": 12, "W": 52, "D": 365}
 # SOF0..SOF15 except DHT (C4), JPG (C8), DAC (CC); F7 is JPEG-LS's SOF55
@@ -124,7 +136,7 @@ class DicomImage:
     pixels: np.ndarray  # (size, size) uint8, C-contiguous
     view_position: str  # "AP" / "PA" / "" when absent (upper-cased, stripped)
     sex: str  # "M" / "F" / "O" / "" when absent
-    age: int  # years, -1 when absent/unparseable ("058Y" -> 58, "6M" -> 0, "58" -> 58)
+    age: int  # years, -1 when absent/unparseable ("058Y" -> 58, "6M" -> 0, "58" -> 58); over 89 -> 90
     patient_id: str  # header PatientID or "" (used by `predict` only; never stored in shards)
     modality: str  # e.g. "CR", "DX", "" when absent
     body_part: str  # BodyPartExamined upper-cased or ""
@@ -217,6 +229,14 @@ def _read_dicom(path: str | os.PathLike, size: int, fast_path: bool) -> DicomIma
 
 def _dcmread(path: str | os.PathLike) -> Dataset:
     try:
+        deflated = _read_deflated(path)
+    except DicomError:
+        raise
+    except Exception:  # not a DICOM with a readable file meta: the paths below say why
+        deflated = None
+    if deflated is not None:
+        return deflated
+    try:
         return pydicom.dcmread(path)
     except InvalidDicomError:
         pass
@@ -237,6 +257,41 @@ def _dcmread(path: str | os.PathLike) -> Dataset:
             "not a DICOM file: no 'DICM' file header, and no pixel data when parsed as a bare data set"
         )
     return ds
+
+
+def _read_deflated(path: str | os.PathLike) -> Dataset | None:
+    """A Deflated Explicit VR Little Endian file, inflated incrementally under MAX_INFLATED_BYTES; None when
+    the file is not deflated (the caller reads it with pydicom as usual)."""
+    import zlib
+
+    from pydicom.dataset import FileDataset
+    from pydicom.filebase import DicomBytesIO
+    from pydicom.filereader import _read_file_meta_info, read_dataset, read_preamble
+    from pydicom.uid import DeflatedExplicitVRLittleEndian
+
+    with open(path, "rb") as fp:
+        preamble = read_preamble(fp, False)
+        meta = _read_file_meta_info(fp)
+        if meta.get("TransferSyntaxUID") != DeflatedExplicitVRLittleEndian:
+            return None
+        inflater = zlib.decompressobj(-zlib.MAX_WBITS)  # raw deflate, as PS3.5 A.5 specifies
+        inflated = bytearray()
+        while True:
+            block = inflater.unconsumed_tail or fp.read(_INFLATE_STEP)
+            if not block:
+                break
+            try:
+                inflated += inflater.decompress(block, _INFLATE_STEP)
+            except zlib.error as e:
+                raise DicomError(f"corrupt deflated data set: {e}") from None
+            if len(inflated) > MAX_INFLATED_BYTES:
+                raise DicomError(f"deflated data set inflates past MAX_INFLATED_BYTES={MAX_INFLATED_BYTES} "
+                                 "(decompression-bomb guard): refused")
+            if inflater.eof:
+                break
+    ds = read_dataset(DicomBytesIO(bytes(inflated)), is_implicit_VR=False, is_little_endian=True)
+    return FileDataset(os.fspath(path), ds, preamble=preamble, file_meta=meta, is_implicit_VR=False,
+                       is_little_endian=True)
 
 
 def _check_pixel_module(ds: Dataset) -> tuple[int, int]:
@@ -337,7 +392,7 @@ def _age(value: str) -> int:
     if not m:
         return -1
     years = int(m[1]) // _AGE_DIVISOR[m[2].upper()]
-    return years if years <= _MAX_AGE else -1
+    return min(years, SAFE_HARBOR_AGE) if years <= _MAX_AGE else -1
 
 
 # ------------------------------------------------------------------------------------------ fast path

@@ -230,7 +230,9 @@ def scan_image_dir(root, patient_regex: str | None = None) -> tuple[list[ImageIt
             raise LabelError(f"{root}: missing class folder {class_dir}/ (expected NORMAL/ and PNEUMONIA/)")
         paths = sorted(
             p for p in folder.rglob("*")
-            if p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith(".") and p.is_file()
+            # not is_dir() rather than is_file(): a FIFO or device named x.png is listed, so the converter
+            # rejects it with a reason instead of it vanishing silently
+            if p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith(".") and not p.is_dir()
         )
         for p in paths:
             rel = p.relative_to(root)

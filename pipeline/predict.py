@@ -127,8 +127,11 @@ def summary(df, lm: LoadedModel, out: str | None) -> str:
 
 def run_predict(paths: list[str], model_uri: str | None = None, out: str | None = None, *,
                 tracking_uri: str | None = None, force: bool = False, threshold: float | None = None,
-                batch_size: int = 64, progress: bool | None = None, stdout=None) -> dict:
+                batch_size: int = 64, progress: bool | None = None, stdout=None,
+                with_patient_id: bool = False) -> dict:
     """`pneumo predict`: the CSV to `out` (or to stdout when it is not a terminal) and a summary line.
+
+    The header's PatientID is PHI: the output carries it only with `with_patient_id` (`--with-patient-id`).
 
     Raises PredictError after writing everything when any file failed, so the exit code is non-zero.
     """
@@ -138,6 +141,8 @@ def run_predict(paths: list[str], model_uri: str | None = None, out: str | None 
     files = collect_paths(paths, error=PredictError)
     lm = load(model_uri or champion_uri(), tracking_uri, threshold)
     df = predict_files(files, lm, force=force, batch_size=batch_size, progress=progress)
+    if not with_patient_id:
+        df = df.drop(columns=["patient_id"])
     tty = hasattr(stdout, "isatty") and stdout.isatty()
     if out:
         write_csv(df, out)

@@ -62,12 +62,17 @@ def _int64_feature(value: int) -> bytes:
     return _len_field(3, _len_field(1, _varint(value)))  # Feature.int64_list, packed
 
 
+def safe_harbor_age(age: int) -> int:
+    """HIPAA Safe Harbor: an age over 89 is stored as 90 (one '90 or older' category); -1 (unknown) stays."""
+    return min(age, 90)
+
+
 def encode_example(rec: Record) -> bytes:
     """`tf.train.Example` bytes for one record (deterministic: sorted keys)."""
     image = np.ascontiguousarray(rec.image, dtype=np.uint8)
     height, width = image.shape
     features = {
-        "age": _int64_feature(int(rec.age)),
+        "age": _int64_feature(safe_harbor_age(int(rec.age))),
         "boxes": _float_feature([float(v) for v in rec.boxes]),
         "height": _int64_feature(height),
         "image": _bytes_feature(image.tobytes()),

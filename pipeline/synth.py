@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import io
 import numbers
-import os
 import time
 import uuid
 from dataclasses import dataclass
@@ -31,6 +30,9 @@ from pydicom.dataelem import DataElement
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.encaps import encapsulate
 from pydicom.uid import JPEGBaseline8Bit, SecondaryCaptureImageStorage
+
+from pipeline.errors import InputError
+from pipeline.files import atomic_write_bytes
 
 __all__ = ["make_synthetic_dataset", "IMAGES_DIR", "LABELS_CSV"]
 
@@ -282,9 +284,7 @@ def _patient_id(rng: np.random.Generator) -> str:
 
 
 def _write_atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
+    atomic_write_bytes(path, data)  # temp file, fsync, rename, folder fsync: never half a file after a crash
 
 
 def _make_one(args) -> _Case:
@@ -311,6 +311,10 @@ def _csv_text(cases: list[_Case]) -> str:
     return "".join(lines)
 
 
+class SynthError(InputError):
+    """A bad argument to the synthetic generator (a ValueError too, for callers that catch that)."""
+
+
 def make_synthetic_dataset(
     out_dir,
     n: int = 200,
@@ -327,15 +331,15 @@ def make_synthetic_dataset(
     dataset. Files of earlier runs with other seeds are left alone (they would show as unlabelled inputs).
     """
     if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-        raise ValueError(f"n must be a positive integer, got {n!r}")
+        raise SynthError(f"--n must be a positive integer, got {n!r}")
     if isinstance(positive_rate, bool) or not isinstance(positive_rate, numbers.Real) or not 0 <= positive_rate <= 1:
-        raise ValueError(f"positive_rate must be in [0, 1], got {positive_rate!r}")
+        raise SynthError(f"--positive-rate must be in [0, 1], got {positive_rate!r}")
     if isinstance(size, bool) or not isinstance(size, int) or not 32 <= size <= 8192:
-        raise ValueError(f"size must be an integer in [32, 8192], got {size!r}")
+        raise SynthError(f"--image-size must be an integer in [32, 8192], got {size!r}")
     if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
-        raise ValueError(f"workers must be a positive integer, got {workers!r}")
+        raise SynthError(f"--workers must be a positive integer, got {workers!r}")
     if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
-        raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
+        raise SynthError(f"--seed must be a non-negative integer, got {seed!r}")
 
     start = time.perf_counter()
     out = Path(out_dir)

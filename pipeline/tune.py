@@ -101,12 +101,65 @@ class StaleTrialSweeper:
         self.retry(study, trial)
 
 
+# --- a storage that rides out a database restart -------------------------------------------------------------
+# A PostgreSQL restart (or pg_terminate_backend) kills every pooled connection. `pool_pre_ping` replaces a dead
+# connection when it is next checked out; a call already in flight fails with OperationalError (raw, or as the
+# cause of Optuna's StorageInternalError) and is retried here with backoff, on a fresh connection. The attempts
+# span ~30 s, longer than a restart takes. Caveat: a write whose commit reached the server but whose answer was
+# lost is applied twice on retry; the window is one round trip, and Optuna's trial writes are keyed by trial.
+STORAGE_RETRIES = 6
+_RETRIED_CALLS = (
+    "create_new_trial", "set_trial_param", "set_trial_state_values", "set_trial_intermediate_value",
+    "set_trial_user_attr", "set_trial_system_attr", "record_heartbeat", "set_study_user_attr",
+    "set_study_system_attr", "get_study_id_from_name", "get_study_name_from_id", "get_study_directions",
+    "get_study_user_attrs", "get_study_system_attrs", "get_trial_user_attrs", "get_trial_system_attrs",
+    "get_all_studies", "get_trial_param", "get_trial_id_from_study_id_trial_number", "get_trial",
+    "get_all_trials", "get_best_trial", "_get_stale_trial_ids",
+)
+
+
+def _transient(e: BaseException) -> bool:
+    """A lost connection (server restarted, backend terminated, network blip), not a bad statement."""
+    import sqlalchemy.exc
+
+    cause = e.__cause__ if isinstance(e, optuna.exceptions.StorageInternalError) else e
+    return isinstance(cause, sqlalchemy.exc.OperationalError) or (
+        isinstance(cause, sqlalchemy.exc.DBAPIError) and cause.connection_invalidated)
+
+
+def _retrying(name: str):
+    def call(self, *args, **kwargs):
+        method = getattr(optuna.storages.RDBStorage, name)  # looked up per call: tests can stand in for it
+        for attempt in range(STORAGE_RETRIES + 1):
+            try:
+                return method(self, *args, **kwargs)
+            except Exception as e:  # noqa: BLE001 (only a lost connection is retried)
+                if attempt == STORAGE_RETRIES or not _transient(e):
+                    raise
+                wait = min(0.5 * 2**attempt, 10.0)
+                print(f"optuna storage: connection lost in {name} ({type(e).__name__}); "
+                      f"retry {attempt + 1}/{STORAGE_RETRIES} in {wait:.1f} s", file=sys.stderr, flush=True)
+                self.scoped_session.remove()  # drop the session bound to the dead connection
+                time.sleep(wait)
+    call.__name__ = name
+    return call
+
+
+class ResilientRDBStorage(optuna.storages.RDBStorage):
+    """RDBStorage whose calls retry on a lost database connection (see STORAGE_RETRIES)."""
+
+
+for _name in _RETRIED_CALLS:
+    if hasattr(optuna.storages.RDBStorage, _name):
+        setattr(ResilientRDBStorage, _name, _retrying(_name))
+
+
 def make_storage(url: str, cfg: Config) -> optuna.storages.RDBStorage:
     import sqlalchemy.exc
 
     engine_kwargs = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {"pool_pre_ping": True}
     try:
-        return optuna.storages.RDBStorage(
+        return ResilientRDBStorage(
             url,
             engine_kwargs=engine_kwargs,
             heartbeat_interval=cfg.tune.heartbeat_interval,

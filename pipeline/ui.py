@@ -7,12 +7,21 @@ port, waits until `/health` answers and, on exit, stops it. Two facts shape it (
 - killing only the parent leaves `huey_consumer` children behind, so the server gets its own session
   (`start_new_session=True`: its own process group) and stop() signals the whole group.
 The tests of the tracking server reuse it. Nothing here imports MLflow: the server is a separate program.
+
+Secrets: the backend store URL (which may hold a database password) reaches the child through the environment
+(MLFLOW_BACKEND_STORE_URI, which `mlflow server` reads for --backend-store-uri), never its command line, which
+any local user can read in /proc/<pid>/cmdline; everything printed shows it through `stores.masked`.
+With `auth=True` the server runs MLflow's basic-auth app: every request but /health needs a user and password
+(401 otherwise); the admin account is created on first start from MLFLOW_AUTH_ADMIN_USERNAME (default admin)
+and MLFLOW_AUTH_ADMIN_PASSWORD, which must be set in the environment. Basic auth sends the password with every
+request: put TLS in front (docs/scale-out.md).
 """
 
 from __future__ import annotations
 
 import importlib.util
 import os
+import secrets
 import signal
 import socket
 import subprocess
@@ -24,8 +33,15 @@ import urllib.request
 from pathlib import Path
 
 from pipeline.errors import InputError
+from pipeline.stores import masked
 
 DASHBOARD_HINT = "pip install 'pneumo[dashboard]'"
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
+# Bounds that hold on a loaded 2-core machine: `mlflow server` starts in ~7 s idle and took over a minute with
+# eight jobs sharing the cores; a SIGTERM'ed group normally exits in 1-2 s, and whatever is left after
+# STOP_GRACE_S is SIGKILLed, so stop() returns within ~STOP_GRACE_S + 5 s whatever the load.
+STARTUP_TIMEOUT_S = 240.0
+STOP_GRACE_S = 10.0
 
 
 class UiError(InputError):
@@ -51,10 +67,10 @@ class ManagedServer:
     name = "server"
     health_path = "/"
 
-    def __init__(self, port: int | None = None, host: str = "127.0.0.1", startup_timeout: float = 120.0,
+    def __init__(self, port: int | None = None, host: str = "127.0.0.1", startup_timeout: float = STARTUP_TIMEOUT_S,
                  log_file: str | Path | None = None):
         self.host = host
-        self.port = port or free_port(host)
+        self.port = port or free_port("127.0.0.1" if host in ("0.0.0.0", "::") else host)
         self.startup_timeout = startup_timeout
         self.log_path = Path(log_file) if log_file else None
         self.proc: subprocess.Popen | None = None
@@ -62,7 +78,12 @@ class ManagedServer:
 
     @property
     def url(self) -> str:
-        return f"http://{self.host}:{self.port}"
+        host = "127.0.0.1" if self.host in ("0.0.0.0", "::") else self.host  # where this host reaches it
+        return f"http://{host}:{self.port}"
+
+    def secrets(self) -> list[str]:
+        """Strings that must never be shown (passwords in store URLs): masked in log tails and errors."""
+        return []
 
     def command(self) -> list[str]:
         raise NotImplementedError
@@ -75,11 +96,12 @@ class ManagedServer:
             fd, path = tempfile.mkstemp(prefix=f"pneumo-{self.name}-", suffix=".log")
             os.close(fd)
             self.log_path = Path(path)
+        command, env = self.command(), self.env()
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         self._log = open(self.log_path, "ab")
         try:
-            self.proc = subprocess.Popen(self.command(), stdin=subprocess.DEVNULL, stdout=self._log,
-                                         stderr=subprocess.STDOUT, env=self.env(), start_new_session=True)
+            self.proc = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=self._log,
+                                         stderr=subprocess.STDOUT, env=env, start_new_session=True)
         except OSError as e:
             self._log.close()
             raise UiError(f"cannot start {self.name}: {e.strerror or e}") from None
@@ -111,9 +133,11 @@ class ManagedServer:
             text = self.log_path.read_text(errors="replace")
         except OSError:
             return "(no log)"
+        for secret in self.secrets():
+            text = text.replace(secret, "***")
         return " ".join(text[-chars:].split()) or "(empty log)"
 
-    def stop(self, timeout: float = 15.0) -> None:
+    def stop(self, timeout: float = STOP_GRACE_S) -> None:
         """SIGTERM to the whole process group, SIGKILL to whatever is left after `timeout` seconds."""
         proc, self.proc = self.proc, None
         if proc is not None:
@@ -173,22 +197,60 @@ class MlflowServer(ManagedServer):
     health_path = "/health"
 
     def __init__(self, backend_uri: str, artifacts_dir: str | Path, port: int | None = None, *,
-                 host: str = "127.0.0.1", workers: int = 1, startup_timeout: float = 120.0,
-                 log_file: str | Path | None = None):
+                 host: str = "127.0.0.1", workers: int = 1, startup_timeout: float = STARTUP_TIMEOUT_S,
+                 log_file: str | Path | None = None, auth: bool = False):
         super().__init__(port, host, startup_timeout, log_file)
         self.backend_uri = _absolute_sqlite(backend_uri)
         self.artifacts_dir = Path(artifacts_dir).resolve()
         self.workers = workers
+        self.auth = auth
+
+    def secrets(self) -> list[str]:
+        shown = masked(self.backend_uri)
+        return [self.backend_uri] if shown != self.backend_uri else []
 
     def command(self) -> list[str]:
         self.artifacts_dir.mkdir(parents=True, exist_ok=True)
-        return [_executable("mlflow"), "server", "--backend-store-uri", self.backend_uri,
-                "--artifacts-destination", self.artifacts_dir.as_uri(), "--host", self.host,
-                "--port", str(self.port), "--workers", str(self.workers)]
+        cmd = [_executable("mlflow"), "server", "--artifacts-destination", self.artifacts_dir.as_uri(),
+               "--host", self.host, "--port", str(self.port), "--workers", str(self.workers)]
+        return cmd + (["--app-name", "basic-auth"] if self.auth else [])
 
     def env(self) -> dict[str, str]:
         # No job-execution consumers (huey): they cost processes and memory and the UI does not need them.
-        return {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+        env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false",
+               "MLFLOW_BACKEND_STORE_URI": self.backend_uri}  # by environment: argv is world-readable
+        if self.auth:
+            if not env.get("MLFLOW_AUTH_ADMIN_PASSWORD"):
+                raise UiError("authentication needs the admin password in the environment: set "
+                              "MLFLOW_AUTH_ADMIN_PASSWORD (and MLFLOW_AUTH_ADMIN_USERNAME, default admin)")
+            env.setdefault("MLFLOW_AUTH_CONFIG_PATH", str(self._auth_config()))
+            # The auth app's CSRF tokens are signed with this key: random per start unless set (several servers
+            # behind one proxy must share one: set MLFLOW_FLASK_SERVER_SECRET_KEY yourself).
+            env.setdefault("MLFLOW_FLASK_SERVER_SECRET_KEY", secrets.token_hex(32))
+        return env
+
+    def _auth_config(self) -> Path:
+        """An auth config whose user store lives beside the artifacts (MLflow's default is ./basic_auth.db,
+        wherever the server happens to start). Authenticated users may read; writing needs a grant or the
+        admin (MLflow's permission model); anonymous requests get 401."""
+        folder = self.artifacts_dir.parent
+        path = folder / "basic_auth.ini"
+        from pipeline.files import atomic_write_text
+
+        atomic_write_text(path, "[mlflow]\ndefault_permission = READ\n"
+                                f"database_uri = sqlite:///{folder / 'basic_auth.db'}\n"
+                                "admin_username = admin\n"
+                                "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n")
+        return path
+
+    def start(self) -> ManagedServer:
+        try:
+            return super().start()
+        except UiError as e:  # a log tail or a library message may quote the store URL
+            text = str(e)
+            for secret in self.secrets():
+                text = text.replace(secret, masked(secret))
+            raise UiError(text) from None
 
 
 class DashboardServer(ManagedServer):
@@ -230,22 +292,40 @@ def _serve(server: ManagedServer, what: str) -> None:
         signal.signal(signal.SIGTERM, previous)
 
 
-def run_ui(tracking_uri: str | None = None, port: int = 5000) -> None:
-    """`pneumo ui`: the MLflow UI over the project's stores (the embedded SQLite store by default)."""
+def remote_warning(host: str, auth: bool) -> str:
+    """The warning for a server reachable from other hosts ("" on a loopback address)."""
+    if host in LOOPBACK or host.startswith("127."):
+        return ""
+    if auth:
+        return (f"WARNING: serving on {host}: reachable from other hosts; basic auth sends passwords in clear "
+                "text, so put TLS in front (a reverse proxy, docs/scale-out.md)")
+    return (f"WARNING: serving on {host} WITHOUT authentication: anyone who can reach this port can read and "
+            "change every run and registered model. Add --auth (MLflow's basic-auth app; set "
+            "MLFLOW_AUTH_ADMIN_PASSWORD) and put TLS in front (a reverse proxy, docs/scale-out.md)")
+
+
+def run_ui(tracking_uri: str | None = None, port: int = 5000, host: str = "127.0.0.1", auth: bool = False) -> None:
+    """`pneumo ui`: the MLflow UI over the project's stores (the embedded SQLite store by default).
+
+    `host` other than loopback serves other machines and prints a warning (and how to add authentication);
+    `auth` runs MLflow's basic-auth app (MLFLOW_AUTH_ADMIN_PASSWORD in the environment)."""
     from pipeline.stores import project_home, require_store, resolve_tracking_uri
 
     uri = resolve_tracking_uri(tracking_uri)  # the project's store, not the current folder's
     if uri.startswith(("http://", "https://")):
-        print(f"the tracking store is already a server: open {uri}")
+        print(f"the tracking store is already a server: open {masked(uri)}")
         return
     if not uri.startswith("sqlite:///"):
         artifacts = project_home() / "mlruns" / "artifacts"
     else:
         require_store(uri, "ui")  # opening it would create an empty store
         artifacts = Path(uri.removeprefix("sqlite:///")).parent / "artifacts"
-    _check_port(port)
-    _serve(MlflowServer(uri, artifacts, port=port, log_file=artifacts.parent / "mlflow-server.log"),
-           "MLflow UI")
+    _check_port(port, host)
+    warning = remote_warning(host, auth)
+    if warning:
+        print(warning, file=sys.stderr, flush=True)
+    _serve(MlflowServer(uri, artifacts, port=port, host=host, auth=auth,
+                        log_file=artifacts.parent / "mlflow-server.log"), "MLflow UI")
 
 
 def run_dashboard(storage: str | None = None, port: int = 8080) -> None:
@@ -262,7 +342,8 @@ def run_dashboard(storage: str | None = None, port: int = 8080) -> None:
 
 
 def _check_port(port: int, host: str = "127.0.0.1") -> None:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as s:
         try:
             s.bind((host, port))
         except OSError:

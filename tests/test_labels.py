@@ -42,9 +42,9 @@ def write_csv(tmp_path: Path, body: str, header: str = HEADER) -> Path:
 def test_real_label_file():
     if not REAL_CSV.exists():
         pytest.skip(f"real RSNA label file not found at {REAL_CSV} (../shared/data is absent in a fresh clone)")
-    start = time.perf_counter()
+    start = time.process_time()  # CPU time: wall time fails on a busy machine (1.58 s seen with 7 other jobs)
     labels = read_rsna_labels(REAL_CSV)
-    seconds = time.perf_counter() - start
+    seconds = time.process_time() - start
     assert len(labels) == 26_684
     positives = [p for p in labels.values() if p.label == 1]
     assert len(positives) == 6_012
@@ -55,7 +55,7 @@ def test_real_label_file():
     assert next(iter(labels)) == "0004cfab-14fd-4e49-80ba-63a80b6bddd6"
     assert labels["00436515-870c-4b36-a041-de91049b9ab4"].boxes[0] == (264.0, 152.0, 213.0, 379.0)
     assert all(boxes_within(p, 1024, 1024) for p in positives)
-    assert seconds < 1.0, f"read_rsna_labels took {seconds:.2f} s on the real file"
+    assert seconds < 1.0, f"read_rsna_labels took {seconds:.2f} s of CPU on the real file"
 
 
 def test_small_file_groups_boxes_in_first_appearance_order(tmp_path):

@@ -51,7 +51,7 @@ def test_folder_with_a_corrupt_file_gets_a_row_per_file(registry_store, folder, 
     v = s.versions[1]
     out = tmp_path / "out" / "predictions.csv"
     code = main(["predict", str(folder), "--model", f"models:/{MODEL}/{v}", "--out", str(out),
-                 "--tracking-uri", s.uri])
+                 "--tracking-uri", s.uri, "--with-patient-id"])
     err = capsys.readouterr().err
     assert code == 2  # a file failed: non-zero, after writing every row
     assert "predicted 5 of 7 files" in err and "1 skipped as out of scope" in err and "1 failed to read" in err
@@ -106,7 +106,7 @@ def test_probabilities_equal_pneumo_evaluate(registry_store, tmp_path, which):
         uri = model_arg = f"models:/{META_MODEL}/{s.meta_version}"
     files = [str(_dicom(s, pid)) for pid in _test_patients(s.data)]
     out = tmp_path / "p.csv"
-    result = run_predict(files, model_arg, str(out), tracking_uri=s.uri, batch_size=16)
+    result = run_predict(files, model_arg, str(out), tracking_uri=s.uri, batch_size=16, with_patient_id=True)
     assert result["failed"] == 0
     df = pd.read_csv(out, dtype={"patient_id": str})
     report = evaluate_model(uri, s.data, "test", tracking_uri=s.uri, out=tmp_path / "eval.json", n_boot=10)
@@ -138,5 +138,5 @@ def test_csv_to_stdout_when_piped(registry_store, capsys):
     files = [str(_dicom(s, pid)) for pid in _test_patients(s.data)[:3]]
     run_predict(files, f"models:/{MODEL}/{s.versions[0]}", None, tracking_uri=s.uri)
     out = capsys.readouterr().out
-    assert out.splitlines()[0].startswith("path,patient_id,probability,prediction")
+    assert out.splitlines()[0].startswith("path,probability,prediction")  # no PatientID unless asked
     assert len(out.splitlines()) == 4

@@ -301,3 +301,57 @@ def test_postgres_urls_work_as_written_and_logs_hide_passwords():
         "postgresql+psycopg2://pneumo:***@db:5432/optuna"
     assert "s3cret" not in shown_url("http://user:s3cret@mlflow:5000")
     assert shown_url("http://127.0.0.1:5000") == "http://127.0.0.1:5000"
+
+
+def _terminate_backends(database: str) -> int:
+    """pg_terminate_backend on every session of one database: the same forced reconnect as a server restart,
+    without touching the other databases on this shared server. -> how many sessions were cut."""
+    conn, _ = _admin_connection()
+    try:
+        with conn.cursor() as cur:
+            cur.execute("SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
+                        "WHERE datname = %s AND pid <> pg_backend_pid()", (database,))
+            return cur.fetchone()[0]
+    finally:
+        conn.close()
+
+
+def test_a_study_rides_out_postgres_dropping_every_connection(synth_data, tmp_path, postgres):
+    """Every connection of the study's database is killed twice mid-study (as a PostgreSQL restart does):
+    the workers reconnect, the study completes, no trial is lost, failed or run twice."""
+    from optuna.trial import TrialState
+    from sqlalchemy.engine import make_url
+
+    storage = postgres("optuna")
+    database = make_url(storage).database
+    tracking = f"sqlite:///{tmp_path}/mlruns/mlflow.db"
+    log = tmp_path / "launch.log"
+    launcher = _launch(tmp_path, "pgcut", storage, tracking, synth_data, trials=4, workers=2, log=log)
+    cuts = []
+    try:
+        wait_for(lambda: _queued(log), 180, "the launch", launcher, log)
+        first = wait_for(lambda: _running_trial("pgcut", storage), 300, "a running trial", launcher, log)
+        cuts.append(_terminate_backends(database))  # mid-trial: heartbeats and the trial loop are connected
+        _STORAGES.pop(storage).engine.dispose()  # the test's own pool was cut too
+
+        def finished_one():
+            study = _storage(storage)
+            return any(t.state == TrialState.COMPLETE for t in study.get_all_trials(
+                study.get_study_id_from_name("pgcut"), deepcopy=False))
+        wait_for(finished_one, 300, "a finished trial", launcher, log)
+        cuts.append(_terminate_backends(database))  # again, between or inside later trials
+        _STORAGES.pop(storage).engine.dispose()
+        launcher.wait(timeout=600)
+    finally:
+        if launcher.poll() is None:
+            launcher.kill()
+            launcher.wait(timeout=30)
+    out = log.read_text()
+    assert launcher.returncode == 0, out
+    assert cuts[0] >= 2, cuts  # the kill really hit live sessions (workers' loops and heartbeats)
+    got = _check_study_and_runs("pgcut", storage, tracking, target=4)
+    study = got["study"]
+    assert not study.get_trials(states=(TrialState.FAIL,)), out  # nothing lost to the outage
+    assert len(study.trials) == 4  # and nothing run twice
+    assert first.number in {t.number for t in study.trials}
+    _report("pg_connections_cut", {"cuts": cuts, "trials": len(study.trials)})
