@@ -143,17 +143,21 @@ def test_an_unreachable_postgresql_tracking_store_is_one_line_exit_1(tmp_path, c
 
 
 def test_a_full_disk_is_one_line_exit_1(tmp_path, monkeypatch, capsys):
-    """ENOSPC from the first file write (simulated in-process: no tmpfs can be mounted here)."""
+    """ENOSPC while a file is being published (simulated in-process at the fsync every write goes through, as
+    delayed allocation reports it on a real full disk: no tmpfs can be mounted here); no temp file is left."""
+    from pipeline import files
     from pipeline.cli import main
 
-    def full(self, data):
-        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(self))
+    def full(fd):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
-    monkeypatch.setattr(Path, "write_bytes", full)
-    code = main(["synth", "--out", str(tmp_path / "raw"), "--n", "4", "--size", "64", "--workers", "1", "--quiet"])
+    monkeypatch.setattr(files.os, "fsync", full)
+    out = tmp_path / "raw"
+    code = main(["synth", "--out", str(out), "--n", "4", "--size", "64", "--workers", "1", "--quiet"])
     err = capsys.readouterr().err.strip()
     assert code == 1
-    assert err.startswith("pneumo synth: error: [Errno 28] No space left on device:") and "\n" not in err
+    assert err.startswith("pneumo synth: error: [Errno 28] No space left on device") and "\n" not in err
+    assert not [f for f in out.rglob("*") if f.is_file()], "nothing half-written is left behind"
 
 
 def test_bad_flag_values_exit_2_naming_the_flag(capsys):
