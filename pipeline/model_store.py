@@ -11,6 +11,7 @@ Imports MLflow and Keras lazily: the CLI's `--help` and the converter never pay 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 
@@ -55,13 +56,37 @@ def _tag(name: str, version_tags: dict, run_tags: dict) -> str | None:
     return version_tags.get(name, run_tags.get(name))
 
 
-def load_keras(uri: str):
-    """The Keras model behind an MLflow URI, as saved (MLflow's Keras flavour); custom layers registered."""
-    import mlflow
+def keras_from_file(path: str):
+    """A `.keras` file -> the Keras model; on a host without a GPU a mixed-precision model is rebuilt in
+    float32 (`pipeline.model.as_float32`), so a model trained on a GPU predicts here at full precision."""
+    import keras
 
     import pipeline.augment  # noqa: F401  (registers RandomAffine, should the model use it)
+    from pipeline.devices import has_gpu
+    from pipeline.model import as_float32
 
-    return mlflow.keras.load_model(uri)
+    model = keras.saving.load_model(path, compile=False)
+    return model if has_gpu() else as_float32(model)
+
+
+def load_keras(uri: str):
+    """The Keras model behind an MLflow URI: the `keras_model` artifact inside the serving pyfunc
+    (`pipeline.serving`), or a model logged with MLflow's Keras flavour before the pyfunc existed."""
+    import mlflow
+    from mlflow.models import Model
+
+    import pipeline.augment  # noqa: F401  (registers RandomAffine, should the model use it)
+    from pipeline.serving import KERAS_ARTIFACT
+
+    local = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri))
+    flavors = Model.load(local / "MLmodel").flavors
+    if "keras" in flavors:
+        return mlflow.keras.load_model(str(local))
+    artifacts = flavors.get("python_function", {}).get("artifacts", {})
+    if KERAS_ARTIFACT not in artifacts:
+        raise ModelError(f"model {uri} has neither a Keras flavour nor a `{KERAS_ARTIFACT}` artifact: "
+                         "not a pneumo model")
+    return keras_from_file(str(local / artifacts[KERAS_ARTIFACT]["path"]))
 
 
 def model_uses_meta(model) -> bool:
