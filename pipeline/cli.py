@@ -44,22 +44,39 @@ def cmd_convert(a):
     print(f"wrote {a.out}/manifest.json")
 
 
+def _use_backend(cfg) -> None:
+    """Keras reads KERAS_BACKEND once, when it is first imported: set it from `train.backend` before any stage
+    that imports Keras (tune workers inherit it with the environment)."""
+    os.environ["KERAS_BACKEND"] = cfg.train.backend
+
+
 def cmd_train(a):
     from pipeline.config import load_config
-    from pipeline.train import summary_table, train
 
     cfg = load_config(a.config, a.set)
+    _use_backend(cfg)
+    from pipeline.train import summary_table, train
+
     result = train(cfg, a.data, tracking_uri=a.tracking_uri, config_file=a.config)
     print(summary_table(result))
 
 
 def cmd_tune(a):
     from pipeline.config import load_config
-    from pipeline.tune import run_tune
 
     cfg = load_config(a.config, a.set)
+    _use_backend(cfg)
+    from pipeline.tune import run_tune
+
     run_tune(cfg, a.study, data_dir=a.data, trials=a.trials, timeout=a.timeout, workers=a.workers,
-             storage=a.storage, tracking_uri=a.tracking_uri, config_file=a.config)
+             storage=a.storage, tracking_uri=a.tracking_uri, config_file=a.config,
+             workers_per_gpu=a.workers_per_gpu)
+
+
+def cmd_doctor(a):
+    from pipeline.doctor import run_doctor
+
+    run_doctor(a.tracking_uri, a.storage)
 
 
 def cmd_evaluate(a):
@@ -154,7 +171,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", default=None)
     p.add_argument("--trials", type=int, default=None, help="N more finished trials for this launch")
     p.add_argument("--timeout", type=float, default=None, help="seconds after which no new trial starts")
-    p.add_argument("--workers", type=int, default=1, help="worker processes (one per GPU when GPUs exist)")
+    p.add_argument("--workers", type=int, default=None,
+                   help="worker processes (default: one per visible GPU times --workers-per-gpu; 1 without a GPU)")
+    p.add_argument("--workers-per-gpu", type=int, default=1,
+                   help="workers sharing one GPU (default 1; each grows its memory as it needs, or set "
+                        "PNEUMO_GPU_MEMORY_MB to cap each)")
     p.add_argument("--storage", default=None,
                    help="Optuna RDB URL (default: $PNEUMO_OPTUNA_STORAGE, else sqlite:///mlruns/optuna.db)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
@@ -203,6 +224,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--storage", default=None,
                    help="Optuna RDB URL (default: $PNEUMO_OPTUNA_STORAGE, else sqlite:///mlruns/optuna.db)")
     p.set_defaults(func=cmd_dashboard)
+
+    p = sub.add_parser("doctor", help="versions, devices, what `auto` picks, the stores and whether they answer")
+    p.add_argument("--storage", default=None,
+                   help="Optuna RDB URL (default: $PNEUMO_OPTUNA_STORAGE, else sqlite:///mlruns/optuna.db)")
+    p.set_defaults(func=cmd_doctor)
 
     p = sub.add_parser("demo", help="synth -> convert -> ... on the embedded stores")
     p.add_argument("--workdir", default=".", help="where tfrecords/ and mlruns/ go (default: here)")
