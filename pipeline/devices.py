@@ -35,6 +35,12 @@ def physical_gpus() -> list:
 
 
 def has_gpu() -> bool:
+    """A GPU for the Keras backend in use: JAX's own device list under KERAS_BACKEND=jax (TensorFlow then only
+    feeds data and may be a CPU build), TensorFlow's otherwise."""
+    if os.environ.get("KERAS_BACKEND") == "jax":
+        import jax
+
+        return any(d.platform == "gpu" for d in jax.devices())
     return bool(physical_gpus())
 
 

@@ -59,7 +59,9 @@ def _float32_config(obj):
     if isinstance(obj, dict):
         if obj.get("class_name") == "DTypePolicy" and str(obj.get("config", {}).get("name", "")).startswith("mixed"):
             return {**obj, "config": {**obj["config"], "name": "float32"}}
-        return {k: _float32_config(v) for k, v in obj.items()}
+        # A plain `dtype: "float16"` is what a nested Sequential's input layer records under mixed_float16.
+        return {k: "float32" if k == "dtype" and v in ("float16", "bfloat16") else _float32_config(v)
+                for k, v in obj.items()}
     if isinstance(obj, list):
         return [_float32_config(v) for v in obj]
     if isinstance(obj, str) and obj.startswith("mixed_"):
