@@ -90,6 +90,20 @@ def _all_layers(m) -> list:
     return out
 
 
+def uses_meta(m) -> bool:
+    """Whether a network takes the metadata input beside the image."""
+    return any(getattr(t, "name", "").split(":")[0] == "meta" for t in m.inputs)
+
+
+def load_network(path: str) -> keras.Model:
+    """A `.keras` file -> the network, uncompiled; on a host without a GPU a mixed-precision network is rebuilt
+    in float32 (`as_float32`), so a model trained on a GPU predicts here at full precision."""
+    from pipeline.devices import has_gpu
+
+    m = keras.saving.load_model(path, compile=False)  # RandomAffine is registered: this module imports augment
+    return m if has_gpu() else as_float32(m)
+
+
 def count_params(m: keras.Model) -> int:
     return int(m.count_params())
 

@@ -56,19 +56,6 @@ def _tag(name: str, version_tags: dict, run_tags: dict) -> str | None:
     return version_tags.get(name, run_tags.get(name))
 
 
-def keras_from_file(path: str):
-    """A `.keras` file -> the Keras model; on a host without a GPU a mixed-precision model is rebuilt in
-    float32 (`pipeline.model.as_float32`), so a model trained on a GPU predicts here at full precision."""
-    import keras
-
-    import pipeline.augment  # noqa: F401  (registers RandomAffine, should the model use it)
-    from pipeline.devices import has_gpu
-    from pipeline.model import as_float32
-
-    model = keras.saving.load_model(path, compile=False)
-    return model if has_gpu() else as_float32(model)
-
-
 def load_keras(uri: str):
     """The Keras model behind an MLflow URI: the `keras_model` artifact inside the serving pyfunc
     (`pipeline.serving`), or a model logged with MLflow's Keras flavour before the pyfunc existed."""
@@ -76,6 +63,7 @@ def load_keras(uri: str):
     from mlflow.models import Model
 
     import pipeline.augment  # noqa: F401  (registers RandomAffine, should the model use it)
+    from pipeline.model import load_network
     from pipeline.serving import KERAS_ARTIFACT
 
     local = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri))
@@ -86,11 +74,13 @@ def load_keras(uri: str):
     if KERAS_ARTIFACT not in artifacts:
         raise ModelError(f"model {uri} has neither a Keras flavour nor a `{KERAS_ARTIFACT}` artifact: "
                          "not a pneumo model")
-    return keras_from_file(str(local / artifacts[KERAS_ARTIFACT]["path"]))
+    return load_network(str(local / artifacts[KERAS_ARTIFACT]["path"]))
 
 
 def model_uses_meta(model) -> bool:
-    return any(getattr(t, "name", "").split(":")[0] == "meta" for t in model.inputs)
+    from pipeline.model import uses_meta
+
+    return uses_meta(model)
 
 
 @dataclass

@@ -11,7 +11,7 @@ Input, per row of a DataFrame (JSON `dataframe_records` / `dataframe_split`):
 and one row out each: `probability` (calibrated), `prediction` (0/1 at the stored threshold), `model_version`,
 `status` (`ok` | `error` | `out_of_scope`) and `error` (the reason, one line). A corrupt row gets its own
 `error`; the other rows of the request are still answered. A header that is not a chest radiograph
-(`pipeline.predict.scope_warning`) or a multi-frame file is `out_of_scope`, with no probability.
+(`pipeline.dicom.scope_warning`, as `pneumo predict` applies it) or a multi-frame file is `out_of_scope`, with no probability.
 
 Raw tensors still work for callers that preprocess themselves: `{"inputs": {"image": uint8 (B, H, W, 1)}}`
 (plus `meta` for a metadata model) gets the same five columns.
@@ -63,10 +63,8 @@ def _present(value) -> bool:
 def versions_tags(run_id: str | None, name: str | None) -> tuple[str | None, dict]:
     """(version, tags) of the registered version of `name` made from `run_id`, its tags over the run's.
 
-    Several versions of one run (re-registered): the one holding `@champion`, else the newest."""
+    Several versions of one run (registered again by hand): the newest."""
     from mlflow import MlflowClient
-
-    from pipeline.model_store import CHAMPION
 
     if not run_id:
         return None, {}
@@ -77,8 +75,7 @@ def versions_tags(run_id: str | None, name: str | None) -> tuple[str | None, dic
     found = client.search_model_versions(f"name='{name}' and run_id='{run_id}'")
     if not found:
         return None, run_tags
-    chosen = next((mv for mv in found if CHAMPION in (getattr(mv, "aliases", None) or [])),
-                  max(found, key=lambda mv: int(mv.version)))
+    chosen = max(found, key=lambda mv: int(mv.version))
     return str(chosen.version), {**run_tags, **dict(chosen.tags)}
 
 
@@ -86,12 +83,12 @@ class PneumoniaModel(mlflow.pyfunc.PythonModel):
     """The pyfunc. State comes from `model_config` (set at log time) and the registry (read at load)."""
 
     def load_context(self, context):
-        from pipeline.model_store import keras_from_file, model_uses_meta
+        from pipeline.model import load_network, uses_meta
 
         cfg = dict(context.model_config or {})
-        self.model = keras_from_file(context.artifacts[KERAS_ARTIFACT])
+        self.model = load_network(context.artifacts[KERAS_ARTIFACT])
         self.image_size = int(self.model.inputs[0].shape[1])
-        self.uses_meta = model_uses_meta(self.model)
+        self.uses_meta = uses_meta(self.model)
         run_id = cfg.get("run_id")
         version, tags = None, {}
         try:
@@ -126,8 +123,7 @@ class PneumoniaModel(mlflow.pyfunc.PythonModel):
 
     def _decode_row(self, record: dict, folder: Path, index: int) -> dict:
         """One input row -> {"pixels", "meta"} or {"status", "error"} (never raises)."""
-        from pipeline.dicom import DicomError, ImageError, load_image_file, read_dicom
-        from pipeline.predict import scope_warning
+        from pipeline.dicom import DicomError, ImageError, load_image_file, read_dicom, scope_warning
 
         dicom, image = record.get("dicom"), record.get("image")
         try:

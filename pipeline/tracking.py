@@ -140,7 +140,7 @@ def log_keras_model(model, image_size: int, with_meta: bool, registered_model_na
     import tempfile
 
     from pipeline import serving
-    from pipeline.model_store import model_uses_meta
+    from pipeline.model import uses_meta as model_uses_meta
 
     network = inference_copy(model)
     if int(network.inputs[0].shape[1]) != image_size or model_uses_meta(network) != bool(with_meta):
