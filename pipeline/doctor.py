@@ -40,7 +40,7 @@ def probe_sqlite(url: str) -> tuple[bool, str]:
     """(answers, detail) for `sqlite:///path`, opened read-only: a missing file is not created."""
     path = Path(url.removeprefix("sqlite:///"))
     if not path.exists():
-        return True, f"not created yet ({path.resolve()}; the first train/tune creates it)"
+        return True, f"not created yet ({path.resolve()}; the first command that writes to it creates it)"
     try:
         with sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True, timeout=PROBE_TIMEOUT) as db:
             tables = db.execute("SELECT count(*) FROM sqlite_master WHERE type='table'").fetchone()[0]

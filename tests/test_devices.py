@@ -159,7 +159,7 @@ def test_doctor_reports_and_fails_on_a_store_that_does_not_answer(tmp_path, caps
     out = capsys.readouterr().out
     assert code == 0, out
     assert "tensorflow    2.21" in out and "precision     auto -> float32" in out and "XLA           auto -> off" in out
-    assert f"not created yet ({missing}" in out and "answers (1 tables" in out
+    assert f"not created yet ({missing}; the first command that writes" in out and "answers (1 tables" in out
     assert not missing.parent.exists()  # read-only: nothing created
 
     port = free_port()
