@@ -95,11 +95,18 @@ def cmd_convert(a):
     print(f"wrote {a.out}/manifest.json")
 
 
+def _use_backend(cfg) -> None:
+    """Keras reads KERAS_BACKEND once, when it is first imported: set it from `train.backend` before any stage
+    that imports Keras (tune workers inherit it with the environment)."""
+    os.environ["KERAS_BACKEND"] = cfg.train.backend
+
+
 def cmd_train(a):
     from pipeline.config import load_config
 
     # The experiment file is checked before TensorFlow loads (seconds): a typo answers at once.
     cfg = load_config(a.config, a.set)
+    _use_backend(cfg)
     if a.register and not cfg.train.log_model:
         raise UsageError("--register needs train.log_model = true (nothing is logged to register)")
     from pipeline.manifest import load_manifest
@@ -116,11 +123,20 @@ def cmd_train(a):
 
 def cmd_tune(a):
     from pipeline.config import load_config
-    from pipeline.tune import run_tune
 
     cfg = load_config(a.config, a.set)
+    _use_backend(cfg)
+    from pipeline.tune import run_tune
+
     run_tune(cfg, a.study, data_dir=a.data, trials=a.trials, timeout=a.timeout, workers=a.workers,
-             storage=a.storage, tracking_uri=a.tracking_uri, config_file=a.config)
+             storage=a.storage, tracking_uri=a.tracking_uri, config_file=a.config,
+             workers_per_gpu=a.workers_per_gpu)
+
+
+def cmd_doctor(a):
+    from pipeline.doctor import run_doctor
+
+    run_doctor(a.tracking_uri, a.storage)
 
 
 def _read_only(a, uri: str | None = None) -> None:
@@ -246,7 +262,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="N more finished trials for this launch (default: tune.trials of the config)")
     p.add_argument("--timeout", type=_number(float, 1e-9), default=None,
                    help="seconds after which no new trial starts (default: none)")
-    p.add_argument("--workers", type=positive_int, default=1, help="worker processes (one per GPU when GPUs exist)")
+    p.add_argument("--workers", type=positive_int, default=None,
+                   help="worker processes (default: one per visible GPU times --workers-per-gpu; 1 without a GPU)")
+    p.add_argument("--workers-per-gpu", type=positive_int, default=1,
+                   help="workers sharing one GPU (each grows its memory as it needs, or set PNEUMO_GPU_MEMORY_MB "
+                        "to cap each)")
     p.add_argument("--storage", default=None,
                    help="Optuna RDB URL (default: $PNEUMO_OPTUNA_STORAGE, else sqlite:///mlruns/optuna.db "
                         "under $PNEUMO_HOME or the project folder)")
@@ -309,6 +329,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="Optuna RDB URL (default: $PNEUMO_OPTUNA_STORAGE, else sqlite:///mlruns/optuna.db "
                         "under $PNEUMO_HOME or the project folder)")
     p.set_defaults(func=cmd_dashboard)
+
+    p = sub.add_parser("doctor", help="versions, devices, what `auto` picks, the stores and whether they answer")
+    p.add_argument("--storage", default=None,
+                   help="Optuna RDB URL (default: $PNEUMO_OPTUNA_STORAGE, else sqlite:///mlruns/optuna.db)")
+    p.set_defaults(func=cmd_doctor)
 
     p = sub.add_parser("demo", help="synth -> convert -> ... on the embedded stores")
     p.add_argument("--workdir", default=".",

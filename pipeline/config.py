@@ -73,7 +73,11 @@ class TrainConfig:
     weight_decay: float = 0.0
     class_weight: str = "balanced"  # balanced (loss weights) | oversample (50/50 batches) | none
     precision: str = "auto"  # auto | float32 | mixed_float16 | mixed_bfloat16
-    jit_compile: bool = False
+    # auto | true | false (TOML booleans too): auto = XLA on a GPU, off on the CPU (pipeline/devices.py);
+    # XLA needs augment.xla_safe = true when rotation/zoom/translation are on (Keras' layers have no XLA kernel)
+    jit_compile: str = "auto"
+    # tensorflow | jax: the Keras backend; chosen before keras is imported (pipeline/cli.py sets KERAS_BACKEND)
+    backend: str = "tensorflow"
     devices: str = "one"  # one | all (MirroredStrategy over all GPUs)
     lr_scale: str = "linear"  # how LR scales with replicas under devices=all: linear | sqrt | none
     early_stopping_patience: int = 4  # epochs without val AUC gain; 0 = off
@@ -136,6 +140,8 @@ CHOICES = {
     "train.class_weight": ("balanced", "oversample", "none"),
     "train.precision": ("auto", "float32", "mixed_float16", "mixed_bfloat16"),
     "train.devices": ("one", "all"),
+    "train.jit_compile": ("auto", "true", "false"),
+    "train.backend": ("tensorflow", "jax"),
     "train.lr_scale": ("linear", "sqrt", "none"),
     "tune.sampler": ("tpe", "random", "cmaes", "qmc"),
     "tune.pruner": ("median", "hyperband", "none"),
@@ -200,6 +206,10 @@ def check_range(key: str, value: Any) -> None:
         raise ConfigError(f"config key {key!r} must be {_range_text(key)}, got {value!r}")
 
 
+# String keys that also take a TOML boolean (stored as "true"/"false").
+BOOL_OR_WORD = {"train.jit_compile"}
+
+
 def _section_type(section: str) -> type:
     return get_type_hints(Config)[section]
 
@@ -222,6 +232,8 @@ def field_type(key: str) -> type:
 def _check(key: str, value: Any) -> Any:
     """Coerce int -> float where a float is expected; otherwise the type must match exactly."""
     want = field_type(key)
+    if key in BOOL_OR_WORD and isinstance(value, bool):
+        value = str(value).lower()  # `jit_compile = true` as written before "auto" existed
     if want is float and isinstance(value, int) and not isinstance(value, bool):
         value = float(value)
     if want is not float and want is not dict and type(value) is not want:

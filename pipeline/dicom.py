@@ -637,6 +637,20 @@ def _scale(values: np.ndarray, lo: float, hi: float) -> np.ndarray:
 # ------------------------------------------------------------------------------------------ image files
 
 
+# The header guard of `pneumo predict` and the served model (pipeline/serving.py): one home for both.
+RADIOGRAPH_MODALITIES = {"CR", "DX", "DR"}
+
+
+def scope_warning(img: DicomImage) -> str:
+    """Why a decoded DICOM is not a chest radiograph by its header ("" when it is)."""
+    problems = []
+    if img.modality not in RADIOGRAPH_MODALITIES:
+        problems.append(f"Modality {img.modality or '(absent)'} is not a radiograph (CR/DX/DR)")
+    if img.body_part and img.body_part != "CHEST":
+        problems.append(f"BodyPartExamined {img.body_part} is not CHEST")
+    return "; ".join(problems)
+
+
 def load_image_file(path: str | os.PathLike, size: int) -> np.ndarray:
     """A PNG/JPEG (any mode, RGB included) -> grey uint8 (size, size) through the same geometry policy.
 

@@ -37,14 +37,14 @@ BN_MOMENTUM = 0.9
 
 
 def resolve_precision(name: str) -> str:
-    """`auto` -> mixed_float16 with a GPU, float32 without (mixed_bfloat16 is ~10x slower on this CPU)."""
+    """`auto` -> mixed_float16 with a GPU, float32 without (`pipeline.devices.auto_precision`)."""
     if name not in PRECISIONS:
         raise ValueError(f"train.precision must be one of {', '.join(PRECISIONS)}, got {name!r}")
     if name != "auto":
         return name
-    import tensorflow as tf
+    from pipeline.devices import auto_precision
 
-    return "mixed_float16" if tf.config.list_physical_devices("GPU") else "float32"
+    return auto_precision()
 
 
 def apply_precision(name: str) -> str:
@@ -52,6 +52,56 @@ def apply_precision(name: str) -> str:
     policy = resolve_precision(name)
     keras.mixed_precision.set_global_policy(policy)
     return policy
+
+
+def _float32_config(obj):
+    """A layer config with every mixed dtype policy replaced by float32 (variables are float32 already)."""
+    if isinstance(obj, dict):
+        if obj.get("class_name") == "DTypePolicy" and str(obj.get("config", {}).get("name", "")).startswith("mixed"):
+            return {**obj, "config": {**obj["config"], "name": "float32"}}
+        # A plain `dtype: "float16"` is what a nested Sequential's input layer records under mixed_float16.
+        return {k: "float32" if k == "dtype" and v in ("float16", "bfloat16") else _float32_config(v)
+                for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_float32_config(v) for v in obj]
+    if isinstance(obj, str) and obj.startswith("mixed_"):
+        return "float32"  # a policy written by name
+    return obj
+
+
+def as_float32(m: keras.Model) -> keras.Model:
+    """The same network computing in float32: a model trained under mixed_float16 keeps its layers' policy when
+    saved, and would compute in float16 on a CPU (slow, and less exact than the host can afford). Its weights
+    are float32 variables under either policy, so they carry over unchanged. A float32 model is returned as is."""
+    if all(not str(getattr(layer, "dtype_policy", "float32").name).startswith("mixed")
+           for layer in _all_layers(m)):
+        return m
+    rebuilt = m.__class__.from_config(_float32_config(m.get_config()))
+    rebuilt.set_weights(m.get_weights())
+    return rebuilt
+
+
+def _all_layers(m) -> list:
+    out = []
+    for layer in m.layers:
+        out.append(layer)
+        if hasattr(layer, "layers"):
+            out += _all_layers(layer)
+    return out
+
+
+def uses_meta(m) -> bool:
+    """Whether a network takes the metadata input beside the image."""
+    return any(getattr(t, "name", "").split(":")[0] == "meta" for t in m.inputs)
+
+
+def load_network(path: str) -> keras.Model:
+    """A `.keras` file -> the network, uncompiled; on a host without a GPU a mixed-precision network is rebuilt
+    in float32 (`as_float32`), so a model trained on a GPU predicts here at full precision."""
+    from pipeline.devices import has_gpu
+
+    m = keras.saving.load_model(path, compile=False)  # RandomAffine is registered: this module imports augment
+    return m if has_gpu() else as_float32(m)
 
 
 def count_params(m: keras.Model) -> int:

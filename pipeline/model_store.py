@@ -11,6 +11,7 @@ Imports MLflow and Keras lazily: the CLI's `--help` and the converter never pay 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 
@@ -57,16 +58,30 @@ def _tag(name: str, version_tags: dict, run_tags: dict) -> str | None:
 
 
 def load_keras(uri: str):
-    """The Keras model behind an MLflow URI, as saved (MLflow's Keras flavour); custom layers registered."""
+    """The Keras model behind an MLflow URI: the `keras_model` artifact inside the serving pyfunc
+    (`pipeline.serving`), or a model logged with MLflow's Keras flavour before the pyfunc existed."""
     import mlflow
+    from mlflow.models import Model
 
     import pipeline.augment  # noqa: F401  (registers RandomAffine, should the model use it)
+    from pipeline.model import load_network
+    from pipeline.serving import KERAS_ARTIFACT
 
-    return mlflow.keras.load_model(uri)
+    local = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri))
+    flavors = Model.load(local / "MLmodel").flavors
+    if "keras" in flavors:
+        return mlflow.keras.load_model(str(local))
+    artifacts = flavors.get("python_function", {}).get("artifacts", {})
+    if KERAS_ARTIFACT not in artifacts:
+        raise ModelError(f"model {uri} has neither a Keras flavour nor a `{KERAS_ARTIFACT}` artifact: "
+                         "not a pneumo model")
+    return load_network(str(local / artifacts[KERAS_ARTIFACT]["path"]))
 
 
 def model_uses_meta(model) -> bool:
-    return any(getattr(t, "name", "").split(":")[0] == "meta" for t in model.inputs)
+    from pipeline.model import uses_meta
+
+    return uses_meta(model)
 
 
 @dataclass

@@ -17,29 +17,18 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.dicom import DicomError, read_dicom
+from pipeline.dicom import RADIOGRAPH_MODALITIES, DicomError, read_dicom, scope_warning  # noqa: F401
 from pipeline.errors import InputError
 from pipeline.inputs import collect_paths, meta_batch
 from pipeline.model_store import LoadedModel, champion_uri, load
 
 COLUMNS = ["path", "patient_id", "probability", "prediction", "model_version", "dataset_digest", "status",
            "warning", "error"]
-RADIOGRAPH_MODALITIES = {"CR", "DX", "DR"}
 PROGRESS_MIN = 50  # files: fewer finish before a progress bar would be worth drawing
 
 
 class PredictError(InputError):
     """A one-line reason prediction could not run (or that some files failed)."""
-
-
-def scope_warning(img) -> str:
-    """Why a decoded DICOM is not a chest radiograph by its header ("" when it is)."""
-    problems = []
-    if img.modality not in RADIOGRAPH_MODALITIES:
-        problems.append(f"Modality {img.modality or '(absent)'} is not a radiograph (CR/DX/DR)")
-    if img.body_part and img.body_part != "CHEST":
-        problems.append(f"BodyPartExamined {img.body_part} is not CHEST")
-    return "; ".join(problems)
 
 
 def _decode(path: Path, size: int, force: bool) -> dict:

@@ -200,48 +200,31 @@ def inference_copy(model):
     return keras.Model(inputs=model.input, outputs=model.output, name=model.name)
 
 
-def _keras_flavour_creates_its_folder() -> None:
-    """Work around an MLflow 3.17 bug: `mlflow.keras.save_model` writes the input example into the model folder
-    before creating it (FileNotFoundError on `input_example.json`). Creating the folder first is all it needs;
-    `Model.log` looks `save_model` up on the module at call time, so wrapping it there is enough."""
-    import mlflow.keras
-
-    original = mlflow.keras.save_model
-    if getattr(original, "creates_folder", False):
-        return
-
-    @functools.wraps(original)
-    def save_model(model, path, *args, **kwargs):
-        os.makedirs(path, exist_ok=True)
-        return original(model, path, *args, **kwargs)
-
-    save_model.creates_folder = True
-    mlflow.keras.save_model = save_model
-
-
 def log_keras_model(model, image_size: int, with_meta: bool, registered_model_name: str | None = None):
-    """Log the model (Keras flavour) with a tensor signature and a synthetic input example; -> ModelInfo."""
-    import numpy as np
-    from mlflow.models import ModelSignature
-    from mlflow.types.schema import Schema, TensorSpec
+    """Log the model as the serving pyfunc (`pipeline.serving.PneumoniaModel`) with the Keras network inside as
+    the artifact `keras_model`; register it as `registered_model_name` when given; -> ModelInfo.
 
-    from pipeline.records import META_DIM
+    The pyfunc decodes DICOM/PNG rows and applies the scope guard, calibration and threshold; it has no fixed
+    signature because it takes both such rows and raw tensors (pipeline/serving.py). `image_size` and
+    `with_meta` are read back from the network's own inputs at load, so they only check the caller here."""
+    import tempfile
 
-    inputs = [TensorSpec(np.dtype(np.uint8), (-1, image_size, image_size, 1), "image")]
-    # A smooth synthetic gradient, never a patient's image (PHI stays out of every artifact).
-    ramp = np.linspace(0, 255, image_size, dtype=np.float32)
-    example = {"image": (np.add.outer(ramp, ramp) / 2).astype(np.uint8)[None, :, :, None]}
-    if with_meta:
-        inputs.append(TensorSpec(np.dtype(np.float32), (-1, META_DIM), "meta"))
-        example["meta"] = np.array([[1, 0, 1, 0, 0.5, 1]], dtype=np.float32)
-    _keras_flavour_creates_its_folder()
-    signature = ModelSignature(inputs=Schema(inputs),
-                               outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, 1), "probability")]))
-    return mlflow.keras.log_model(
-        inference_copy(model),
-        name="model",
-        signature=signature,
-        input_example=example,
-        pip_requirements=list(pip_requirements()),
-        registered_model_name=registered_model_name,
-    )
+    from pipeline import serving
+    from pipeline.model import uses_meta as model_uses_meta
+
+    network = inference_copy(model)
+    if int(network.inputs[0].shape[1]) != image_size or model_uses_meta(network) != bool(with_meta):
+        raise ValueError(f"log_keras_model: the network takes {network.inputs[0].shape} images"
+                         f"{' and metadata' if model_uses_meta(network) else ''}, not {image_size} px "
+                         f"{'with' if with_meta else 'without'} metadata")
+    with tempfile.TemporaryDirectory(prefix="pneumo-model-") as tmp:
+        path = os.path.join(tmp, serving.KERAS_FILE)
+        network.save(path)
+        return mlflow.pyfunc.log_model(
+            name="model",
+            python_model=serving.PneumoniaModel(),
+            artifacts={serving.KERAS_ARTIFACT: path},
+            model_config=serving.model_config(registered_model_name),
+            pip_requirements=[*pip_requirements(), "pydicom", "pillow", "pylibjpeg", "pylibjpeg-openjpeg"],
+            registered_model_name=registered_model_name,
+        )

@@ -25,6 +25,7 @@ from pipeline import evaluate as ev
 from pipeline import tracking
 from pipeline.config import Config
 from pipeline.data import eval_dataset, load_manifest, train_dataset
+from pipeline.devices import configure_gpus, resolve_jit
 from pipeline.model import apply_precision, build_model
 from pipeline.scoring import predict_split
 
@@ -45,6 +46,14 @@ class TrainResult:
     model_version: str | None = None
     jit_compile: bool = False
     precision: str = "float32"
+
+
+def check_backend(backend: str) -> None:
+    """`train.backend` must be the Keras backend this process started with: Keras picks it once, at import,
+    from KERAS_BACKEND (the CLI sets it from the config before importing Keras; pipeline/cli.py)."""
+    if keras.backend.backend() != backend:
+        raise ValueError(f"train.backend = {backend!r} but Keras runs on {keras.backend.backend()!r}: set "
+                         f"KERAS_BACKEND={backend} before Keras is imported (`pneumo train` does it)")
 
 
 def choose_strategy(devices: str) -> tf.distribute.Strategy:
@@ -149,7 +158,7 @@ def compile_model(model: keras.Model, cfg: Config, lr: float) -> None:
             keras.metrics.Precision(name="precision"),
             keras.metrics.Recall(name="recall"),
         ],
-        jit_compile=cfg.train.jit_compile,
+        jit_compile=resolve_jit(cfg.train.jit_compile),
     )
 
 
@@ -170,6 +179,8 @@ def train(cfg: Config, data_dir: str | Path | None = None, *, tracking_uri: str 
     manifest = load_manifest(data_dir)
     size = manifest["image_size"]
     tcfg = cfg.train
+    configure_gpus()  # before TensorFlow's first op: memory growth, so workers can share a GPU
+    check_backend(tcfg.backend)
     keras.utils.set_random_seed(tcfg.seed)
     precision = apply_precision(tcfg.precision)
     strategy = choose_strategy(tcfg.devices)
@@ -242,6 +253,7 @@ def train(cfg: Config, data_dir: str | Path | None = None, *, tracking_uri: str 
         # XLA may have been switched off by layers that do not support it: log what really ran.
         jit = bool(getattr(model, "jit_compile", False))
         mlflow.set_tag("jit_compile_effective", str(jit))
+        mlflow.set_tag("keras_backend", keras.backend.backend())
         result = _finish_run(model, cfg, data_dir, manifest, history, stats, run_id, register_as)
         result.jit_compile, result.precision = jit, precision
         shutil.rmtree(backup, ignore_errors=True)  # finished: the next identical command starts a new run
@@ -265,7 +277,8 @@ def _finish_run(model, cfg: Config, data_dir: Path, manifest: dict, history: dic
     # Under MirroredStrategy Keras 3.15's predict_on_batch runs the whole batch on every replica and concatenates
     # the results (2 replicas: twice the predictions); the same layers as a model built outside the strategy
     # predict each record once.
-    scorer = tracking.inference_copy(model) if model.distribute_strategy.num_replicas_in_sync > 1 else model
+    strategy = getattr(model, "distribute_strategy", None)  # TensorFlow backend only
+    scorer = tracking.inference_copy(model) if strategy and strategy.num_replicas_in_sync > 1 else model
     y, p, info = predict_split(scorer, data_dir, "val", cfg.data.batch_size, with_meta=cfg.model.metadata_inputs)
     threshold = ev.choose_threshold(y, p, cfg.train.target_sensitivity)
     metrics = ev.compute_metrics(y, p, threshold, n_boot=cfg.train.bootstrap, seed=cfg.train.seed)

@@ -19,7 +19,6 @@ from __future__ import annotations
 import datetime
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -33,7 +32,7 @@ from pathlib import Path
 import optuna
 from optuna.trial import TrialState
 
-from pipeline import study_report, tracking
+from pipeline import devices, study_report, tracking
 from pipeline.config import Config, ConfigError
 from pipeline.errors import PneumoError
 from pipeline.manifest import dataset_digest
@@ -356,25 +355,19 @@ def prepare(cfg: Config, study_name: str, storage_url: str, tracking_uri: str, t
     return parent, waiting_before
 
 
-def count_gpus() -> int:
-    """GPUs without importing TensorFlow in the launcher (6 s): ask nvidia-smi when it exists."""
-    if shutil.which("nvidia-smi") is None:
-        return 0
-    try:
-        out = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, timeout=20).stdout
-    except (OSError, subprocess.SubprocessError):
-        return 0
-    return sum(1 for line in out.splitlines() if line.startswith("GPU "))
-
-
 def run_tune(cfg: Config, study_name: str, *, data_dir: str | None = None, trials: int | None = None,
              timeout: float | None = None, workers: int = 1, storage: str | None = None,
-             tracking_uri: str | None = None, config_file: str | None = None) -> optuna.Study:
+             tracking_uri: str | None = None, config_file: str | None = None,
+             workers_per_gpu: int = 1) -> optuna.Study:
+    """`workers` None: one per visible GPU (x `workers_per_gpu`), 1 without a GPU (pipeline/devices.py)."""
     if not cfg.tune.space:
         raise ConfigError("[tune.space] is empty: nothing to search")
     data_dir = str(data_dir or cfg.data.dir)
     if not (Path(data_dir) / "manifest.json").exists():
         raise TuneError(f"{data_dir}/manifest.json not found: run `pneumo convert` first (or pass --data)")
+    gpus = devices.visible_gpus()
+    workers = devices.default_workers(workers_per_gpu) if workers is None else workers
+    devices.check_placement(workers, gpus, workers_per_gpu)
     trials = cfg.tune.trials if trials is None else trials
     storage_url = resolve_storage(storage)
     if storage_url.startswith("sqlite:///"):
@@ -396,7 +389,7 @@ def run_tune(cfg: Config, study_name: str, *, data_dir: str | None = None, trial
         if workers <= 1:
             work(spec)
         else:
-            crashed = _run_worker_processes(spec, workers)
+            crashed = _run_worker_processes(spec, workers, gpus, workers_per_gpu)
     finally:
         from mlflow import MlflowClient
 
@@ -427,16 +420,24 @@ def launch_problem(study: optuna.Study, since: datetime.datetime, crashed: list[
     return "; ".join(reasons) or None
 
 
-def _run_worker_processes(spec: WorkerSpec, workers: int) -> list[int]:
-    gpus = count_gpus()
+
+
+def worker_env(worker: int, gpus: list[str], workers_per_gpu: int, environ: dict | None = None) -> dict:
+    """Worker `worker`'s environment: one entry of the user's GPU list (pipeline.devices.worker_gpu)."""
+    env = dict(os.environ if environ is None else environ)
+    gpu = devices.worker_gpu(worker, gpus, workers_per_gpu)
+    if gpu is not None:
+        env["CUDA_VISIBLE_DEVICES"] = gpu
+    return env
+
+
+def _run_worker_processes(spec: WorkerSpec, workers: int, gpus: list[str], workers_per_gpu: int = 1) -> list[int]:
     with tempfile.TemporaryDirectory(prefix="pneumo-tune-") as tmp:
         procs = []
         for w in range(workers):
             path = Path(tmp) / f"worker-{w}.json"
             path.write_text(json.dumps({**spec.__dict__, "worker": w}))
-            env = dict(os.environ)
-            if gpus:
-                env["CUDA_VISIBLE_DEVICES"] = str(w % gpus)  # one trial per GPU
+            env = worker_env(w, gpus, workers_per_gpu)
             procs.append(subprocess.Popen([sys.executable, "-m", "pipeline.tune", str(path)], env=env))
             time.sleep(1.0)  # stagger start-up: the first trials' TF imports compete for the same 2 cores
         try:
@@ -452,6 +453,8 @@ def _run_worker_processes(spec: WorkerSpec, workers: int) -> list[int]:
 
 def worker_main(spec_path: str) -> int:
     spec = WorkerSpec(**json.loads(Path(spec_path).read_text()))
+    # A worker process imports Keras only in its first trial: the config's backend is still ours to pick.
+    os.environ["KERAS_BACKEND"] = config_from_json(spec.config).train.backend
     try:
         work(spec)
     except KeyboardInterrupt:

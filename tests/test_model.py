@@ -168,3 +168,40 @@ def test_extra_meta_key_is_ignored_by_an_image_only_model():
 def test_bad_values_name_the_key(change, key):
     with pytest.raises(ValueError, match=key):
         build_model(dataclasses.replace(TINY, **change), AugmentConfig(), SIZE)
+
+
+@pytest.mark.slow
+def test_mixed_precision_model_loads_and_predicts_in_float32_on_the_cpu(float32_after, tmp_path):
+    """Trained a few steps under mixed_float16 and logged as the project logs models (the serving pyfunc), the
+    model loads on this CPU-only host with float32 layers and predicts what the float16 network predicted."""
+    import mlflow
+
+    from pipeline import tracking
+    from pipeline.model_store import load_keras
+
+    apply_precision("mixed_float16")
+    cfg = dataclasses.replace(TINY, metadata_inputs=False)
+    m = build_model(cfg, AugmentConfig(), SIZE)  # with augmentation layers: nested configs convert too
+    m.compile(optimizer=keras.optimizers.Adam(1e-2), loss="binary_crossentropy")
+    x, y = batch(32, meta=False), np.tile([0.0, 1.0], 16).astype(np.float32)
+    m.fit(x, y, batch_size=8, epochs=2, verbose=0)
+    mixed = m.predict(x, verbose=0).reshape(-1)
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    experiment = tracking.ensure_experiment("mixed", uri)
+    with mlflow.start_run(experiment_id=experiment):
+        info = tracking.log_keras_model(m, SIZE, with_meta=False)
+
+    keras.mixed_precision.set_global_policy("float32")  # a fresh CPU process's policy
+    loaded = load_keras(info.model_uri)
+    convs = [layer for layer in loaded.layers if isinstance(layer, keras.layers.Conv2D)]
+    assert convs and all(c.compute_dtype == "float32" and c.dtype_policy.name == "float32" for c in convs)
+    nested = [layer for s in loaded.layers if hasattr(s, "layers") for layer in s.layers]
+    assert nested and all(layer.dtype_policy.name == "float32" for layer in nested)
+    full = loaded.predict(x, verbose=0).reshape(-1)
+    assert full.dtype == np.float32
+    np.testing.assert_allclose(full, mixed, atol=5e-3)  # float16 activations round at ~1e-3
+    assert np.ptp(full) > 1e-3  # a trained network, not a constant: the comparison means something
+    # The float32 reference: the same weights in a network built under float32 from the start.
+    ref = build_model(cfg, AugmentConfig(), SIZE)
+    ref.set_weights(loaded.get_weights())
+    np.testing.assert_allclose(full, ref.predict(x, verbose=0).reshape(-1), rtol=1e-5, atol=1e-6)
