@@ -5,19 +5,27 @@ What travels with a registered version (tags on the version, else on its trainin
 the `dataset_digest` it was trained on. `LoadedModel.probabilities` returns calibrated probabilities, and the
 threshold applies to them, so predict, evaluate, explain and the served model make the same decision.
 
+Integrity: `pneumo promote` records the sha256 of the model's artifact files as the version tag
+`model_sha256`; `load_keras` (so predict, explain, evaluate and the served model) recomputes it before
+loading and refuses a changed artifact with a one-line reason.
+
 Imports MLflow and Keras lazily: the CLI's `--help` and the converter never pay for them.
 """
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 
 from pipeline.errors import InputError, PneumoError
+from pipeline.files import sha256_file
 
 MODEL_NAME = "pneumonia-cnn"
 CHAMPION = "champion"
+SHA_TAG = "model_sha256"
 
 
 class ModelError(InputError):
@@ -26,6 +34,10 @@ class ModelError(InputError):
 
 class ModelStoreError(PneumoError):
     """The store holding the model failed (unreachable, broken artifact): exit 1."""
+
+
+class ModelIntegrityError(PneumoError):
+    """A registered model's artifact files no longer match the sha256 recorded at promotion: exit 1."""
 
 
 def champion_uri(model: str = MODEL_NAME) -> str:
@@ -55,13 +67,40 @@ def _tag(name: str, version_tags: dict, run_tags: dict) -> str | None:
     return version_tags.get(name, run_tags.get(name))
 
 
+def artifact_sha256(folder) -> str:
+    """One sha256 over a model folder: each file's relative path and content hash, in sorted order."""
+    root = Path(folder)
+    files = sorted(p for p in root.rglob("*") if p.is_file())
+    lines = "".join(f"{p.relative_to(root).as_posix()}\t{sha256_file(p)}\n" for p in files)
+    return hashlib.sha256(lines.encode()).hexdigest()
+
+
+def local_artifacts(uri: str) -> str:
+    """The model's files on this machine (a local artifact store answers with its own folder, not a copy)."""
+    import mlflow
+
+    return mlflow.artifacts.download_artifacts(artifact_uri=uri)
+
+
+def verify(uri: str, local: str, expected: str | None) -> None:
+    """ModelIntegrityError when a recorded sha256 does not match the files (nothing recorded: nothing to check)."""
+    if expected and artifact_sha256(local) != expected:
+        raise ModelIntegrityError(f"model {uri}: its artifact files changed since promotion (sha256 recorded "
+                                  f"{expected[:12]}, now {artifact_sha256(local)[:12]} in {local}): refusing "
+                                  "to score a tampered model; restore it or register and promote a new version")
+
+
 def load_keras(uri: str):
-    """The Keras model behind an MLflow URI, as saved (MLflow's Keras flavour); custom layers registered."""
+    """The Keras model behind an MLflow URI, as saved (MLflow's Keras flavour); custom layers registered; its
+    files verified against the version's `model_sha256` tag when it has one."""
     import mlflow
 
     import pipeline.augment  # noqa: F401  (registers RandomAffine, should the model use it)
 
-    return mlflow.keras.load_model(uri)
+    _, version_tags, _ = source_run(uri)
+    local = local_artifacts(uri)
+    verify(uri, local, version_tags.get(SHA_TAG))
+    return mlflow.keras.load_model(local)
 
 
 def model_uses_meta(model) -> bool:
