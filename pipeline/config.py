@@ -105,6 +105,7 @@ class PromoteConfig:
     alpha: float = 0.05  # two-sided level of the paired AUC-difference interval (clustered DeLong)
     margin: float = 0.02  # non-inferiority margin on the AUC scale (also for required external sets)
     floor_auc: float = 0.7  # a first champion's AUC lower bound must exceed this (0.7: "acceptable")
+    floor_accuracy_margin: float = 0.0  # ... and its accuracy's lower bound the majority baseline by this
     require_external: list = field(default_factory=list)  # external set names that must be non-inferior
     holdout_budget: int = 20  # Thresholdout: test answers that may differ from validation before a new split
     holdout_threshold: float = 0.02  # Thresholdout T on the AUC scale (about one SE of a test AUC)

@@ -37,6 +37,7 @@ class Rule:
     alpha: float = 0.05
     margin: float = 0.02
     floor_auc: float = 0.7
+    floor_accuracy_margin: float = 0.0
     require_external: tuple[str, ...] = ()
 
     def describe(self) -> str:
@@ -85,10 +86,12 @@ def floor_check(metrics: dict, rule: Rule) -> tuple[bool, str]:
     low, acc_low = metrics.get("auc_ci_low"), metrics.get("accuracy_ci_low")
     base = metrics.get("majority_baseline_accuracy")
     ok_auc = low is not None and math.isfinite(low) and low > rule.floor_auc
-    ok_acc = acc_low is not None and math.isfinite(acc_low) and base is not None and acc_low > base
+    bar = base + rule.floor_accuracy_margin if base is not None else None
+    ok_acc = acc_low is not None and math.isfinite(acc_low) and bar is not None and acc_low > bar
     words = (f"AUC {ev.fmt_metric_ci(metrics, 'auc')} (lower bound {'above' if ok_auc else 'NOT above'} the "
              f"floor {rule.floor_auc:g}), accuracy {ev.fmt_metric_ci(metrics, 'accuracy')} (lower bound "
-             f"{'above' if ok_acc else 'NOT above'} the majority baseline {ev.fmt(base)})")
+             f"{'above' if ok_acc else 'NOT above'} the majority baseline {ev.fmt(base)}"
+             + (f" {rule.floor_accuracy_margin:+g}" if rule.floor_accuracy_margin else "") + ")")
     return ok_auc and ok_acc, words
 
 

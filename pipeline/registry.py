@@ -56,8 +56,12 @@ def _now() -> str:
 
 
 def rule_of(cfg: PromoteConfig) -> Rule:
+    if not 0 < cfg.alpha < 1:
+        raise RegistryError(f"[promote] alpha must be in (0, 1), got {cfg.alpha}")
+    if cfg.margin < 0:
+        raise RegistryError(f"[promote] margin must be >= 0, got {cfg.margin}")
     return Rule(policy=cfg.policy, alpha=cfg.alpha, margin=cfg.margin, floor_auc=cfg.floor_auc,
-                require_external=tuple(cfg.require_external))
+                floor_accuracy_margin=cfg.floor_accuracy_margin, require_external=tuple(cfg.require_external))
 
 
 # --- candidates ------------------------------------------------------------------------------------------
