@@ -70,7 +70,9 @@ def _tag(name: str, version_tags: dict, run_tags: dict) -> str | None:
 def artifact_sha256(folder) -> str:
     """One sha256 over a model folder: each file's relative path and content hash, in sorted order."""
     root = Path(folder)
-    files = sorted(p for p in root.rglob("*") if p.is_file())
+    # MLflow itself writes `registered_model_meta` (name, version) into the folder when a models:/ URI is
+    # loaded: bookkeeping, not the model, so it is left out.
+    files = sorted(p for p in root.rglob("*") if p.is_file() and p.name != "registered_model_meta")
     lines = "".join(f"{p.relative_to(root).as_posix()}\t{sha256_file(p)}\n" for p in files)
     return hashlib.sha256(lines.encode()).hexdigest()
 

@@ -136,7 +136,9 @@ def _model_lock(client, model: str, deadline: float, poll: float, stale_after: f
                                                        "deleted on release")
             break
         except MlflowException as e:
-            if e.error_code != "RESOURCE_ALREADY_EXISTS":
+            # ALREADY_EXISTS: someone holds it. DOES_NOT_EXIST: the SQL store answers a lost race this way when
+            # the holder released between our failed insert and its read-back; both mean "try again".
+            if e.error_code not in ("RESOURCE_ALREADY_EXISTS", "RESOURCE_DOES_NOT_EXIST"):
                 raise
         holder = _holder(client, name)
         if holder is not None and time.time() - holder[1] > stale_after:
@@ -155,7 +157,8 @@ def _model_lock(client, model: str, deadline: float, poll: float, stale_after: f
     finally:
         holder = _holder(client, name)
         if holder is not None and holder[0] == token:
-            client.delete_registered_model(name)
+            with contextlib.suppress(MlflowException):  # already broken as stale by another promotion
+                client.delete_registered_model(name)
 
 
 def _holder(client, name: str) -> tuple[str, float] | None:

@@ -260,12 +260,12 @@ def promote(model: str = MODEL_NAME, data_dir: str | Path | None = None, *, stud
     ext_sets = parse_externals(externals)
     reuse = holdout.Thresholdout(client, digest, cfg.holdout_budget, cfg.holdout_threshold, cfg.holdout_sigma)
     reuse.require_budget(data_dir)
-    cache: dict[tuple[str, str], Evaluation] = {}
+    cache: dict[tuple[str, str, str], Evaluation] = {}
 
     def evaluation(v: str, where: str = data_dir, split: str = "test") -> Evaluation:
-        if (v, where) not in cache:
-            cache[(v, where)] = evaluate_version(model, v, where, uri, n_boot, split)
-        return cache[(v, where)]
+        if (v, where, split) not in cache:
+            cache[(v, where, split)] = evaluate_version(model, v, where, uri, n_boot, split)
+        return cache[(v, where, split)]
 
     for attempt in range(1, max_attempts + 1):
         champ = champion_version(client, model)
