@@ -57,6 +57,8 @@ def source_run(uri: str) -> tuple[str | None, dict, str | None]:
             mv = client.get_model_version_by_alias(name, ref)
         else:
             name, _, version = name.partition("/")
+            if not version:  # MLflow 3's logged-model URI (models:/m-<id>): no registered version, no tags
+                return None, {}, None
             mv = client.get_model_version(name, version)
         return mv.run_id, dict(mv.tags), str(mv.version)
     return None, {}, None
