@@ -152,6 +152,13 @@ def cmd_evaluate(a):
     from pipeline.scoring import evaluate_model
 
     report = evaluate_model(a.model, a.data, a.split, tracking_uri=a.tracking_uri, out=a.out)
+    if a.split in ("test", "all"):  # a read of a test split (or a whole external set) goes into the ledger
+        from pipeline import holdout, tracking
+
+        uri = tracking.resolve_tracking_uri(a.tracking_uri)
+        holdout.record(tracking.setup(uri), uri, digest=report["dataset_digest"], split=a.split,
+                       command="evaluate", versions=[str(report["version"])], data_dir=a.data,
+                       answered={"auc": report["metrics"]["auc"], "model": a.model})
     print(report["table"])
     print(f"wrote {report['path']}")
 
@@ -164,10 +171,15 @@ def cmd_demo(a):
 
 def cmd_promote(a):
     _read_only(a)  # it moves an alias at most: a store without registered models cannot be promoted from
+    from pipeline.config import PromoteConfig, load_config
     from pipeline.registry import format_decision, promote
 
-    decision = promote(a.model_name, a.data, study=a.study, metric=a.metric, min_delta=a.min_delta,
-                       dry_run=a.dry_run, version=a.version, tracking_uri=a.tracking_uri)
+    cfg = load_config(a.config, a.set).promote if a.config else PromoteConfig()
+    if a.set and not a.config:
+        raise UsageError("--set needs --config (the experiment file whose [promote] section it overrides)")
+    decision = promote(a.model_name, a.data, study=a.study, metric=a.metric, config=cfg, externals=a.external,
+                       dry_run=a.dry_run, version=a.version, tracking_uri=a.tracking_uri,
+                       log_images=a.log_images)
     print(format_decision(decision))
 
 
@@ -277,7 +289,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("evaluate", help="metrics of a model on a split, with CIs and the baseline")
     p.add_argument("--model", required=True, help="model URI, e.g. models:/pneumonia-cnn@champion")
     p.add_argument("--data", required=True, help="converted data folder")
-    p.add_argument("--split", default="test", choices=["train", "val", "test"], help="split to score")
+    p.add_argument("--split", default="val", choices=["train", "val", "test", "all"],
+                   help="split to score (`test` is explicit and recorded in the test ledger; `all` "
+                        "scores a whole external set)")
     p.add_argument("--out", default=None, help="JSON report (default: <data>/evaluation-<split>.json)")
     p.set_defaults(func=cmd_evaluate)
 
@@ -288,8 +302,16 @@ def build_parser() -> argparse.ArgumentParser:
                    help="converted dataset whose locked test split both are scored on (default: the candidate's)")
     p.add_argument("--study", default=None, help="only versions of this Optuna study (default: all versions)")
     p.add_argument("--metric", default="val_auc", help="validation metric that ranks the candidates")
-    p.add_argument("--min-delta", type=_number(float, 0.0), default=0.0,
-                   help="promote unless the candidate's test AUC is below the champion's by more than this")
+    p.add_argument("--config", default=None,
+                   help="experiment file whose [promote] section is the rule (default: superiority, alpha 0.05, "
+                        "floor AUC 0.7)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config key, e.g. promote.policy=non_inferiority")
+    p.add_argument("--external", action="append", default=[], metavar="NAME=DATA",
+                   help="also score candidate and champion on this converted dataset (all splits); repeatable")
+    p.add_argument("--log-images", action="store_true",
+                   help="log a Grad-CAM grid of test images on the new champion's run (off: they may be "
+                        "real patients' X-rays)")
     p.add_argument("--version", default=None,
                    help="gate this version instead of the best-ranked one (default: the best-ranked)")
     p.add_argument("--dry-run", action="store_true", help="print the decision, change nothing")

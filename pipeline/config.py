@@ -105,6 +105,21 @@ class TuneConfig:
 
 
 @dataclass(frozen=True)
+class PromoteConfig:
+    """The promotion gate's rule (`pneumo promote --config`; pipeline/gate.py explains each check)."""
+    policy: str = "superiority"  # superiority | non_inferiority
+    alpha: float = 0.05  # two-sided level of the paired AUC-difference interval (clustered DeLong)
+    margin: float = 0.02  # non-inferiority margin on the AUC scale (also for required external sets)
+    floor_auc: float = 0.7  # a first champion's AUC lower bound must exceed this (0.7: "acceptable")
+    floor_accuracy_margin: float = 0.0  # ... and its accuracy's lower bound the majority baseline by this
+    require_external: list = field(default_factory=list)  # external set names that must be non-inferior
+    holdout_budget: int = 20  # Thresholdout: test answers that may differ from validation before a new split
+    holdout_threshold: float = 0.02  # Thresholdout T on the AUC scale (about one SE of a test AUC)
+    holdout_sigma: float = 0.005  # Thresholdout noise scale (Laplace)
+    bootstrap: int = 2000  # resamples of the paired cluster bootstrap reported beside DeLong
+
+
+@dataclass(frozen=True)
 class Config:
     name: str = "experiment"
     data: DataConfig = field(default_factory=DataConfig)
@@ -112,11 +127,14 @@ class Config:
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     tune: TuneConfig = field(default_factory=TuneConfig)
+    promote: PromoteConfig = field(default_factory=PromoteConfig)
 
     def flat(self) -> dict[str, Any]:
         """`section.key -> value` for every scalar setting (MLflow params); the search space is left out."""
         out: dict[str, Any] = {"name": self.name}
         for section in SECTIONS:
+            if section == "promote":  # the gate's rule does not change what a run trains (nor its run key)
+                continue
             for f in dataclasses.fields(getattr(self, section)):
                 if f.name != "space":
                     out[f"{section}.{f.name}"] = getattr(getattr(self, section), f.name)
@@ -132,7 +150,7 @@ class Config:
         return cfg
 
 
-SECTIONS = ("data", "model", "augment", "train", "tune")
+SECTIONS = ("data", "model", "augment", "train", "tune", "promote")
 CHOICES = {
     "data.cache": None,  # free-form (path prefix allowed)
     "model.pooling": ("gap", "flatten"),
@@ -145,6 +163,7 @@ CHOICES = {
     "train.lr_scale": ("linear", "sqrt", "none"),
     "tune.sampler": ("tpe", "random", "cmaes", "qmc"),
     "tune.pruner": ("median", "hyperband", "none"),
+    "promote.policy": ("superiority", "non_inferiority"),
 }
 
 
@@ -242,6 +261,8 @@ def _check(key: str, value: Any) -> Any:
         raise ConfigError(f"config key {key!r} wants float, got {type(value).__name__} {value!r}")
     if want is dict and not isinstance(value, dict):
         raise ConfigError(f"config key {key!r} wants a table, got {value!r}")
+    if want is list and not all(isinstance(v, str) for v in value):
+        raise ConfigError(f"config key {key!r} wants a list of names, got {value!r}")
     allowed = CHOICES.get(key)
     if allowed and value not in allowed:
         raise ConfigError(f"config key {key!r} must be one of {', '.join(allowed)}, got {value!r}")

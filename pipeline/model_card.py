@@ -4,22 +4,19 @@ A promoted version carries its card twice: as the version's description (what th
 markdown artifact (with the subgroup figure) on the promotion run and on the version's training run. The card
 says what the model is for (an aid, not a diagnosis), what it was trained and tested on (the dataset digest),
 how well it does with confidence intervals beside the majority baseline, per subgroup (view, sex, age), at
-which threshold, and what is known not to work. Pure text and matplotlib: no MLflow, no TensorFlow.
+which threshold, and what is known not to work; the internal test split, the shift battery (validation AUC
+under simulated acquisition shifts, `val_auc_shift_*` on the training run) and external sets side by side with
+the majority baseline; the calibration; and the promotion decision with its rule. Pure text and figures from
+`pipeline.plots`: no MLflow, no TensorFlow.
 """
 
 from __future__ import annotations
 
 import math
 
-from pipeline import evaluate as ev
-
-
-def _f(x, digits: int = 3) -> str:
-    return "n/a" if x is None or (isinstance(x, float) and not math.isfinite(x)) else f"{x:.{digits}f}"
-
-
-def _ci(m: dict, key: str) -> str:
-    return f"{_f(m.get(key))} [{_f(m.get(key + '_ci_low'))}, {_f(m.get(key + '_ci_high'))}]"
+from pipeline import plots
+from pipeline.metrics import fmt as _f
+from pipeline.metrics import fmt_metric_ci as _ci
 
 
 def _data_lines(manifest: dict, digest: str) -> list[str]:
@@ -33,7 +30,7 @@ def _data_lines(manifest: dict, digest: str) -> list[str]:
         f"patient-level stratified split (seed {manifest.get('seed', '?')}); "
         f"{len(manifest.get('rejected', []))} unreadable inputs left out.",
         "",
-        "| split | patients | positives |",
+        "| split | images | positives |",
         "| --- | ---: | ---: |",
         *rows,
     ]
@@ -52,14 +49,15 @@ def _subgroup_table(subgroups: list[dict]) -> list[str]:
 def subgroup_figure(subgroups: list[dict]):
     """Test AUC with its 95% CI per subgroup (view position, sex, age band): one row each."""
     results = {f"{r['group']}={r['value'] or '(blank)'} (n={r['n']})": r for r in subgroups}
-    fig = ev.plot_auc_comparison(results)
+    fig = plots.plot_auc_comparison(results)
     fig.axes[0].set_title("Test AUC by subgroup (same threshold)")
     return fig
 
 
 def render(*, model: str, version: str, metrics: dict, subgroups: list[dict], threshold: float,
            threshold_source: str, manifest: dict, digest: str, data_dir: str, run_id: str, run_name: str | None,
-           lineage: dict, comparison: dict | None, champion: str | None, promoted_at: str) -> str:
+           lineage: dict, comparison: dict | None, champion: str | None, promoted_at: str,
+           decision=None) -> str:
     """The model card of a promoted version, as markdown."""
     prev = metrics.get("prevalence", math.nan)
     majority = "everyone negative" if not (isinstance(prev, float) and prev > 0.5) else "everyone positive"
@@ -87,9 +85,10 @@ def render(*, model: str, version: str, metrics: dict, subgroups: list[dict], th
         f"## Test metrics (locked test split of `{data_dir}`)",
         "| metric | value |",
         "| --- | --- |",
-        f"| ROC AUC [95% bootstrap CI] | {_ci(metrics, 'auc')} |",
+        f"| images / patients | {metrics.get('n')} / {metrics.get('patients', metrics.get('n'))} |",
+        f"| ROC AUC [95% patient-level bootstrap CI] | {_ci(metrics, 'auc')} |",
         f"| AUC-PR (chance = prevalence {_f(prev)}) | {_f(metrics.get('auc_pr'))} |",
-        f"| Accuracy [95% Wilson CI] | {_ci(metrics, 'accuracy')} |",
+        f"| Accuracy [95% Wilson CI, patient-clustered] | {_ci(metrics, 'accuracy')} |",
         f"| Majority baseline ({majority}) | {_f(metrics.get('majority_baseline_accuracy'))} |",
         f"| Accuracy minus baseline | {_f(metrics.get('accuracy_minus_baseline'))} |",
         f"| Sensitivity | {_f(metrics.get('sensitivity'))} |",
@@ -102,16 +101,23 @@ def render(*, model: str, version: str, metrics: dict, subgroups: list[dict], th
         "the threshold. It was never tuned on the test split.",
         "",
     ]
+    if decision is not None:
+        lines += _evidence_lines(metrics, decision)
     if comparison and champion:
         lines += [
             f"## Gate: compared with the previous champion (version {champion})",
             f"- Test AUC {_f(comparison['auc_a'])} vs {_f(comparison['auc_b'])}: difference "
-            f"{_f(comparison['diff'])} [95% paired-bootstrap CI {_f(comparison['ci_low'])}, "
-            f"{_f(comparison['ci_high'])}], bootstrap p = {_f(comparison['p_value'])}, "
-            f"DeLong p = {_f(comparison.get('delong_p'))}.",
+            f"{_f(comparison['diff'], sign=True)} [clustered DeLong CI {_f(comparison.get('delong_ci_low'), sign=True)}, "
+            f"{_f(comparison.get('delong_ci_high'), sign=True)}], DeLong p = {_f(comparison.get('delong_p'))}; "
+            f"paired cluster bootstrap CI [{_f(comparison['ci_low'], sign=True)}, "
+            f"{_f(comparison['ci_high'], sign=True)}], p = {_f(comparison['p_value'])}.",
             f"- {significance(comparison)}",
             "",
         ]
+    if decision is not None:
+        lines += ["## Decision", f"- Rule: {decision.rule.describe()}.",
+                  *[f"- {'PASS' if ok else 'FAIL'} {name}: {words}" for name, ok, words in decision.checks],
+                  f"- Outcome: **{decision.outcome}**.", ""]
     lines += [
         "## Subgroups (test split, same threshold)",
         "A chest X-ray model can learn the view (AP films come from sicker, bedside patients) or the sex instead "
@@ -120,7 +126,8 @@ def render(*, model: str, version: str, metrics: dict, subgroups: list[dict], th
         *_subgroup_table(subgroups),
         "",
         "## Known limits",
-        f"- Small test split ({metrics.get('n')} patients): read the confidence intervals, not the point values.",
+        f"- Small test split ({metrics.get('n')} images of {metrics.get('patients', '?')} patients): read the "
+        "confidence intervals, not the point values.",
         "- Labels are radiologists' reads of the images (RSNA-style boxes), not confirmed diagnoses; some are noisy.",
         f"- Images are downsampled to {manifest.get('image_size', '?')} px: small or faint opacities can be lost.",
         "- One data source: performance on other hospitals, scanners, populations and children is unknown.",
@@ -132,9 +139,40 @@ def render(*, model: str, version: str, metrics: dict, subgroups: list[dict], th
     return "\n".join(lines) + "\n"
 
 
+def _evidence_lines(metrics: dict, d) -> list[str]:
+    """Internal test, shift battery and external sets side by side, with the baseline and the calibration."""
+    rows = [f"| internal test (`{d.data_dir}`) | {metrics.get('n')} / {metrics.get('patients')} | {_ci(metrics, 'auc')} "
+            f"| {_ci(metrics, 'accuracy')} | {_f(metrics.get('majority_baseline_accuracy'))} "
+            f"| {_f(metrics.get('sensitivity'))} / {_f(metrics.get('specificity'))} |"]
+    run_metrics = getattr(d.candidate, "run_metrics", {}) or {}
+    shifts = sorted((k, v) for k, v in run_metrics.items() if k.startswith("val_auc_shift_"))
+    for key, value in shifts:
+        try:
+            value = float(value)
+        except (TypeError, ValueError):
+            continue
+        rows.append(f"| shift battery: {key.removeprefix('val_auc_shift_')} (validation) | | {_f(value)} | | | |")
+    for x in d.externals:
+        m = x.candidate.metrics
+        rows.append(f"| external `{x.name}` (`{x.data_dir}`, all splits) | {m.get('n')} / {m.get('patients')} "
+                    f"| {_ci(m, 'auc')} | {_ci(m, 'accuracy')} | {_f(m.get('majority_baseline_accuracy'))} "
+                    f"| {_f(m.get('sensitivity'))} / {_f(m.get('specificity'))} |")
+    temperature = run_metrics.get("temperature") or d.candidate.tags.get("temperature")
+    calib = (f"temperature {_f(float(temperature), 3)} fitted on validation (probabilities are calibrated)"
+             if temperature not in (None, "") else "no temperature recorded: probabilities are the network's own")
+    lines = ["## Evidence side by side",
+             "| data | images / patients | AUC [95% CI] | accuracy [95% CI] | majority baseline | sens / spec |",
+             "| --- | ---: | --- | --- | ---: | --- |", *rows, "",
+             f"- Calibration: {calib}; Brier score on the internal test split {_f(metrics.get('brier'), 4)}.",
+             "- Shift battery rows are validation AUCs under simulated shifts, logged by training (absent when "
+             "the training run did not compute them)." if shifts else
+             "- Shift battery: not recorded for this version's training run.", ""]
+    return lines
+
+
 def significance(comparison: dict) -> str:
     """Whether an AUC difference is real, in words (5% level, both tests must agree to call it real)."""
-    p_boot, p_delong = comparison.get("p_value"), comparison.get("delong_p")
+    p_boot, p_delong = comparison.get("p_value"), comparison.get("delong_p")  # both patient-clustered
     ps = [p for p in (p_boot, p_delong) if p is not None and math.isfinite(p)]
     if not ps:
         return "No significance test possible (one class in the test split)."

@@ -5,21 +5,28 @@ What travels with a registered version (tags on the version, else on its trainin
 the `dataset_digest` it was trained on. `LoadedModel.probabilities` returns calibrated probabilities, and the
 threshold applies to them, so predict, evaluate, explain and the served model make the same decision.
 
+Integrity: `pneumo promote` records the sha256 of the model's artifact files as the version tag
+`model_sha256`; `load_keras` (so predict, explain, evaluate and the served model) recomputes it before
+loading and refuses a changed artifact with a one-line reason.
+
 Imports MLflow and Keras lazily: the CLI's `--help` and the converter never pay for them.
 """
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from pipeline.errors import InputError, PneumoError
+from pipeline.files import sha256_file
 from pipeline.stores import FILLED_BY
 
 MODEL_NAME = "pneumonia-cnn"
 CHAMPION = "champion"
+SHA_TAG = "model_sha256"
 
 
 class ModelError(InputError):
@@ -28,6 +35,10 @@ class ModelError(InputError):
 
 class ModelStoreError(PneumoError):
     """The store holding the model failed (unreachable, broken artifact): exit 1."""
+
+
+class ModelIntegrityError(PneumoError):
+    """A registered model's artifact files no longer match the sha256 recorded at promotion: exit 1."""
 
 
 def champion_uri(model: str = MODEL_NAME) -> str:
@@ -47,6 +58,8 @@ def source_run(uri: str) -> tuple[str | None, dict, str | None]:
             mv = client.get_model_version_by_alias(name, ref)
         else:
             name, _, version = name.partition("/")
+            if not version:  # MLflow 3's logged-model URI (models:/m-<id>): no registered version, no tags
+                return None, {}, None
             mv = client.get_model_version(name, version)
         return mv.run_id, dict(mv.tags), str(mv.version)
     return None, {}, None
@@ -57,9 +70,35 @@ def _tag(name: str, version_tags: dict, run_tags: dict) -> str | None:
     return version_tags.get(name, run_tags.get(name))
 
 
+def artifact_sha256(folder) -> str:
+    """One sha256 over a model folder: each file's relative path and content hash, in sorted order."""
+    root = Path(folder)
+    # MLflow itself writes `registered_model_meta` (name, version) into the folder when a models:/ URI is
+    # loaded: bookkeeping, not the model, so it is left out.
+    files = sorted(p for p in root.rglob("*") if p.is_file() and p.name != "registered_model_meta")
+    lines = "".join(f"{p.relative_to(root).as_posix()}\t{sha256_file(p)}\n" for p in files)
+    return hashlib.sha256(lines.encode()).hexdigest()
+
+
+def local_artifacts(uri: str) -> str:
+    """The model's files on this machine (a local artifact store answers with its own folder, not a copy)."""
+    import mlflow
+
+    return mlflow.artifacts.download_artifacts(artifact_uri=uri)
+
+
+def verify(uri: str, local: str, expected: str | None) -> None:
+    """ModelIntegrityError when a recorded sha256 does not match the files (nothing recorded: nothing to check)."""
+    if expected and artifact_sha256(local) != expected:
+        raise ModelIntegrityError(f"model {uri}: its artifact files changed since promotion (sha256 recorded "
+                                  f"{expected[:12]}, now {artifact_sha256(local)[:12]} in {local}): refusing "
+                                  "to score a tampered model; restore it or register and promote a new version")
+
+
 def load_keras(uri: str):
     """The Keras model behind an MLflow URI: the `keras_model` artifact inside the serving pyfunc
-    (`pipeline.serving`), or a model logged with MLflow's Keras flavour before the pyfunc existed."""
+    (`pipeline.serving`), or a model logged with MLflow's Keras flavour before the pyfunc existed; its files
+    verified against the version's `model_sha256` tag (recorded at promotion) when it has one."""
     import mlflow
     from mlflow.models import Model
 
@@ -67,7 +106,9 @@ def load_keras(uri: str):
     from pipeline.model import load_network
     from pipeline.serving import KERAS_ARTIFACT
 
-    local = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri))
+    _, version_tags, _ = source_run(uri)
+    local = Path(local_artifacts(uri))
+    verify(uri, str(local), version_tags.get(SHA_TAG))
     flavors = Model.load(local / "MLmodel").flavors
     if "keras" in flavors:
         return mlflow.keras.load_model(str(local))

@@ -39,29 +39,52 @@ def predict_split(model, data_dir: str | Path, split: str, batch_size: int = 64,
     return y, p, info
 
 
-def evaluate_model(uri: str, data_dir: str | Path, split: str = "test", *, tracking_uri: str | None = None,
+def predict_splits(model, data_dir: str | Path, splits: list[str], batch_size: int = 64,
+                   with_meta: bool | None = None) -> tuple[np.ndarray, np.ndarray, dict]:
+    """`predict_split` over several splits, concatenated (an external set is evaluated whole: all its splits)."""
+    parts = [predict_split(model, data_dir, s, batch_size, with_meta) for s in splits]
+    info = {k: [v for part in parts for v in part[2][k]] for k in parts[0][2]}
+    return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts]), info
+
+
+def split_names(data_dir: str | Path, split: str) -> list[str]:
+    """`all` -> every non-empty split of the dataset (an external evaluation set); else just `split`."""
+    if split != "all":
+        return [split]
+    splits = load_manifest(data_dir).get("splits", {})
+    return [name for name in ("train", "val", "test") if splits.get(name, {}).get("count")]
+
+
+def evaluate_model(uri: str, data_dir: str | Path, split: str = "val", *, tracking_uri: str | None = None,
                    out: str | Path | None = None, n_boot: int = 1000) -> dict:
-    """`pneumo evaluate`: metrics with CIs, the majority baseline and subgroups; written as JSON."""
-    from pipeline import evaluate as ev
+    """`pneumo evaluate`: metrics with patient-clustered CIs, the majority baseline and subgroups; written as
+    JSON. `split="all"` scores every split (an external set that no model was trained on)."""
+    from pipeline import metrics as ev
 
     lm = load(uri, tracking_uri, require_threshold=False)
     threshold = lm.threshold
     threshold_source = "stored with the model (chosen on validation)"
     if threshold is None:
+        if split == "all":
+            from pipeline.model_store import ModelError
+
+            raise ModelError(f"model {uri} has no stored threshold: an external set has no validation split "
+                             "of the model's own to choose one on")
         yv, pv, _ = predict_split(lm.model, data_dir, "val")
         threshold = ev.choose_threshold(yv, lm.calibrate(pv))
         threshold_source = "chosen now on the val split (Youden's J)"
-    y, p, info = predict_split(lm.model, data_dir, split)
+    y, p, info = predict_splits(lm.model, data_dir, split_names(data_dir, split))
     p = lm.calibrate(p)
-    metrics = ev.compute_metrics(y, p, threshold, n_boot=n_boot)
+    patients = info["patient_id"]
+    metrics = ev.compute_metrics(y, p, threshold, n_boot=n_boot, clusters=patients)
     groups = {"view_position": info["view_position"], "sex": info["sex"],
               "age_band": [ev.age_band(a) for a in info["age"]]}
-    subgroups = ev.subgroup_metrics(y, p, threshold, groups)
+    subgroups = ev.subgroup_metrics(y, p, threshold, groups, clusters=patients)
     manifest = load_manifest(data_dir)
     path = Path(out) if out else Path(data_dir) / f"evaluation-{split}.json"
-    payload = {"model": uri, "split": split, "dataset_digest": manifest["digest"],
+    payload = {"model": uri, "version": lm.version, "split": split, "dataset_digest": manifest["digest"],
                "threshold_source": threshold_source, "metrics": metrics, "subgroups": subgroups}
     ev.write_json(path, payload)
     table = ev.format_table(metrics, subgroups) + f"\nthreshold {threshold:.4f}: {threshold_source}"
     return {**payload, "table": table, "path": str(path), "probabilities": p, "labels": y,
-            "patient_id": info["patient_id"]}
+            "patient_id": patients}

@@ -21,8 +21,8 @@ import mlflow
 import numpy as np
 import tensorflow as tf
 
-from pipeline import evaluate as ev
-from pipeline import tracking
+from pipeline import metrics as ev
+from pipeline import plots, tracking
 from pipeline.config import Config
 from pipeline.data import eval_dataset, load_manifest, train_dataset
 from pipeline.devices import configure_gpus, resolve_jit
@@ -281,10 +281,12 @@ def _finish_run(model, cfg: Config, data_dir: Path, manifest: dict, history: dic
     scorer = tracking.inference_copy(model) if strategy and strategy.num_replicas_in_sync > 1 else model
     y, p, info = predict_split(scorer, data_dir, "val", cfg.data.batch_size, with_meta=cfg.model.metadata_inputs)
     threshold = ev.choose_threshold(y, p, cfg.train.target_sensitivity)
-    metrics = ev.compute_metrics(y, p, threshold, n_boot=cfg.train.bootstrap, seed=cfg.train.seed)
+    metrics = ev.compute_metrics(y, p, threshold, n_boot=cfg.train.bootstrap, seed=cfg.train.seed,
+                                 clusters=info["patient_id"])
     groups = {"view_position": info["view_position"], "sex": info["sex"],
               "age_band": [ev.age_band(a) for a in info["age"]]}
-    subgroups = ev.subgroup_metrics(y, p, threshold, groups, n_boot=200, seed=cfg.train.seed)
+    subgroups = ev.subgroup_metrics(y, p, threshold, groups, n_boot=200, seed=cfg.train.seed,
+                                   clusters=info["patient_id"])
     best_val_auc = max(history.get("val_auc", [float("nan")]))
     mlflow.log_metrics({f"final_val_{k}": float(v) for k, v in metrics.items()
                         if isinstance(v, int | float) and np.isfinite(v)})
@@ -294,17 +296,14 @@ def _finish_run(model, cfg: Config, data_dir: Path, manifest: dict, history: dic
     mlflow.log_dict({"metrics": metrics, "subgroups": subgroups}, "evaluation/val.json")
     mlflow.log_text(ev.format_table(metrics, subgroups), "evaluation/val.txt")
     figures = {
-        "history.png": ev.plot_history(history),
-        "val_roc.png": ev.plot_roc(y, p, title="ROC (validation)"),
-        "val_pr.png": ev.plot_pr(y, p, title="Precision-recall (validation)"),
-        "val_confusion.png": ev.plot_confusion(y, p, threshold),
-        "val_calibration.png": ev.plot_calibration(y, p),
+        "history.png": plots.plot_history(history),
+        "val_roc.png": plots.plot_roc(y, p, title="ROC (validation)"),
+        "val_pr.png": plots.plot_pr(y, p, title="Precision-recall (validation)"),
+        "val_confusion.png": plots.plot_confusion(y, p, threshold),
+        "val_calibration.png": plots.plot_calibration(y, p),
     }
-    import matplotlib.pyplot as plt
-
-    for name, fig in figures.items():
+    for name, fig in figures.items():  # object-API figures (pipeline.plots): no pyplot, nothing to close
         mlflow.log_figure(fig, f"plots/{name}")
-        plt.close(fig)
     mlflow.set_tag("mlflow.note.content", _description(metrics, best_val_auc, stats, manifest))
     info_model = version = None
     if cfg.train.log_model:

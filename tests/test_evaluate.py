@@ -1,4 +1,4 @@
-"""pipeline.evaluate against scikit-learn on simulated data with known answers.
+"""pipeline.metrics and pipeline.plots against scikit-learn on simulated data with known answers.
 
 Binormal model: negative scores ~ N(0, 1), positive ~ N(d, 1), so the true AUC is Phi(d / sqrt(2)).
 Scores go through a sigmoid to be probabilities (monotone: the AUC is unchanged).
@@ -25,7 +25,8 @@ from sklearn.metrics import (
     roc_auc_score,
 )
 
-from pipeline import evaluate as ev
+from pipeline import metrics as ev
+from pipeline import plots
 
 
 def binormal(n: int, d: float = 1.0, prevalence: float = 0.225, seed: int = 0):
@@ -232,7 +233,8 @@ def test_paired_identical_predictors():
     r = ev.paired_auc_difference(y, p, p, n=500)
     assert r["diff"] == 0.0 and r["ci_low"] == 0.0 and r["ci_high"] == 0.0
     assert r["p_value"] == pytest.approx(1.0)
-    assert ev.delong_test(y, p, p) == (0.0, 0.0, 1.0)
+    d = ev.delong_test(y, p, p)
+    assert (d["diff"], d["z"], d["p"], d["ci_low"], d["ci_high"]) == (0.0, 0.0, 1.0, 0.0, 0.0)
 
 
 def test_paired_clearly_better_and_delong_agrees():
@@ -246,13 +248,14 @@ def test_paired_clearly_better_and_delong_agrees():
     assert r["auc_a"] == pytest.approx(roc_auc_score(y, good))
     assert r["auc_b"] == pytest.approx(roc_auc_score(y, worse))
     assert r["ci_low"] > 0 and r["p_value"] < 0.01
-    diff, z, p_delong = ev.delong_test(y, good, worse)
+    d = ev.delong_test(y, good, worse)
+    diff, z, p_delong = d["diff"], d["z"], d["p"]
     assert diff == pytest.approx(r["diff"], abs=1e-12)
-    assert p_delong < 0.01 and z > 0
-    assert diff / z == pytest.approx(r["se"], rel=0.15)  # DeLong's SE vs the bootstrap's spread
+    assert p_delong < 0.01 and z > 0 and d["ci_low"] > 0
+    assert d["se"] == pytest.approx(r["se"], rel=0.15)  # DeLong's SE vs the bootstrap's spread
     # reversed order flips the sign only
-    d2, z2, p2 = ev.delong_test(y, worse, good)
-    assert d2 == pytest.approx(-diff) and z2 == pytest.approx(-z) and p2 == pytest.approx(p_delong)
+    d2 = ev.delong_test(y, worse, good)
+    assert d2["diff"] == pytest.approx(-diff) and d2["z"] == pytest.approx(-z) and d2["p"] == pytest.approx(p_delong)
 
 
 def test_delong_matches_bootstrap_when_no_real_difference():
@@ -261,9 +264,9 @@ def test_delong_matches_bootstrap_when_no_real_difference():
     y = (rng.random(n) < 0.4).astype(int)
     latent = rng.normal(size=n) + y
     a, b = latent + rng.normal(size=n), latent + rng.normal(size=n)  # same quality, different noise
-    diff, z, _ = ev.delong_test(y, a, b)
+    d = ev.delong_test(y, a, b)
     r = ev.paired_auc_difference(y, a, b, n=2000)
-    assert diff / z == pytest.approx(r["se"], rel=0.15)
+    assert d["se"] == pytest.approx(r["se"], rel=0.15)
     assert r["ci_low"] < 0 < r["ci_high"] or r["p_value"] > 0.01
 
 
@@ -276,7 +279,7 @@ def test_one_class_gives_nan_and_json_null(tmp_path):
     assert m["majority_baseline_accuracy"] == 1.0
     assert all(math.isnan(v) for v in ev.bootstrap_auc_ci(y, p))
     assert math.isnan(ev.paired_auc_difference(y, p, p)["diff"])
-    assert all(math.isnan(v) for v in ev.delong_test(y, p, p))
+    assert all(math.isnan(v) for v in ev.delong_test(y, p, p).values())
     rows = ev.subgroup_metrics(y, p, 0.5, {"view_position": ["AP"] * 50})
     path = tmp_path / "out" / "metrics.json"
     ev.write_json(path, {"test": m, "subgroups": rows, "arr": np.array([1.5, np.nan]), "i": np.int64(3)})
@@ -312,34 +315,34 @@ def test_plots_make_figures_and_png_files(tmp_path):
     y, p = binormal(600, seed=13)
     one = np.zeros(20, dtype=int)
     figures = {
-        "roc": ev.plot_roc(y, p, threshold=0.5),
-        "pr": ev.plot_pr(y, p),
-        "confusion": ev.plot_confusion(y, p, 0.5),
-        "calibration": ev.plot_calibration(y, p),
-        "history": ev.plot_history({"loss": [0.7, 0.6, 0.5], "val_loss": [0.7, 0.65, 0.6], "auc": [0.6, 0.7]}),
-        "history_empty": ev.plot_history({}),
-        "comparison": ev.plot_auc_comparison({
+        "roc": plots.plot_roc(y, p, threshold=0.5),
+        "pr": plots.plot_pr(y, p),
+        "confusion": plots.plot_confusion(y, p, 0.5),
+        "calibration": plots.plot_calibration(y, p),
+        "history": plots.plot_history({"loss": [0.7, 0.6, 0.5], "val_loss": [0.7, 0.65, 0.6], "auc": [0.6, 0.7]}),
+        "history_empty": plots.plot_history({}),
+        "comparison": plots.plot_auc_comparison({
             "champion": {"auc": 0.80, "auc_ci_low": 0.77, "auc_ci_high": 0.83},
             "candidate": {"auc": 0.84, "auc_ci_low": 0.81, "auc_ci_high": 0.87},
             "broken": {"auc": math.nan}}),
         # one class only: a figure that says so, not an exception
-        "roc_one": ev.plot_roc(one, np.linspace(0, 1, 20)),
-        "pr_one": ev.plot_pr(one, np.linspace(0, 1, 20)),
-        "cal_one": ev.plot_calibration(one, np.linspace(0, 1, 20)),
-        "conf_one": ev.plot_confusion(one, np.linspace(0, 1, 20), 0.5),
+        "roc_one": plots.plot_roc(one, np.linspace(0, 1, 20)),
+        "pr_one": plots.plot_pr(one, np.linspace(0, 1, 20)),
+        "cal_one": plots.plot_calibration(one, np.linspace(0, 1, 20)),
+        "conf_one": plots.plot_confusion(one, np.linspace(0, 1, 20), 0.5),
     }
     for name, fig in figures.items():
         assert isinstance(fig, Figure)
         path = tmp_path / "plots" / f"{name}.png"
-        ev.save_figure(fig, path)
+        plots.save_figure(fig, path)
         assert path.stat().st_size > 1000
         assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert sorted(f.name for f in (tmp_path / "plots").iterdir()) == sorted(f"{n}.png" for n in figures)
 
 
 def test_import_is_cheap():
-    """Importing the module must not pull in matplotlib, scikit-learn, TensorFlow or MLflow."""
-    code = ("import sys, pipeline.evaluate; "
+    """Importing the metrics must not pull in matplotlib, scikit-learn, TensorFlow or MLflow."""
+    code = ("import sys, pipeline.metrics; "
             "print(sorted(m for m in ('matplotlib', 'sklearn', 'tensorflow', 'mlflow') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"

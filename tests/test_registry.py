@@ -1,19 +1,33 @@
-"""Promotion: candidates, the evaluation gate, dry runs, clear refusals, history, and racing promotions."""
+"""Promotion: candidates, the evaluation gate, dry runs, clear refusals, history, racing promotions, the test
+ledger and its budget, external sets, the artifact's integrity, and the lock on a tracking server."""
 
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import subprocess
+import sys
 import threading
 import time
+from dataclasses import replace
+from pathlib import Path
 
 import pytest
+
+from pipeline.config import PromoteConfig
 
 pytest_plugins = ["fixtures_registry"]
 MODEL, META_MODEL, STUDY = "pneumonia-cnn", "pneumonia-cnn-meta", "regstudy"  # as in fixtures_registry
 pytestmark = pytest.mark.slow
+REPO = Path(__file__).resolve().parents[1]
 
 N_BOOT = 100  # bootstrap resamples in the tests: the numbers are not the point here
+# The tiny models of fixtures_registry are trained for seconds on 48 test patients: none clears the clinical
+# floor, and their differences are rarely significant. Tests of the mechanics (recording, history, racing)
+# use a rule that decides on the point estimate (alpha close to 1: the interval shrinks to the estimate) and a
+# floor every model clears; the real rule is tested on a model trained longer below and in tests/test_gate.py.
+POINT = PromoteConfig(alpha=0.999, floor_auc=0.0, floor_accuracy_margin=-1.0, bootstrap=200, holdout_budget=1000)
 
 
 def _client(uri):
@@ -22,10 +36,24 @@ def _client(uri):
     return MlflowClient(uri, uri)
 
 
-def _promote(store, **kwargs):
+def _promote(store, config=POINT, **kwargs):
     from pipeline.registry import promote
 
-    return promote(MODEL, tracking_uri=store.uri, n_boot=N_BOOT, **kwargs)
+    return promote(MODEL, tracking_uri=store.uri, n_boot=N_BOOT, config=config, **kwargs)
+
+
+def _make_champion(store, version):
+    """Set the alias directly (a champion from an earlier promotion), without the gate."""
+    _client(store.uri).set_registered_model_alias(MODEL, "champion", version)
+
+
+def _config_file(tmp_path, cfg: PromoteConfig) -> str:
+    lines = ["[promote]"]
+    for key, value in cfg.__dict__.items():
+        lines.append(f"{key} = {json.dumps(value)}")
+    path = tmp_path / "promote.toml"
+    path.write_text("\n".join(lines) + "\n")
+    return str(path)
 
 
 def _aliases(store) -> dict:
@@ -75,8 +103,10 @@ def test_promote_picks_the_best_version_and_sets_champion(registry_store):
     assert mv.tags["dataset_digest"] == digest
     assert float(mv.tags["test_auc"]) == pytest.approx(s.test_auc[best], abs=1e-6)
     assert float(mv.tags["threshold"]) == pytest.approx(d.candidate_eval.threshold, abs=1e-6)
+    assert mv.tags["model_sha256"] and mv.tags["promotion_rule"] == "superiority"
     for text in ("# Model card", "not a diagnosis", digest, "Majority baseline", "view_position | AP",
-                 "sex | F", "**Threshold:**", "## Known limits"):
+                 "sex | F", "**Threshold:**", "## Known limits", "## Evidence side by side", "## Decision",
+                 "PASS floor (internal test)", "images / patients", "Calibration:"):
         assert text in mv.description
     assert "not a diagnosis" in c.get_registered_model(MODEL).description
     # Every other version got a short description of what it is.
@@ -87,55 +117,69 @@ def test_promote_picks_the_best_version_and_sets_champion(registry_store):
     files = {f.path for f in c.list_artifacts(d.run_id, "plots")} | {
         f.path for f in c.list_artifacts(d.run_id, "model_card")}
     assert {"plots/auc_comparison.png", "model_card/model_card.md", "model_card/subgroups.png"} <= files
+    assert run.data.params["policy"] == "superiority" and "rule" in run.data.tags
+    assert run.data.metrics["test_patients"] > 0 and "holdout_budget_left" in run.data.metrics
+    # Grad-CAM of test images is opt-in: nothing under explanations/ on the training run
+    assert not c.list_artifacts(d.candidate.run_id, "explanations")
 
 
-def test_a_worse_candidate_is_not_promoted(registry_store, capsys):
+def test_a_worse_candidate_is_not_promoted(registry_store, capsys, tmp_path):
     from pipeline.cli import main
 
     s = registry_store
     worst, _, best = s.by_test_auc
-    assert _promote(s, version=best).outcome == "promoted"
+    _make_champion(s, best)
     before = snapshot(s.uri)
-    code = main(["promote", "--version", worst, "--tracking-uri", s.uri, "--data", str(s.data)])
+    code = main(["promote", "--version", worst, "--tracking-uri", s.uri, "--data", str(s.data),
+                 "--config", _config_file(tmp_path, POINT)])
     out = capsys.readouterr().out
     assert code == 0  # a clear outcome, not an error
-    assert "NOT PROMOTED" in out and "no improvement" in out and f"champion v{best} unchanged" in out
-    assert "DeLong p=" in out and "paired bootstrap" in out
+    assert "NOT PROMOTED" in out and "not promoted: superiority" in out and f"champion v{best} unchanged" in out
+    assert "DeLong p=" in out and "paired cluster bootstrap" in out and "patients" in out
     after = snapshot(s.uri)
     assert after["aliases"] == before["aliases"] == {"champion": best}
-    assert after["versions"] == before["versions"]
+    # no version's tags or aliases change (versions without a description get their short one)
+    assert {v: (t, a) for v, (t, _, a) in after["versions"].items()} == \
+        {v: (t, a) for v, (t, _, a) in before["versions"].items()}
     new_runs = set(after["runs"]) - set(before["runs"])
-    assert len(new_runs) == 1  # the decision is recorded all the same
-    run = _client(s.uri).get_run(new_runs.pop())
+    assert len(new_runs) == 2  # the decision is recorded all the same, and the read goes into the test ledger
+    run = next(r for r in map(_client(s.uri).get_run, new_runs) if r.info.run_name.startswith("promote:"))
     assert run.data.tags["decision"] == "rejected" and run.data.metrics["auc_diff"] < 0
     assert {f.path for f in _client(s.uri).list_artifacts(run.info.run_id, "evaluation")} >= {
         "evaluation/candidate.json", "evaluation/champion.json", "evaluation/comparison.json"}
 
 
-def test_min_delta_lets_a_slightly_worse_model_through_and_history_is_kept(registry_store):
+def test_non_inferiority_needs_a_better_study_metric_and_history_is_kept(registry_store):
     s = registry_store
-    worst, _, best = s.by_test_auc
-    _promote(s, version=best)
-    gap = s.test_auc[best] - s.test_auc[worst]
-    d = _promote(s, version=worst, min_delta=gap + 0.01)
-    assert d.outcome == "promoted" and d.comparison["diff"] == pytest.approx(-gap, abs=1e-9)
-    assert _aliases(s) == {"champion": worst, "previous-champion": best}
-    old = _client(s.uri).get_model_version(MODEL, best)
-    assert old.tags["replaced_by"] == worst and old.tags["replaced_at"] == d.promoted_at
-    assert old.description.startswith(f"> Replaced as `champion` by version {worst}")
+    low_val, high_val = min(s.versions, key=lambda v: s.val_auc[v]), max(s.versions, key=lambda v: s.val_auc[v])
+    wide = replace(POINT, policy="non_inferiority", margin=1.0)
+    _make_champion(s, high_val)
+    d = _promote(s, version=low_val, config=wide)  # within any margin, but worse where the study looked
+    assert d.outcome == "rejected" and "study metric val_auc" in d.reason and "NOT better" in d.reason
+    _make_champion(s, low_val)
+    d = _promote(s, version=high_val, config=wide)
+    assert d.outcome == "promoted" and d.checks[1][1]
+    assert _aliases(s) == {"champion": high_val, "previous-champion": low_val}
+    old = _client(s.uri).get_model_version(MODEL, low_val)
+    assert old.tags["replaced_by"] == high_val and old.tags["replaced_at"] == d.promoted_at
+    assert d.model_sha256 and _client(s.uri).get_model_version(MODEL, high_val).tags["model_sha256"] == d.model_sha256
 
 
-def test_dry_run_changes_nothing(registry_store, capsys):
+def test_dry_run_changes_nothing(registry_store, capsys, tmp_path):
     from pipeline.cli import main
 
     s = registry_store
     worst, _, best = s.by_test_auc
-    _promote(s, version=worst)
+    _make_champion(s, worst)
     before = snapshot(s.uri)
-    assert main(["promote", "--dry-run", "--version", best, "--tracking-uri", s.uri]) == 0
+    assert main(["promote", "--dry-run", "--version", best, "--tracking-uri", s.uri, "--config",
+                 _config_file(tmp_path, POINT)]) == 0
     out = capsys.readouterr().out
     assert "DRY RUN, nothing changed: would be PROMOTED" in out
-    assert snapshot(s.uri) == before
+    after = snapshot(s.uri)
+    assert after["experiments"] == sorted(before["experiments"] + ["test-ledger"])  # the test read, only
+    assert {k: v for k, v in after.items() if k not in ("experiments", "runs")} == \
+        {k: v for k, v in before.items() if k not in ("experiments", "runs")}
 
 
 def test_already_champion_is_unchanged(registry_store):
@@ -144,7 +188,8 @@ def test_already_champion_is_unchanged(registry_store):
     before = snapshot(s.uri)
     again = _promote(s)
     assert again.outcome == "unchanged" and again.candidate.version == first.candidate.version
-    assert snapshot(s.uri) == before
+    after = snapshot(s.uri)
+    assert after["aliases"] == before["aliases"] and after["versions"] == before["versions"]
 
 
 def test_no_registered_versions(bare_registry, capsys):
@@ -174,7 +219,7 @@ def test_missing_data_and_mismatched_datasets_are_refused(registry_store, tmp_pa
     with pytest.raises(RegistryError, match=r"was trained on dataset .* but .*other is dataset ffffffffffff"):
         _promote(s, data_dir=other)
     # A champion trained on another dataset cannot be compared on this test split.
-    _promote(s, version=worst)
+    _make_champion(s, worst)
     _client(s.uri).set_model_version_tag(MODEL, worst, "dataset_digest", "0" * 64)
     before = snapshot(s.uri)
     with pytest.raises(RegistryError, match=rf"champion pneumonia-cnn version {worst} was trained on dataset "
@@ -192,7 +237,7 @@ def test_racing_promotions_end_with_the_better_model(registry_store, slow_is_bet
 
     s = registry_store
     worst, mid, best = s.by_test_auc
-    _promote(s, version=worst)
+    _make_champion(s, worst)
     slow_v, fast_v = (best, mid) if slow_is_better else (mid, best)
     evaluated, landed = threading.Event(), threading.Event()
     seen: list[str | None] = []
@@ -206,7 +251,8 @@ def test_racing_promotions_end_with_the_better_model(registry_store, slow_is_bet
 
     def slow():
         try:
-            result["slow"] = promote(MODEL, version=slow_v, tracking_uri=s.uri, n_boot=N_BOOT, before_commit=hold)
+            result["slow"] = promote(MODEL, version=slow_v, tracking_uri=s.uri, n_boot=N_BOOT, config=POINT,
+                                     before_commit=hold)
         except BaseException as e:  # noqa: BLE001 - re-raised in the main thread
             result["error"] = e
 
@@ -251,9 +297,9 @@ def bare_registry(bare_store, request):
     return SimpleNamespace(uri=bare_store, model=name)
 
 
-@pytest.mark.parametrize("kind", ["file", "tag"])
+@pytest.mark.parametrize("kind", ["file", "model"])
 def test_promotion_lock_excludes_concurrent_holders(bare_registry, kind):
-    from pipeline.registry import promotion_lock
+    from pipeline.promotion_lock import promotion_lock
 
     s = bare_registry
     spans = []
@@ -262,7 +308,7 @@ def test_promotion_lock_excludes_concurrent_holders(bare_registry, kind):
 
     def hold():
         try:
-            with promotion_lock(s.uri, s.model, kind=kind, poll=0.05, settle=0.3, timeout=60):
+            with promotion_lock(s.uri, s.model, kind=kind, poll=0.05, timeout=60):
                 t0 = time.monotonic()
                 time.sleep(0.4)
                 spans.append((t0, time.monotonic()))
@@ -277,12 +323,14 @@ def test_promotion_lock_excludes_concurrent_holders(bare_registry, kind):
     spans.sort()
     assert not errors and len(spans) == 3
     assert all(a[1] <= b[0] for a, b in zip(spans, spans[1:], strict=False)), spans
-    if kind == "tag":  # the lease is gone once released
-        assert "promotion_lock" not in (_client(s.uri).get_registered_model(s.model).tags or {})
+    if kind == "model":  # the lock model is gone once released
+        names = {m.name for m in _client(s.uri).search_registered_models()}
+        assert f"{s.model}.promotion-lock" not in names
 
 
 def test_promotion_lock_times_out_with_a_reason(bare_registry):
-    from pipeline.registry import RegistryError, promotion_lock
+    from pipeline.promotion_lock import LockError as RegistryError
+    from pipeline.promotion_lock import promotion_lock
 
     s = bare_registry
     with promotion_lock(s.uri, s.model):
@@ -310,7 +358,7 @@ def test_promotion_lock_on_postgresql():
         psycopg.connect(url, connect_timeout=2).close()
     except psycopg.OperationalError as e:
         pytest.skip(f"no PostgreSQL on 127.0.0.1:5432 ({e})")
-    from pipeline.registry import promotion_lock
+    from pipeline.promotion_lock import promotion_lock
 
     spans = []
 
@@ -332,3 +380,212 @@ def test_promotion_lock_on_postgresql():
         t.join(30)
     spans.sort()
     assert not errors and len(spans) == 2 and spans[0][1] <= spans[1][0]
+
+
+# --- the rule on real models ---------------------------------------------------------------------------------
+def _reregister(store, version) -> str:
+    """The same model registered again as a new version (same run, same files, same tags)."""
+    c = _client(store.uri)
+    mv = c.get_model_version(MODEL, version)
+    new = c.create_model_version(MODEL, mv.source, run_id=mv.run_id,
+                                 tags={k: v for k, v in mv.tags.items() if k in ("dataset_digest", "val_auc",
+                                                                                 "threshold", "study")})
+    return str(new.version)
+
+
+@pytest.mark.parametrize("policy", ["superiority", "non_inferiority"])
+def test_a_version_against_itself_is_not_a_promotion(registry_store, policy):
+    s = registry_store
+    best = s.by_test_auc[-1]
+    _make_champion(s, best)
+    twin = _reregister(s, best)
+    d = _promote(s, version=twin, config=PromoteConfig(policy=policy, bootstrap=200))
+    assert d.outcome == "rejected" and _aliases(s) == {"champion": best}
+    assert d.comparison["diff"] == 0.0 and d.comparison["delong_ci_low"] == 0.0
+    assert ("NOT above 0" if policy == "superiority" else "NOT better") in d.reason
+
+
+def test_a_clearly_better_model_is_promoted_and_its_artifact_is_guarded(registry_store, tmp_path, capsys):
+    """A model trained longer beats the 1-epoch model under superiority (default rule); the sha256 recorded at
+    promotion then guards its files: altered, every load refuses with one line."""
+    from fixtures_registry import _config
+
+    from pipeline.cli import main
+    from pipeline.model_store import ModelIntegrityError, load
+    from pipeline.train import train
+
+    s = registry_store
+    weak = min(s.versions, key=lambda v: s.test_auc[v])
+    _make_champion(s, weak)
+    r = train(_config(tmp_path, ["train.epochs=12", "train.learning_rate=3e-3", "train.seed=3"]), s.data,
+              tracking_uri=s.uri, experiment="longer", run_name="longer", register_as=MODEL, verbose=0)
+    d = _promote(s, version=r.model_version, config=PromoteConfig(bootstrap=200))
+    assert d.outcome == "promoted", d.reason
+    assert d.comparison["delong_ci_low"] > 0 and _aliases(s)["champion"] == r.model_version
+    lm = load(f"models:/{MODEL}@champion", s.uri)  # verified and loaded
+    assert lm.version == r.model_version
+    from pipeline import tracking
+    from pipeline.model_store import local_artifacts
+
+    tracking.setup(s.uri)
+    folder = Path(local_artifacts(f"models:/{MODEL}/{r.model_version}"))
+    target = next(p for p in sorted(folder.rglob("*")) if p.is_file() and p.name == "MLmodel")
+    target.write_text(target.read_text() + "\n# tampered\n")
+    with pytest.raises(ModelIntegrityError, match=r"artifact files changed since promotion .* refusing"):
+        load(f"models:/{MODEL}@champion", s.uri)
+    assert main(["evaluate", "--model", f"models:/{MODEL}@champion", "--data", str(s.data),
+                 "--tracking-uri", s.uri]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("pneumo evaluate: error: model models:/pneumonia-cnn@champion: its artifact files "
+                              "changed since promotion")
+
+
+# --- the ledger and the reusable holdout ----------------------------------------------------------------------
+def test_ledger_counts_test_reads_and_a_spent_budget_refuses(registry_store, tmp_path, capsys):
+    from pipeline import holdout
+    from pipeline.cli import main
+
+    s = registry_store
+    digest = json.loads((s.data / "manifest.json").read_text())["digest"]
+    worst, mid, best = s.by_test_auc
+    _make_champion(s, worst)
+    # T = 0, no noise: any gap between validation and test AUC is answered from the test split and costs one unit
+    tight = replace(POINT, holdout_budget=2, holdout_threshold=0.0, holdout_sigma=0.0)
+    d = _promote(s, version=mid, config=tight)
+    assert len(holdout.reads(_client(s.uri), digest)) == 1
+    assert [a.source for a in d.holdout] == ["test+noise", "test+noise"] and d.holdout_left == 0
+    assert main(["evaluate", "--model", f"models:/{MODEL}/{best}", "--data", str(s.data), "--split", "test",
+                 "--tracking-uri", s.uri]) == 0
+    entries = holdout.reads(_client(s.uri), digest)
+    assert len(entries) == 2 and [e.data.tags["command"] for e in entries] == ["promote", "evaluate"]
+    assert entries[0].data.tags["versions"] == f"{mid},{worst}" and "test_auc_answered" in entries[0].data.tags["answered"]
+    capsys.readouterr()
+    before = snapshot(s.uri)
+    code = main(["promote", "--version", best, "--tracking-uri", s.uri, "--config", _config_file(tmp_path, tight)])
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert code == 2 and err.startswith(f"pneumo promote: error: {s.data}: the reusable-holdout budget")
+    assert "bring a fresh test split" in err
+    assert snapshot(s.uri) == before  # refused before reading the test split
+    # `pneumo evaluate` defaults to the validation split, which is not a read of the test split
+    assert main(["evaluate", "--model", f"models:/{MODEL}/{best}", "--data", str(s.data),
+                 "--tracking-uri", s.uri, "--out", str(tmp_path / "val.json")]) == 0
+    assert json.loads((tmp_path / "val.json").read_text())["split"] == "val"
+    assert len(holdout.reads(_client(s.uri), digest)) == 2
+
+
+# --- external sets --------------------------------------------------------------------------------------------
+def test_external_sets_in_the_table_metrics_and_card(registry_store, capsys, tmp_path):
+    from pipeline.cli import main
+
+    s = registry_store
+    worst, mid, best = s.by_test_auc
+    _make_champion(s, worst)
+    cfg = _config_file(tmp_path, replace(POINT, require_external=["site2"]))
+    assert main(["promote", "--version", best, "--tracking-uri", s.uri, "--config", cfg]) == 0
+    out = capsys.readouterr().out
+    assert "NOT PROMOTED" in out and "--external site2=DATA" in out
+    assert main(["promote", "--version", best, "--tracking-uri", s.uri, "--config", cfg,
+                 "--external", f"site2={s.data}"]) == 0
+    out = capsys.readouterr().out
+    assert "@ site2" in out and "difference @ site2" in out and "PROMOTED" in out
+    c = _client(s.uri)
+    run = c.get_run(c.get_model_version(MODEL, best).tags["promotion_run_id"])
+    n_all = sum(sp["count"] for sp in json.loads((s.data / "manifest.json").read_text())["splits"].values())
+    for key in ("external_site2_auc", "external_site2_accuracy", "external_site2_sensitivity",
+                "external_site2_specificity", "external_site2_champion_auc"):
+        assert key in run.data.metrics
+    ext = json.loads(Path(c.download_artifacts(run.info.run_id, "evaluation/external_site2.json",
+                                               str(tmp_path))).read_text())
+    assert ext["candidate"]["metrics"]["n"] == n_all  # the whole set: every split
+    card = c.get_model_version(MODEL, best).description
+    assert "external `site2`" in card and "PASS external site2" in card
+    assert main(["promote", "--tracking-uri", s.uri, "--external", "nonsense"]) == 2
+    assert "expected NAME=DATA" in capsys.readouterr().err
+
+
+# --- the lock on a tracking server ------------------------------------------------------------------------------
+def test_a_stale_server_lock_is_broken_with_a_reason(bare_registry, capsys):
+    from pipeline.promotion_lock import lock_model_name, promotion_lock
+
+    s = bare_registry
+    c = _client(s.uri)
+    c.create_registered_model(lock_model_name(s.model), tags={"owner": "dead-host:1", "acquired": "0"})
+    with promotion_lock(s.uri, s.model, kind="model", timeout=10, poll=0.05, stale_after=60):
+        assert c.get_registered_model(lock_model_name(s.model)).tags["owner"] != "dead-host:1"
+    assert "breaking the promotion lock" in capsys.readouterr().err
+    assert lock_model_name(s.model) not in {m.name for m in c.search_registered_models()}
+
+
+def test_two_promote_processes_against_a_real_mlflow_server(registry_store, tmp_path):
+    """Two `pneumo promote` processes race on an `mlflow server` on a loopback port: the lock (a registered
+    model the server creates once) serialises their commits, the second re-gates against the first's champion,
+    and the history is consistent. The test also holds the lock itself first: neither process may commit."""
+    from pipeline.promotion_lock import lock_model_name, promotion_lock
+    from pipeline.ui import MlflowServer
+
+    s = registry_store
+    worst, mid, best = s.by_test_auc
+    _make_champion(s, worst)
+    cfg = _config_file(tmp_path, POINT)
+    with MlflowServer(s.uri, s.artifacts) as server:
+        url = server.url
+        env = {**os.environ, "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+        procs = []
+        try:
+            with promotion_lock(url, MODEL, timeout=30):
+                for v in (mid, best):
+                    procs.append(subprocess.Popen(
+                        [sys.executable, "-m", "pipeline.cli", "promote", "--version", v, "--tracking-uri", url,
+                         "--data", str(s.data), "--config", cfg], env=env, stdout=subprocess.PIPE,
+                        stderr=subprocess.STDOUT, text=True, start_new_session=True))
+                # Both evaluate, then wait at the lock: the champion cannot move while we hold it.
+                deadline = time.monotonic() + 20
+                while time.monotonic() < deadline and all(p.poll() is None for p in procs):
+                    time.sleep(0.5)
+                assert _client(url).get_registered_model(MODEL).aliases["champion"] == worst
+            outs = [p.communicate(timeout=600)[0] for p in procs]
+        finally:
+            for p in procs:
+                if p.poll() is None:
+                    os.killpg(p.pid, 9)
+                    p.wait()
+        assert [p.returncode for p in procs] == [0, 0], outs
+        c = _client(url)
+        aliases = {k: str(v) for k, v in c.get_registered_model(MODEL).aliases.items()}
+        assert aliases["champion"] == best
+        prev = aliases["previous-champion"]
+        assert c.get_model_version(MODEL, prev).tags["replaced_by"] == best
+        assert lock_model_name(MODEL) not in {m.name for m in c.search_registered_models()}
+        assert sum("PROMOTED v" in o and "NOT PROMOTED" not in o for o in outs) >= 1
+
+
+def test_promote_never_prints_a_database_password(capsys):
+    """A tracking store on PostgreSQL with a password in its URL: promote's refusal names the store masked."""
+    pytest.importorskip("psycopg2")
+    import uuid
+
+    import psycopg2
+
+    try:
+        admin = psycopg2.connect("postgresql://postgres@127.0.0.1:5432/postgres", connect_timeout=2)
+    except psycopg2.OperationalError as e:
+        pytest.skip(f"no PostgreSQL on 127.0.0.1:5432 ({e})")
+    admin.autocommit = True
+    name = f"pneumo_test_mask_{uuid.uuid4().hex[:8]}"
+    with admin.cursor() as cur:
+        cur.execute(f'CREATE DATABASE "{name}"')
+    try:
+        from pipeline.cli import main
+
+        url = f"postgresql://postgres:s3cret-pw@127.0.0.1:5432/{name}"  # trust auth: any password is accepted
+        assert main(["promote", "--tracking-uri", url]) == 2
+        out = capsys.readouterr()
+        assert "s3cret-pw" not in out.out + out.err
+        assert "postgresql://postgres:***@127.0.0.1:5432/" in out.err
+    finally:
+        from sqlalchemy.orm import close_all_sessions
+
+        close_all_sessions()
+        with admin.cursor() as cur:
+            cur.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        admin.close()
