@@ -96,6 +96,13 @@ class PneumoniaModel(mlflow.pyfunc.PythonModel):
         except Exception as e:  # registry unreachable: the values logged with the model
             print(f"pneumo serving: registry tags not read ({type(e).__name__}: {str(e)[:200]}); "
                   "using the threshold and temperature stored with the model", flush=True)
+        # The tamper check predict/evaluate/explain get from model_store.load_keras: the files being served must
+        # be the ones whose sha256 promotion recorded on the version (ModelIntegrityError stops the server).
+        from pipeline.model_store import SHA_TAG, verify
+
+        if tags.get(SHA_TAG):
+            root = next(p for p in Path(context.artifacts[KERAS_ARTIFACT]).parents if (p / "MLmodel").exists())
+            verify(f"version {version}", str(root), tags[SHA_TAG])
         threshold = tags.get("threshold", cfg.get("threshold"))
         self.threshold = float(threshold) if threshold not in (None, "") else None
         self.temperature = float(tags.get("temperature", cfg.get("temperature")) or 1.0)
