@@ -79,8 +79,19 @@ def cmd_demo(a):
 def cmd_promote(a):
     from pipeline.registry import format_decision, promote
 
-    decision = promote(a.model, a.data, study=a.study, metric=a.metric, min_delta=a.min_delta,
-                       dry_run=a.dry_run, version=a.version, tracking_uri=a.tracking_uri)
+    version, metric = a.version, a.metric
+    if a.ensemble is not None:  # build and register the ensemble, then gate it like any candidate
+        from pipeline.ensemble import EnsembleError, build_ensemble, gate_metric, summary
+
+        if a.version is not None or a.dry_run:
+            raise EnsembleError("--ensemble builds and registers a new version: it cannot go with "
+                                f"{'--version' if a.version is not None else '--dry-run'}")
+        built = build_ensemble(a.model, a.study, a.ensemble, metric=a.metric, data_dir=a.data,
+                               tracking_uri=a.tracking_uri)
+        print(summary(built))
+        version, metric = built.version, gate_metric(built)
+    decision = promote(a.model, a.data, study=a.study, metric=metric, min_delta=a.min_delta,
+                       dry_run=a.dry_run, version=version, tracking_uri=a.tracking_uri)
     print(format_decision(decision))
 
 
@@ -177,6 +188,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="promote unless the candidate's test AUC is below the champion's by more than this")
     p.add_argument("--version", default=None, help="gate this version instead of the best-ranked one")
     p.add_argument("--dry-run", action="store_true", help="print the decision, change nothing")
+    p.add_argument("--ensemble", type=int, default=None, metavar="K",
+                   help="gate one new version averaging the top K versions of --study (by --metric)")
     p.set_defaults(func=cmd_promote)
 
     p = sub.add_parser("predict", help="DICOM files or folders -> probabilities CSV")
