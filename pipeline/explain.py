@@ -182,9 +182,12 @@ class EnsembleCam:
 
 
 def ensemble_members(model) -> list:
-    """The member networks nested in an ensemble model (none for a single network)."""
+    """The member networks nested in an ensemble model (none for a single network): an ensemble's output is an
+    `Average` of nested models (a single network nests models too: its augmentation block)."""
     import keras
 
+    if type(_output_layer(model)).__name__ != "Average":
+        return []
     return [layer for layer in model.layers if isinstance(layer, keras.Model)]
 
 
