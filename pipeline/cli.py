@@ -174,11 +174,22 @@ def cmd_promote(a):
     from pipeline.config import PromoteConfig, load_config
     from pipeline.registry import format_decision, promote
 
+    version, metric = a.version, a.metric
+    if a.ensemble is not None:  # build and register the ensemble, then gate it like any candidate
+        from pipeline.ensemble import EnsembleError, build_ensemble, gate_metric, summary
+
+        if a.version is not None or a.dry_run:
+            raise EnsembleError("--ensemble builds and registers a new version: it cannot go with "
+                                f"{'--version' if a.version is not None else '--dry-run'}")
+        built = build_ensemble(a.model_name, a.study, a.ensemble, metric=a.metric, data_dir=a.data,
+                               tracking_uri=a.tracking_uri)
+        print(summary(built))
+        version, metric = built.version, gate_metric(built)
     cfg = load_config(a.config, a.set).promote if a.config else PromoteConfig()
     if a.set and not a.config:
         raise UsageError("--set needs --config (the experiment file whose [promote] section it overrides)")
-    decision = promote(a.model_name, a.data, study=a.study, metric=a.metric, config=cfg, externals=a.external,
-                       dry_run=a.dry_run, version=a.version, tracking_uri=a.tracking_uri,
+    decision = promote(a.model_name, a.data, study=a.study, metric=metric, config=cfg, externals=a.external,
+                       dry_run=a.dry_run, version=version, tracking_uri=a.tracking_uri,
                        log_images=a.log_images)
     print(format_decision(decision))
 
@@ -315,6 +326,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--version", default=None,
                    help="gate this version instead of the best-ranked one (default: the best-ranked)")
     p.add_argument("--dry-run", action="store_true", help="print the decision, change nothing")
+    p.add_argument("--ensemble", type=int, default=None, metavar="K",
+                   help="gate one new version averaging the top K versions of --study (by --metric)")
     p.set_defaults(func=cmd_promote)
 
     p = sub.add_parser("predict", help="DICOM files or folders -> probabilities CSV")

@@ -160,6 +160,37 @@ def gradcam(model, images, meta=None) -> np.ndarray:
     return _explainer(model)(images, meta)[0]
 
 
+class EnsembleCam:
+    """Grad-CAM of an ensemble (pipeline.ensemble: member networks nested in one model whose output is the
+    mean of their probabilities): the mean of the members' normalised maps, renormalised to a peak of 1, and
+    the mean of their probabilities (the ensemble's own output). Each member's map is of its own logit; the
+    ensemble weighs every member equally, so its evidence is the members' evidence weighed equally."""
+
+    def __init__(self, model, members: list):
+        self.model = model
+        self.members = [GradCam(m) for m in members]
+        first = self.members[0]
+        self.size, self.uses_meta = first.size, any(m.uses_meta for m in self.members)
+        self.layer = first.layer  # named in summaries; every member has its own
+
+    def __call__(self, images, meta=None) -> tuple[np.ndarray, np.ndarray]:
+        results = [m(images, meta if m.uses_meta else None) for m in self.members]
+        heat = np.mean([h for h, _ in results], axis=0)
+        peak_ = heat.max(axis=(1, 2), keepdims=True)
+        heat = np.divide(heat, peak_, out=np.zeros_like(heat), where=peak_ > 0)
+        return heat.astype(np.float32), np.mean([p for _, p in results], axis=0)
+
+
+def ensemble_members(model) -> list:
+    """The member networks nested in an ensemble model (none for a single network): an ensemble's output is an
+    `Average` of nested models (a single network nests models too: its augmentation block)."""
+    import keras
+
+    if type(_output_layer(model)).__name__ != "Average":
+        return []
+    return [layer for layer in model.layers if isinstance(layer, keras.Model)]
+
+
 _LAST: list[GradCam] = []  # one slot: the last model's explainer (holding more would keep old models alive)
 
 
@@ -167,7 +198,8 @@ def _explainer(model) -> GradCam:
     """The GradCam of `model`, reused while the same model is explained (building the sub-model and tracing its
     function costs ~1 s)."""
     if not _LAST or _LAST[0].model is not model:
-        _LAST[:] = [GradCam(model)]
+        members = ensemble_members(model)
+        _LAST[:] = [EnsembleCam(model, members) if members else GradCam(model)]
     return _LAST[0]
 
 
@@ -333,28 +365,23 @@ def meta_vectors(meta: list[tuple[str, str, int]]) -> np.ndarray:
 
 
 def load(model_uri: str | None = None, tracking_uri: str | None = None):
-    """-> (model, uri): the model behind an MLflow URI (default: the champion) in the store `tracking_uri`
-    (default: $MLFLOW_TRACKING_URI, else the embedded one); ExplainError with MLflow's reason if it fails."""
-    from pipeline import tracking
+    """-> (LoadedModel, uri): the model behind an MLflow URI (default: the champion) in the store
+    `tracking_uri` (default: $MLFLOW_TRACKING_URI, else the embedded one), with the temperature stored with
+    its version, so the probability explain reports is the calibrated one predict and evaluate report.
+    model_store's one-line ModelError when it is missing."""
+    from pipeline.model_store import load as load_model
 
     uri = model_uri or champion_uri()
-    tracking.setup(tracking_uri)
-    return _load_model(uri), uri
+    return load_model(uri, tracking_uri, require_threshold=False), uri
 
 
-def _load_model(uri: str):
-    """From the store MLflow is pointed at now."""
-    import mlflow
-    from mlflow.exceptions import MlflowException
+def _keras_and_temperature(model) -> tuple[object, float]:
+    """A Keras model (temperature 1: its own sigmoid) or a model_store.LoadedModel (its stored temperature)."""
+    from pipeline.model_store import LoadedModel
 
-    from pipeline.model_store import load_keras
-    from pipeline.stores import FILLED_BY, masked
-
-    try:
-        return load_keras(uri)
-    except MlflowException as e:  # name the store it looked in and what fills it
-        raise ExplainError(f"model {uri}: {' '.join(str(e.message).split())[:300]} (store "
-                           f"{masked(mlflow.get_tracking_uri())}; {FILLED_BY['tracking']} registers models)") from None
+    if isinstance(model, LoadedModel):
+        return model.model, model.temperature
+    return model, 1.0
 
 
 def _png_name(path: Path, used: set[str]) -> str:
@@ -373,11 +400,15 @@ def explain_paths(paths: Iterable[str | Path], model_uri: str | None = None,
     """One Grad-CAM overlay PNG per readable file -> rows {path, probability, png, error}, in input order.
 
     Unreadable files get a row with the one-line reason in `error` (and no probability or PNG); the others
-    still run. `model` (a loaded Keras model) skips loading `model_uri`.
+    still run. `model` (a model_store.LoadedModel, or a Keras model: temperature 1) skips loading
+    `model_uri`. The probability is calibrated with the version's temperature, as predict's is.
     """
+    from pipeline.calibration import apply_temperature
+
     files = collect_paths(paths)
     if model is None:
         model, _ = load(model_uri, tracking_uri)
+    model, temperature = _keras_and_temperature(model)
     cam = _explainer(model)
     out_dir = Path(out_dir)
     used: set[str] = set()
@@ -390,7 +421,7 @@ def explain_paths(paths: Iterable[str | Path], model_uri: str | None = None,
             images = np.stack([d.pixels for d in ok])
             meta = meta_vectors([d.meta for d in ok]) if cam.uses_meta else None
             heats, probs = cam(images, meta)
-            results = iter(zip(heats, probs, strict=True))
+            results = iter(zip(heats, apply_temperature(probs, temperature), strict=True))
         for path, d in zip(chunk, decoded, strict=True):
             row = {"path": str(path), "probability": None, "png": None, "error": d.error}
             if d.pixels is not None:
@@ -430,12 +461,14 @@ def log_explanations(model, data_dir: str | Path, split: str = "test", run_id: s
     over every positive image with a box: metrics `pointing_game` (hit rate), `pointing_game_chance` (mean
     box-area fraction: a random peak's hit rate) and `pointing_game_n`, plus `explanations/<split>_pointing_game.json`.
 
-    `model`: a Keras model or an MLflow model URI. -> the pointing-game hit rate (NaN when no record has a box).
+    `model`: a Keras model, a model_store.LoadedModel or an MLflow model URI (the last two: titles show the
+    calibrated probability). -> the pointing-game hit rate (NaN when no record has a box).
     """
     import mlflow
     from mlflow import MlflowClient
 
     from pipeline import tracking
+    from pipeline.calibration import apply_temperature
     from pipeline.data import eval_dataset
 
     if run_id is None:
@@ -443,7 +476,11 @@ def log_explanations(model, data_dir: str | Path, split: str = "test", run_id: s
     if tracking_uri is not None:
         tracking.setup(tracking_uri)
     if isinstance(model, str):
-        model = _load_model(model)  # from the store the caller set up: no reset to the default store
+        from pipeline.model_store import load as load_model
+
+        # From the store the caller set up: no reset to the default store.
+        model = load_model(model, mlflow.get_tracking_uri(), require_threshold=False)
+    model, temperature = _keras_and_temperature(model)
     cam = _explainer(model)
     hits = n_boxed = 0
     chance: list[float] = []
@@ -460,6 +497,7 @@ def log_explanations(model, data_dir: str | Path, split: str = "test", run_id: s
             continue
         images = features["image"].numpy()[idx]
         heats, probs = cam(images, features["meta"].numpy()[idx])
+        probs = apply_temperature(probs, temperature)
         for image, k, heat, prob in zip(images, idx, heats, probs, strict=True):
             tile = (image[..., 0], heat, float(prob), int(labels[k]), boxes[k])
             if labels[k] == 1:

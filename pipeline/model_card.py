@@ -186,7 +186,10 @@ def significance(comparison: dict) -> str:
 def version_summary(version: str, tags: dict, metric: str, value: float, run_name: str | None) -> str:
     """A one-paragraph description for a registered version that has none (what it is, where it came from)."""
     parts = []
-    if tags.get("study"):
+    if tags.get("ensemble_members"):  # pipeline.ensemble: one model averaging several versions
+        parts.append(f"Ensemble (mean probability) of versions {tags['ensemble_members']} of study "
+                     f"`{tags.get('study', '?')}`.")
+    elif tags.get("study"):
         parts.append(f"Trial {tags.get('trial_number', '?')} of Optuna study `{tags['study']}`.")
     elif run_name:
         parts.append(f"Trained by run `{run_name}`.")

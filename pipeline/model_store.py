@@ -46,7 +46,8 @@ def champion_uri(model: str = MODEL_NAME) -> str:
 
 
 def source_run(uri: str) -> tuple[str | None, dict, str | None]:
-    """(run id, version tags, version) behind a model URI: `runs:/<id>/...` has no version and no tags."""
+    """(run id, version tags, version) behind a model URI: `runs:/<id>/...` and `models:/m-<id>` have no
+    version and no tags."""
     from mlflow import MlflowClient
 
     client = MlflowClient()
@@ -54,6 +55,9 @@ def source_run(uri: str) -> tuple[str | None, dict, str | None]:
         return uri.removeprefix("runs:/").split("/")[0], {}, None
     if uri.startswith("models:/"):
         name, _, ref = uri.removeprefix("models:/").partition("@")
+        if not ref and "/" not in name and name.startswith("m-"):
+            # MLflow 3's logged-model id (`models:/m-<id>`, what log_model returns): no version, no tags.
+            return client.get_logged_model(name).source_run_id, {}, None
         if ref:
             mv = client.get_model_version_by_alias(name, ref)
         else:

@@ -107,22 +107,36 @@ def plot_confusion(y_true, y_prob, threshold: float) -> Figure:
     return fig
 
 
-def plot_calibration(y_true, y_prob, n_bins: int = 10) -> Figure:
+def plot_calibration(y_true, y_prob, n_bins: int = 10, *, y_prob_calibrated=None,
+                     temperature: float | None = None) -> Figure:
     """Reliability diagram (observed positive rate per predicted-probability bin) above a histogram of the
-    predictions: a model can rank well (high AUC) and still give probabilities that mean nothing."""
+    predictions: a model can rank well (high AUC) and still give probabilities that mean nothing.
+
+    With `y_prob_calibrated` (the same cases after temperature scaling) both curves are drawn, before and
+    after, each labelled with its Brier score and ECE (pipeline.calibration)."""
     from sklearn.calibration import calibration_curve
     from sklearn.metrics import brier_score_loss
 
+    from pipeline.calibration import expected_calibration_error
+
     y, p = _check(y_true, y_prob)
+    series = [("model" if y_prob_calibrated is None else "uncalibrated", p)]
+    if y_prob_calibrated is not None:
+        series.append((f"calibrated (T={temperature:.3f})" if temperature is not None else "calibrated",
+                       _check(y_true, y_prob_calibrated)[1]))
     fig = _figure(figsize=(5, 6))
     ax, hist = fig.subplots(2, 1, sharex=True, gridspec_kw={"height_ratios": [3, 1]})
     ax.plot([0, 1], [0, 1], ls="--", color="grey", lw=1, label="perfectly calibrated")
-    if y.size:
-        observed, predicted = calibration_curve(y, p, n_bins=n_bins, pos_label=1)
-        ax.plot(predicted, observed, "o-", label=f"model (Brier {brier_score_loss(y, p, pos_label=1):.4f})")
-    ax.set(xlim=(0, 1), ylim=(0, 1), ylabel="observed positive rate", title="Calibration")
+    for k, (name, q) in enumerate(series):
+        if y.size:
+            observed, predicted = calibration_curve(y, q, n_bins=n_bins, pos_label=1)
+            ax.plot(predicted, observed, "o-", color=f"C{k}",
+                    label=f"{name} (Brier {brier_score_loss(y, q, pos_label=1):.4f}, "
+                          f"ECE {expected_calibration_error(y, q):.4f})")
+        hist.hist(q, bins=n_bins, range=(0, 1), color=f"C{k}", alpha=0.7 if len(series) == 1 else 0.5,
+                  label=name)
+    ax.set(xlim=(0, 1), ylim=(0, 1), ylabel="observed positive rate", title="Calibration (reliability)")
     ax.legend(loc="upper left", fontsize=8)
-    hist.hist(p, bins=n_bins, range=(0, 1), color="C0", alpha=0.7)
     hist.set(xlabel="predicted probability", ylabel="cases")
     return fig
 

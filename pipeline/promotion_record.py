@@ -189,6 +189,8 @@ def publish_card(client, d: Decision, manifest: dict) -> None:
 
     v, ce = d.candidate.version, d.candidate_eval
     lineage = {"study": d.candidate.tags.get("study"), "trial": d.candidate.tags.get("trial_number"),
+               "ensemble of versions (mean probability)": d.candidate.tags.get("ensemble_members"),
+               "calibration temperature (fitted on validation)": d.candidate.tags.get("temperature"),
                f"validation {d.metric}": f"{d.candidate.value:.4f} ({d.candidate.source})",
                "promotion run": d.run_id, "model artifact sha256": d.model_sha256}
     card = model_card.render(model=d.model, version=v, metrics=ce.metrics, subgroups=ce.subgroups,

@@ -23,6 +23,7 @@ import tensorflow as tf
 
 from pipeline import metrics as ev
 from pipeline import plots, tracking
+from pipeline.calibration import apply_temperature, expected_calibration_error, fit_temperature
 from pipeline.config import Config
 from pipeline.data import eval_dataset, load_manifest, train_dataset
 from pipeline.devices import configure_gpus, resolve_jit
@@ -37,7 +38,7 @@ class TrainResult:
     run_id: str
     history: dict[str, list[float]]
     val_metrics: dict
-    threshold: float
+    threshold: float  # on the calibrated scale (the `threshold` tag)
     best_val_auc: float
     epochs: int
     images_per_s: float
@@ -46,6 +47,9 @@ class TrainResult:
     model_version: str | None = None
     jit_compile: bool = False
     precision: str = "float32"
+    temperature: float = 1.0  # fitted on validation (tag `temperature`); 1.0 = uncalibrated
+    val_ece: float = float("nan")  # before calibration
+    val_ece_calibrated: float = float("nan")
 
 
 def check_backend(backend: str) -> None:
@@ -281,6 +285,10 @@ def _finish_run(model, cfg: Config, data_dir: Path, manifest: dict, history: dic
     scorer = tracking.inference_copy(model) if strategy and strategy.num_replicas_in_sync > 1 else model
     y, p, info = predict_split(scorer, data_dir, "val", cfg.data.batch_size, with_meta=cfg.model.metadata_inputs)
     threshold = ev.choose_threshold(y, p, cfg.train.target_sensitivity)
+    # Calibration, on validation only: everything below (metrics, plots, the stored threshold) is on the
+    # calibrated scale, the one model_store.LoadedModel.probabilities reports.
+    p_raw = p
+    temperature, p, threshold, ece = calibrate_on_validation(y, p_raw, threshold)
     metrics = ev.compute_metrics(y, p, threshold, n_boot=cfg.train.bootstrap, seed=cfg.train.seed,
                                  clusters=info["patient_id"])
     groups = {"view_position": info["view_position"], "sex": info["sex"],
@@ -300,7 +308,7 @@ def _finish_run(model, cfg: Config, data_dir: Path, manifest: dict, history: dic
         "val_roc.png": plots.plot_roc(y, p, title="ROC (validation)"),
         "val_pr.png": plots.plot_pr(y, p, title="Precision-recall (validation)"),
         "val_confusion.png": plots.plot_confusion(y, p, threshold),
-        "val_calibration.png": plots.plot_calibration(y, p),
+        "val_calibration.png": plots.plot_calibration(y, p_raw, y_prob_calibrated=p, temperature=temperature),
     }
     for name, fig in figures.items():  # object-API figures (pipeline.plots): no pyplot, nothing to close
         mlflow.log_figure(fig, f"plots/{name}")
@@ -314,7 +322,27 @@ def _finish_run(model, cfg: Config, data_dir: Path, manifest: dict, history: dic
     return TrainResult(run_id=run_id, history=history, val_metrics=metrics, threshold=threshold,
                        best_val_auc=best_val_auc, epochs=len(history.get("loss", [])), images_per_s=rate,
                        model=model, model_uri=info_model.model_uri if info_model else None,
-                       model_version=str(version) if version is not None else None)
+                       model_version=str(version) if version is not None else None,
+                       temperature=temperature, val_ece=ece[0], val_ece_calibrated=ece[1])
+
+
+def calibrate_on_validation(y, p_raw, threshold_raw: float) -> tuple[float, np.ndarray, float, tuple]:
+    """Temperature scaling fitted on the validation split (pipeline.calibration), logged to the active run.
+
+    -> (T, calibrated probabilities, the threshold on the calibrated scale, (ECE before, ECE after)).
+    Temperature scaling is monotone, so apply_temperature(threshold_raw, T) makes exactly the decisions the
+    raw threshold made on the raw scale. A validation split with one class has no finite optimum: T = 1."""
+    try:
+        temperature = fit_temperature(y, p_raw)
+    except ValueError:
+        temperature = 1.0
+    p_cal = apply_temperature(p_raw, temperature)
+    threshold = float(apply_temperature(threshold_raw, temperature))
+    ece = (expected_calibration_error(y, p_raw), expected_calibration_error(y, p_cal))
+    mlflow.log_metrics({"temperature": temperature, "val_ece": ece[0], "val_ece_calibrated": ece[1],
+                        "threshold_uncalibrated": float(threshold_raw)})
+    mlflow.set_tag("temperature", f"{temperature:.6f}")
+    return temperature, p_cal, threshold, ece
 
 
 def _description(m: dict, best_val_auc: float, stats: EpochStats, manifest: dict) -> str:
@@ -333,7 +361,9 @@ def summary_table(result: TrainResult) -> str:
         ("images/s (median epoch)", f"{result.images_per_s:.1f}"),
         ("precision policy", result.precision),
         ("XLA (effective)", str(result.jit_compile)),
-        ("threshold (validation)", f"{result.threshold:.3f}"),
+        ("threshold (validation)", f"{result.threshold:.3f} (on calibrated probabilities)"),
+        ("temperature (validation)", f"{result.temperature:.3f}"),
+        ("ECE (validation)", f"{result.val_ece:.4f} -> {result.val_ece_calibrated:.4f} calibrated"),
         ("model", result.model_uri or "-"),
     ]
     width = max(len(k) for k, _ in rows)

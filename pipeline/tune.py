@@ -277,7 +277,7 @@ def make_objective(spec: WorkerSpec, cfg: Config):
         if result.model_version:
             for key, val in {"study": spec.study, "trial_number": str(trial.number), "val_auc": f"{value:.6f}",
                              "dataset_digest": _digest(spec.data_dir), "threshold": f"{result.threshold:.6f}",
-                             "run_id": result.run_id}.items():
+                             "temperature": f"{result.temperature:.6f}", "run_id": result.run_id}.items():
                 client.set_model_version_tag(cfg.tune.model_name, result.model_version, key, val)
             trial.set_user_attr("model_version", result.model_version)
         trial.set_user_attr("threshold", result.threshold)

@@ -260,5 +260,5 @@ def test_pneumo_explain_reports_a_missing_path_and_an_unknown_model(trained, tmp
     assert main(["explain", str(one), "--model", "models:/no-such-model@champion", "--out", str(tmp_path),
                  "--tracking-uri", trained.uri]) == 2
     last = capsys.readouterr().err.strip().splitlines()[-1]
-    assert last.startswith("pneumo explain: error: model models:/no-such-model@champion: ")
+    assert last.startswith("pneumo explain: error: model models:/no-such-model@champion in store ")
     assert not list(tmp_path.glob("*.png"))

@@ -72,6 +72,9 @@ def test_registered_versions_are_the_complete_trials(study4):
     assert sorted(int(v.tags["trial_number"]) for v in versions) == sorted(t.number for t in complete)
     for v in versions:
         assert v.tags["study"] == "s4" and float(v.tags["val_auc"]) >= 0 and len(v.tags["dataset_digest"]) == 64
+        run = client.get_run(v.run_id)  # calibration travels with the version, as training stored it
+        assert (v.tags["temperature"], v.tags["threshold"]) == (run.data.tags["temperature"],
+                                                                run.data.tags["threshold"])
 
 
 def test_parent_run_carries_the_study_summary(study4):

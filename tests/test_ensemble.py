@@ -1,0 +1,143 @@
+"""Ensembles: the output is the mean of the members' outputs, mixed members are refused, and
+`pneumo promote --ensemble 2` registers one calibrated version that predict and Grad-CAM work with."""
+
+from __future__ import annotations
+
+import csv
+
+import numpy as np
+import pytest
+
+pytest_plugins = ["fixtures_registry"]
+MODEL, META_MODEL, STUDY = "pneumonia-cnn", "pneumonia-cnn-meta", "regstudy"  # as in fixtures_registry
+pytestmark = pytest.mark.slow
+
+
+def _client(uri):
+    from mlflow import MlflowClient
+
+    return MlflowClient(uri, uri)
+
+
+def _val_images(data, n: int = 40):
+    from pipeline.data import eval_dataset
+
+    features, _ = next(iter(eval_dataset(data, "val", n, with_meta=True)))
+    return features["image"].numpy(), features["meta"].numpy()
+
+
+def _raw(model, inputs) -> np.ndarray:
+    return np.asarray(model.predict_on_batch(inputs), dtype=np.float64).reshape(-1)
+
+
+def test_ensemble_output_is_the_mean_of_its_members(registry_store):
+    from pipeline.ensemble import build_model
+    from pipeline.model_store import load_keras, model_uses_meta
+    from pipeline.tracking import setup
+
+    s = registry_store
+    setup(s.uri)
+    members = [load_keras(f"models:/{MODEL}/{v}") for v in s.versions]
+    ensemble = build_model(members, list(s.versions))
+    images, _ = _val_images(s.data)
+    each = np.stack([_raw(m, {"image": images}) for m in members])
+    assert np.ptp(each, axis=0).max() > 1e-3  # the members disagree: the mean is not any one of them
+    assert _raw(ensemble, {"image": images}) == pytest.approx(each.mean(axis=0), abs=1e-6)
+    assert [t.name.split(":")[0] for t in ensemble.inputs] == ["image"] and not model_uses_meta(ensemble)
+
+
+def test_mixed_members_are_refused(registry_store):
+    from pipeline.config import Config
+    from pipeline.ensemble import EnsembleError, build_model
+    from pipeline.model import build_model as build_cnn
+    from pipeline.model_store import load_keras
+    from pipeline.tracking import setup
+
+    s = registry_store
+    setup(s.uri)
+    plain = load_keras(f"models:/{MODEL}/{s.versions[0]}")
+    with_meta = load_keras(f"models:/{META_MODEL}/{s.meta_version}")
+    with pytest.raises(EnsembleError, match=r"mixed members: v2 take metadata inputs"):
+        build_model([plain, with_meta], ["1", "2"])
+    small = build_cnn(Config(name="x").model, Config(name="x").augment, 32, seed=0)
+    with pytest.raises(EnsembleError, match=r"different image sizes \(v1: 64 px, v2: 32 px\)"):
+        build_model([plain, small], ["1", "2"])
+    with pytest.raises(EnsembleError, match="at least 2 members"):
+        build_model([plain], ["1"])
+    # Two metadata models make a metadata ensemble: the same signature as its members, the mean output.
+    pair = build_model([with_meta, with_meta], ["a", "b"])
+    images, meta = _val_images(s.data, 8)
+    assert _raw(pair, {"image": images, "meta": meta}) == pytest.approx(
+        _raw(with_meta, {"image": images, "meta": meta}), abs=1e-6)
+
+
+def test_promote_ensemble_registers_one_calibrated_version_that_predicts(registry_store, tmp_path, capsys):
+    from pipeline.calibration import apply_temperature
+    from pipeline.cli import main
+    from pipeline.ensemble import select_members
+    from pipeline.model_store import load_keras
+    from pipeline.predict import run_predict
+
+    s = registry_store
+    client = _client(s.uri)
+    before = {mv.version for mv in client.search_model_versions(f"name='{MODEL}'")}
+    top2 = sorted(s.versions, key=lambda v: (-s.val_auc[v], -int(v)))[:2]
+
+    code = main(["promote", "--study", STUDY, "--ensemble", "2", "--tracking-uri", s.uri])
+    out = capsys.readouterr().out
+    assert code == 0, out
+    after = {mv.version: mv for mv in client.search_model_versions(f"name='{MODEL}'")}
+    (new,) = set(after) - before  # exactly one new version
+    tags = after[new].tags
+    assert tags["ensemble_members"] == ",".join(top2)
+    digest = client.get_model_version(MODEL, s.versions[0]).tags["dataset_digest"]
+    assert tags["dataset_digest"] == digest and tags["study"] == STUDY
+    t, threshold = float(tags["temperature"]), float(tags["threshold"])
+    assert 0.05 < t < 20 and 0 < threshold < 1 and float(tags["val_auc"]) > 0.5
+    assert f"ensemble   v{new}: mean probability of v{top2[0]}" in out and f"candidate  {MODEL} v{new}" in out
+
+    # Logged in the study's experiment, members listed, metrics on validation.
+    run = client.get_run(tags["run_id"])
+    assert client.get_experiment(run.info.experiment_id).name == STUDY
+    assert run.data.params["ensemble.members"] == ",".join(top2)
+    assert run.data.metrics["val_ece_calibrated"] <= run.data.metrics["val_ece"]
+    assert run.data.metrics["final_val_auc"] == pytest.approx(float(tags["val_auc"]), abs=1e-6)
+
+    # The gate treated it like any candidate: no champion yet, so it was promoted, with its card.
+    assert "PROMOTED" in out
+    mv = client.get_model_version(MODEL, new)
+    assert f"ensemble of versions (mean probability): {','.join(top2)}" in mv.description
+    assert "pointing_game" in mv.tags  # Grad-CAM ran on the ensemble after the promotion
+
+    # Predict with it: the calibrated mean of the members' probabilities.
+    with open(s.data / "splits.csv") as f:
+        pids = [r["patient_id"] for r in csv.DictReader(f) if r["split"] == "test"][:5]
+    dicoms = [str(s.raw / "stage_2_train_images" / f"{pid}.dcm") for pid in pids]
+    df = run_predict(dicoms, f"models:/{MODEL}/{new}", str(tmp_path / "p.csv"), tracking_uri=s.uri)["frame"]
+    from pipeline.dicom import read_dicom
+
+    images = np.stack([read_dicom(d, 64).pixels for d in dicoms])[..., None]
+    mean = np.mean([_raw(load_keras(f"models:/{MODEL}/{v}"), {"image": images}) for v in top2], axis=0)
+    assert df["probability"].to_numpy() == pytest.approx(apply_temperature(mean, t), abs=1e-6)
+    assert list(df["model_version"].astype(str)) == [str(new)] * len(dicoms)
+
+    # A later ensemble is built from single models only, never from this one.
+    chosen, _ = select_members(client, MODEL, STUDY, 3, "val_auc")
+    assert new not in [c.version for c in chosen] and len(chosen) == 3
+
+
+def test_promote_ensemble_refusals(registry_store, capsys):
+    from pipeline.cli import main
+
+    s = registry_store
+    cases = [
+        (["--study", STUDY, "--ensemble", "4"], "--ensemble 4: study 'regstudy' has only 3 ranked version(s)"),
+        (["--ensemble", "2"], "--ensemble needs --study"),
+        (["--study", STUDY, "--ensemble", "1"], "an ensemble needs K >= 2 members"),
+        (["--study", STUDY, "--ensemble", "2", "--dry-run"], "cannot go with --dry-run"),
+    ]
+    for args, reason in cases:
+        assert main(["promote", *args, "--tracking-uri", s.uri]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith("pneumo promote: error: ") and reason in err[0], err
+    assert len(_client(s.uri).search_model_versions(f"name='{MODEL}'")) == 3  # nothing was registered
