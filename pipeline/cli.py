@@ -172,7 +172,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", default=None,
                    help="converted dataset whose locked test split both are scored on (default: the candidate's)")
     p.add_argument("--study", default=None, help="only versions of this Optuna study")
-    p.add_argument("--metric", default="val_auc", help="validation metric that ranks the candidates")
+    p.add_argument("--metric", default=None,
+                   help="validation metric that ranks the candidates (default: the one the study optimised, "
+                        "version tag study_metric; else val_auc)")
     p.add_argument("--min-delta", type=float, default=0.0,
                    help="promote unless the candidate's test AUC is below the champion's by more than this")
     p.add_argument("--version", default=None, help="gate this version instead of the best-ranked one")

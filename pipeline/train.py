@@ -22,8 +22,9 @@ import numpy as np
 import tensorflow as tf
 
 from pipeline import evaluate as ev
-from pipeline import tracking
-from pipeline.config import Config
+from pipeline import shift, tracking
+from pipeline.calibration import nll
+from pipeline.config import Config, check_consistency
 from pipeline.data import eval_dataset, load_manifest, train_dataset
 from pipeline.model import apply_precision, build_model
 from pipeline.scoring import predict_split
@@ -45,6 +46,7 @@ class TrainResult:
     model_version: str | None = None
     jit_compile: bool = False
     precision: str = "float32"
+    shift_metrics: dict = field(default_factory=dict)  # val_auc_shift_mean/_min/<name> (empty when off)
 
 
 def choose_strategy(devices: str) -> tf.distribute.Strategy:
@@ -112,7 +114,7 @@ class EpochStats(keras.callbacks.Callback):
         logs["images_per_s"] = self.images / wall
         logs["cpu_s_per_epoch"] = cpu
         logs["epoch_s"] = wall
-        lr = self.model.optimizer.learning_rate
+        lr = self.model.optimizer.learning_rate  # under a schedule Keras 3 returns its value at this step
         logs["learning_rate"] = float(lr.numpy() if hasattr(lr, "numpy") else lr)
         self.rates.append(logs["images_per_s"])
         mlflow.log_metrics({k: float(v) for k, v in logs.items() if np.isfinite(v)}, step=epoch,
@@ -136,12 +138,17 @@ def run_key(cfg: Config, digest: str, run_name: str | None) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
-def compile_model(model: keras.Model, cfg: Config, lr: float) -> None:
+def compile_model(model: keras.Model, cfg: Config, lr: float, total_steps: int = 0) -> None:
+    if cfg.train.lr_schedule == "cosine":
+        # Cosine decay to 0 over the whole run (Loshchilov & Hutter, "SGDR", ICLR 2017, without restarts).
+        lr = keras.optimizers.schedules.CosineDecay(lr, decay_steps=max(1, total_steps))
     optimizer = (keras.optimizers.AdamW(lr, weight_decay=cfg.train.weight_decay) if cfg.train.weight_decay
                  else keras.optimizers.Adam(lr))
     model.compile(
         optimizer=optimizer,
-        loss=keras.losses.BinaryCrossentropy(),
+        # Label smoothing pulls the targets to eps/2 and 1 - eps/2: a penalty on over-confident logits
+        # (Szegedy et al. 2016; Mueller et al., "When does label smoothing help?", NeurIPS 2019).
+        loss=keras.losses.BinaryCrossentropy(label_smoothing=cfg.train.label_smoothing),
         metrics=[
             keras.metrics.AUC(name="auc"),
             keras.metrics.AUC(curve="PR", name="auc_pr"),
@@ -167,6 +174,7 @@ def train(cfg: Config, data_dir: str | Path | None = None, *, tracking_uri: str 
     """
     data_dir = Path(data_dir or cfg.data.dir)
     cfg = cfg.with_values({"data.dir": str(data_dir)})  # the resolved config names the data really used
+    check_consistency(cfg)  # a trial's sampled values too, not only the experiment file
     manifest = load_manifest(data_dir)
     size = manifest["image_size"]
     tcfg = cfg.train
@@ -186,7 +194,7 @@ def train(cfg: Config, data_dir: str | Path | None = None, *, tracking_uri: str 
 
     with strategy.scope():
         model = build_model(cfg.model, cfg.augment, size, seed=tcfg.seed)
-        compile_model(model, cfg, lr)
+        compile_model(model, cfg, lr, total_steps=steps * tcfg.epochs)
 
     uri = tracking.resolve_tracking_uri(tracking_uri)
     exp_id = tracking.ensure_experiment(experiment or cfg.name, uri)
@@ -261,8 +269,12 @@ def _finish_run(model, cfg: Config, data_dir: Path, manifest: dict, history: dic
     # predict each record once.
     scorer = tracking.inference_copy(model) if model.distribute_strategy.num_replicas_in_sync > 1 else model
     y, p, info = predict_split(scorer, data_dir, "val", cfg.data.batch_size, with_meta=cfg.model.metadata_inputs)
-    threshold = ev.choose_threshold(y, p, cfg.train.target_sensitivity)
+    shifted = shift_battery(scorer, cfg, data_dir) if cfg.train.shift_battery else None
+    threshold, threshold_note = decide_threshold(cfg, y, p, shifted)
     metrics = ev.compute_metrics(y, p, threshold, n_boot=cfg.train.bootstrap, seed=cfg.train.seed)
+    # Plain binary cross-entropy of the final model on the whole val split (no label smoothing, no class
+    # weights): `tune.metric = "val_loss"` and the promotion rank by it (logged as final_val_loss).
+    metrics["loss"] = nll(y, p)
     groups = {"view_position": info["view_position"], "sex": info["sex"],
               "age_band": [ev.age_band(a) for a in info["age"]]}
     subgroups = ev.subgroup_metrics(y, p, threshold, groups, n_boot=200, seed=cfg.train.seed)
@@ -272,6 +284,10 @@ def _finish_run(model, cfg: Config, data_dir: Path, manifest: dict, history: dic
     mlflow.log_metric("best_val_auc", best_val_auc)
     mlflow.log_metric("threshold", threshold)
     mlflow.set_tag("threshold", f"{threshold:.6f}")
+    mlflow.set_tag("threshold_policy", threshold_note)
+    if shifted is not None:
+        mlflow.log_metrics({k: float(v) for k, v in shifted.metrics().items() if np.isfinite(v)})
+        mlflow.log_text(shift.format_table(shifted), "evaluation/val_shift.txt")
     mlflow.log_dict({"metrics": metrics, "subgroups": subgroups}, "evaluation/val.json")
     mlflow.log_text(ev.format_table(metrics, subgroups), "evaluation/val.txt")
     figures = {
@@ -281,6 +297,8 @@ def _finish_run(model, cfg: Config, data_dir: Path, manifest: dict, history: dic
         "val_confusion.png": ev.plot_confusion(y, p, threshold),
         "val_calibration.png": ev.plot_calibration(y, p),
     }
+    if shifted is not None:
+        figures["val_shift.png"] = shift.plot_shift(shifted)
     import matplotlib.pyplot as plt
 
     for name, fig in figures.items():
@@ -296,7 +314,33 @@ def _finish_run(model, cfg: Config, data_dir: Path, manifest: dict, history: dic
     return TrainResult(run_id=run_id, history=history, val_metrics=metrics, threshold=threshold,
                        best_val_auc=best_val_auc, epochs=len(history.get("loss", [])), images_per_s=rate,
                        model=model, model_uri=info_model.model_uri if info_model else None,
-                       model_version=str(version) if version is not None else None)
+                       model_version=str(version) if version is not None else None,
+                       shift_metrics=shifted.metrics() if shifted is not None else {})
+
+
+def shift_battery(model, cfg: Config, data_dir: Path) -> shift.ShiftResult:
+    """The model's AUC under the shift battery on validation's fixed subset (pipeline/shift.py)."""
+    sample = shift.load_sample(data_dir, "val", cfg.train.shift_max_images, cfg.train.shift_seed,
+                               with_meta=cfg.model.metadata_inputs)
+    return shift.score_battery(model, sample, seed=cfg.train.shift_seed, batch_size=cfg.data.batch_size)
+
+
+def decide_threshold(cfg: Config, y, p, shifted: shift.ShiftResult | None) -> tuple[float, str]:
+    """THE place the stored operating threshold is decided, on validation only -> (threshold, how).
+
+    The threshold is on the model's raw probability scale; a calibration step that rescales probabilities must
+    move it with them (a monotone map keeps the same decisions)."""
+    policy = cfg.train.threshold_policy
+    if policy == "robust":
+        if shifted is None:
+            raise ValueError("train.threshold_policy = 'robust' needs the shift battery (train.shift_battery)")
+        conditions = [shifted.clean, *shifted.probabilities.values()]
+        threshold, worst_j = shift.robust_threshold(shifted.labels, conditions)
+        return threshold, f"robust (worst-case Youden J {worst_j:.3f} over clean + {len(conditions) - 1} shifts)"
+    if policy == "sensitivity":
+        return (ev.choose_threshold(y, p, cfg.train.target_sensitivity),
+                f"sensitivity >= {cfg.train.target_sensitivity:g} on validation")
+    return ev.choose_threshold(y, p), "youden (max J on validation)"
 
 
 def _description(m: dict, best_val_auc: float, stats: EpochStats, manifest: dict) -> str:
