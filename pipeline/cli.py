@@ -65,7 +65,8 @@ def cmd_tune(a):
 def cmd_evaluate(a):
     from pipeline.scoring import evaluate_model
 
-    report = evaluate_model(a.model, a.data, a.split, tracking_uri=a.tracking_uri, out=a.out)
+    report = evaluate_model(a.model, a.data, a.split, tracking_uri=a.tracking_uri, out=a.out, shift=a.shift,
+                            shift_max_images=a.shift_max_images)
     print(report["table"])
     print(f"wrote {report['path']}")
 
@@ -165,6 +166,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", required=True)
     p.add_argument("--split", default="test", choices=["train", "val", "test"])
     p.add_argument("--out", default=None, help="JSON report (default: <data>/evaluation-<split>.json)")
+    p.add_argument("--shift", action="store_true",
+                   help="generalization report: AUC under every shift-battery perturbation, ECE before/after")
+    p.add_argument("--shift-max-images", type=int, default=0,
+                   help="cap the battery's subset of the split (class-stratified, fixed); 0 = whole split")
     p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("promote", help="gate the best version against the champion; move the alias")

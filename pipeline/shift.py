@@ -238,6 +238,9 @@ def load_sample(data_dir: str | Path, split: str = "val", max_images: int = DEFA
     """The split's fixed subset as arrays (the split is read in its stored, fixed order)."""
     from pipeline.data import eval_dataset
 
+    if max_images < 0:
+        raise ShiftError(f"the shift battery's image cap must be >= 0 (0 = whole split), got {max_images}")
+
     imgs, ys, metas = [], [], []
     for features, labels in eval_dataset(data_dir, split, 256, with_meta=True):
         imgs.append(features["image"].numpy())

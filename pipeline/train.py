@@ -360,6 +360,9 @@ def summary_table(result: TrainResult) -> str:
         ("precision policy", result.precision),
         ("XLA (effective)", str(result.jit_compile)),
         ("threshold (validation)", f"{result.threshold:.3f}"),
+        *([("val AUC under shift: mean / worst", f"{result.shift_metrics['val_auc_shift_mean']:.4f} / "
+                                                 f"{result.shift_metrics['val_auc_shift_min']:.4f}")]
+          if result.shift_metrics else []),
         ("model", result.model_uri or "-"),
     ]
     width = max(len(k) for k, _ in rows)

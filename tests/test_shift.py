@@ -136,7 +136,7 @@ def robust_run(synth_data, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("robust")
     uri = f"sqlite:///{tmp}/mlflow.db"
     cfg = load_config(SMOKE, [f"train.checkpoint_dir={tmp}/ckpt", "train.threshold_policy=robust",
-                              "train.shift_max_images=40", "train.log_model=false"])
+                              "train.shift_max_images=40"])
     return cfg, train(cfg, synth_data, tracking_uri=uri, verbose=0), uri
 
 
@@ -161,6 +161,27 @@ def test_robust_threshold_is_the_batterys(robust_run, synth_data):
     t, _ = shift.robust_threshold(again.labels, [again.clean, *again.probabilities.values()])
     assert float(run.data.tags["threshold"]) == pytest.approx(t, abs=1e-6)
     assert again.metrics()["val_auc_shift_min"] == pytest.approx(run.data.metrics["val_auc_shift_min"], abs=1e-9)
+
+
+def test_evaluate_shift_reports_battery_and_ece(robust_run, synth_data, tmp_path):
+    """`pneumo evaluate --shift`: the battery on the test split and ECE before/after the stored temperature."""
+    from pipeline.calibration import apply_temperature, expected_calibration_error
+    from pipeline.scoring import evaluate_model, predict_split
+
+    cfg, result, uri = robust_run
+    MlflowClient(uri).set_tag(result.run_id, "temperature", "2.0")
+    r = evaluate_model(result.model_uri, synth_data, "test", tracking_uri=uri, out=tmp_path / "e.json",
+                       shift=True, shift_max_images=40, n_boot=50)
+    rep = r["shift"]
+    assert set(rep["auc"]) == {p.name for p in shift.battery(64)} and rep["images"] == 40
+    assert rep["worst"] == min(rep["auc"].values()) and rep["temperature"] == 2.0
+    y, raw, _ = predict_split(result.model, synth_data, "test")
+    assert rep["ece_before"] == pytest.approx(expected_calibration_error(y, raw), abs=1e-6)
+    assert rep["ece_after"] == pytest.approx(expected_calibration_error(y, apply_temperature(raw, 2.0)), abs=1e-6)
+    assert "jpeg_10" in r["table"] and "ECE" in r["table"]
+    import json
+
+    assert json.loads((tmp_path / "e.json").read_text())["shift"]["worst_name"] == rep["worst_name"]
 
 
 def test_policy_config_is_checked(tmp_path):
