@@ -170,7 +170,7 @@ def test_evaluate_shift_reports_battery_and_ece(robust_run, synth_data, tmp_path
 
     cfg, result, uri = robust_run
     MlflowClient(uri).set_tag(result.run_id, "temperature", "2.0")
-    r = evaluate_model(result.model_uri, synth_data, "test", tracking_uri=uri, out=tmp_path / "e.json",
+    r = evaluate_model(f"runs:/{result.run_id}/model", synth_data, "test", tracking_uri=uri, out=tmp_path / "e.json",
                        shift=True, shift_max_images=40, n_boot=50)
     rep = r["shift"]
     assert set(rep["auc"]) == {p.name for p in shift.battery(64)} and rep["images"] == 40
