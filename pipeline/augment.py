@@ -26,7 +26,8 @@ from pipeline.config import AugmentConfig
 FILL_MODE = "constant"
 VALUE_RANGE = (0.0, 1.0)
 # Upper bounds (exclusive): a turn, a zoom or shift by the whole size, zero contrast are not augmentations.
-LIMITS = {"rotation": 0.5, "zoom": 1.0, "translation": 1.0, "contrast": 1.0, "brightness": 1.0}
+LIMITS = {"rotation": 0.5, "zoom": 1.0, "translation": 1.0, "contrast": 1.0, "brightness": 1.0,
+          "gamma": 1.0, "noise": 0.5, "blur": 1.0}
 
 
 def augmentation_block(cfg: AugmentConfig, seed: int) -> keras.Sequential | None:
@@ -61,7 +62,79 @@ def augmentation_block(cfg: AugmentConfig, seed: int) -> keras.Sequential | None
     if cfg.brightness:
         layers.append(keras.layers.RandomBrightness(cfg.brightness, value_range=VALUE_RANGE, seed=next(seeds),
                                                     name="brightness"))
+    # Acquisition-style intensity changes (the shift battery's kinds, pipeline/shift.py), after the photometric
+    # layers so the noise is not rescaled by them.
+    if cfg.gamma:
+        layers.append(RandomGamma(cfg.gamma, seed=next(seeds), name="gamma"))
+    if cfg.blur:
+        layers.append(RandomBlur(cfg.blur, seed=next(seeds), name="blur"))
+    if cfg.noise:
+        layers.append(RandomNoise(cfg.noise, seed=next(seeds), name="noise"))
     return keras.Sequential(layers, name="augment") if layers else None
+
+
+class _RandomIntensity(keras.layers.Layer):
+    """Base of the intensity layers: keras.ops only (backend-neutral: TF, JAX), float32 maths under any dtype
+    policy, identity when `training` is false, output clipped to [0, 1]."""
+
+    def __init__(self, strength: float = 0.0, seed: int | None = None, **kwargs):
+        super().__init__(**kwargs)
+        self.strength, self.seed = float(strength), seed
+        self.seed_generator = keras.random.SeedGenerator(seed)
+
+    def call(self, images, training=None):
+        if not training or not self.strength:
+            return images
+        dtype = images.dtype
+        x = ops.cast(images, "float32")
+        out = ops.clip(self.transform(x, ops.shape(x)[0]), 0.0, 1.0)
+        return ops.cast(out, dtype)
+
+    def per_image(self, b, low, high):
+        return keras.random.uniform((b, 1, 1, 1), low, high, seed=self.seed_generator)
+
+    def compute_output_shape(self, input_shape):
+        return input_shape
+
+    def get_config(self):
+        return {**super().get_config(), "strength": self.strength, "seed": self.seed}
+
+
+@keras.saving.register_keras_serializable(package="pneumo")
+class RandomGamma(_RandomIntensity):
+    """x ** gamma with log(gamma) ~ U(-strength, strength) per image: another detector response curve."""
+
+    def transform(self, x, b):
+        gamma = ops.exp(self.per_image(b, -self.strength, self.strength))
+        return ops.power(ops.maximum(x, 1e-6), gamma)
+
+
+@keras.saving.register_keras_serializable(package="pneumo")
+class RandomNoise(_RandomIntensity):
+    """Additive Gaussian noise with a per-image std ~ U(0, strength) (grey units of [0, 1]): a lower dose."""
+
+    def transform(self, x, b):
+        std = self.per_image(b, 0.0, self.strength)
+        return x + std * keras.random.normal(ops.shape(x), seed=self.seed_generator)
+
+
+@keras.saving.register_keras_serializable(package="pneumo")
+class RandomBlur(_RandomIntensity):
+    """x + w (blur(x) - x) with w ~ U(-strength, strength) per image: w > 0 blurs (a softer detector), w < 0 is
+    unsharp masking (a device's sharpening). The blur is a fixed 5-tap Gaussian (sigma 1 px), separable, with
+    reflected borders, so one pair of convolutions serves every image whatever its weight."""
+
+    KERNEL = (0.05448868, 0.24420134, 0.40261995, 0.24420134, 0.05448868)  # sigma 1, normalised
+
+    def transform(self, x, b):
+        k = ops.convert_to_tensor(self.KERNEL, dtype="float32")
+        c = x.shape[-1] or 1
+        padded = ops.pad(x, [[0, 0], [2, 2], [2, 2], [0, 0]], mode="reflect")
+        kv = ops.tile(ops.reshape(k, (5, 1, 1, 1)), (1, 1, c, 1))
+        kh = ops.tile(ops.reshape(k, (1, 5, 1, 1)), (1, 1, c, 1))
+        blurred = ops.depthwise_conv(ops.depthwise_conv(padded, kv, padding="valid"), kh, padding="valid")
+        w = self.per_image(b, -self.strength, self.strength)
+        return x + w * (blurred - x)
 
 
 @keras.saving.register_keras_serializable(package="pneumo")
@@ -121,3 +194,21 @@ class RandomAffine(keras.layers.Layer):
     def get_config(self):
         return {**super().get_config(), "rotation": self.rotation, "zoom": self.zoom,
                 "translation": self.translation, "seed": self.seed}
+
+
+@keras.saving.register_keras_serializable(package="pneumo")
+class PerImageStandardization(keras.layers.Layer):
+    """(x - mean) / max(std, 1/sqrt(N)) per image, as tf.image.per_image_standardization but in keras.ops (so
+    the model stays backend-neutral): a film's overall exposure and contrast no longer reach the convs. Active
+    in training and inference alike (it is preprocessing, not augmentation). It lives here because
+    pipeline.model_store imports this module to register the project's custom layers before loading."""
+
+    def call(self, x):
+        x = ops.cast(x, "float32")
+        n = x.shape[1] * x.shape[2] * x.shape[3]
+        mean = ops.mean(x, axis=(1, 2, 3), keepdims=True)
+        std = ops.std(x, axis=(1, 2, 3), keepdims=True)
+        return (x - mean) / ops.maximum(std, 1.0 / n**0.5)
+
+    def compute_output_shape(self, input_shape):
+        return input_shape

@@ -151,7 +151,8 @@ def cmd_evaluate(a):
     _read_only(a, a.model)
     from pipeline.scoring import evaluate_model
 
-    report = evaluate_model(a.model, a.data, a.split, tracking_uri=a.tracking_uri, out=a.out)
+    report = evaluate_model(a.model, a.data, a.split, tracking_uri=a.tracking_uri, out=a.out, shift=a.shift,
+                            shift_max_images=a.shift_max_images)
     if a.split in ("test", "all"):  # a read of a test split (or a whole external set) goes into the ledger
         from pipeline import holdout, tracking
 
@@ -304,6 +305,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="split to score (`test` is explicit and recorded in the test ledger; `all` "
                         "scores a whole external set)")
     p.add_argument("--out", default=None, help="JSON report (default: <data>/evaluation-<split>.json)")
+    p.add_argument("--shift", action="store_true",
+                   help="generalization report: AUC under every shift-battery perturbation, ECE before/after")
+    p.add_argument("--shift-max-images", type=int, default=0,
+                   help="cap the battery's subset of the split (class-stratified, fixed); 0 = whole split")
     p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("promote", help="gate the best version against the champion; move the alias")
@@ -312,7 +317,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", default=None,
                    help="converted dataset whose locked test split both are scored on (default: the candidate's)")
     p.add_argument("--study", default=None, help="only versions of this Optuna study (default: all versions)")
-    p.add_argument("--metric", default="val_auc", help="validation metric that ranks the candidates")
+    p.add_argument("--metric", default=None,
+                   help="validation metric that ranks the candidates (default: the one the study optimised, "
+                        "version tag study_metric; else val_auc)")
     p.add_argument("--config", default=None,
                    help="experiment file whose [promote] section is the rule (default: superiority, alpha 0.05, "
                         "floor AUC 0.7)")

@@ -51,6 +51,9 @@ class ModelConfig:
     dense_units: int = 64  # 0 = no hidden dense layer
     pooling: str = "gap"  # gap (global average) | flatten (the seed)
     metadata_inputs: bool = False  # view position, sex, age fed beside the image into the penultimate layer
+    # Per-image standardisation (zero mean, unit variance per image) instead of the fixed [-1, 1] map: removes
+    # a film's overall exposure and contrast before the first conv (pipeline/model.py).
+    standardize: bool = False
 
 
 @dataclass(frozen=True)
@@ -62,6 +65,12 @@ class AugmentConfig:
     contrast: float = 0.1
     brightness: float = 0.1
     horizontal_flip: bool = False  # off: chest anatomy is not mirror-symmetric (heart on the left)
+    # Acquisition-style intensity augmentation (pipeline/augment.py; 0 = off): gamma = exp(U(-g, g)) per image;
+    # noise: Gaussian with a per-image std U(0, noise) in [0, 1] grey units; blur: a per-image blend weight
+    # U(-b, b) towards a Gaussian-blurred copy (negative: unsharp-mask sharpening).
+    gamma: float = 0.0
+    noise: float = 0.0
+    blur: float = 0.0
     xla_safe: bool = False  # one XLA-compilable RandomAffine instead of Keras' rotation/zoom/translation layers
 
 
@@ -82,7 +91,17 @@ class TrainConfig:
     lr_scale: str = "linear"  # how LR scales with replicas under devices=all: linear | sqrt | none
     early_stopping_patience: int = 4  # epochs without val AUC gain; 0 = off
     lr_plateau_patience: int = 2  # epochs before LR halves on a val AUC plateau; 0 = off
-    target_sensitivity: float = 0.0  # 0 = threshold by Youden's J on validation
+    target_sensitivity: float = 0.0  # the sensitivity `threshold_policy = "sensitivity"` aims at on validation
+    # How the stored operating threshold is chosen, on validation only: youden (max J on the clean split),
+    # sensitivity (the highest threshold reaching target_sensitivity), robust (max worst-case J over the clean
+    # split and the shift battery; needs shift_battery = true). pipeline/train.py:decide_threshold.
+    threshold_policy: str = "youden"
+    label_smoothing: float = 0.0  # binary cross-entropy label smoothing, in [0, 0.5)
+    lr_schedule: str = "constant"  # constant (ReduceLROnPlateau may halve it) | cosine (decay to 0 over epochs)
+    # The shift battery (pipeline/shift.py) after training, on a fixed subset of validation: val_auc_shift_*.
+    shift_battery: bool = True
+    shift_max_images: int = 512  # the subset's cap (class-stratified, fixed by shift_seed); 0 = whole split
+    shift_seed: int = 0  # fixes the subset and the perturbations' draws: the same images for every trial
     bootstrap: int = 1000  # bootstrap resamples for confidence intervals
     seed: int = 0
     log_model: bool = True
@@ -95,6 +114,9 @@ class TuneConfig:
     sampler: str = "tpe"  # tpe | random | cmaes | qmc
     pruner: str = "median"  # median | hyperband | none
     seed: int = 0
+    # The study objective, also the promotion's ranking: val_auc | val_auc_shift_mean | val_auc_shift_min
+    # (maximised) | val_loss (minimised). Shift metrics exist only after training: trials are pruned on the
+    # per-epoch val_auc then (pipeline/tune.py).
     metric: str = "val_auc"
     startup_trials: int = 5  # random trials before TPE and before the median pruner may prune
     warmup_epochs: int = 1  # epochs before a trial may be pruned
@@ -161,11 +183,13 @@ CHOICES = {
     "train.jit_compile": ("auto", "true", "false"),
     "train.backend": ("tensorflow", "jax"),
     "train.lr_scale": ("linear", "sqrt", "none"),
+    "train.threshold_policy": ("youden", "sensitivity", "robust"),
+    "train.lr_schedule": ("constant", "cosine"),
+    "tune.metric": ("val_auc", "val_auc_shift_mean", "val_auc_shift_min", "val_loss"),
     "tune.sampler": ("tpe", "random", "cmaes", "qmc"),
     "tune.pruner": ("median", "hyperband", "none"),
     "promote.policy": ("superiority", "non_inferiority"),
 }
-
 
 INF = float("inf")
 # Allowed ranges of numeric keys: (low, high, high_open). `low` is inclusive; `high` is inclusive unless
@@ -206,6 +230,11 @@ BOUNDS: dict[str, tuple[float, float, bool]] = {
     "tune.warmup_epochs": (0, INF, False),
     "tune.heartbeat_interval": (1, INF, False),
     "tune.max_retries": (0, INF, False),
+    "augment.gamma": (0, 1, True),  # log-gamma half-range: 1 would allow gamma e^{+-1}, darkening lungs to black
+    "augment.noise": (0, 0.5, True),  # noise std in [0, 1] intensity units
+    "augment.blur": (0, 1, True),  # blur/sharpen weight; 1 = a full box blur
+    "train.label_smoothing": (0, 0.5, True),  # 0.5 would make every label 0.5
+    "train.shift_max_images": (0, INF, False),
 }
 
 
@@ -270,6 +299,23 @@ def _check(key: str, value: Any) -> Any:
     return value
 
 
+def check_consistency(cfg: Config) -> None:
+    """Settings that are only wrong together (each alone passed `_check`)."""
+    t = cfg.train
+    if t.threshold_policy == "sensitivity" and not t.target_sensitivity > 0:
+        raise ConfigError("train.threshold_policy = 'sensitivity' needs train.target_sensitivity in (0, 1]")
+    if t.threshold_policy != "sensitivity" and t.target_sensitivity > 0:
+        raise ConfigError(f"train.target_sensitivity = {t.target_sensitivity} is only read by "
+                          f"train.threshold_policy = 'sensitivity' (it is {t.threshold_policy!r})")
+    if t.threshold_policy == "robust" and not t.shift_battery:
+        raise ConfigError("train.threshold_policy = 'robust' needs train.shift_battery = true")
+    if cfg.tune.metric.startswith("val_auc_shift") and not t.shift_battery:
+        raise ConfigError(f"tune.metric = {cfg.tune.metric!r} needs train.shift_battery = true")
+    if t.lr_schedule == "cosine" and t.lr_plateau_patience:
+        raise ConfigError("train.lr_schedule = 'cosine' sets the learning rate itself: set "
+                          "train.lr_plateau_patience = 0")
+
+
 def parse_override(text: str) -> tuple[str, Any]:
     """`section.key=value` with the value parsed as TOML (so `0.01`, `true`, `"gap"`); bare words become strings."""
     key, sep, raw = text.partition("=")
@@ -308,6 +354,10 @@ def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
     except ConfigError as e:
         raise ConfigError(f"{path}: {e}") from None
     validate_space(cfg.tune.space, where=str(path))
+    try:
+        check_consistency(cfg)
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {e}") from None
     return cfg
 
 

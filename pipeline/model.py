@@ -25,7 +25,7 @@ import itertools
 
 import keras
 
-from pipeline.augment import augmentation_block
+from pipeline.augment import PerImageStandardization, augmentation_block
 from pipeline.config import AugmentConfig, ModelConfig
 
 PRECISIONS = ("auto", "float32", "mixed_float16", "mixed_bfloat16")
@@ -173,7 +173,10 @@ def build_model(model: ModelConfig, augment: AugmentConfig, image_size: int, *, 
     aug = augmentation_block(augment, seed)
     if aug is not None:
         x = aug(x)
-    x = layers.Rescaling(2.0, offset=-1.0, name="center")(x)  # [0, 1] -> [-1, 1]: zero-centred input
+    if cfg.standardize:
+        x = PerImageStandardization(name="standardize")(x)
+    else:
+        x = layers.Rescaling(2.0, offset=-1.0, name="center")(x)  # [0, 1] -> [-1, 1]: zero-centred input
     if cfg.stem_filters:
         # Kernel 2*stride+1 so neighbouring windows overlap and every pixel is seen.
         x = conv_relu(x, cfg.stem_filters, 2 * cfg.stem_stride + 1, cfg.stem_stride, "stem_conv")

@@ -2,8 +2,9 @@
 
 `promote()` is what `pneumo promote` runs:
 1. Candidates: the READY versions of the registered model (optionally of one study), ranked by a validation
-   metric: the version tag (`val_auc`, set by tune), else the training run's `final_<metric>` (exact, on the
-   whole val split), else its last per-epoch value. Higher is better, except for metrics named *loss/*brier.
+   metric: the version tag (`pneumo tune` tags each version with its study's metric under its own name and
+   names it in `study_metric`; by default the promotion ranks by that metric, e.g. val_auc_shift_mean), else
+   the training run's `final_<metric>` (exact, on the whole val split), else its last per-epoch value. Higher is better, except for metrics named *loss/*brier.
    Ties go to the newer version. Only versions trained on the dataset in `--data` compete.
 2. Evidence: the candidate and the current champion are scored on the same locked test split
    (`scoring.evaluate_model`, what `pneumo evaluate --split test` runs), each at the threshold chosen on
@@ -121,13 +122,23 @@ def versions(client: MlflowClient, model: str) -> list:
     return [mv for mv in found if mv.status == "READY"]
 
 
-def rank_candidates(client: MlflowClient, model: str, metric: str = "val_auc", study: str | None = None,
+def study_metric(all_versions: list, study: str | None) -> str:
+    """The metric a study optimised (version tag `study_metric`, written by `pneumo tune`), else val_auc.
+    Without a study, the versions' single shared study_metric if they agree."""
+    found = {mv.tags.get("study_metric") for mv in all_versions
+             if (not study or mv.tags.get("study") == study) and mv.tags.get("study_metric")}
+    return found.pop() if len(found) == 1 else "val_auc"
+
+
+def rank_candidates(client: MlflowClient, model: str, metric: str | None = None, study: str | None = None,
                     ) -> tuple[list[Candidate], list[tuple[str, str]]]:
-    """-> (candidates best first, [(version, why it is not a candidate)])."""
+    """-> (candidates best first, [(version, why it is not a candidate)]). `metric` None: the study's own
+    objective (`study_metric`), so promotion ranks by what the study optimised."""
     all_versions = versions(client, model)
     if not all_versions:
         raise RegistryError(f"registered model {model!r} has no registered versions: "
                             "`pneumo train --register` or `pneumo tune` registers them")
+    metric = metric or study_metric(all_versions, study)
     runs = _Runs(client)
     ranked, skipped = [], []
     for mv in all_versions:
@@ -239,7 +250,7 @@ def _choose(ranked: list[Candidate], skipped: list, data_dir: str | None, versio
 
 # --- promotion -------------------------------------------------------------------------------------------
 def promote(model: str = MODEL_NAME, data_dir: str | Path | None = None, *, study: str | None = None,
-            metric: str = "val_auc", config: PromoteConfig | None = None, externals: list[str] | dict | None = None,
+            metric: str | None = None, config: PromoteConfig | None = None, externals: list[str] | dict | None = None,
             dry_run: bool = False, version: str | None = None, tracking_uri: str | None = None,
             n_boot: int = 1000, lock_timeout: float = 300.0, max_attempts: int = 5, log_images: bool = False,
             before_commit: Callable[[Decision], None] | None = None) -> Decision:
@@ -253,6 +264,7 @@ def promote(model: str = MODEL_NAME, data_dir: str | Path | None = None, *, stud
     rule = rule_of(cfg)
     uri = tracking.resolve_tracking_uri(tracking_uri)
     client = tracking.setup(uri)
+    metric = metric or study_metric(versions(client, model), study)
     ranked, skipped = rank_candidates(client, model, metric, study)
     cand, data_dir, manifest, same = _choose(ranked, skipped, str(data_dir) if data_dir else None, version, model)
     digest = manifest["digest"]

@@ -56,9 +56,15 @@ def split_names(data_dir: str | Path, split: str) -> list[str]:
 
 
 def evaluate_model(uri: str, data_dir: str | Path, split: str = "val", *, tracking_uri: str | None = None,
-                   out: str | Path | None = None, n_boot: int = 1000) -> dict:
+                   out: str | Path | None = None, n_boot: int = 1000, shift: bool = False,
+                   shift_max_images: int = 0, shift_seed: int = 0) -> dict:
     """`pneumo evaluate`: metrics with patient-clustered CIs, the majority baseline and subgroups; written as
-    JSON. `split="all"` scores every split (an external set that no model was trained on)."""
+    JSON. `split="all"` scores every split (an external set that no model was trained on).
+
+    `shift` adds the generalization report (`pneumo evaluate --shift`): the model's AUC on the same split under
+    every perturbation of the shift battery (pipeline/shift.py; `shift_max_images` caps it, 0 = the whole
+    split), mean and worst, and the expected calibration error before and after the model's stored
+    temperature (T = 1, i.e. no change, for a version without one)."""
     from pipeline import metrics as ev
 
     lm = load(uri, tracking_uri, require_threshold=False)
@@ -84,7 +90,33 @@ def evaluate_model(uri: str, data_dir: str | Path, split: str = "val", *, tracki
     path = Path(out) if out else Path(data_dir) / f"evaluation-{split}.json"
     payload = {"model": uri, "version": lm.version, "split": split, "dataset_digest": manifest["digest"],
                "threshold_source": threshold_source, "metrics": metrics, "subgroups": subgroups}
-    ev.write_json(path, payload)
     table = ev.format_table(metrics, subgroups) + f"\nthreshold {threshold:.4f}: {threshold_source}"
+    if shift:
+        report = shift_report(lm, data_dir, split, y, p, max_images=shift_max_images, seed=shift_seed)
+        payload["shift"] = {k: v for k, v in report.items() if k != "table"}
+        table += "\n\n" + report["table"]
+    ev.write_json(path, payload)
     return {**payload, "table": table, "path": str(path), "probabilities": p, "labels": y,
             "patient_id": patients}
+
+
+def shift_report(lm, data_dir: str | Path, split: str, y, p_calibrated, *, max_images: int = 0,
+                 seed: int = 0) -> dict:
+    """The generalization part of `pneumo evaluate --shift`: battery AUCs on `split` and ECE before/after
+    calibration (`p_calibrated` are the split's calibrated probabilities, `lm` a model_store.LoadedModel)."""
+    from pipeline import shift as sh
+    from pipeline.calibration import expected_calibration_error, logit
+
+    sample = sh.load_sample(data_dir, split, max_images, seed, with_meta=lm.uses_meta)
+    result = sh.score_battery(lm.model, sample, seed=seed)
+    # The raw (uncalibrated) probabilities of the split: undo the temperature, sigmoid(T * logit(p_cal)).
+    raw = 1.0 / (1.0 + np.exp(-logit(p_calibrated) * lm.temperature))
+    ece_before, ece_after = expected_calibration_error(y, raw), expected_calibration_error(y, p_calibrated)
+    lines = [f"shift battery on the {split} split ({len(sample.labels)} images, seed {seed}; "
+             "AUC is unchanged by calibration)", sh.format_table(result), "",
+             f"ECE ({split}, 15 bins): {ece_before:.4f} before calibration, {ece_after:.4f} after "
+             f"(temperature {lm.temperature:.3f})"]
+    return {"images": int(len(sample.labels)), "seed": seed, "clean_auc": result.clean_auc, "auc": result.auc,
+            "mean": result.mean, "worst": result.worst, "worst_name": result.worst_name,
+            "temperature": lm.temperature, "ece_before": ece_before, "ece_after": ece_after,
+            "table": "\n".join(lines)}

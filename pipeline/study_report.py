@@ -1,5 +1,8 @@
 """The study summary on the parent MLflow run: trials table, best trial, Optuna's matplotlib plots.
 
+Every ranking here is by the study's own metric and direction (`tune.metric`, kept in the study's user attribute
+`metric`), the same one the objective returned and the promotion ranks by.
+
 Refreshed by whichever worker finishes a trial, so the parent run in the MLflow UI is always current.
 """
 
@@ -23,25 +26,38 @@ def counts(study: optuna.Study) -> dict[str, int]:
     return out
 
 
-def best_line(study: optuna.Study) -> str:
+def metric(study: optuna.Study) -> str:
+    """The study's objective (`tune.metric`, stored by the launcher); val_auc for studies made before it."""
+    return study.user_attrs.get("metric", "val_auc")
+
+
+def ranked(study: optuna.Study) -> list:
+    """Completed trials best first, in the study's own direction (val_loss: lowest first)."""
     complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-    if not complete:
+    lowest_first = study.direction == optuna.study.StudyDirection.MINIMIZE
+    return sorted(complete, key=lambda t: t.value, reverse=not lowest_first)
+
+
+def best_line(study: optuna.Study) -> str:
+    trials = ranked(study)
+    if not trials:
         return "no completed trial yet"
-    best = max(complete, key=lambda t: t.value)
-    return f"best {best.value:.4f} (trial {best.number})"
+    return f"best {metric(study)} {trials[0].value:.4f} (trial {trials[0].number})"
 
 
 def summary_table(study: optuna.Study, top: int = 5) -> str:
-    """The best completed trials, then the count of trials per state."""
-    complete = sorted(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)),
-                      key=lambda t: t.value, reverse=True)[:top]
-    lines = [f"study {study.study_name}: " + ", ".join(f"{k} {v}" for k, v in counts(study).items() if v)]
+    """The best completed trials by the study's metric, then the count of trials per state."""
+    complete = ranked(study)[:top]
+    name = metric(study)
+    lines = [f"study {study.study_name} ({study.direction.name.lower()} {name}): "
+             + ", ".join(f"{k} {v}" for k, v in counts(study).items() if v)]
     if complete:
-        lines.append(f"{'trial':>5}  {'val_auc':>7}  {'seconds':>7}  params")
+        w = max(7, len(name))
+        lines.append(f"{'trial':>5}  {name:>{w}}  {'seconds':>7}  params")
         for t in complete:
             secs = (t.datetime_complete - t.datetime_start).total_seconds() if t.datetime_complete else float("nan")
             params = ", ".join(f"{k}={_fmt(v)}" for k, v in t.params.items())
-            lines.append(f"{t.number:>5}  {t.value:>7.4f}  {secs:>7.1f}  {params}")
+            lines.append(f"{t.number:>5}  {t.value:>{w}.4f}  {secs:>7.1f}  {params}")
     return "\n".join(lines)
 
 
@@ -99,8 +115,8 @@ def refresh(study: optuna.Study, parent_run_id: str, client: MlflowClient | None
     client.log_metric(parent_run_id, "trials_pruned", c["PRUNED"], step=step)
     client.log_metric(parent_run_id, "trials_failed", c["FAIL"], step=step)
     if complete:
-        best = max(complete, key=lambda t: t.value)
-        client.log_metric(parent_run_id, "best_val_auc", best.value, step=step)
+        best = ranked(study)[0]
+        client.log_metric(parent_run_id, f"best_{metric(study)}", best.value, step=step)
         client.set_tag(parent_run_id, "best_trial", str(best.number))
         client.set_tag(parent_run_id, "mlflow.note.content",
                        f"Optuna study `{study.study_name}`: {best_line(study)}; "

@@ -22,9 +22,9 @@ import numpy as np
 import tensorflow as tf
 
 from pipeline import metrics as ev
-from pipeline import plots, tracking
-from pipeline.calibration import apply_temperature, expected_calibration_error, fit_temperature
-from pipeline.config import Config
+from pipeline import plots, shift, tracking
+from pipeline.calibration import apply_temperature, expected_calibration_error, fit_temperature, nll
+from pipeline.config import Config, check_consistency
 from pipeline.data import eval_dataset, load_manifest, train_dataset
 from pipeline.devices import configure_gpus, resolve_jit
 from pipeline.model import apply_precision, build_model
@@ -50,6 +50,8 @@ class TrainResult:
     temperature: float = 1.0  # fitted on validation (tag `temperature`); 1.0 = uncalibrated
     val_ece: float = float("nan")  # before calibration
     val_ece_calibrated: float = float("nan")
+
+    shift_metrics: dict = field(default_factory=dict)  # val_auc_shift_mean/_min/<name> (empty when off)
 
 
 def check_backend(backend: str) -> None:
@@ -125,7 +127,7 @@ class EpochStats(keras.callbacks.Callback):
         logs["images_per_s"] = self.images / wall
         logs["cpu_s_per_epoch"] = cpu
         logs["epoch_s"] = wall
-        lr = self.model.optimizer.learning_rate
+        lr = self.model.optimizer.learning_rate  # under a schedule Keras 3 returns its value at this step
         logs["learning_rate"] = float(lr.numpy() if hasattr(lr, "numpy") else lr)
         self.rates.append(logs["images_per_s"])
         mlflow.log_metrics({k: float(v) for k, v in logs.items() if np.isfinite(v)}, step=epoch,
@@ -149,12 +151,17 @@ def run_key(cfg: Config, digest: str, run_name: str | None) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
-def compile_model(model: keras.Model, cfg: Config, lr: float) -> None:
+def compile_model(model: keras.Model, cfg: Config, lr: float, total_steps: int = 0) -> None:
+    if cfg.train.lr_schedule == "cosine":
+        # Cosine decay to 0 over the whole run (Loshchilov & Hutter, "SGDR", ICLR 2017, without restarts).
+        lr = keras.optimizers.schedules.CosineDecay(lr, decay_steps=max(1, total_steps))
     optimizer = (keras.optimizers.AdamW(lr, weight_decay=cfg.train.weight_decay) if cfg.train.weight_decay
                  else keras.optimizers.Adam(lr))
     model.compile(
         optimizer=optimizer,
-        loss=keras.losses.BinaryCrossentropy(),
+        # Label smoothing pulls the targets to eps/2 and 1 - eps/2: a penalty on over-confident logits
+        # (Szegedy et al. 2016; Mueller et al., "When does label smoothing help?", NeurIPS 2019).
+        loss=keras.losses.BinaryCrossentropy(label_smoothing=cfg.train.label_smoothing),
         metrics=[
             keras.metrics.AUC(name="auc"),
             keras.metrics.AUC(curve="PR", name="auc_pr"),
@@ -180,6 +187,7 @@ def train(cfg: Config, data_dir: str | Path | None = None, *, tracking_uri: str 
     """
     data_dir = Path(data_dir or cfg.data.dir)
     cfg = cfg.with_values({"data.dir": str(data_dir)})  # the resolved config names the data really used
+    check_consistency(cfg)  # a trial's sampled values too, not only the experiment file
     manifest = load_manifest(data_dir)
     size = manifest["image_size"]
     tcfg = cfg.train
@@ -201,7 +209,7 @@ def train(cfg: Config, data_dir: str | Path | None = None, *, tracking_uri: str 
 
     with strategy.scope():
         model = build_model(cfg.model, cfg.augment, size, seed=tcfg.seed)
-        compile_model(model, cfg, lr)
+        compile_model(model, cfg, lr, total_steps=steps * tcfg.epochs)
 
     uri = tracking.resolve_tracking_uri(tracking_uri)
     exp_id = tracking.ensure_experiment(experiment or cfg.name, uri)
@@ -284,13 +292,21 @@ def _finish_run(model, cfg: Config, data_dir: Path, manifest: dict, history: dic
     strategy = getattr(model, "distribute_strategy", None)  # TensorFlow backend only
     scorer = tracking.inference_copy(model) if strategy and strategy.num_replicas_in_sync > 1 else model
     y, p, info = predict_split(scorer, data_dir, "val", cfg.data.batch_size, with_meta=cfg.model.metadata_inputs)
-    threshold = ev.choose_threshold(y, p, cfg.train.target_sensitivity)
+    t_shift = time.perf_counter()
+    shifted = shift_battery(scorer, cfg, data_dir) if cfg.train.shift_battery else None
+    if shifted is not None:  # its cost is paid once per trial: logged so a study's budget can be planned
+        mlflow.log_metric("shift_battery_s", time.perf_counter() - t_shift)
+    threshold, threshold_note = decide_threshold(cfg, y, p, shifted)
     # Calibration, on validation only: everything below (metrics, plots, the stored threshold) is on the
     # calibrated scale, the one model_store.LoadedModel.probabilities reports.
     p_raw = p
     temperature, p, threshold, ece = calibrate_on_validation(y, p_raw, threshold)
     metrics = ev.compute_metrics(y, p, threshold, n_boot=cfg.train.bootstrap, seed=cfg.train.seed,
                                  clusters=info["patient_id"])
+    # Plain binary cross-entropy of the final network on the whole val split (no label smoothing, no class
+    # weights, before calibration: the temperature is fitted on this split, so its NLL would flatter it):
+    # `tune.metric = "val_loss"` and the promotion rank by it (logged as final_val_loss).
+    metrics["loss"] = nll(y, p_raw)
     groups = {"view_position": info["view_position"], "sex": info["sex"],
               "age_band": [ev.age_band(a) for a in info["age"]]}
     subgroups = ev.subgroup_metrics(y, p, threshold, groups, n_boot=200, seed=cfg.train.seed,
@@ -301,6 +317,10 @@ def _finish_run(model, cfg: Config, data_dir: Path, manifest: dict, history: dic
     mlflow.log_metric("best_val_auc", best_val_auc)
     mlflow.log_metric("threshold", threshold)
     mlflow.set_tag("threshold", f"{threshold:.6f}")
+    mlflow.set_tag("threshold_policy", threshold_note)
+    if shifted is not None:
+        mlflow.log_metrics({k: float(v) for k, v in shifted.metrics().items() if np.isfinite(v)})
+        mlflow.log_text(shift.format_table(shifted), "evaluation/val_shift.txt")
     mlflow.log_dict({"metrics": metrics, "subgroups": subgroups}, "evaluation/val.json")
     mlflow.log_text(ev.format_table(metrics, subgroups), "evaluation/val.txt")
     figures = {
@@ -310,6 +330,8 @@ def _finish_run(model, cfg: Config, data_dir: Path, manifest: dict, history: dic
         "val_confusion.png": plots.plot_confusion(y, p, threshold),
         "val_calibration.png": plots.plot_calibration(y, p_raw, y_prob_calibrated=p, temperature=temperature),
     }
+    if shifted is not None:
+        figures["val_shift.png"] = shift.plot_shift(shifted)
     for name, fig in figures.items():  # object-API figures (pipeline.plots): no pyplot, nothing to close
         mlflow.log_figure(fig, f"plots/{name}")
     mlflow.set_tag("mlflow.note.content", _description(metrics, best_val_auc, stats, manifest))
@@ -323,7 +345,8 @@ def _finish_run(model, cfg: Config, data_dir: Path, manifest: dict, history: dic
                        best_val_auc=best_val_auc, epochs=len(history.get("loss", [])), images_per_s=rate,
                        model=model, model_uri=info_model.model_uri if info_model else None,
                        model_version=str(version) if version is not None else None,
-                       temperature=temperature, val_ece=ece[0], val_ece_calibrated=ece[1])
+                       temperature=temperature, val_ece=ece[0], val_ece_calibrated=ece[1],
+                       shift_metrics=shifted.metrics() if shifted is not None else {})
 
 
 def calibrate_on_validation(y, p_raw, threshold_raw: float) -> tuple[float, np.ndarray, float, tuple]:
@@ -345,6 +368,32 @@ def calibrate_on_validation(y, p_raw, threshold_raw: float) -> tuple[float, np.n
     return temperature, p_cal, threshold, ece
 
 
+
+def shift_battery(model, cfg: Config, data_dir: Path) -> shift.ShiftResult:
+    """The model's AUC under the shift battery on validation's fixed subset (pipeline/shift.py)."""
+    sample = shift.load_sample(data_dir, "val", cfg.train.shift_max_images, cfg.train.shift_seed,
+                               with_meta=cfg.model.metadata_inputs)
+    return shift.score_battery(model, sample, seed=cfg.train.shift_seed, batch_size=cfg.data.batch_size)
+
+
+def decide_threshold(cfg: Config, y, p, shifted: shift.ShiftResult | None) -> tuple[float, str]:
+    """THE place the stored operating threshold is decided, on validation only -> (threshold, how).
+
+    The threshold is on the model's raw probability scale; a calibration step that rescales probabilities must
+    move it with them (a monotone map keeps the same decisions)."""
+    policy = cfg.train.threshold_policy
+    if policy == "robust":
+        if shifted is None:
+            raise ValueError("train.threshold_policy = 'robust' needs the shift battery (train.shift_battery)")
+        conditions = [shifted.clean, *shifted.probabilities.values()]
+        threshold, worst_j = shift.robust_threshold(shifted.labels, conditions)
+        return threshold, f"robust (worst-case Youden J {worst_j:.3f} over clean + {len(conditions) - 1} shifts)"
+    if policy == "sensitivity":
+        return (ev.choose_threshold(y, p, cfg.train.target_sensitivity),
+                f"sensitivity >= {cfg.train.target_sensitivity:g} on validation")
+    return ev.choose_threshold(y, p), "youden (max J on validation)"
+
+
 def _description(m: dict, best_val_auc: float, stats: EpochStats, manifest: dict) -> str:
     return (f"val AUC {m['auc']:.3f} [{m['auc_ci_low']:.3f}, {m['auc_ci_high']:.3f}] (best epoch {best_val_auc:.3f}); "
             f"accuracy {m['accuracy']:.3f} vs majority baseline {m['majority_baseline_accuracy']:.3f}; "
@@ -364,6 +413,9 @@ def summary_table(result: TrainResult) -> str:
         ("threshold (validation)", f"{result.threshold:.3f} (on calibrated probabilities)"),
         ("temperature (validation)", f"{result.temperature:.3f}"),
         ("ECE (validation)", f"{result.val_ece:.4f} -> {result.val_ece_calibrated:.4f} calibrated"),
+        *([("val AUC under shift: mean / worst", f"{result.shift_metrics['val_auc_shift_mean']:.4f} / "
+                                                 f"{result.shift_metrics['val_auc_shift_min']:.4f}")]
+          if result.shift_metrics else []),
         ("model", result.model_uri or "-"),
     ]
     width = max(len(k) for k, _ in rows)

@@ -193,9 +193,44 @@ def make_pruner(cfg: Config) -> optuna.pruners.BasePruner:
     return optuna.pruners.NopPruner()
 
 
+# What each `tune.metric` reads. Per-epoch metrics are reported to the pruner under their own name; the shift
+# metrics exist only once training ends (the battery scores the final model), so those trials are pruned on
+# the per-epoch val_auc: a trial whose clean AUC lags the median is unlikely to hold up better under shift,
+# and a pruner needs a learning curve, which a single end-of-training number cannot give.
+PER_EPOCH = {"val_auc": "val_auc", "val_loss": "val_loss"}
+
+
+def direction(metric: str) -> str:
+    return "minimize" if metric.endswith("loss") else "maximize"
+
+
+def pruning_monitor(metric: str) -> str:
+    """The per-epoch Keras log the pruner watches for `metric` (same direction as the study)."""
+    return PER_EPOCH.get(metric, "val_auc")
+
+
+def objective_value(result, metric: str) -> float:
+    """The study's value of a finished trial: computed once, on the final (restored-best) model over the
+    whole validation split (val_auc, val_loss) or the battery's fixed subset (the shift metrics)."""
+    if metric == "val_auc":
+        return float(result.val_metrics["auc"])
+    if metric == "val_loss":
+        return float(result.val_metrics["loss"])
+    if metric not in result.shift_metrics:
+        raise TuneError(f"tune.metric = {metric!r} but the trial logged no shift metrics "
+                        "(train.shift_battery is off)")
+    return float(result.shift_metrics[metric])
+
+
 def open_study(name: str, storage_url: str, cfg: Config, worker: int = 0) -> optuna.Study:
-    return optuna.create_study(study_name=name, storage=make_storage(storage_url, cfg), direction="maximize",
-                               sampler=make_sampler(cfg, worker), pruner=make_pruner(cfg), load_if_exists=True)
+    study = optuna.create_study(study_name=name, storage=make_storage(storage_url, cfg),
+                                direction=direction(cfg.tune.metric), sampler=make_sampler(cfg, worker),
+                                pruner=make_pruner(cfg), load_if_exists=True)
+    stored = study.user_attrs.get("metric")
+    if stored and stored != cfg.tune.metric:
+        raise ConfigError(f"study {name!r} optimises {stored!r}; tune.metric = {cfg.tune.metric!r} would mix "
+                          "two objectives in one study: use a new study name")
+    return study
 
 
 def queue_only(study: optuna.Study) -> None:
@@ -249,8 +284,9 @@ def make_objective(spec: WorkerSpec, cfg: Config):
             run["id"] = run_id
             trial.set_user_attr("mlflow_run_id", run_id)
 
-        # Report val AUC every epoch even without a pruner (NopPruner): the study keeps learning curves.
-        callbacks = [KerasPruningCallback(trial, "val_auc")]
+        # Report the per-epoch metric every epoch even without a pruner (NopPruner): the study keeps learning
+        # curves. For the shift metrics that is val_auc (see PER_EPOCH).
+        callbacks = [KerasPruningCallback(trial, pruning_monitor(cfg.tune.metric))]
         worker = f"{os.uname().nodename}:{os.getpid()}"
         trial.set_user_attr("worker", worker)
         tags = {"study": spec.study, "trial_number": str(trial.number), "state": "RUNNING", "worker": worker}
@@ -272,12 +308,18 @@ def make_objective(spec: WorkerSpec, cfg: Config):
                 client.set_tag(run["id"], "state", "FAIL")
                 client.set_tag(run["id"], "error", " ".join(f"{type(e).__name__}: {e}".split())[:5000])
             raise
-        value = float(result.val_metrics["auc"])
+        metric = cfg.tune.metric
+        value = objective_value(result, metric)
         client.set_tag(result.run_id, "state", "COMPLETE")
         if result.model_version:
-            for key, val in {"study": spec.study, "trial_number": str(trial.number), "val_auc": f"{value:.6f}",
-                             "dataset_digest": _digest(spec.data_dir), "threshold": f"{result.threshold:.6f}",
-                             "temperature": f"{result.temperature:.6f}", "run_id": result.run_id}.items():
+            # The version carries the study's value under the metric's own name plus `study_metric`, so
+            # `pneumo promote --study` ranks by what the study optimised (pipeline/registry.py).
+            tags = {"study": spec.study, "trial_number": str(trial.number),
+                    "val_auc": f"{float(result.val_metrics['auc']):.6f}", metric: f"{value:.6f}",
+                    "study_metric": metric, "dataset_digest": _digest(spec.data_dir),
+                    "threshold": f"{result.threshold!r}", "temperature": f"{result.temperature!r}",
+                    "run_id": result.run_id}
+            for key, val in tags.items():
                 client.set_model_version_tag(cfg.tune.model_name, result.model_version, key, val)
             trial.set_user_attr("model_version", result.model_version)
         trial.set_user_attr("threshold", result.threshold)
@@ -319,7 +361,8 @@ def work(spec: WorkerSpec) -> dict[str, int]:
             if failures <= cfg.tune.max_retries:
                 study.enqueue_trial({}, user_attrs={"replaces_failed_trial": trial.number})
         value = f"{trial.value:.4f}" if trial.value is not None else "-"
-        print(f"trial {trial.number:>3} {trial.state.name:<8} val_auc {value:>6}  {study_report.best_line(study)}  "
+        print(f"trial {trial.number:>3} {trial.state.name:<8} {cfg.tune.metric} {value:>6}  "
+              f"{study_report.best_line(study)}  "
               f"{time.perf_counter() - t0:6.1f} s  [worker {spec.worker}]", flush=True)
         try:
             study_report.refresh(study, spec.parent_run_id)
@@ -336,6 +379,7 @@ def prepare(cfg: Config, study_name: str, storage_url: str, tracking_uri: str, t
     exp_id = tracking.ensure_experiment(study_name, tracking_uri)
     client = MlflowClient()
     study = open_study(study_name, storage_url, cfg)
+    study.set_user_attr("metric", cfg.tune.metric)  # the summary and later launches read the objective here
     parent = study.user_attrs.get("mlflow_parent_run_id")
     if parent:
         try:
