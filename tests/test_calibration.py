@@ -44,7 +44,7 @@ def test_temperature_scaling_recovers_an_over_confident_model():
 def test_reliability_diagram_shows_before_and_after():
     import matplotlib.pyplot as plt
 
-    from pipeline import evaluate as ev
+    from pipeline import plots as ev
 
     rng = np.random.default_rng(1)
     z = rng.normal(0.0, 2.0, 2000)

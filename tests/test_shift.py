@@ -121,7 +121,7 @@ def test_robust_threshold_maximises_the_worst_case_youden():
     assert worst == pytest.approx(best, abs=0.01)
     assert min(_youden(y, c, t) for c in conditions) == pytest.approx(worst, abs=1e-9)
     # The clean split's own Youden threshold does worse on the worst case.
-    from pipeline.evaluate import choose_threshold
+    from pipeline.metrics import choose_threshold
 
     t_clean = choose_threshold(y, clean)
     assert min(_youden(y, c, t_clean) for c in conditions) < worst - 0.1
