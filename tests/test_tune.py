@@ -70,8 +70,11 @@ def test_registered_versions_are_the_complete_trials(study4):
     versions = client.search_model_versions("name='pneumonia-cnn'")
     complete = study4["study"].get_trials(states=(TrialState.COMPLETE,))
     assert sorted(int(v.tags["trial_number"]) for v in versions) == sorted(t.number for t in complete)
+    value = {t.number: t.value for t in complete}
     for v in versions:
-        assert v.tags["study"] == "s4" and float(v.tags["val_auc"]) >= 0 and len(v.tags["dataset_digest"]) == 64
+        assert v.tags["study"] == "s4" and len(v.tags["dataset_digest"]) == 64
+        # The tag is the trial's objective value (6 decimals), the number `pneumo promote` ranks by.
+        assert float(v.tags["val_auc"]) == pytest.approx(value[int(v.tags["trial_number"])], abs=5e-7)
 
 
 def test_parent_run_carries_the_study_summary(study4):
@@ -84,17 +87,27 @@ def test_parent_run_carries_the_study_summary(study4):
     assert run.info.status == "FINISHED" and "best_val_auc" in run.data.metrics
 
 
-def test_a_forced_pruner_prunes(synth_data, tmp_path, monkeypatch):
-    # A pruner that prunes every reported value: the real KerasPruningCallback path must stop the trial.
-    monkeypatch.setattr(tune, "make_pruner", lambda cfg: optuna.pruners.ThresholdPruner(lower=1.1))
+def test_the_recipes_median_pruner_prunes_a_bad_trial(synth_data, tmp_path):
+    """The pruner the recipes use (smoke/demo/kermany: `pruner = "median"`, startup 2 trials, warm-up 1
+    epoch), through the real KerasPruningCallback: two finished trials that scored 0.99 at every epoch, then a
+    trial that cannot learn (learning rate 1e-7). Epoch 1 is warm-up and is kept; at epoch 2 its val AUC is
+    under the median of the others at that epoch, so it stops there, 1 epoch before its end."""
     uri, storage = f"sqlite:///{tmp_path}/mlflow.db", f"sqlite:///{tmp_path}/optuna.db"
-    cfg = load_config(SMOKE, [f"train.checkpoint_dir={tmp_path}/ckpt", "train.epochs=3"])
-    study = tune.run_tune(cfg, "pruned", data_dir=str(synth_data), trials=1, storage=storage, tracking_uri=uri)
-    [trial] = study.trials
-    assert trial.state == TrialState.PRUNED and list(trial.intermediate_values) == [0]
-    run = MlflowClient(uri).get_run(trial.user_attrs["mlflow_run_id"])
+    cfg = load_config(SMOKE, [f"train.checkpoint_dir={tmp_path}/ckpt", "train.epochs=3"]).with_values(
+        {"tune.space": {"train.learning_rate": {"type": "float", "low": 1e-7, "high": 1.1e-7}}})
+    assert (cfg.tune.pruner, cfg.tune.startup_trials, cfg.tune.warmup_epochs) == ("median", 2, 1)
+    study = tune.open_study("median", tune.resolve_storage(storage), cfg)
+    assert isinstance(study.pruner, optuna.pruners.MedianPruner)
+    for _ in range(2):  # two good trials already in the study (no params: the sampler ignores them)
+        study.add_trial(optuna.trial.create_trial(value=0.99, intermediate_values={0: 0.99, 1: 0.99, 2: 0.99}))
+    study = tune.run_tune(cfg, "median", data_dir=str(synth_data), trials=1, storage=storage, tracking_uri=uri)
+    bad = study.trials[-1]
+    assert bad.params["train.learning_rate"] < 1.1e-7
+    assert bad.state == TrialState.PRUNED and sorted(bad.intermediate_values) == [0, 1]
+    assert bad.intermediate_values[1] < 0.99
+    run = MlflowClient(uri).get_run(bad.user_attrs["mlflow_run_id"])
     assert run.data.tags["state"] == "PRUNED" and run.info.status == "FINISHED"
-    assert len(MlflowClient(uri).get_metric_history(run.info.run_id, "val_auc")) == 1  # stopped after epoch 1
+    assert len(MlflowClient(uri).get_metric_history(run.info.run_id, "val_auc")) == 2  # stopped after epoch 2
     assert MlflowClient(uri, uri).search_model_versions("name='pneumonia-cnn'") == []
 
 
