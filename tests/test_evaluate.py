@@ -134,9 +134,11 @@ def test_ci_coverage_is_near_nominal():
 def test_bootstrap_speed_1000_resamples_of_5000_cases():
     y, p = binormal(5000, seed=4)
     ev.bootstrap_auc_ci(y, p, n=50)  # warm-up (first-touch allocations)
-    t0 = time.perf_counter()
+    # CPU time of this process, not wall time: on a loaded CI box the wall clock also counts the time other
+    # processes held the cores (measured here: 1.07 s wall for 0.21 s of CPU at load 14 on 2 cores).
+    t0 = time.process_time()
     ev.bootstrap_auc_ci(y, p, n=1000)
-    assert time.perf_counter() - t0 < 1.0
+    assert time.process_time() - t0 < 1.0
 
 
 def test_one_class_resamples_are_skipped():

@@ -4,7 +4,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 
 import optuna
 import pytest
@@ -126,24 +125,31 @@ def test_two_workers_share_a_fresh_store_and_survive_a_sigkill(synth_data, tmp_p
            "--tracking-uri", uri, "--set", f"train.checkpoint_dir={tmp_path}/ckpt", "--set", "train.epochs=4",
            "--set", "tune.heartbeat_interval=2"]
     log = open(tmp_path / "launch.log", "w")  # a file, not a pipe: a full pipe would block the workers
-    launcher = subprocess.Popen(cmd, cwd=tmp_path, stdout=log, stderr=subprocess.STDOUT, text=True)
+    # Its own process group (the workers are in it too), killed whole in `finally`: a failed test leaves no
+    # worker training in the background to slow or break the tests after it.
+    launcher = subprocess.Popen(cmd, cwd=tmp_path, stdout=log, stderr=subprocess.STDOUT, text=True,
+                                start_new_session=True)
     try:
         # Touch neither store before the launcher has created both (concurrent schema creation crashes).
         wait_for(lambda: "trials queued" in (tmp_path / "launch.log").read_text(), 120, "the launch")
 
         def running_trial():
+            # Mid-trial, by state rather than by a fixed sleep: the run exists and epoch 1 of 4 has reported.
             study = optuna.load_study(study_name="crash", storage=storage)
-            live = [t for t in study.get_trials(states=(TrialState.RUNNING,)) if "mlflow_run_id" in t.user_attrs]
+            live = [t for t in study.get_trials(states=(TrialState.RUNNING,))
+                    if "mlflow_run_id" in t.user_attrs and t.intermediate_values]
             return live[0] if live else None
 
-        victim = wait_for(running_trial, 240, "a running trial")
+        victim = wait_for(running_trial, 300, "a trial past its first epoch", launcher, tmp_path / "launch.log")
         pid = int(victim.user_attrs["worker"].rsplit(":", 1)[1])
-        time.sleep(1.0)  # mid-trial: the run exists, training has started
         os.kill(pid, signal.SIGKILL)
         launcher.wait(timeout=400)
     finally:
-        if launcher.poll() is None:
-            launcher.kill()
+        try:
+            os.killpg(launcher.pid, signal.SIGKILL)  # the launcher and any worker still alive
+        except ProcessLookupError:
+            pass
+        launcher.wait(timeout=60)
         log.close()
     out = (tmp_path / "launch.log").read_text()
     assert launcher.returncode == 0, out
