@@ -108,6 +108,7 @@ def mirrored(synth_data, tmp_path_factory) -> dict:
     lines = [ln for ln in run.stdout.splitlines() if ln.startswith("REPORT ")]
     assert run.returncode == 0 and lines, f"exit {run.returncode}\n{run.stdout[-3000:]}\n{run.stderr[-5000:]}"
     report = json.loads(lines[-1].removeprefix("REPORT "))
+    (out / "report.json").write_text(json.dumps(report, indent=1))  # kept in the tmp folder, for a failure
     report["manifest"] = json.loads((synth_data / "manifest.json").read_text())
     return report
 
