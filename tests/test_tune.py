@@ -110,6 +110,36 @@ def test_the_recipes_median_pruner_prunes_a_bad_trial(synth_data, tmp_path):
     assert MlflowClient(uri, uri).search_model_versions("name='pneumonia-cnn'") == []
 
 
+@pytest.mark.parametrize("then", ["returns", "writes_to_the_trial"])
+def test_a_worker_whose_trial_a_peer_failed_as_stale_goes_on(tmp_path, monkeypatch, then):
+    """Seen under load: a live worker's heartbeat came late, a peer failed its trial as stale and queued a
+    retry, and Optuna's `tell` of the finished trial raised out of `study.optimize`, killing the worker.
+    The worker must drop that attempt and carry on with the queue (no training here: a stand-in objective)."""
+    uri, storage = f"sqlite:///{tmp_path}/mlflow.db", f"sqlite:///{tmp_path}/optuna.db"
+    cfg = load_config(SMOKE, [f"train.checkpoint_dir={tmp_path}/ckpt"])
+    tune.tracking.setup(uri)
+    parent, _ = tune.prepare(cfg, "peer", storage, uri, trials=2)
+
+    def make_objective(spec, cfg):
+        def objective(trial):
+            objective.last_trial = trial.number
+            if trial.number == 0:  # what a peer's StaleTrialSweeper does meanwhile
+                trial.study._storage.set_trial_state_values(trial._trial_id, TrialState.FAIL)
+                if then == "writes_to_the_trial":  # as `started` does: UpdateFinishedTrialError
+                    trial.set_user_attr("mlflow_run_id", "run")
+            return 0.5
+
+        objective.last_trial = None
+        return objective
+
+    monkeypatch.setattr(tune, "make_objective", make_objective)
+    spec = tune.WorkerSpec(study="peer", storage=storage, tracking_uri=uri, data_dir=str(tmp_path),
+                           config=tune.config_to_json(cfg), parent_run_id=parent)
+    tune.work(spec)
+    study = optuna.load_study(study_name="peer", storage=storage)
+    assert [t.state for t in study.trials] == [TrialState.FAIL, TrialState.COMPLETE]
+
+
 def test_unknown_space_keys_are_refused(tmp_path):
     bad = tmp_path / "bad.toml"
     bad.write_text('[tune.space]\n"model.filterz" = { type = "int", low = 4, high = 8 }\n')
@@ -122,8 +152,9 @@ def test_two_workers_share_a_fresh_store_and_survive_a_sigkill(synth_data, tmp_p
     uri, storage = f"sqlite:///{tmp_path}/mlflow.db", f"sqlite:///{tmp_path}/optuna.db"
     cmd = [sys.executable, "-m", "pipeline.cli", "tune", "--config", str(SMOKE), "--study", "crash",
            "--data", str(synth_data), "--trials", "3", "--workers", "2", "--storage", storage,
-           "--tracking-uri", uri, "--set", f"train.checkpoint_dir={tmp_path}/ckpt", "--set", "train.epochs=4",
-           "--set", "tune.heartbeat_interval=2"]
+           "--tracking-uri", uri, "--set", f"train.checkpoint_dir={tmp_path}/ckpt", "--set", "train.epochs=4"]
+    # smoke.toml's heartbeat (5 s, stale after 10 s), not 2 s: on a loaded 2-core box a live worker's
+    # heartbeat write waited more than 4 s (SQLite lock, GIL) and its trial was failed as stale under it.
     log = open(tmp_path / "launch.log", "w")  # a file, not a pipe: a full pipe would block the workers
     # Its own process group (the workers are in it too), killed whole in `finally`: a failed test leaves no
     # worker training in the background to slow or break the tests after it.
