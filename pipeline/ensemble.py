@@ -175,7 +175,7 @@ def build_ensemble(model: str, study: str | None, k: int, *, metric: str = "val_
 
     exp_id = tracking.ensure_experiment(study, uri)
     tags = {"study": study, "kind": "ensemble", MEMBERS_TAG: members_tag, "dataset_digest": digest,
-            "temperature": f"{temperature:.6f}", "threshold": f"{threshold:.6f}",
+            "temperature": repr(float(temperature)), "threshold": repr(float(threshold)),
             "mlflow.note.content": (f"Ensemble (mean probability) of {model} versions {members_tag}, the top {k} "
                                     f"of study {study} by {metric}; calibrated on validation (T={temperature:.3f}, "
                                     f"ECE {ece[0]:.4f} -> {ece[1]:.4f}); val AUC {metrics['auc']:.4f}")}
@@ -204,8 +204,8 @@ def build_ensemble(model: str, study: str | None, k: int, *, metric: str = "val_
                                               registered_model_name=model)
         version = str(info_model.registered_model_version)
         run_id = run.info.run_id
-    version_tags = {"study": study, MEMBERS_TAG: members_tag, "threshold": f"{threshold:.6f}",
-                    "temperature": f"{temperature:.6f}", "dataset_digest": digest, "run_id": run_id,
+    version_tags = {"study": study, MEMBERS_TAG: members_tag, "threshold": repr(float(threshold)),
+                    "temperature": repr(float(temperature)), "dataset_digest": digest, "run_id": run_id,
                     "val_auc": f"{metrics['auc']:.6f}"}
     if value is not None:
         version_tags[metric] = f"{value:.6f}"

@@ -316,7 +316,7 @@ def _finish_run(model, cfg: Config, data_dir: Path, manifest: dict, history: dic
                         if isinstance(v, int | float) and np.isfinite(v)})
     mlflow.log_metric("best_val_auc", best_val_auc)
     mlflow.log_metric("threshold", threshold)
-    mlflow.set_tag("threshold", f"{threshold:.6f}")
+    mlflow.set_tag("threshold", repr(float(threshold)))  # full precision: a case at the threshold must not flip
     mlflow.set_tag("threshold_policy", threshold_note)
     if shifted is not None:
         mlflow.log_metrics({k: float(v) for k, v in shifted.metrics().items() if np.isfinite(v)})
@@ -364,7 +364,7 @@ def calibrate_on_validation(y, p_raw, threshold_raw: float) -> tuple[float, np.n
     ece = (expected_calibration_error(y, p_raw), expected_calibration_error(y, p_cal))
     mlflow.log_metrics({"temperature": temperature, "val_ece": ece[0], "val_ece_calibrated": ece[1],
                         "threshold_uncalibrated": float(threshold_raw)})
-    mlflow.set_tag("temperature", f"{temperature:.6f}")
+    mlflow.set_tag("temperature", repr(float(temperature)))
     return temperature, p_cal, threshold, ece
 
 

@@ -352,6 +352,19 @@ def work(spec: WorkerSpec) -> dict[str, int]:
                 break
             time.sleep(cfg.tune.heartbeat_interval)  # a running trial may be a dead worker's: ask again soon
             continue
+        except Exception:
+            # A peer declared this worker's trial stale (its heartbeats came late: a loaded machine, a locked
+            # SQLite file), failed it and queued a retry; Optuna then cannot `tell` the finished trial and raises
+            # out of optimize (ValueError "Cannot tell a FAIL trial", or its internal "Should not reach"
+            # assertion when the objective itself returned). Objective errors never get here (catch=Exception
+            # makes them FAIL trials), so an exception with this trial already FAIL is that case: the retry owns
+            # the work now; drop this attempt and take the next trial rather than let the worker die.
+            last = objective.last_trial
+            if last is None or study.get_trials(deepcopy=False)[last].state != TrialState.FAIL:
+                raise
+            print(f"trial {last} was failed as stale by another worker while it ran here; its retry takes over "
+                  f"[worker {spec.worker}]", file=sys.stderr, flush=True)
+            continue
         if objective.last_trial is None:
             continue
         trial = study.get_trials(deepcopy=False)[objective.last_trial]

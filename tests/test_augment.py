@@ -8,14 +8,13 @@ from __future__ import annotations
 
 import dataclasses
 
+import keras
 import numpy as np
 import pytest
+import tensorflow as tf
 
-tf = pytest.importorskip("tensorflow")
-keras = pytest.importorskip("keras")
-
-from pipeline.augment import RandomAffine, augmentation_block  # noqa: E402
-from pipeline.config import AugmentConfig  # noqa: E402
+from pipeline.augment import RandomAffine, augmentation_block
+from pipeline.config import AugmentConfig
 
 SIZE = 32
 MODES = ["eager", "dataset_map"]

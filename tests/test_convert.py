@@ -114,20 +114,53 @@ def test_zero_fraction_leaves_a_split_empty(synth_raw, tmp_path):
     assert m["splits"]["train"]["count"] + m["splits"]["val"]["count"] == 240
 
 
-def test_image_folders_with_a_patient_rule(tmp_path):
+def _shard_records(out: Path, manifest: dict) -> dict[str, list[tuple[str, int, np.ndarray]]]:
+    """split -> (patient_id, label, image) of every record, read back from the shard files themselves."""
+    import tensorflow as tf  # only to decode tf.train.Example payloads
+
+    found = {}
+    for split, s in manifest["splits"].items():
+        found[split] = []
+        for shard in s["shards"]:
+            for payload in iter_records(out / shard["file"]):
+                f = tf.train.Example.FromString(payload).features.feature
+                size = f["height"].int64_list.value[0]
+                image = np.frombuffer(f["image"].bytes_list.value[0], np.uint8).reshape(size, size)
+                found[split].append((f["patient_id"].bytes_list.value[0].decode(), f["label"].int64_list.value[0],
+                                     image))
+    return found
+
+
+def test_image_folders_with_a_patient_rule_keep_each_patient_in_one_split(tmp_path):
+    """24 patients with 2-5 PNGs each (the patient id in the file name, Kermany-style): read back from the
+    shards, every patient's images sit in one split, under that patient's id (each image is painted with
+    its patient's grey level, so the id is checked against the pixels, not only against splits.csv)."""
     rng = np.random.default_rng(0)
-    for cls in ("NORMAL", "PNEUMONIA"):
-        (tmp_path / "imgs" / cls).mkdir(parents=True)
-        for person in range(6):
-            for k in range(2):  # two images per patient: they must land in the same split
-                arr = rng.integers(0, 256, (40, 50, 3), dtype=np.uint8)
-                Image.fromarray(arr).save(tmp_path / "imgs" / cls / f"person{person}{cls[0]}_{k}.jpeg")
+    images_of, grey = {}, {}
+    for n, cls in enumerate(["NORMAL"] * 12 + ["PNEUMONIA"] * 12):
+        pid = f"person{n}{cls[0]}"
+        grey[pid] = 20 + 9 * n
+        images_of[pid] = int(rng.integers(2, 6))
+        (tmp_path / "imgs" / cls).mkdir(parents=True, exist_ok=True)
+        for k in range(images_of[pid]):
+            shape = (40 + 4 * k, 50)  # not square, and different per image
+            Image.fromarray(np.full(shape, grey[pid], np.uint8)).save(tmp_path / "imgs" / cls / f"{pid}_{k}.png")
     m = convert_image_dir(tmp_path / "imgs", tmp_path / "out", patient_regex=r"^(person\d+[NP])_",
-                          image_size=32, workers=1, progress=False, test_frac=0.25, val_frac=0.25)
-    assert sum(s["count"] for s in m["splits"].values()) == 24
-    assert m["source"]["patients"] == 12 and m["source"]["patient_rule"]
-    rows = list(csv.DictReader(open(tmp_path / "out" / "splits.csv")))
-    assert len(rows) == 12  # one row per patient, each in exactly one split
+                          image_size=32, workers=2, progress=False, test_frac=0.25, val_frac=0.25)
+    assert m["source"]["patients"] == 24 and m["source"]["patient_rule"] and m["rejected"] == []
+    records = _shard_records(tmp_path / "out", m)
+    split_of: dict[str, set[str]] = {}
+    for split, recs in records.items():
+        assert recs, f"{split} is empty"
+        assert len(recs) == m["splits"][split]["count"]
+        for pid, label, image in recs:
+            split_of.setdefault(pid, set()).add(split)
+            assert label == int(pid.endswith("P")) and image[16, 16] == grey[pid]
+    assert {pid: len(s) for pid, s in split_of.items()} == {pid: 1 for pid in images_of}  # no patient in two
+    count = {pid: sum(r[0] == pid for recs in records.values() for r in recs) for pid in images_of}
+    assert count == images_of  # every image of every patient, once
+    rows = {r["patient_id"]: r["split"] for r in csv.DictReader(open(tmp_path / "out" / "splits.csv"))}
+    assert rows == {pid: next(iter(s)) for pid, s in split_of.items()}
 
 
 def test_cli_is_light_and_reports_one_line_errors(synth_raw, tmp_path):

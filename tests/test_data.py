@@ -2,6 +2,7 @@
 
 import json
 from collections import Counter
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -50,10 +51,40 @@ def test_meta_and_balanced_sampling(synth_data):
     assert 0.4 < labels.mean() < 0.6  # 25% positive in the data, 50/50 in the batches
 
 
-def test_cache_to_file(synth_data, tmp_path):
-    cfg = DataConfig(batch_size=8, cache=str(tmp_path / "cache" / "train"))
-    list(train_dataset(synth_data, cfg).take(30))
-    assert list((tmp_path / "cache").iterdir())
+@pytest.mark.parametrize("cache", ["file", "none"])
+def test_later_epochs_read_the_cache_file_not_the_shards(synth_data, tmp_path, cache):
+    """With a file cache, the first epoch writes it and later epochs read it: the shards are deleted once the
+    cache is complete and three more epochs still come, the same records. The control, without a cache,
+    shows that deleting the shards does stop a pipeline that still needs them."""
+    import shutil
+
+    copy = tmp_path / "data"
+    shutil.copytree(synth_data, copy)
+    prefix = tmp_path / "cache" / "train"
+    cfg = DataConfig(batch_size=8, deterministic=True, cache=str(prefix) if cache == "file" else "none")
+    n = _manifest(copy)["splits"]["train"]["count"]
+    shards = [copy / s["file"] for s in _manifest(copy)["splits"]["train"]["shards"]]
+    it = iter(train_dataset(copy, cfg, seed=1))
+    first = next(it)
+    if cache == "none":
+        for shard in shards:
+            shard.unlink()
+        with pytest.raises(Exception, match="No such file|NotFound|not found"):
+            for _ in range(4 * n // 8):  # the next epochs reopen the deleted shards
+                next(it)
+        return
+    # The shuffle buffer holds the whole split, so the first batch read every record and the end of the
+    # input, which completes the cache (its index file is written last).
+    assert Path(f"{prefix}.index").exists(), sorted(p.name for p in prefix.parent.iterdir())
+    for shard in shards:
+        shard.unlink()
+    sums = [first[0]["image"].numpy().reshape(8, -1).sum(1)]
+    for _ in range(4 * n // 8 - 1):  # four epochs in all, three of them after the shards are gone
+        sums.append(next(it)[0]["image"].numpy().reshape(8, -1).sum(1))
+    sums = np.concatenate(sums)
+    # Epoch by epoch, the same records come back (as a multiset of image sums), only in another order.
+    epochs = [np.sort(sums[e * n:(e + 1) * n]) for e in range(len(sums) // n)]
+    assert len(epochs) >= 3 and all(np.array_equal(epochs[0], e) for e in epochs[1:])
 
 
 def test_damaged_or_missing_shards_are_named(synth_data, tmp_path):

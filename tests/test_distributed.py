@@ -89,7 +89,10 @@ val = eval_dataset(data_dir, "val", 16).map(lambda x, y: x)
 single = inference_copy(result.model).predict(val, verbose=0)  # the trained layers, one device
 loaded = reloaded.predict(val, verbose=0)
 mirrored = result.model.predict(val, verbose=0)  # distributed: each replica predicts half of each batch
+labels = np.concatenate([y.numpy() for _, y in eval_dataset(data_dir, "val", 16)])
+from sklearn.metrics import roc_auc_score
 report.update(n_predictions=[len(single), len(loaded), len(mirrored)],
+              single_device_val_auc=float(roc_auc_score(labels, single.reshape(-1))),
               reload_max_abs_diff=float(np.max(np.abs(single - loaded))),
               mirrored_max_abs_diff=float(np.max(np.abs(mirrored - loaded))))
 print("REPORT " + json.dumps(report), flush=True)
@@ -105,6 +108,7 @@ def mirrored(synth_data, tmp_path_factory) -> dict:
     lines = [ln for ln in run.stdout.splitlines() if ln.startswith("REPORT ")]
     assert run.returncode == 0 and lines, f"exit {run.returncode}\n{run.stdout[-3000:]}\n{run.stderr[-5000:]}"
     report = json.loads(lines[-1].removeprefix("REPORT "))
+    (out / "report.json").write_text(json.dumps(report, indent=1))  # kept in the tmp folder, for a failure
     report["manifest"] = json.loads((synth_data / "manifest.json").read_text())
     return report
 
@@ -132,7 +136,9 @@ def test_loss_is_finite_and_metrics_cover_every_replica(mirrored):
     # Validation: every record of the split once, whichever replica scored it.
     val_count = mirrored["manifest"]["splits"]["val"]["count"]
     assert mirrored["val_counted"] == [val_count, val_count]
-    assert 0.0 <= mirrored["final_val_auc"] <= 1.0
+    # docs/scale-out.md: the final validation metrics are computed on the whole split, every record once (with
+    # the trained layers outside the strategy): the logged AUC is sklearn's on those predictions.
+    assert math.isclose(mirrored["final_val_auc"], mirrored["single_device_val_auc"], abs_tol=1e-6)
 
 
 def test_model_saves_logs_and_reloads_with_equal_predictions(mirrored):
@@ -141,8 +147,10 @@ def test_model_saves_logs_and_reloads_with_equal_predictions(mirrored):
     assert mirrored["reload_max_abs_diff"] < 1e-6
     assert mirrored["model_uri"]  # logged to MLflow (Keras flavour) like a one-device run
     # Distributed inference uses each replica's own BatchNormalization moving statistics (Keras keeps them per
-    # replica, unsynchronised); the saved model carries replica 0's, so the two differ a little.
-    assert mirrored["mirrored_max_abs_diff"] < 0.05
+    # replica, unsynchronised); the saved model carries replica 0's, so the two differ a little: ~0.002 in
+    # probability, docs/scale-out.md says. Bounds at 1/20 and 5x that: a difference of 0 would mean the
+    # statistics are synchronised (update the docs), a large one that replicas diverged.
+    assert 1e-4 < mirrored["mirrored_max_abs_diff"] < 0.01, mirrored["mirrored_max_abs_diff"]
 
 
 @pytest.mark.parametrize("replicas", [1, 2, 3, 4, 8])

@@ -15,6 +15,7 @@ from statistics import NormalDist
 
 import numpy as np
 import pytest
+from PIL import Image
 from sklearn.metrics import (
     accuracy_score,
     average_precision_score,
@@ -119,19 +120,26 @@ def test_ci_contains_true_auc_and_narrows_with_n():
 
 
 def test_ci_coverage_is_near_nominal():
-    d, hits, reps = 1.0, 0, 60
-    for r in range(reps):
-        low, high = ev.bootstrap_auc_ci(*binormal(400, d, seed=100 + r), n=300, seed=r)
-        hits += low <= true_auc(d) <= high
-    assert hits / reps >= 0.85  # nominal 95%; percentile bootstrap runs a little under at small n
+    """1000 simulated test sets of 200 cases (drawn in one call): the 95% interval covers the true AUC in
+    92.5-96.5% of them. The binomial s.d. of the rate at 1000 sets is 0.007: on these sets the 95% interval
+    covers 0.947, while a 90% one (alpha=0.1, the kind of slip this guards) covers 0.908 and fails. ~3-5 s."""
+    d, reps, cases = 1.0, 1000, 200
+    rng = np.random.default_rng(100)
+    y = (rng.random((reps, cases)) < 0.225).astype(int)
+    p = 1.0 / (1.0 + np.exp(-(rng.normal(size=(reps, cases)) + d * y)))
+    cis = np.array([ev.bootstrap_auc_ci(y[r], p[r], n=200, seed=r) for r in range(reps)])
+    coverage = np.mean((cis[:, 0] <= true_auc(d)) & (true_auc(d) <= cis[:, 1]))
+    assert 0.925 <= coverage <= 0.965, coverage
 
 
 def test_bootstrap_speed_1000_resamples_of_5000_cases():
     y, p = binormal(5000, seed=4)
     ev.bootstrap_auc_ci(y, p, n=50)  # warm-up (first-touch allocations)
-    t0 = time.perf_counter()
+    # CPU time of this process, not wall time: on a loaded CI box the wall clock also counts the time other
+    # processes held the cores (measured here: 1.07 s wall for 0.21 s of CPU at load 14 on 2 cores).
+    t0 = time.process_time()
     ev.bootstrap_auc_ci(y, p, n=1000)
-    assert time.perf_counter() - t0 < 1.0
+    assert time.process_time() - t0 < 1.0
 
 
 def test_one_class_resamples_are_skipped():
@@ -331,13 +339,72 @@ def test_plots_make_figures_and_png_files(tmp_path):
         "cal_one": plots.plot_calibration(one, np.linspace(0, 1, 20)),
         "conf_one": plots.plot_confusion(one, np.linspace(0, 1, 20), 0.5),
     }
+    _assert_figures_show_the_data(figures, y, p)
     for name, fig in figures.items():
         assert isinstance(fig, Figure)
         path = tmp_path / "plots" / f"{name}.png"
+        size = tuple(round(v * 110) for v in fig.get_size_inches())  # save_figure's dpi
         plots.save_figure(fig, path)
-        assert path.stat().st_size > 1000
-        assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        with Image.open(path) as png:  # a real PNG of the figure's size, with something drawn on it
+            assert png.format == "PNG" and png.size == size, (name, png.size, size)
+            pixels = np.asarray(png.convert("L"))
+        assert pixels.std() > 5 and (pixels < 128).mean() > 0.005, name
     assert sorted(f.name for f in (tmp_path / "plots").iterdir()) == sorted(f"{n}.png" for n in figures)
+
+
+def _texts(ax) -> list[str]:
+    return [t.get_text() for t in ax.texts]
+
+
+def _assert_figures_show_the_data(figures, y, p):
+    """Read each figure's artists back (before saving) and compare them with scikit-learn on the same data."""
+    from sklearn.calibration import calibration_curve
+    from sklearn.metrics import precision_recall_curve, roc_curve
+
+    ax = figures["roc"].axes[0]
+    chance, curve, point = ax.get_lines()
+    np.testing.assert_array_equal(chance.get_xydata(), [[0, 0], [1, 1]])
+    fpr, tpr, _ = roc_curve(y, p)
+    np.testing.assert_allclose(curve.get_xydata(), np.column_stack([fpr, tpr]))
+    low, high = ev.bootstrap_auc_ci(y, p)
+    assert curve.get_label() == f"AUC {roc_auc_score(y, p):.3f} [95% CI {low:.3f}-{high:.3f}]"
+    pred = p >= 0.5
+    np.testing.assert_allclose(point.get_xydata(), [[pred[y == 0].mean(), pred[y == 1].mean()]])
+    assert [t.get_text() for t in ax.get_legend().get_texts()] == [line.get_label() for line in ax.get_lines()]
+
+    ax = figures["pr"].axes[0]
+    step, prevalence = ax.get_lines()
+    precision, recall, _ = precision_recall_curve(y, p)
+    np.testing.assert_allclose(step.get_xydata(), np.column_stack([recall, precision]))
+    assert step.get_drawstyle() == "steps-post" and f"{average_precision_score(y, p):.3f}" in step.get_label()
+    np.testing.assert_allclose(prevalence.get_ydata(), [y.mean()] * 2)
+
+    ax = figures["confusion"].axes[0]
+    tn, fp, fn, tp = (int(((y == a) & (pred == b)).sum()) for a, b in ((0, 0), (0, 1), (1, 0), (1, 1)))
+    assert [t.split("\n")[:2] for t in _texts(ax)] == [["TN", str(tn)], ["FP", str(fp)], ["FN", str(fn)],
+                                                       ["TP", str(tp)]]
+    np.testing.assert_allclose(ax.images[0].get_array(), [[tn / (tn + fp), fp / (tn + fp)],
+                                                          [fn / (fn + tp), tp / (fn + tp)]])
+
+    ax, hist = figures["calibration"].axes[:2]
+    observed, predicted = calibration_curve(y, p, n_bins=10)
+    np.testing.assert_allclose(ax.get_lines()[1].get_xydata(), np.column_stack([predicted, observed]))
+    np.testing.assert_array_equal([bar.get_height() for bar in hist.patches],
+                                  np.histogram(p, bins=10, range=(0, 1))[0])
+
+    loss, auc = figures["history"].axes[:2]
+    assert [(line.get_label(), list(line.get_xdata()), list(line.get_ydata())) for line in loss.get_lines()] == [
+        ("loss", [1, 2, 3], [0.7, 0.6, 0.5]), ("val_loss", [1, 2, 3], [0.7, 0.65, 0.6])]
+    assert [(line.get_label(), list(line.get_ydata())) for line in auc.get_lines()] == [("auc", [0.6, 0.7])]
+    assert [_texts(a) for a in figures["history_empty"].axes[:2]] == [["no loss recorded"], ["no AUC recorded"]]
+
+    ax = figures["comparison"].axes[0]
+    assert [t.get_text() for t in ax.get_yticklabels()] == ["champion", "candidate", "broken"]
+    assert _texts(ax) == ["0.800", "0.840", "AUC n/a"]
+    points = [line.get_xydata().tolist() for line in ax.get_lines() if line.get_marker() == "o"]
+    assert points == [[[0.80, 0.0]], [[0.84, 1.0]]]
+    for name in ("roc_one", "pr_one"):
+        assert any("one class only" in t for t in _texts(figures[name].axes[0])), name
 
 
 def test_import_is_cheap():

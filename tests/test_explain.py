@@ -118,10 +118,10 @@ def test_overlay_is_an_rgb_image_with_a_title_and_fast(tmp_path):
     hot, cold = body[50:70, 130:150], body[200:240, 20:60]  # heat 1 -> jet's red; heat 0 -> blue
     assert hot[..., 0].mean() > hot[..., 2].mean() and cold[..., 2].mean() > cold[..., 0].mean()
     big, big_heat = rng.integers(0, 256, (256, 256), dtype=np.uint8), rng.random((256, 256), dtype=np.float32)
-    t0 = time.perf_counter()
+    t0 = time.process_time()  # CPU time, not wall time: other processes' load on CI does not count
     for i in range(10):
         save_png(overlay(big, big_heat, 0.5), tmp_path / f"{i}.png")
-    assert (time.perf_counter() - t0) / 10 < 0.05  # overlay + PNG: the budget is 50 ms an image
+    assert (time.process_time() - t0) / 10 < 0.05  # overlay + PNG: the budget is 50 ms of CPU an image
     assert not list(tmp_path.glob(".*.tmp"))  # atomic writes leave no temp files behind
 
 

@@ -5,14 +5,13 @@ from __future__ import annotations
 import dataclasses
 import warnings
 
+import keras
 import numpy as np
 import pytest
+import tensorflow as tf
 
-tf = pytest.importorskip("tensorflow")
-keras = pytest.importorskip("keras")
-
-from pipeline.config import AugmentConfig, ModelConfig  # noqa: E402
-from pipeline.model import apply_precision, build_model, count_params, resolve_precision  # noqa: E402
+from pipeline.config import AugmentConfig, ModelConfig
+from pipeline.model import apply_precision, build_model, count_params, resolve_precision
 
 SIZE = 32
 TINY = ModelConfig(blocks=2, filters=4, stem_filters=4, dense_units=8)
@@ -96,8 +95,23 @@ def test_same_seed_same_weights():
                               c.get_layer("block1_conv1").get_weights()[0])
 
 
-def test_resolve_precision():
-    assert resolve_precision("auto") == "float32"  # no GPU here
+@pytest.mark.parametrize("devices,expected", [
+    ([], "float32"),
+    ([tf.config.PhysicalDevice("/physical_device:GPU:0", "GPU")], "mixed_float16"),
+])
+def test_resolve_precision(monkeypatch, devices, expected):
+    """Both branches of `auto` on any host: the device list is faked at the TF API, so the test holds on a GPU
+    machine too and survives device detection moving to another module."""
+    seen = []
+
+    def fake(device_type=None):
+        seen.append(device_type)
+        return list(devices) if device_type in ("GPU", None) else []
+
+    monkeypatch.setattr(tf.config, "list_physical_devices", fake)
+    assert resolve_precision("auto") == expected
+    assert seen, "resolve_precision did not ask TensorFlow for its devices (a cached answer?)"
+    assert resolve_precision("float32") == "float32"  # an explicit choice ignores the devices
     assert resolve_precision("mixed_float16") == "mixed_float16"
     with pytest.raises(ValueError, match="train.precision"):
         resolve_precision("float16")

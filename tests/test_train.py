@@ -116,11 +116,20 @@ def test_rsna_recipe_with_metadata_inputs_runs_small(synth_data, tmp_path, track
     ])
     assert cfg.model.metadata_inputs and cfg.model.residual
     result = train(cfg, synth_data, tracking_uri=tracking_uri, verbose=0)
-    assert result.precision == "float32"  # auto = float32 without a GPU
+    import tensorflow as tf
+
+    assert result.precision == ("mixed_float16" if tf.config.list_physical_devices("GPU") else "float32")  # auto
     assert {t.name.split(":")[0] for t in result.model.inputs} == {"image", "meta"}
     assert np.isfinite(result.history["loss"]).all()
-    # The logged model takes the side inputs too, through the same signature.
+    # The logged model takes the side inputs too, through the same signature, and they count: the same images
+    # with another view/sex/age get other probabilities (a model that dropped `meta` would give the same).
     mlflow.set_tracking_uri(tracking_uri)
     pyfunc = mlflow.pyfunc.load_model(result.model_uri)
-    batch = {"image": np.zeros((2, 64, 64, 1), np.uint8), "meta": np.array([[1, 0, 1, 0, 0.5, 1]] * 2, np.float32)}
-    assert np.asarray(pyfunc.predict(batch)).shape[0] == 2
+    images = np.random.default_rng(0).integers(0, 256, (4, 64, 64, 1), dtype=np.uint8)
+    ap_male_80y = np.array([[1, 0, 1, 0, 0.8, 1]] * 4, np.float32)
+    pa_female_20y = np.array([[0, 1, 0, 1, 0.2, 1]] * 4, np.float32)
+    a = np.asarray(pyfunc.predict({"image": images, "meta": ap_male_80y})).reshape(-1)
+    b = np.asarray(pyfunc.predict({"image": images, "meta": pa_female_20y})).reshape(-1)
+    assert a.shape == (4,) and np.abs(a - b).min() > 1e-4, (a, b)
+    keras_out = result.model.predict({"image": images, "meta": ap_male_80y}, verbose=0).reshape(-1)
+    np.testing.assert_allclose(a, keras_out, atol=1e-6)  # the logged model is the trained one

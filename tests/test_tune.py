@@ -4,7 +4,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 
 import optuna
 import pytest
@@ -70,8 +69,11 @@ def test_registered_versions_are_the_complete_trials(study4):
     versions = client.search_model_versions("name='pneumonia-cnn'")
     complete = study4["study"].get_trials(states=(TrialState.COMPLETE,))
     assert sorted(int(v.tags["trial_number"]) for v in versions) == sorted(t.number for t in complete)
+    value = {t.number: t.value for t in complete}
     for v in versions:
-        assert v.tags["study"] == "s4" and float(v.tags["val_auc"]) >= 0 and len(v.tags["dataset_digest"]) == 64
+        assert v.tags["study"] == "s4" and len(v.tags["dataset_digest"]) == 64
+        # The tag is the trial's objective value (6 decimals), the number `pneumo promote` ranks by.
+        assert float(v.tags["val_auc"]) == pytest.approx(value[int(v.tags["trial_number"])], abs=5e-7)
         run = client.get_run(v.run_id)  # calibration travels with the version, as training stored it
         assert (v.tags["temperature"], v.tags["threshold"]) == (run.data.tags["temperature"],
                                                                 run.data.tags["threshold"])
@@ -87,18 +89,58 @@ def test_parent_run_carries_the_study_summary(study4):
     assert run.info.status == "FINISHED" and "best_val_auc" in run.data.metrics
 
 
-def test_a_forced_pruner_prunes(synth_data, tmp_path, monkeypatch):
-    # A pruner that prunes every reported value: the real KerasPruningCallback path must stop the trial.
-    monkeypatch.setattr(tune, "make_pruner", lambda cfg: optuna.pruners.ThresholdPruner(lower=1.1))
+def test_the_recipes_median_pruner_prunes_a_bad_trial(synth_data, tmp_path):
+    """The pruner the recipes use (smoke/demo/kermany: `pruner = "median"`, startup 2 trials, warm-up 1
+    epoch), through the real KerasPruningCallback: two finished trials that scored 0.99 at every epoch, then a
+    trial that cannot learn (learning rate 1e-7). Epoch 1 is warm-up and is kept; at epoch 2 its val AUC is
+    under the median of the others at that epoch, so it stops there, 1 epoch before its end."""
     uri, storage = f"sqlite:///{tmp_path}/mlflow.db", f"sqlite:///{tmp_path}/optuna.db"
-    cfg = load_config(SMOKE, [f"train.checkpoint_dir={tmp_path}/ckpt", "train.epochs=3"])
-    study = tune.run_tune(cfg, "pruned", data_dir=str(synth_data), trials=1, storage=storage, tracking_uri=uri)
-    [trial] = study.trials
-    assert trial.state == TrialState.PRUNED and list(trial.intermediate_values) == [0]
-    run = MlflowClient(uri).get_run(trial.user_attrs["mlflow_run_id"])
+    cfg = load_config(SMOKE, [f"train.checkpoint_dir={tmp_path}/ckpt", "train.epochs=3"]).with_values(
+        {"tune.space": {"train.learning_rate": {"type": "float", "low": 1e-7, "high": 1.1e-7}}})
+    assert (cfg.tune.pruner, cfg.tune.startup_trials, cfg.tune.warmup_epochs) == ("median", 2, 1)
+    study = tune.open_study("median", tune.resolve_storage(storage), cfg)
+    assert isinstance(study.pruner, optuna.pruners.MedianPruner)
+    for _ in range(2):  # two good trials already in the study (no params: the sampler ignores them)
+        study.add_trial(optuna.trial.create_trial(value=0.99, intermediate_values={0: 0.99, 1: 0.99, 2: 0.99}))
+    study = tune.run_tune(cfg, "median", data_dir=str(synth_data), trials=1, storage=storage, tracking_uri=uri)
+    bad = study.trials[-1]
+    assert bad.params["train.learning_rate"] < 1.1e-7
+    assert bad.state == TrialState.PRUNED and sorted(bad.intermediate_values) == [0, 1]
+    assert bad.intermediate_values[1] < 0.99
+    run = MlflowClient(uri).get_run(bad.user_attrs["mlflow_run_id"])
     assert run.data.tags["state"] == "PRUNED" and run.info.status == "FINISHED"
-    assert len(MlflowClient(uri).get_metric_history(run.info.run_id, "val_auc")) == 1  # stopped after epoch 1
+    assert len(MlflowClient(uri).get_metric_history(run.info.run_id, "val_auc")) == 2  # stopped after epoch 2
     assert MlflowClient(uri, uri).search_model_versions("name='pneumonia-cnn'") == []
+
+
+@pytest.mark.parametrize("then", ["returns", "writes_to_the_trial"])
+def test_a_worker_whose_trial_a_peer_failed_as_stale_goes_on(tmp_path, monkeypatch, then):
+    """Seen under load: a live worker's heartbeat came late, a peer failed its trial as stale and queued a
+    retry, and Optuna's `tell` of the finished trial raised out of `study.optimize`, killing the worker.
+    The worker must drop that attempt and carry on with the queue (no training here: a stand-in objective)."""
+    uri, storage = f"sqlite:///{tmp_path}/mlflow.db", f"sqlite:///{tmp_path}/optuna.db"
+    cfg = load_config(SMOKE, [f"train.checkpoint_dir={tmp_path}/ckpt"])
+    tune.tracking.setup(uri)
+    parent, _ = tune.prepare(cfg, "peer", storage, uri, trials=2)
+
+    def make_objective(spec, cfg):
+        def objective(trial):
+            objective.last_trial = trial.number
+            if trial.number == 0:  # what a peer's StaleTrialSweeper does meanwhile
+                trial.study._storage.set_trial_state_values(trial._trial_id, TrialState.FAIL)
+                if then == "writes_to_the_trial":  # as `started` does: UpdateFinishedTrialError
+                    trial.set_user_attr("mlflow_run_id", "run")
+            return 0.5
+
+        objective.last_trial = None
+        return objective
+
+    monkeypatch.setattr(tune, "make_objective", make_objective)
+    spec = tune.WorkerSpec(study="peer", storage=storage, tracking_uri=uri, data_dir=str(tmp_path),
+                           config=tune.config_to_json(cfg), parent_run_id=parent)
+    tune.work(spec)
+    study = optuna.load_study(study_name="peer", storage=storage)
+    assert [t.state for t in study.trials] == [TrialState.FAIL, TrialState.COMPLETE]
 
 
 def test_unknown_space_keys_are_refused(tmp_path):
@@ -113,27 +155,35 @@ def test_two_workers_share_a_fresh_store_and_survive_a_sigkill(synth_data, tmp_p
     uri, storage = f"sqlite:///{tmp_path}/mlflow.db", f"sqlite:///{tmp_path}/optuna.db"
     cmd = [sys.executable, "-m", "pipeline.cli", "tune", "--config", str(SMOKE), "--study", "crash",
            "--data", str(synth_data), "--trials", "3", "--workers", "2", "--storage", storage,
-           "--tracking-uri", uri, "--set", f"train.checkpoint_dir={tmp_path}/ckpt", "--set", "train.epochs=4",
-           "--set", "tune.heartbeat_interval=2"]
+           "--tracking-uri", uri, "--set", f"train.checkpoint_dir={tmp_path}/ckpt", "--set", "train.epochs=4"]
+    # smoke.toml's heartbeat (5 s, stale after 10 s), not 2 s: on a loaded 2-core box a live worker's
+    # heartbeat write waited more than 4 s (SQLite lock, GIL) and its trial was failed as stale under it.
     log = open(tmp_path / "launch.log", "w")  # a file, not a pipe: a full pipe would block the workers
-    launcher = subprocess.Popen(cmd, cwd=tmp_path, stdout=log, stderr=subprocess.STDOUT, text=True)
+    # Its own process group (the workers are in it too), killed whole in `finally`: a failed test leaves no
+    # worker training in the background to slow or break the tests after it.
+    launcher = subprocess.Popen(cmd, cwd=tmp_path, stdout=log, stderr=subprocess.STDOUT, text=True,
+                                start_new_session=True)
     try:
         # Touch neither store before the launcher has created both (concurrent schema creation crashes).
         wait_for(lambda: "trials queued" in (tmp_path / "launch.log").read_text(), 120, "the launch")
 
         def running_trial():
+            # Mid-trial, by state rather than by a fixed sleep: the run exists and epoch 1 of 4 has reported.
             study = optuna.load_study(study_name="crash", storage=storage)
-            live = [t for t in study.get_trials(states=(TrialState.RUNNING,)) if "mlflow_run_id" in t.user_attrs]
+            live = [t for t in study.get_trials(states=(TrialState.RUNNING,))
+                    if "mlflow_run_id" in t.user_attrs and t.intermediate_values]
             return live[0] if live else None
 
-        victim = wait_for(running_trial, 240, "a running trial")
+        victim = wait_for(running_trial, 300, "a trial past its first epoch", launcher, tmp_path / "launch.log")
         pid = int(victim.user_attrs["worker"].rsplit(":", 1)[1])
-        time.sleep(1.0)  # mid-trial: the run exists, training has started
         os.kill(pid, signal.SIGKILL)
         launcher.wait(timeout=400)
     finally:
-        if launcher.poll() is None:
-            launcher.kill()
+        try:
+            os.killpg(launcher.pid, signal.SIGKILL)  # the launcher and any worker still alive
+        except ProcessLookupError:
+            pass
+        launcher.wait(timeout=60)
         log.close()
     out = (tmp_path / "launch.log").read_text()
     assert launcher.returncode == 1, out  # the killed worker fails the launch (the study still completes)
