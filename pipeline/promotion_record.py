@@ -84,7 +84,7 @@ def commit(client, d: Decision) -> None:
     m, v = d.candidate_eval.metrics, d.candidate.version
     tags = {f"test_{k}": m[k] for k in ("auc", "auc_ci_low", "auc_ci_high", "accuracy", "sensitivity",
                                         "specificity", "majority_baseline_accuracy", "n", "patients", "positives")}
-    tags.update(threshold=f"{d.candidate_eval.threshold:.6f}", dataset_digest=d.digest, promoted_at=d.promoted_at,
+    tags.update(threshold=repr(float(d.candidate_eval.threshold)), dataset_digest=d.digest, promoted_at=d.promoted_at,
                 promoted_over=d.champion or "", promotion_rule=d.rule.policy)
     if d.model_sha256:
         tags["model_sha256"] = d.model_sha256

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -39,6 +40,27 @@ def wait_for(predicate, timeout: float, what: str, launcher: subprocess.Popen | 
                                  + (log.read_text()[-4000:] if log else ""))
         time.sleep(0.3)
     raise AssertionError(f"timed out waiting for {what}")
+
+
+# `mlflow.set_tracking_uri` (called by pipeline.tracking.setup) also writes $MLFLOW_TRACKING_URI, so one test's
+# store would leak into every later test and the subprocesses they start: an order-dependent coupling. Each test
+# starts from the environment (and MLflow URI) it had before the previous one ran.
+_PROCESS_GLOBALS = ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI", "KERAS_BACKEND")
+
+
+@pytest.fixture(autouse=True)
+def _restore_process_globals():
+    saved = {k: os.environ.get(k) for k in _PROCESS_GLOBALS}
+    yield
+    for key, value in saved.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
+    if "mlflow" in sys.modules:
+        from mlflow.tracking._tracking_service import utils  # MLflow keeps the URI in this module global too
+
+        utils._tracking_uri = saved["MLFLOW_TRACKING_URI"]
 
 
 @pytest.fixture(scope="session")

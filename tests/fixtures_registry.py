@@ -86,8 +86,8 @@ def registry_base(synth_raw, synth_data, tmp_path_factory) -> Store:
         client.set_tag(r.run_id, "state", "COMPLETE")
         value = float(r.val_metrics["auc"])
         for key, val in {"study": STUDY, "trial_number": str(i), "val_auc": f"{value:.6f}",
-                         "dataset_digest": digest, "threshold": f"{r.threshold:.6f}",
-                         "temperature": f"{r.temperature:.6f}", "run_id": r.run_id}.items():
+                         "dataset_digest": digest, "threshold": repr(float(r.threshold)),
+                         "temperature": repr(float(r.temperature)), "run_id": r.run_id}.items():
             client.set_model_version_tag(MODEL, r.model_version, key, val)  # as pneumo tune tags them
         versions.append(r.model_version)
         val_auc[r.model_version] = float(f"{value:.6f}")
