@@ -5,7 +5,7 @@ decode workers must stay light), so `encode_example` writes the `tf.train.Exampl
 `frame_record` the TFRecord framing directly. Both are checked against TensorFlow's own parser in the tests.
 Keys are written in sorted order so the same record always has the same bytes.
 
-Features (DESIGN.md): image (raw uint8, H*W), height, width, label (0/1), patient_id,
+Features (fixed since the first version; docs/architecture.md): image (raw uint8, H*W), height, width, label (0/1), patient_id,
 boxes (normalised x, y, w, h, flattened), view_position, sex, age (-1 unknown). Nothing else from the header.
 """
 

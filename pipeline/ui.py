@@ -1,7 +1,7 @@
 """Browser front ends as managed child processes: the MLflow UI/server and optuna-dashboard.
 
 `MlflowServer(backend_uri, artifacts_dir)` is a context manager that starts `mlflow server` on a free loopback
-port, waits until `/health` answers and, on exit, stops it. Two facts shape it (DESIGN.md):
+port, waits until `/health` answers and, on exit, stops it. Two facts, measured when the project began, shape it:
 - default settings start 15 processes (~2.5 GB); `--workers 1` and MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false
   start one worker in ~7 s with ~0.5 GB;
 - killing only the parent leaves `huey_consumer` children behind, so the server gets its own session

@@ -1,6 +1,6 @@
 """Augmentation layers: identity at inference, random in training, eagerly and inside tf.data.Dataset.map.
 
-STYLE.md habit 4: every preprocessing op runs twice, eagerly and in a tf.data graph, because the two differ
+Every preprocessing op runs twice, eagerly and in a tf.data graph, because the two differ
 more often than one expects (Keras' preprocessing layers even switch backend inside tf.data).
 """
 

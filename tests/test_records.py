@@ -57,7 +57,7 @@ def test_framing_reads_back_in_tfrecorddataset_and_parses_batched(tmp_path):
     serialized = tf.constant(list(iter_records(path)))
     check(*parse_batch(serialized, 32, with_info=True))  # eagerly
     ds = tf.data.TFRecordDataset(str(path)).batch(3).map(lambda s: parse_batch(s, 32, with_info=True))
-    check(*next(iter(ds)))  # and inside the pipeline (STYLE.md habit 4)
+    check(*next(iter(ds)))  # and inside the pipeline (every preprocessing op is tested eagerly and in a graph)
 
 
 def test_damaged_files_are_named(tmp_path):
