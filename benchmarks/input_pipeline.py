@@ -18,7 +18,8 @@ several repeats, medians with min-max, CPU seconds (all threads of this process)
 * ceiling, parse only: the train split's serialised records, read once into memory before timing, then
   `from_tensor_slices(records).repeat().batch(64).map(parse_batch, AUTOTUNE).prefetch(AUTOTUNE)`: the same
   records and the same parse as the train pipeline, with no file read, interleave, cache lookup or shuffle.
-  The train pipeline does all of this work and more, so this is a true upper bound for it.
+  The train pipeline does all of this work and more, so this bounds it from above up to run-to-run noise (a
+  steady state above 100% of it is noise: read the spread column).
 * reference, raw read loop (the "ceiling" of earlier versions; it is not one):
   `TFRecordDataset(train shards).repeat().batch(64).map(parse_batch)`, iterated bare: no interleave, shuffle,
   cache, parallel map or prefetch; the shards are in the page cache. It re-reads the files every pass and
