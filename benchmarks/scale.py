@@ -237,18 +237,20 @@ def main() -> None:
           f"default CNN, batch {BATCH}, float32, one epoch; load average (1/5/15 min) before convert / before "
           "training / after, per row")
     hdr = (f"{'N':>6} {'DICOM MB':>8} {'conv s':>7} {'img/s':>6} {'CPU s':>6} {'peak MB':>7} {'shard MB':>8} "
-           f"{'train n':>7} {'epoch s':>7} {'setup s':>7} {'1st s':>5} {'img/s':>6} {'wait %':>6} {'peak MB':>7}  load")
+           f"{'train n':>7} {'epoch s':>7} {'setup s':>7} {'1st s':>5} {'img/s':>6} {'img/CPU-s':>9} {'wait %':>6} "
+           f"{'peak MB':>7}  load")
     print(hdr)
     print("-" * len(hdr))
     for r in rows:
         print(f"{r['n']:>6} {r['dicom_mb']:8.0f} {r['convert_s']:7.1f} {r['n'] / r['convert_s']:6.0f} "
               f"{r['convert_cpu']:6.0f} {r['convert_rss']:7.0f} {r['disk_mb']:8.0f} {r['train']:>7} "
-              f"{r['epoch_s']:7.1f} {r['setup_s']:7.1f} {r['first_s']:5.1f} {r['train_rate']:6.1f} "
+              f"{r['epoch_s']:7.1f} {r['setup_s']:7.1f} {r['first_s']:5.1f} {r['train_rate']:6.1f} {r['train_cpu_rate']:9.1f} "
               f"{r['wait_pct']:6.1f} {r['epoch_rss']:7.0f}  {r['load']}")
     print("-" * len(hdr))
     print("conv s: whole `pneumo convert` process; epoch s: the whole training subprocess (imports, set-up, "
           "tracing, the epoch); img/s and wait % of training: steps 2..end")
-    linearity(rows, "convert_s", "convert")
+    linearity(rows, "convert_s", "convert (wall)")
+    linearity(rows, "convert_cpu", "convert (CPU s of the process tree: the load-independent cost)")
     linearity(rows, "epoch_s", "training epoch (whole process)")
     print(f"total_minutes={total / 60:.1f} target=60")
 
