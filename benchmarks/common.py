@@ -1,4 +1,4 @@
-"""Helpers shared by benchmarks/convert.py and benchmarks/input_pipeline.py: the seed-style decode, timing."""
+"""Helpers shared by the benchmarks: the seed-style decode, timing, a process-tree wrapper, synthetic DICOMs."""
 
 from __future__ import annotations
 
@@ -9,6 +9,52 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+
+
+# Runs a command (argv after the code), timestamps its tqdm progress (lines with `done/total [`), reaps the whole
+# process tree and prints one JSON line: exit code, wall s, CPU s of the tree, peak memory (ru_maxrss of the
+# reaped children: the largest single process, not the sum), progress samples. Used by convert.py and scale.py.
+WRAPPER = r"""
+import ctypes, glob, json, os, re, resource, subprocess, sys, threading, time
+subreaper = ctypes.CDLL(None, use_errno=True).prctl(36, 1, 0, 0, 0) == 0  # PR_SET_CHILD_SUBREAPER
+tick = os.sysconf("SC_CLK_TCK")
+def tree_cpu(pid):  # (CPU s of pid itself, of pid and its live descendants + those they reaped)
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            own = sum(map(int, f.read().rsplit(")", 1)[1].split()[11:15])) / tick
+        kids = [int(k) for c in glob.glob(f"/proc/{pid}/task/*/children") for k in open(c).read().split()]
+    except OSError:
+        return 0.0, 0.0
+    return own, own + sum(tree_cpu(k)[1] for k in kids)
+t0 = time.perf_counter()
+p = subprocess.Popen(sys.argv[1:], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+samples, tail = [], [b""]
+def read_progress():  # a thread: the pool's processes hold stderr open after the command has exited
+    buf, bar = b"", re.compile(rb"(\d+)/\d+ \[")
+    for chunk in iter(lambda: p.stderr.read1(1 << 16), b""):
+        now = time.perf_counter() - t0
+        *lines, buf = re.split(rb"[\r\n]", buf + chunk)
+        done = [int(m[1]) for m in map(bar.search, lines) if m]
+        if done and p.poll() is None:
+            samples.append((now, done[-1], *tree_cpu(p.pid)))
+        tail[0] = (tail[0] + chunk)[-2000:]
+reader = threading.Thread(target=read_progress, daemon=True)
+reader.start()
+out = p.stdout.read()
+rc = p.wait()
+wall = time.perf_counter() - t0
+while True:  # orphans (forkserver, pool workers) were re-parented to us: wait for them so their CPU counts
+    try:
+        os.wait()
+    except ChildProcessError:
+        break
+reader.join(5)
+ru = resource.getrusage(resource.RUSAGE_CHILDREN)
+print(json.dumps({"rc": rc, "wall": wall, "cpu": ru.ru_utime + ru.ru_stime, "maxrss_mb": ru.ru_maxrss / 1024,
+                  "samples": samples,
+                  "subreaper": subreaper, "stdout": out.decode(errors="replace")[-1500:],
+                  "stderr": tail[0].decode(errors="replace")}))
+"""
 
 
 def timed(fn, *args, **kwargs):

@@ -1,18 +1,18 @@
 """Converter throughput: the seed-style way against `pneumo convert --workers 2` and the decode-bound limit.
 
     .venv/bin/python benchmarks/convert.py                  # ~3 min on 2 CPU cores (~1 min of it: synth)
-    .venv/bin/python benchmarks/convert.py --n 500 --repeats 2   # a quicker look
+    .venv/bin/python benchmarks/convert.py --n 300 --repeats 2   # a quicker look
 
 Data: N synthetic 1024 x 1024 JPEG Baseline DICOMs (pipeline.synth, RSNA-like), in a temp dir removed at the
 end (--keep keeps it; --data DIR reuses a synth folder). Each repeat runs, one after the other, so that a busy
 phase of this shared machine hits every row:
 
 * seed-style: per file `pydicom.dcmread(p).pixel_array` (pydicom's default plugins), PIL resize to 256
-  (Pillow's default filter), save a PNG into a folder. One process; timed on a distinct slice of the files
-  per repeat (its cost per file is constant, so a slice gives its rate; the row says how many), in this
-  process: its own start-up (imports, ~0.5 s) is not charged to it, which favours it slightly.
-* decode-bound limit: `pipeline.dicom.read_dicom(p, 256)` in one process over a slice of the files; x2 is
-  what two cores doing nothing but decoding could reach.
+  (Pillow's default filter), save a PNG into a folder. One process, over the SAME N files the converter
+  converts (the first N by name, as `--limit N` takes them), in this process: its own start-up (imports,
+  ~0.5 s) is not charged to it, which favours it slightly.
+* decode-bound limit: `pipeline.dicom.read_dicom(p, 256)` in one process over the same N files; x2 is what
+  two cores doing nothing but decoding could reach.
 * `pneumo convert --image-size 256 --workers 2` over all N files, run as a subprocess (the console script
   next to this Python) under a small wrapper that:
   - times the whole process, Python start-up and imports included, until the command exits;
@@ -41,52 +41,11 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import make_dicoms, pydicom_plugin_used, seed_style_image, spread, timed  # noqa: E402
+from common import WRAPPER, make_dicoms, pydicom_plugin_used, seed_style_image, spread, timed  # noqa: E402
 
 SIZE = 256
 WORKERS = 2
 
-# Runs the command, timestamps its tqdm progress, reaps the whole process tree; prints one JSON line.
-WRAPPER = r"""
-import ctypes, glob, json, os, re, resource, subprocess, sys, threading, time
-subreaper = ctypes.CDLL(None, use_errno=True).prctl(36, 1, 0, 0, 0) == 0  # PR_SET_CHILD_SUBREAPER
-tick = os.sysconf("SC_CLK_TCK")
-def tree_cpu(pid):  # (CPU s of pid itself, of pid and its live descendants + those they reaped)
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            own = sum(map(int, f.read().rsplit(")", 1)[1].split()[11:15])) / tick
-        kids = [int(k) for c in glob.glob(f"/proc/{pid}/task/*/children") for k in open(c).read().split()]
-    except OSError:
-        return 0.0, 0.0
-    return own, own + sum(tree_cpu(k)[1] for k in kids)
-t0 = time.perf_counter()
-p = subprocess.Popen(sys.argv[1:], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-samples, tail = [], [b""]
-def read_progress():  # a thread: the pool's processes hold stderr open after the command has exited
-    buf, bar = b"", re.compile(rb"(\d+)/\d+ \[")
-    for chunk in iter(lambda: p.stderr.read1(1 << 16), b""):
-        now = time.perf_counter() - t0
-        *lines, buf = re.split(rb"[\r\n]", buf + chunk)
-        done = [int(m[1]) for m in map(bar.search, lines) if m]
-        if done and p.poll() is None:
-            samples.append((now, done[-1], *tree_cpu(p.pid)))
-        tail[0] = (tail[0] + chunk)[-2000:]
-reader = threading.Thread(target=read_progress, daemon=True)
-reader.start()
-out = p.stdout.read()
-rc = p.wait()
-wall = time.perf_counter() - t0
-while True:  # orphans (forkserver, pool workers) were re-parented to us: wait for them so their CPU counts
-    try:
-        os.wait()
-    except ChildProcessError:
-        break
-reader.join(5)
-ru = resource.getrusage(resource.RUSAGE_CHILDREN)
-print(json.dumps({"rc": rc, "wall": wall, "cpu": ru.ru_utime + ru.ru_stime, "samples": samples,
-                  "subreaper": subreaper, "stdout": out.decode(errors="replace")[-1500:],
-                  "stderr": tail[0].decode(errors="replace")}))
-"""
 
 
 def convert_command(images: Path, labels: Path, out: Path, n: int) -> list[str]:
@@ -141,10 +100,8 @@ def decode_only(files: list[Path]) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--n", type=int, default=2000, help="DICOMs to convert (default 2000)")
+    ap.add_argument("--n", type=int, default=1000, help="DICOMs every way processes per repeat (default 1000)")
     ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--seed-files", type=int, default=150, help="files per repeat for the seed-style way")
-    ap.add_argument("--limit-files", type=int, default=500, help="files per repeat for the decode-bound limit")
     ap.add_argument("--data", type=Path, default=None, help="reuse this synth folder (made if incomplete)")
     ap.add_argument("--keep", action="store_true", help="keep the temp dir")
     a = ap.parse_args()
@@ -166,14 +123,11 @@ def main() -> None:
 
         rows = {"seed": [], "limit": [], "convert": []}
         for r in range(a.repeats):
-            s0 = (r * a.seed_files) % max(1, a.n - a.seed_files)
-            seed_files = files[s0 : s0 + a.seed_files]
-            _, wall, cpu = timed(seed_style, seed_files, png_dir)
-            rows["seed"].append((len(seed_files) / wall, len(seed_files) / cpu))
-            l0 = (r * a.limit_files) % max(1, a.n - a.limit_files)
-            limit_files = files[l0 : l0 + a.limit_files]
-            _, wall, cpu = timed(decode_only, limit_files)
-            rows["limit"].append((len(limit_files) / wall, len(limit_files) / cpu))
+            # every way gets the same N files: the same work
+            _, wall, cpu = timed(seed_style, files, png_dir)
+            rows["seed"].append((len(files) / wall, len(files) / cpu))
+            _, wall, cpu = timed(decode_only, files)
+            rows["limit"].append((len(files) / wall, len(files) / cpu))
             rows["convert"].append(run_convert(images, labels, tmp / "tfrecords", a.n))
             c = rows["convert"][-1]
             print(f"repeat {r + 1}/{a.repeats}: seed {rows['seed'][-1][0]:.1f} img/s, limit x2 "
@@ -207,13 +161,13 @@ def main() -> None:
         cpu_text = f"{cpu_rate:10.1f}" if cpu_rate else f"{'-':>10}"
         print(f"{name:58} {images_text:>9} {spread(rates):>17} {cpu_text} {med(rates) / seed_rate:7.1f}")
 
-    row("seed-style: pydicom pixel_array + PIL resize + PNG, 1 proc", f"{a.seed_files}x{a.repeats}",
+    row("seed-style: pydicom pixel_array + PIL resize + PNG, 1 proc", f"{a.n}x{a.repeats}",
         [w for w, _ in rows["seed"]], med(c for _, c in rows["seed"]))
     row(f"pneumo convert --workers {WORKERS}: whole process", f"{a.n}x{a.repeats}", whole,
         med(a.n / c["cpu"] for c in conv))
     row("pneumo convert: steady state (20%-80% of its progress)", f"{int(0.6 * a.n)}x{a.repeats}", steady,
         med(c["steady_cpu"] for c in conv))
-    row("decode only: read_dicom(p, 256), 1 proc", f"{a.limit_files}x{a.repeats}", limit1,
+    row("decode only: read_dicom(p, 256), 1 proc", f"{a.n}x{a.repeats}", limit1,
         med(c for _, c in rows["limit"]))
     row("decode-bound limit: the above x2 (2 cores)", "", limit2, None)
     print("-" * len(hdr))

@@ -13,8 +13,8 @@ measured in the same run: K workers sharing network stores must at least keep up
 on the same cores (on a host with G GPUs and `--workers G` the scale-out should approach G times it; here all
 workers share 2 CPU cores, so the gain comes only from overlapping start-up, logging and evaluation).
 
-    .venv/bin/python benchmarks/scale_out.py                               # 3 x 12 trials + 12 baseline, ~7 min
-    .venv/bin/python benchmarks/scale_out.py --workers 4 --trials 40 --kill 2   # the larger run, 10-20 min
+    .venv/bin/python benchmarks/scale_out.py       # the README's run: 4 workers x 40 trials, 2 SIGKILLed; 10-20 min
+    .venv/bin/python benchmarks/scale_out.py --workers 3 --trials 12 --kill 0   # a quicker look, ~7 min
 
 Needs PostgreSQL: $PNEUMO_BENCH_POSTGRES (default postgresql://127.0.0.1:5432; user postgres, else root).
 Its databases get unique names and are dropped at the end.
@@ -193,9 +193,11 @@ def open_runs(tracking_uri: str, study: str) -> int:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--workers", type=int, default=3)
-    parser.add_argument("--trials", type=int, default=12)
-    parser.add_argument("--kill", type=int, default=0, help="workers to SIGKILL mid-trial during the scale-out arm")
+    # Defaults = the run README.md reports (its "Measured on this machine" table): keep the two in step.
+    parser.add_argument("--workers", type=int, default=4, help="workers of the scale-out arm (default 4)")
+    parser.add_argument("--trials", type=int, default=40, help="trials of the scale-out arm (default 40)")
+    parser.add_argument("--kill", type=int, default=2,
+                        help="workers to SIGKILL mid-trial during the scale-out arm (default 2)")
     parser.add_argument("--baseline-trials", type=int, default=None,
                         help="trials of the one-worker SQLite arm (default: --trials, so both pay start-up alike)")
     parser.add_argument("--n", type=int, default=240, help="synthetic patients")

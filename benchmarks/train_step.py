@@ -1,135 +1,275 @@
-"""Training throughput: the seed CNN against the default CNN, 128 px, batch 32, float32, on this machine.
+"""Training: the seed CNN against the default CNN at an equal wall-clock budget, and the default CNN's train
+step across Keras backends, precisions and XLA.
 
-    .venv/bin/python benchmarks/train_step.py        # ~3 min on 2 CPU cores
+    .venv/bin/python benchmarks/train_step.py                       # ~8 min on 2 CPU cores
+    .venv/bin/python benchmarks/train_step.py --budget 30 --matrix-steps 10   # a quicker look
+    .venv/bin/python benchmarks/train_step.py --skip-matrix         # part 1 only
 
-Both models get the same default augmentation and the same in-memory tf.data pipeline of uint8 images, and
-run interleaved in one process (seed, default, seed, default, ...), because throughput on this CPU is bimodal
-between identical runs: a comparison across runs or processes measures the machine, not the model. CPU
-seconds (time.process_time: all threads of the process, the tf.data threads included) are shown beside wall
-seconds for the same reason.
+Part 1, equal budget. Data: the Kermany training folder (/work/shared/data/kermany-224/train, or
+$PNEUMO_KERMANY) converted once at 128 px with the patient rule from the header of experiments/kermany.toml
+into a cache folder outside the repository (--cache, default $PNEUMO_BENCH_CACHE, else ../cache beside the
+checkout); without it, `pneumo synth` data converted the same way. Both models:
+the recipe of their experiment file (the seed: experiments/seed.toml, no augmentation; the default: the
+built-in defaults of pipeline/config.py, with its augmentation), Adam 1e-3, plain cross-entropy, batch 32,
+float32, fed by `pipeline.data.train_dataset`. They train in turns of --slice seconds (seed, default,
+seed, ...) until each has had --budget seconds of training, so a busy phase of this shared machine hits both;
+then each is scored once on the validation split (sklearn's roc_auc_score; scoring is not charged to the
+budget). Reported: images trained, img/s, epochs reached, val AUC. The speed claim ("default >= 4x the
+seed's img/s") is printed only together with the AUC comparison ("at equal or better val AUC").
 
-Input wait is measured directly, not inferred: the loop hands Keras' own compiled train step
-(`model.train_function`, the function `fit` runs) an iterator wrapper that adds up the time spent inside
-`next()` on the prefetching tf.data iterator. wait % = that time / the repeat's wall time. Keras runs a
-non-tf.data iterator one batch per call in Python, and a tf.function call on CPU returns when the step is
-done, so the two clocks do not overlap.
+Part 2, the matrix: the default CNN at 128 px, batch 32, one subprocess per arm with KERAS_BACKEND set before
+Keras is imported (tensorflow | jax) x precision (float32 | mixed_float16; --precisions adds mixed_bfloat16)
+x XLA (jit_compile off | on). Each arm: build, one warm-up step (tracing / compilation), then --matrix-steps
+`train_on_batch` steps on in-memory uint8 batches, img/s of those steps. An arm that fails prints its
+one-line error in the table instead of a number (under JAX, jit_compile=False runs the step un-jitted).
+Arms run one after the other, so compare rows as ratios against the tensorflow/float32/no-XLA arm of the
+same run (printed), and read the load average beside them.
 
-Extra rows (not in the ratio) measure the XLA-compatible augmentation (augment.xla_safe = true) with
-jit_compile off and on. Ends with one line: ratio=<default img/s / seed img/s> target=4.
+Ends with one line: ratio=<default img/s / seed img/s at equal budget> target=4.
 """
 
 from __future__ import annotations
 
-import dataclasses
+import argparse
+import json
 import os
-import statistics
+import re
+import subprocess
 import sys
 import time
 from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
 
-import keras  # noqa: E402
-import numpy as np  # noqa: E402
-import tensorflow as tf  # noqa: E402
-
-from pipeline.config import AugmentConfig, ModelConfig  # noqa: E402
-from pipeline.model import apply_precision, build_model  # noqa: E402
-
-IMAGE_SIZE, BATCH, N_IMAGES = 128, 32, 512
-WARMUP_STEPS, STEPS, REPEATS = 3, 20, 5
-SEED_MODEL = ModelConfig(blocks=4, filters=32, growth=2.0, max_filters=128, padding="valid", stem_filters=0,
-                         batch_norm=False, residual=False, dropout=0.5, dense_units=512, pooling="flatten")
+SIZE, BATCH, LR = 128, 32, 1e-3
+KERMANY = Path(os.environ.get("PNEUMO_KERMANY", "/work/shared/data/kermany-224/train"))
+# Outside the repository (converted data is never committed): $PNEUMO_BENCH_CACHE, else ../cache beside it.
+DEFAULT_CACHE = Path(os.environ.get("PNEUMO_BENCH_CACHE", REPO.parent / "cache"))
 
 
-def dataset() -> tf.data.Dataset:
-    """Synthetic 'X-rays': a bright disc (positive) or none on smooth noise, uint8, held in memory."""
-    rng = np.random.default_rng(0)
-    yy, xx = np.mgrid[:IMAGE_SIZE, :IMAGE_SIZE]
-    labels = rng.integers(0, 2, N_IMAGES).astype("float32")
-    images = rng.normal(100, 20, (N_IMAGES, IMAGE_SIZE, IMAGE_SIZE))
-    for i in np.flatnonzero(labels):
-        cy, cx = rng.integers(30, IMAGE_SIZE - 30, 2)
-        images[i] += 80 * (((yy - cy) ** 2 + (xx - cx) ** 2) < 15**2)
-    images = np.clip(images, 0, 255).astype("uint8")[..., None]
-    ds = tf.data.Dataset.from_tensor_slices(({"image": images}, labels))
-    return (ds.shuffle(N_IMAGES, seed=0)  # a true shuffle of the whole (small) set
-            .repeat()  # endless: the loop decides how many steps
-            .batch(BATCH, drop_remainder=True)  # fixed shapes: one trace of the train step
-            .prefetch(tf.data.AUTOTUNE))  # the next batch is ready while this step trains
+def load() -> str:
+    return "load average " + " ".join(f"{x:.2f}" for x in os.getloadavg())
 
 
-class TimedIterator:
-    """Wraps an iterator; `waited` accumulates the seconds spent inside next()."""
-
-    def __init__(self, it):
-        self.it, self.waited = it, 0.0
-
-    def __iter__(self):
-        return self
-
-    def __next__(self):
-        t = time.perf_counter()
-        batch = next(self.it)
-        self.waited += time.perf_counter() - t
-        return batch
+# --- data ----------------------------------------------------------------------------------------------------
+def kermany_regex() -> str | None:
+    """The `--patient-regex '...'` of experiments/kermany.toml's header comment (the recipe's patient rule)."""
+    head = (REPO / "experiments" / "kermany.toml").read_text()
+    m = re.search(r"--patient-regex\s+'([^']+)'", head)
+    return m[1] if m else None
 
 
-def compiled(model_cfg: ModelConfig, augment: AugmentConfig, jit: bool) -> keras.Model:
-    m = build_model(model_cfg, augment, IMAGE_SIZE, seed=0)
+def prepare_data(cache: Path) -> tuple[Path, str]:
+    """(converted folder, description); converted once and reused."""
+    from pipeline.convert import convert_image_dir, convert_rsna
+
+    if KERMANY.is_dir():
+        out = cache / f"kermany-{SIZE}"
+        rule = kermany_regex()
+        if not (out / "manifest.json").exists():
+            convert_image_dir(KERMANY, out, patient_regex=rule, image_size=SIZE, workers=2, progress=False)
+        return out, f"Kermany {KERMANY} at {SIZE} px, patient rule {rule!r}"
+    out = cache / f"synth-{SIZE}"
+    if not (out / "manifest.json").exists():
+        from pipeline.synth import make_synthetic_dataset
+
+        make_synthetic_dataset(cache / "synth-raw", n=2000, size=512, seed=0, workers=2, progress=False)
+        convert_rsna(cache / "synth-raw" / "stage_2_train_images", cache / "synth-raw" / "stage_2_train_labels.csv",
+                     out, image_size=SIZE, workers=2, progress=False)
+    return out, f"synthetic (pneumo synth, 2000 patients; {KERMANY} absent) at {SIZE} px"
+
+
+# --- part 1: equal wall-clock budget -------------------------------------------------------------------------
+class Arm:
+    def __init__(self, name: str, cfg, data: Path, train_count: int):
+        import keras
+
+        from pipeline.data import train_dataset
+        from pipeline.model import build_model
+
+        self.name, self.train_count = name, train_count
+        self.model = build_model(cfg.model, cfg.augment, SIZE, seed=0)
+        self.model.compile(optimizer=keras.optimizers.Adam(LR), loss="binary_crossentropy")
+        self.it = iter(train_dataset(data, cfg.data, seed=0, batch_size=BATCH))
+        self.steps, self.wall, self.cpu = 0, 0.0, 0.0
+        x, y = next(self.it)
+        self.model.train_on_batch(x, y)  # builds the optimizer and traces the step: not charged to the budget
+
+    def train_for(self, seconds: float) -> None:
+        """Whole steps until `seconds` of wall time have passed (the last step may overrun it slightly)."""
+        wall, cpu = time.perf_counter(), time.process_time()
+        while time.perf_counter() - wall < seconds:
+            x, y = next(self.it)
+            self.model.train_on_batch(x, y)  # returns when the step is done (CPU, synchronous)
+            self.steps += 1
+        self.wall += time.perf_counter() - wall
+        self.cpu += time.process_time() - cpu
+
+    def val_auc(self, data: Path) -> float:
+        import numpy as np
+        from sklearn.metrics import roc_auc_score
+
+        from pipeline.data import eval_dataset
+
+        ys, ps = [], []
+        for x, y in eval_dataset(data, "val", 128):
+            ps.append(self.model.predict_on_batch(x).ravel())
+            ys.append(np.asarray(y).ravel())
+        return float(roc_auc_score(np.concatenate(ys), np.concatenate(ps)))
+
+
+def equal_budget(data: Path, budget: float, slice_s: float) -> dict:
+    from pipeline.config import Config, load_config
+    from pipeline.data import split_count
+    from pipeline.model import apply_precision
+
+    apply_precision("float32")
+    train_count = split_count(data, "train")
+    arms = [Arm("seed", load_config(REPO / "experiments" / "seed.toml"), data, train_count),
+            Arm("default", Config(), data, train_count)]
+    while any(a.wall < budget for a in arms):
+        for a in arms:  # turns: a slow phase of the machine hits both
+            if a.wall < budget:
+                a.train_for(min(slice_s, budget - a.wall))
+    out = {}
+    for a in arms:
+        images = a.steps * BATCH
+        out[a.name] = {"params": a.model.count_params(), "images": images, "wall": a.wall, "cpu": a.cpu,
+                       "rate": images / a.wall, "cpu_rate": images / a.cpu, "epochs": images / train_count,
+                       "val_auc": a.val_auc(data)}
+    return out
+
+
+# --- part 2: backend x precision x XLA ----------------------------------------------------------------------
+ARM_CODE = r"""
+import json, os, sys, time
+sys.path.insert(0, os.environ["PNEUMO_REPO"])
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+precision, jit, steps = sys.argv[1], sys.argv[2] == "1", int(sys.argv[3])
+try:
+    import keras, numpy as np
+    from pipeline.config import AugmentConfig, ModelConfig
+    from pipeline.model import apply_precision, build_model
+    apply_precision(precision)
+    # XLA needs the XLA-compilable augmentation (Keras' rotation/zoom layers do not compile)
+    m = build_model(ModelConfig(), AugmentConfig(xla_safe=jit), 128, seed=0)
     m.compile(optimizer=keras.optimizers.Adam(1e-3), loss="binary_crossentropy", jit_compile=jit)
-    return m
+    rng = np.random.default_rng(0)
+    xs = [rng.integers(0, 256, (32, 128, 128, 1), dtype=np.uint8) for _ in range(4)]
+    ys = [rng.integers(0, 2, 32).astype("float32") for _ in range(4)]
+    t = time.perf_counter()
+    m.train_on_batch({"image": xs[0]}, ys[0])
+    first = time.perf_counter() - t
+    t, cpu = time.perf_counter(), time.process_time()
+    for i in range(steps):
+        loss = m.train_on_batch({"image": xs[i % 4]}, ys[i % 4])
+    float(np.asarray(loss).ravel()[0])
+    wall, cpu = time.perf_counter() - t, time.process_time() - cpu
+    print(json.dumps({"ok": True, "backend": keras.backend.backend(), "first": first, "wall": wall, "cpu": cpu,
+                      "loss_finite": bool(np.isfinite(np.asarray(loss)).all())}))
+except Exception as e:
+    print(json.dumps({"ok": False, "error": f"{type(e).__name__}: {' '.join(str(e).split())[:160]}"}))
+"""
 
 
-def run(model: keras.Model, it: TimedIterator, steps: int) -> tuple[float, float, float]:
-    """(wall s, CPU s, input-wait s) for `steps` train steps."""
-    waited0, wall0, cpu0 = it.waited, time.perf_counter(), time.process_time()
-    for _ in range(steps):
-        logs = model.train_function(it)  # one batch per call from a Python iterator
-    float(logs["loss"])  # fetch a value: the steps are surely done
-    return time.perf_counter() - wall0, time.process_time() - cpu0, it.waited - waited0
+def matrix_arm(backend: str, precision: str, jit: bool, steps: int, timeout: float) -> dict:
+    env = {**os.environ, "KERAS_BACKEND": backend, "PNEUMO_REPO": str(REPO),
+           "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
+    t = time.perf_counter()
+    try:
+        p = subprocess.run([sys.executable, "-c", ARM_CODE, precision, "1" if jit else "0", str(steps)],
+                           capture_output=True, text=True, env=env, timeout=timeout)
+    except subprocess.TimeoutExpired:  # a result too: e.g. float16 convolutions are emulated on this CPU
+        return {"ok": False, "error": f"not done after {timeout:.0f} s (import + build + {steps + 1} steps)",
+                "process_s": time.perf_counter() - t, "load": os.getloadavg()[0]}
+    lines = [ln for ln in p.stdout.splitlines() if ln.startswith("{")]
+    r = json.loads(lines[-1]) if lines else {"ok": False, "error": (p.stderr.strip().splitlines() or ["?"])[-1][:160]}
+    r.update(process_s=time.perf_counter() - t, load=os.getloadavg()[0])
+    if r.get("ok") and r.get("backend") != backend:
+        r = {**r, "ok": False, "error": f"asked for {backend}, Keras ran {r['backend']}"}
+    return r
+
+
+def matrix(steps: int, backends: list[str], precisions: list[str], timeout: float) -> int:
+    rows = []
+    for backend in backends:
+        for precision in precisions:
+            for jit in (False, True):
+                r = matrix_arm(backend, precision, jit, steps, timeout)
+                rows.append((backend, precision, jit, r))
+                status = f"{BATCH * steps / r['wall']:.1f} img/s" if r["ok"] else r["error"]
+                print(f"  matrix {backend} {precision} xla={jit}: {status} ({load()})", flush=True)
+    base = next((r for b, p, j, r in rows if (b, p, j) == ("tensorflow", "float32", False) and r["ok"]), None)
+    print(f"\nmatrix: default CNN, {SIZE} px, batch {BATCH}, {steps} train_on_batch steps after 1 warm-up step; "
+          f"one subprocess per arm, run one after the other")
+    hdr = (f"{'backend':10} {'precision':14} {'XLA':>5} {'img/s':>8} {'img/CPU-s':>9} {'x tf/f32':>8} "
+           f"{'1st step s':>10} {'load':>5}  note")
+    print(hdr)
+    print("-" * len(hdr))
+    for backend, precision, jit, r in rows:
+        if not r["ok"]:
+            print(f"{backend:10} {precision:14} {str(jit):>5} {'-':>8} {'-':>9} {'-':>8} {'-':>10} {r['load']:5.2f}  "
+                  f"FAILED: {r['error']}")
+            continue
+        rate = BATCH * steps / r["wall"]
+        rel = f"{rate / (BATCH * steps / base['wall']):8.2f}" if base else f"{'-':>8}"
+        note = "" if r["loss_finite"] else "loss not finite"
+        print(f"{backend:10} {precision:14} {str(jit):>5} {rate:8.1f} {BATCH * steps / r['cpu']:9.1f} {rel} "
+              f"{r['first']:10.1f} {r['load']:5.2f}  {note}")
+    print("-" * len(hdr))
+    return sum(r["ok"] for *_, r in rows)
 
 
 def main() -> None:
-    tf.get_logger().setLevel("ERROR")  # warm-up traces the step twice (train_on_batch, then the loop): expected
-    apply_precision("float32")
-    aug = AugmentConfig()
-    variants = {
-        "seed": (SEED_MODEL, aug, False),
-        "default": (ModelConfig(), aug, False),
-        "default, xla_safe aug": (ModelConfig(), dataclasses.replace(aug, xla_safe=True), False),
-        "default, xla_safe aug + XLA": (ModelConfig(), dataclasses.replace(aug, xla_safe=True), True),
-    }
-    models, iters, results = {}, {}, {name: [] for name in variants}
-    for name, (mcfg, acfg, jit) in variants.items():
-        models[name] = compiled(mcfg, acfg, jit)
-        iters[name] = TimedIterator(iter(dataset()))
-        x, y = next(iters[name])
-        models[name].train_on_batch(x, y)  # builds the optimizer and traces the step
-        run(models[name], iters[name], WARMUP_STEPS)
-    for _ in range(REPEATS):
-        for name in variants:  # interleaved, so a slow phase of the machine hits every model
-            results[name].append(run(models[name], iters[name], STEPS))
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--budget", type=float, default=60, help="training seconds per model in part 1 (default 60)")
+    ap.add_argument("--slice", type=float, default=10, help="seconds per turn (default 10)")
+    ap.add_argument("--cache", type=Path, default=DEFAULT_CACHE, help=f"converted-data cache (default {DEFAULT_CACHE})")
+    ap.add_argument("--matrix-steps", type=int, default=10, help="timed steps per matrix arm (default 10)")
+    ap.add_argument("--backends", default="tensorflow,jax", help="matrix backends (default tensorflow,jax)")
+    ap.add_argument("--precisions", default="float32,mixed_float16",
+                    help="matrix precisions (default float32,mixed_float16; mixed_bfloat16 also accepted)")
+    ap.add_argument("--arm-timeout", type=float, default=300, help="seconds per matrix arm (default 300)")
+    ap.add_argument("--skip-matrix", action="store_true")
+    ap.add_argument("--skip-budget", action="store_true", help="matrix only; ends with matrix_arms_ok=<k>")
+    a = ap.parse_args()
 
-    images = STEPS * BATCH
-    print(f"\n{IMAGE_SIZE} px, batch {BATCH}, float32, {REPEATS} repeats x {STEPS} steps after "
-          f"{WARMUP_STEPS} warm-up steps; medians (min-max of img/s)")
-    print(f"{'model':30} {'params':>9} {'XLA':>5} {'img/s wall':>18} {'img/CPU-s':>10} {'CPU/wall':>9} {'wait %':>7}")
-    rates = {}
-    for name, rows in results.items():
-        walls = [images / w for w, _, _ in rows]
-        rates[name] = statistics.median(walls)
-        cpu = statistics.median(images / c for _, c, _ in rows)
-        load = statistics.median(c / w for w, c, _ in rows)
-        wait = statistics.median(100 * s / w for w, _, s in rows)
-        m = models[name]
-        print(f"{name:30} {m.count_params():>9,} {str(m.jit_compile):>5} "
-              f"{rates[name]:>7.1f} ({min(walls):.0f}-{max(walls):.0f}) {cpu:>10.1f} {load:>9.2f} {wait:>6.1f}%")
-    cpu_ratio = statistics.median(c for _, c, _ in results["seed"]) / statistics.median(
-        c for _, c, _ in results["default"])
-    print(f"CPU-time ratio (seed CPU s / default CPU s for the same images): {cpu_ratio:.2f}")
-    print(f"ratio={rates['default'] / rates['seed']:.2f} target=4")
+    backends = [b for b in a.backends.split(",") if b]
+    precisions = [p for p in a.precisions.split(",") if p]
+    import tensorflow as tf
+
+    tf.get_logger().setLevel("ERROR")
+    print(f"machine: {os.cpu_count()} cores, {load()} (shared: other users count too)", flush=True)
+    t = time.perf_counter()
+    data, what = prepare_data(a.cache)
+    print(f"data: {what} -> {data} (ready in {time.perf_counter() - t:.0f} s)", flush=True)
+    if a.skip_budget:
+        ok = matrix(a.matrix_steps, backends, precisions, a.arm_timeout)
+        print(f"matrix_arms_ok={ok} target={2 * len(backends) * len(precisions)}")
+        return
+    load_before = load()
+    r = equal_budget(data, a.budget, a.slice)
+    print(f"\nequal budget: {a.budget:.0f} s of training each, in turns of {a.slice:.0f} s; batch {BATCH}, float32; "
+          f"{load_before} before, {load()} after")
+    hdr = f"{'model':8} {'params':>10} {'images':>8} {'epochs':>6} {'img/s':>7} {'img/CPU-s':>9} {'val AUC':>8}"
+    print(hdr)
+    print("-" * len(hdr))
+    for name, x in r.items():
+        print(f"{name:8} {x['params']:>10,} {x['images']:>8} {x['epochs']:6.2f} {x['rate']:7.1f} {x['cpu_rate']:9.1f} "
+              f"{x['val_auc']:8.4f}")
+    print("-" * len(hdr))
+    seed, default = r["seed"], r["default"]
+    ratio = default["rate"] / seed["rate"]
+    auc_ok = default["val_auc"] >= seed["val_auc"]
+    print(f"default / seed: {ratio:.2f}x img/s (target >= 4) at val AUC {default['val_auc']:.4f} vs "
+          f"{seed['val_auc']:.4f} ({'equal or better' if auc_ok else 'WORSE'}): the claim "
+          f"'default >= 4x faster at equal or better AUC' {'holds' if ratio >= 4 and auc_ok else 'does NOT hold'} "
+          "in this run")
+    if not a.skip_matrix:
+        matrix(a.matrix_steps, backends, precisions, a.arm_timeout)
+    print(f"ratio={ratio:.2f} target=4")
 
 
 if __name__ == "__main__":
