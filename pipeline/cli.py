@@ -38,6 +38,10 @@ class _Parser(argparse.ArgumentParser):
         kwargs.setdefault("formatter_class", _HelpFormatter)
         super().__init__(*args, **kwargs)
 
+    def error(self, message: str):
+        """A bad flag is one line, like every other error (argparse would print the whole usage first)."""
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
 
 def _number(kind: type, low: float, high: float | None = None, what: str = ""):
     """An argparse type: a `kind` number in [low, high]; the error names the flag (argparse adds it)."""

@@ -14,19 +14,17 @@ Imports MLflow and Keras lazily: the CLI's `--help` and the converter never pay 
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from pipeline.errors import InputError, PneumoError
-from pipeline.files import sha256_file
+from pipeline.integrity import SHA_TAG, ModelIntegrityError, artifact_sha256, verify  # noqa: F401  (re-exported)
 from pipeline.stores import FILLED_BY
 
 MODEL_NAME = "pneumonia-cnn"
 CHAMPION = "champion"
-SHA_TAG = "model_sha256"
 
 
 class ModelError(InputError):
@@ -35,10 +33,6 @@ class ModelError(InputError):
 
 class ModelStoreError(PneumoError):
     """The store holding the model failed (unreachable, broken artifact): exit 1."""
-
-
-class ModelIntegrityError(PneumoError):
-    """A registered model's artifact files no longer match the sha256 recorded at promotion: exit 1."""
 
 
 def champion_uri(model: str = MODEL_NAME) -> str:
@@ -74,29 +68,11 @@ def _tag(name: str, version_tags: dict, run_tags: dict) -> str | None:
     return version_tags.get(name, run_tags.get(name))
 
 
-def artifact_sha256(folder) -> str:
-    """One sha256 over a model folder: each file's relative path and content hash, in sorted order."""
-    root = Path(folder)
-    # MLflow itself writes `registered_model_meta` (name, version) into the folder when a models:/ URI is
-    # loaded: bookkeeping, not the model, so it is left out.
-    files = sorted(p for p in root.rglob("*") if p.is_file() and p.name != "registered_model_meta")
-    lines = "".join(f"{p.relative_to(root).as_posix()}\t{sha256_file(p)}\n" for p in files)
-    return hashlib.sha256(lines.encode()).hexdigest()
-
-
 def local_artifacts(uri: str) -> str:
     """The model's files on this machine (a local artifact store answers with its own folder, not a copy)."""
     import mlflow
 
     return mlflow.artifacts.download_artifacts(artifact_uri=uri)
-
-
-def verify(uri: str, local: str, expected: str | None) -> None:
-    """ModelIntegrityError when a recorded sha256 does not match the files (nothing recorded: nothing to check)."""
-    if expected and artifact_sha256(local) != expected:
-        raise ModelIntegrityError(f"model {uri}: its artifact files changed since promotion (sha256 recorded "
-                                  f"{expected[:12]}, now {artifact_sha256(local)[:12]} in {local}): refusing "
-                                  "to score a tampered model; restore it or register and promote a new version")
 
 
 def load_keras(uri: str):

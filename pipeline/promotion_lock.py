@@ -17,7 +17,6 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import hashlib
-import importlib.util
 import os
 import socket
 import sys
@@ -91,10 +90,9 @@ def _advisory_lock(uri: str, model: str, deadline: float, poll: float, give_up: 
     """A session-level advisory lock in the tracking database (PostgreSQL or MySQL/MariaDB)."""
     import sqlalchemy as sa
 
-    url = sa.engine.make_url(uri)
-    if url.drivername in ("postgresql", "postgres") and importlib.util.find_spec("psycopg") is None:
-        # SQLAlchemy 2.1 maps a bare postgresql:// to psycopg 3; the project ships psycopg2-binary.
-        url = url.set(drivername="postgresql+psycopg2")
+    from pipeline.stores import postgres_driver
+
+    url = sa.engine.make_url(postgres_driver(uri))  # psycopg 3, the project's one PostgreSQL driver
     engine = sa.create_engine(url, poolclass=sa.pool.NullPool)
     name = f"pneumo-promote:{model}"
     if engine.dialect.name == "postgresql":

@@ -98,7 +98,7 @@ class PneumoniaModel(mlflow.pyfunc.PythonModel):
                   "using the threshold and temperature stored with the model", flush=True)
         # The tamper check predict/evaluate/explain get from model_store.load_keras: the files being served must
         # be the ones whose sha256 promotion recorded on the version (ModelIntegrityError stops the server).
-        from pipeline.model_store import SHA_TAG, verify
+        from pipeline.integrity import SHA_TAG, verify
 
         if tags.get(SHA_TAG):
             root = next(p for p in Path(context.artifacts[KERAS_ARTIFACT]).parents if (p / "MLmodel").exists())

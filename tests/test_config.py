@@ -95,7 +95,8 @@ def test_values_out_of_range_name_key_and_value(override, shown):
 
 def test_range_edges_are_accepted():
     cfg = load_config(EXPERIMENTS / "smoke.toml", ["data.batch_size=1", "train.epochs=1", "model.dropout=0.0",
-                                                    "model.dropout=0.999", "train.target_sensitivity=1.0"])
+                                                    "model.dropout=0.999", "train.threshold_policy=sensitivity",
+                                                    "train.target_sensitivity=1.0"])
     assert (cfg.data.batch_size, cfg.train.epochs, cfg.model.dropout) == (1, 1, 0.999)
 
 

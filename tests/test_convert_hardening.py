@@ -360,7 +360,7 @@ def test_manifest_names_files_relative_to_the_input_folder(raw, tmp_path):
     (["convert", "--dicom-dir", "{raw}/stage_2_train_images", "--labels", "{raw}/stage_2_train_labels.csv",
       "--out", "{tmp}/o", "--test-frac", "1.5"], "--test-frac must be a number in [0, 1), got 1.5"),
     (["convert", "--dicom-dir", "{raw}/stage_2_train_images", "--labels", "{raw}/stage_2_train_labels.csv",
-      "--out", "{tmp}/o", "--limit", "-3"], "--limit must be a positive integer, got -3"),
+      "--out", "{tmp}/o", "--limit", "-3"], "argument --limit: must be >= 1, got -3 (see pneumo convert --help)"),
 ])
 def test_cli_bad_values_are_one_line_exit_2(raw, tmp_path, argv, message):
     argv = [a.format(tmp=tmp_path, raw=raw) for a in argv]

@@ -67,16 +67,12 @@ def test_the_store_password_is_never_on_a_command_line_nor_in_an_error(postgres,
         api = server.url + "/api/2.0/mlflow"
         assert _status(f"{api}/experiments/create", method="POST", body={"name": "pw-check"}) == 200
     assert not group_alive(pgid)
-    import psycopg2
+    import psycopg  # the project's one PostgreSQL driver
 
     db = make_url(url)
-    c = psycopg2.connect(host=db.host, port=db.port, user=db.username, dbname=db.database)
-    try:
-        with c.cursor() as cur:
-            cur.execute("SELECT name FROM experiments WHERE name = 'pw-check'")
-            assert cur.fetchone() == ("pw-check",)
-    finally:
-        c.close()  # (a psycopg2 `with` block only ends the transaction)
+    with psycopg.connect(host=db.host, port=db.port, user=db.username, dbname=db.database) as c:
+        row = c.execute("SELECT name FROM experiments WHERE name = 'pw-check'").fetchone()
+    assert row == ("pw-check",)
     assert SECRET not in (tmp_path / "server.log").read_text(errors="replace")
 
     # A store that cannot be opened: the error quotes the log, never the password.
