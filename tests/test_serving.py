@@ -196,3 +196,26 @@ def test_mlflow_models_serve_answers_a_dicom_post_like_pneumo_predict(champion, 
     cli = pd.read_csv(csv)
     assert cli.loc[0, "probability"] == pytest.approx(answers[0]["probability"], abs=2e-6)  # CSV keeps 6 digits
     assert int(cli.loc[0, "prediction"]) == answers[0]["prediction"]
+
+
+def test_the_served_model_refuses_an_artifact_that_is_not_the_promoted_one(champion):
+    """The tamper check predict/evaluate/explain get from model_store also guards the server: with the sha256
+    promotion recorded, the pyfunc loads; with another one (the files changed since), it refuses to load."""
+    import mlflow
+    from mlflow import MlflowClient
+
+    from pipeline import tracking
+    from pipeline.integrity import SHA_TAG, ModelIntegrityError
+    from pipeline.registry import model_sha256
+
+    s, v = champion
+    tracking.setup(s.uri)
+    client = MlflowClient(s.uri, s.uri)
+    client.set_model_version_tag(MODEL, v, SHA_TAG, model_sha256(MODEL, v))  # as promotion records it
+    served = mlflow.pyfunc.load_model(f"models:/{MODEL}@champion")
+    assert list(served.predict({"image": np.zeros((1, 64, 64, 1), np.uint8)})["status"]) == ["ok"]
+    # The shared artifacts stay untouched (other tests read them): a recorded hash that no longer matches the
+    # files is the same situation as files changed after promotion.
+    client.set_model_version_tag(MODEL, v, SHA_TAG, "0" * 64)
+    with pytest.raises(ModelIntegrityError, match="changed since promotion"):
+        mlflow.pyfunc.load_model(f"models:/{MODEL}@champion")

@@ -159,7 +159,12 @@ def test_robust_threshold_is_the_batterys(robust_run, synth_data):
     sample = shift.load_sample(synth_data, "val", 40, cfg.train.shift_seed)
     again = shift.score_battery(result.model, sample, seed=cfg.train.shift_seed)
     t, _ = shift.robust_threshold(again.labels, [again.clean, *again.probabilities.values()])
-    assert float(run.data.tags["threshold"]) == pytest.approx(t, abs=1e-6)
+    # the stored threshold is the minimax one moved onto the calibrated scale (the same decisions)
+    from pipeline.calibration import apply_temperature
+
+    assert run.data.metrics["threshold_uncalibrated"] == pytest.approx(t, abs=1e-6)
+    temperature = float(run.data.tags["temperature"])
+    assert float(run.data.tags["threshold"]) == pytest.approx(float(apply_temperature(t, temperature)), abs=1e-9)
     assert again.metrics()["val_auc_shift_min"] == pytest.approx(run.data.metrics["val_auc_shift_min"], abs=1e-9)
 
 

@@ -42,7 +42,11 @@ def test_smoke_run_is_fully_tracked(synth_data, smoke_config, tracking_uri):
     pyfunc = mlflow.pyfunc.load_model(result.model_uri)
     expected = result.model.predict({"image": batch}, verbose=0)
     served = pyfunc.predict({"image": batch})  # the serving pyfunc (pipeline/serving.py): one row per image
-    assert np.allclose(served["probability"].to_numpy(float), expected.reshape(-1), atol=1e-6)
+    # ... calibrated with the temperature the run fitted on validation (pipeline/calibration.py)
+    from pipeline.calibration import apply_temperature
+
+    calibrated = apply_temperature(expected.reshape(-1), result.temperature)
+    assert np.allclose(served["probability"].to_numpy(float), calibrated, atol=1e-6)
     from pipeline.model_store import load_keras
 
     loaded = load_keras(result.model_uri)
@@ -128,8 +132,13 @@ def test_rsna_recipe_with_metadata_inputs_runs_small(synth_data, tmp_path, track
     images = np.random.default_rng(0).integers(0, 256, (4, 64, 64, 1), dtype=np.uint8)
     ap_male_80y = np.array([[1, 0, 1, 0, 0.8, 1]] * 4, np.float32)
     pa_female_20y = np.array([[0, 1, 0, 1, 0.2, 1]] * 4, np.float32)
-    a = np.asarray(pyfunc.predict({"image": images, "meta": ap_male_80y})).reshape(-1)
-    b = np.asarray(pyfunc.predict({"image": images, "meta": pa_female_20y})).reshape(-1)
-    assert a.shape == (4,) and np.abs(a - b).min() > 1e-4, (a, b)
+    # (the serving pyfunc answers one row per image: its `probability` column, calibrated)
+    a = pyfunc.predict({"image": images, "meta": ap_male_80y})["probability"].to_numpy(float)
+    b = pyfunc.predict({"image": images, "meta": pa_female_20y})["probability"].to_numpy(float)
+    # A model that ignored `meta` would give the same numbers to float precision (~1e-7): every image moves,
+    # and at least one clearly (a few training steps give small effects; calibration compresses them).
+    assert a.shape == (4,) and np.abs(a - b).min() > 1e-6 and np.abs(a - b).max() > 1e-3, (a, b)
+    from pipeline.calibration import apply_temperature
+
     keras_out = result.model.predict({"image": images, "meta": ap_male_80y}, verbose=0).reshape(-1)
-    np.testing.assert_allclose(a, keras_out, atol=1e-6)  # the logged model is the trained one
+    np.testing.assert_allclose(a, apply_temperature(keras_out, result.temperature), atol=1e-6)  # the trained one
