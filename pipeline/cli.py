@@ -311,7 +311,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, help="JSON report (default: <data>/evaluation-<split>.json)")
     p.add_argument("--shift", action="store_true",
                    help="generalization report: AUC under every shift-battery perturbation, ECE before/after")
-    p.add_argument("--shift-max-images", type=int, default=0,
+    p.add_argument("--shift-max-images", type=non_negative_int, default=0,
                    help="cap the battery's subset of the split (class-stratified, fixed); 0 = whole split")
     p.set_defaults(func=cmd_evaluate)
 
