@@ -143,7 +143,9 @@ def test_a_worse_candidate_is_not_promoted(registry_store, capsys, tmp_path):
         {v: (t, a) for v, (t, _, a) in before["versions"].items()}
     new_runs = set(after["runs"]) - set(before["runs"])
     assert len(new_runs) == 2  # the decision is recorded all the same, and the read goes into the test ledger
-    run = next(r for r in map(_client(s.uri).get_run, new_runs) if r.info.run_name.startswith("promote:"))
+    # (the ledger's run is named `promote:test:<digest>`: pick the decision run by its exact name, not by the
+    # prefix both share, or the set's order decides which one is checked)
+    run = next(r for r in map(_client(s.uri).get_run, new_runs) if r.info.run_name == f"promote:{worst}")
     assert run.data.tags["decision"] == "rejected" and run.data.metrics["auc_diff"] < 0
     assert {f.path for f in _client(s.uri).list_artifacts(run.info.run_id, "evaluation")} >= {
         "evaluation/candidate.json", "evaluation/champion.json", "evaluation/comparison.json"}
