@@ -36,7 +36,7 @@ from pipeline import devices, study_report, tracking
 from pipeline.config import Config, ConfigError
 from pipeline.errors import PneumoError
 from pipeline.manifest import dataset_digest
-from pipeline.stores import masked, resolve_optuna_storage
+from pipeline.stores import masked, resolve_optuna_storage, sqlite_path
 
 warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
 optuna.logging.set_verbosity(optuna.logging.WARNING)  # one line per trial is printed by the worker loop
@@ -427,8 +427,8 @@ def run_tune(cfg: Config, study_name: str, *, data_dir: str | None = None, trial
     devices.check_placement(workers, gpus, workers_per_gpu)
     trials = cfg.tune.trials if trials is None else trials
     storage_url = resolve_storage(storage)
-    if storage_url.startswith("sqlite:///"):
-        Path(storage_url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+    if (db := sqlite_path(storage_url)) is not None:
+        db.parent.mkdir(parents=True, exist_ok=True)
     make_storage(storage_url, cfg)  # a storage that does not answer fails before any MLflow store is made
     uri = tracking.resolve_tracking_uri(tracking_uri)
     tracking.setup(uri)

@@ -309,17 +309,18 @@ def run_ui(tracking_uri: str | None = None, port: int = 5000, host: str = "127.0
 
     `host` other than loopback serves other machines and prints a warning (and how to add authentication);
     `auth` runs MLflow's basic-auth app (MLFLOW_AUTH_ADMIN_PASSWORD in the environment)."""
-    from pipeline.stores import project_home, require_store, resolve_tracking_uri
+    from pipeline.stores import project_home, require_store, resolve_tracking_uri, sqlite_path
 
     uri = resolve_tracking_uri(tracking_uri)  # the project's store, not the current folder's
     if uri.startswith(("http://", "https://")):
         print(f"the tracking store is already a server: open {masked(uri)}")
         return
-    if not uri.startswith("sqlite:///"):
+    db = sqlite_path(uri)
+    if db is None:
         artifacts = project_home() / "mlruns" / "artifacts"
     else:
         require_store(uri, "ui")  # opening it would create an empty store
-        artifacts = Path(uri.removeprefix("sqlite:///")).parent / "artifacts"
+        artifacts = db.parent / "artifacts"
     _check_port(port, host)
     warning = remote_warning(host, auth)
     if warning:
