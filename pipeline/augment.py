@@ -19,15 +19,12 @@ import math
 import keras
 from keras import ops
 
-from pipeline.config import AugmentConfig
+from pipeline.config import AugmentConfig, check_section
 
 # Out-of-image pixels become black, like a collimated or shifted film; "reflect" (Keras' default) would
 # mirror ribs and lung edges into the border, shapes a model could mistake for opacities.
 FILL_MODE = "constant"
 VALUE_RANGE = (0.0, 1.0)
-# Upper bounds (exclusive): a turn, a zoom or shift by the whole size, zero contrast are not augmentations.
-LIMITS = {"rotation": 0.5, "zoom": 1.0, "translation": 1.0, "contrast": 1.0, "brightness": 1.0,
-          "gamma": 1.0, "noise": 0.5, "blur": 1.0}
 
 
 def augmentation_block(cfg: AugmentConfig, seed: int) -> keras.Sequential | None:
@@ -35,10 +32,7 @@ def augmentation_block(cfg: AugmentConfig, seed: int) -> keras.Sequential | None
 
     Each layer gets its own seed (seed, seed+1, ...) so two layers never draw the same random numbers.
     """
-    for key, high in LIMITS.items():
-        value = getattr(cfg, key)
-        if not 0 <= value < high:
-            raise ValueError(f"augment.{key} must be in [0, {high}), got {value!r}")
+    check_section("augment", cfg)  # the ranges of pipeline/config.py:BOUNDS (a config built in code too)
     seeds = itertools.count(seed)
     layers: list[keras.Layer] = []
     if cfg.horizontal_flip:

@@ -156,14 +156,7 @@ def cmd_evaluate(a):
     from pipeline.scoring import evaluate_model
 
     report = evaluate_model(a.model, a.data, a.split, tracking_uri=a.tracking_uri, out=a.out, shift=a.shift,
-                            shift_max_images=a.shift_max_images)
-    if a.split in ("test", "all"):  # a read of a test split (or a whole external set) goes into the ledger
-        from pipeline import holdout, tracking
-
-        uri = tracking.resolve_tracking_uri(a.tracking_uri)
-        holdout.record(tracking.setup(uri), uri, digest=report["dataset_digest"], split=a.split,
-                       command="evaluate", versions=[str(report["version"])], data_dir=a.data,
-                       answered={"auc": report["metrics"]["auc"], "model": a.model})
+                            shift_max_images=a.shift_max_images)  # a test read is recorded in the ledger
     print(report["table"])
     print(f"wrote {report['path']}")
 
@@ -177,8 +170,13 @@ def cmd_demo(a):
 def cmd_promote(a):
     _read_only(a)  # it moves an alias at most: a store without registered models cannot be promoted from
     from pipeline.config import PromoteConfig, load_config
-    from pipeline.registry import format_decision, promote
+    from pipeline.registry import format_decision, promote, rule_of
 
+    # Every argument is checked before anything is written: --ensemble registers a version.
+    if a.set and not a.config:
+        raise UsageError("--set needs --config (the experiment file whose [promote] section it overrides)")
+    cfg = load_config(a.config, a.set).promote if a.config else PromoteConfig()
+    rule_of(cfg)
     version, metric = a.version, a.metric
     if a.ensemble is not None:  # build and register the ensemble, then gate it like any candidate
         from pipeline.ensemble import EnsembleError, build_ensemble, gate_metric, summary
@@ -190,9 +188,6 @@ def cmd_promote(a):
                                tracking_uri=a.tracking_uri)
         print(summary(built))
         version, metric = built.version, gate_metric(built)
-    cfg = load_config(a.config, a.set).promote if a.config else PromoteConfig()
-    if a.set and not a.config:
-        raise UsageError("--set needs --config (the experiment file whose [promote] section it overrides)")
     decision = promote(a.model_name, a.data, study=a.study, metric=metric, config=cfg, externals=a.external,
                        dry_run=a.dry_run, version=version, tracking_uri=a.tracking_uri,
                        log_images=a.log_images)

@@ -210,11 +210,11 @@ BOUNDS: dict[str, tuple[float, float, bool]] = {
     "model.stem_filters": (0, INF, False),
     "model.dropout": (0, 1, True),
     "model.dense_units": (0, INF, False),
-    "augment.rotation": (0, 1, False),  # fraction of a full turn
-    "augment.zoom": (0, 1, True),
+    "augment.rotation": (0, 0.5, True),  # fraction of a full turn; half a turn would be upside down
+    "augment.zoom": (0, 1, True),  # a zoom or shift by the whole size is not an augmentation
     "augment.translation": (0, 1, True),
-    "augment.contrast": (0, 1, False),
-    "augment.brightness": (0, 1, False),
+    "augment.contrast": (0, 1, True),  # 1 would allow zero contrast
+    "augment.brightness": (0, 1, True),
     "train.epochs": (1, INF, False),
     "train.steps_per_epoch": (0, INF, False),
     "train.learning_rate": (1e-12, INF, False),  # > 0
@@ -235,14 +235,21 @@ BOUNDS: dict[str, tuple[float, float, bool]] = {
     "augment.blur": (0, 1, True),  # blur/sharpen weight; 1 = a full box blur
     "train.label_smoothing": (0, 0.5, True),  # 0.5 would make every label 0.5
     "train.shift_max_images": (0, INF, False),
+    "promote.alpha": (1e-12, 1, True),  # in (0, 1)
+    "promote.margin": (0, INF, False),
+    "promote.holdout_budget": (0, INF, False),
+    "promote.holdout_threshold": (0, INF, False),
+    "promote.holdout_sigma": (0, INF, False),
+    "promote.bootstrap": (0, INF, False),
 }
 
 
 def _range_text(key: str) -> str:
     low, high, high_open = BOUNDS[key]
+    positive = 0 < low < 1e-6  # a tiny inclusive low bound stands for "> 0"
     if high == INF:
-        return "> 0" if 0 < low < 1e-6 else f">= {low:g}"
-    return f"in [{low:g}, {high:g}{')' if high_open else ']'}"
+        return "> 0" if positive else f">= {low:g}"
+    return f"in {'(0' if positive else f'[{low:g}'}, {high:g}{')' if high_open else ']'}"
 
 
 def check_range(key: str, value: Any) -> None:
@@ -299,8 +306,28 @@ def _check(key: str, value: Any) -> Any:
     return value
 
 
+def check_section(section: str, values) -> None:
+    """Every key of one section against CHOICES and BOUNDS: for a section built in code (a test, a notebook, a
+    benchmark) rather than read from a file, so a bad value is the same one-line ConfigError either way."""
+    for f in dataclasses.fields(values):
+        key, value = f"{section}.{f.name}", getattr(values, f.name)
+        allowed = CHOICES.get(key)
+        if allowed and value not in allowed:
+            raise ConfigError(f"config key {key!r} must be one of {', '.join(allowed)}, got {value!r}")
+        check_range(key, value)
+
+
+def check_model(m: ModelConfig) -> None:
+    """The model section alone: its values and the settings only wrong together. The one check that needs the
+    image size (blocks that shrink it to nothing) is pipeline.model's."""
+    check_section("model", m)
+    if m.residual and m.padding != "same":
+        raise ConfigError("model.residual needs model.padding = 'same' (the shortcut must match the conv output)")
+
+
 def check_consistency(cfg: Config) -> None:
     """Settings that are only wrong together (each alone passed `_check`)."""
+    check_model(cfg.model)
     t = cfg.train
     if t.threshold_policy == "sensitivity" and not t.target_sensitivity > 0:
         raise ConfigError("train.threshold_policy = 'sensitivity' needs train.target_sensitivity in (0, 1]")

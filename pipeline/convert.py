@@ -47,7 +47,7 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.dicom import DicomError, load_image_file, read_dicom
-from pipeline.errors import InputError, PneumoError
+from pipeline.errors import InputError, PneumoError, one_line
 from pipeline.files import atomic_write_text, fsync_dir, sha256_file
 from pipeline.records import SCHEMA_VERSION, Record, encode_example, frame_record
 
@@ -130,7 +130,7 @@ def _decode(item: Item, kind: str, size: int) -> tuple[str, bytes | str, int]:
         else:
             rec = Record(load_image_file(item.path, size), item.label, item.patient_id)
     except (DicomError, ValueError, OSError) as e:
-        return "rejected", " ".join(str(e).split()) or type(e).__name__, item.label
+        return "rejected", one_line(e), item.label
     return "ok", frame_record(encode_example(rec)), item.label
 
 

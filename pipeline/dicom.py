@@ -124,6 +124,10 @@ class DicomError(InputError):
         super().__init__(_clean(reason))
 
 
+class MultiFrameError(DicomError):
+    """A multi-frame DICOM (a cine, a tomosynthesis stack): valid, but not the single 2-D frame the model reads."""
+
+
 class ImageError(InputError):
     """One-line reason a PNG/JPEG file could not be turned into an image (same contract as DicomError)."""
 
@@ -313,7 +317,7 @@ def _check_pixel_module(ds: Dataset) -> tuple[int, int]:
         )
     frames = _number_of_frames(ds)
     if frames > 1:
-        raise DicomError(f"multi-frame image ({frames} frames) not supported: expected a single 2-D frame")
+        raise MultiFrameError(f"multi-frame image ({frames} frames) not supported: expected a single 2-D frame")
     samples = _int_element(ds, "SamplesPerPixel")
     photometric = str(ds.PhotometricInterpretation).strip().upper()
     if photometric in _GREY or photometric == "PALETTE COLOR":
@@ -649,6 +653,27 @@ def scope_warning(img: DicomImage) -> str:
     if img.body_part and img.body_part != "CHEST":
         problems.append(f"BodyPartExamined {img.body_part} is not CHEST")
     return "; ".join(problems)
+
+
+@dataclass(frozen=True)
+class Screened:
+    """A DICOM read for scoring (`pneumo predict` and the served model make the same call)."""
+    image: DicomImage | None  # None when there is nothing to score
+    out_of_scope: str = ""  # why it is not a single-frame chest radiograph ("" when it is)
+    error: str = ""  # why it could not be read at all ("" when it could)
+
+
+def screen_dicom(path: str | os.PathLike, size: int) -> Screened:
+    """read_dicom, then the scope check: a multi-frame file is out of scope (no image); a header that is not a
+    chest radiograph is out of scope with its image (`pneumo predict --force` still scores it); a file that
+    cannot be decoded is an error. Never raises DicomError."""
+    try:
+        img = read_dicom(path, size)
+    except MultiFrameError as e:
+        return Screened(None, out_of_scope=f"not a single 2-D frame: {e}")
+    except DicomError as e:
+        return Screened(None, error=str(e))
+    return Screened(img, out_of_scope=scope_warning(img))
 
 
 def load_image_file(path: str | os.PathLike, size: int) -> np.ndarray:

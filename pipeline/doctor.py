@@ -16,10 +16,9 @@ import sqlite3
 import sys
 import urllib.error
 import urllib.request
-from pathlib import Path
 
-from pipeline.errors import PneumoError
-from pipeline.stores import masked, resolve_optuna_storage, resolve_tracking_uri
+from pipeline.errors import PneumoError, one_line
+from pipeline.stores import masked, resolve_optuna_storage, resolve_tracking_uri, sqlite_path
 
 PACKAGES = ("pneumo", "tensorflow", "keras", "jax", "mlflow", "optuna", "pydicom", "numpy")
 PROBE_TIMEOUT = 5  # seconds: a store that takes longer than this to say hello is reported as not answering
@@ -38,7 +37,7 @@ def _version(name: str) -> str:
 
 def probe_sqlite(url: str) -> tuple[bool, str]:
     """(answers, detail) for `sqlite:///path`, opened read-only: a missing file is not created."""
-    path = Path(url.removeprefix("sqlite:///"))
+    path = sqlite_path(url)
     if not path.exists():
         return True, f"not created yet ({path.resolve()}; the first command that writes to it creates it)"
     try:
@@ -69,7 +68,7 @@ def probe_database(url: str) -> tuple[bool, str]:
             conn.execute(sqlalchemy.text("SELECT 1"))
         engine.dispose()
     except Exception as e:  # driver missing, refused, auth: the reason is the line
-        return False, f"does not answer: {' '.join(str(e).split())[:200]}"
+        return False, f"does not answer: {one_line(e)[:200]}"
     return True, "answers (SELECT 1)"
 
 
@@ -93,13 +92,16 @@ def report(tracking_uri: str | None = None, storage: str | None = None) -> tuple
     try:
         gpus = devices.physical_gpus()
         names = ", ".join(g.name for g in gpus) or "none"
+        # what training will pick, asked of the functions training asks (they consult JAX under KERAS_BACKEND=jax)
+        precision, jit = devices.auto_precision(), devices.auto_jit()
     except Exception as e:  # a broken CUDA install still gets the rest of the report
-        gpus, names = [], f"unknown ({type(e).__name__}: {str(e)[:120]})"
+        names = f"unknown ({type(e).__name__}: {str(e)[:120]})"
+        precision, jit = "float32", False
     lines.append(f"GPUs          {names}; CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES', '(unset)')}; "
                  f"tune --workers default {devices.default_workers()}")
-    lines.append(f"precision     auto -> {'mixed_float16' if gpus else 'float32'}")
-    lines.append(f"XLA           auto -> {'on' if gpus else 'off'}"
-                 + (" (with augment.xla_safe = true for rotation/zoom/translation)" if gpus else ""))
+    lines.append(f"precision     auto -> {precision}")
+    lines.append(f"XLA           auto -> {'on' if jit else 'off'}"
+                 + (" (with augment.xla_safe = true for rotation/zoom/translation)" if jit else ""))
     failed = []
     for what, url in (("MLflow store", resolve_tracking_uri(tracking_uri)),
                       ("Optuna store", resolve_optuna_storage(storage))):

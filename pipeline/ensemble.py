@@ -19,7 +19,8 @@ Averaging probabilities (not logits) bounds each member's share of the output to
 member cannot dominate.
 
 Members: the READY versions of the registered model in `--study`, ranked by the study metric (the version tag
-named by `--metric`: today `val_auc`; any metric tag ranks, via `registry.rank_candidates`), trained on the
+named by `--metric`, by default the one the study optimised; any metric tag ranks, via
+`registry.rank_candidates`), trained on the
 same dataset as the best one, never an earlier ensemble. Mixed members (image sizes, metadata inputs) are
 refused with a one-line reason.
 """
@@ -113,21 +114,35 @@ def select_members(client, model: str, study: str, k: int, metric: str) -> tuple
     return same[:k], skipped
 
 
-METRICS_HERE = ("val_auc", "val_auc_pr", "val_loss")  # study metrics the ensemble's own value is computed for
+# study metrics the ensemble's own value is computed for (the shift ones by the same battery training runs)
+METRICS_HERE = ("val_auc", "val_auc_pr", "val_loss", "val_auc_shift_mean", "val_auc_shift_min")
 
 
-def _metric_value(metric: str, metrics: dict, y, p_raw) -> float | None:
+def _metric_value(metric: str, metrics: dict, y, p_raw, shifted) -> float | None:
     """The study metric of the ensemble on validation, where it can be computed here (None otherwise)."""
     from pipeline.calibration import nll
 
-    known = {"val_auc": metrics["auc"], "val_auc_pr": metrics["auc_pr"], "val_loss": nll(y, p_raw)}
+    known = {"val_auc": metrics["auc"], "val_auc_pr": metrics["auc_pr"], "val_loss": nll(y, p_raw),
+             **(shifted.metrics() if shifted is not None else {})}
     return known.get(metric)
 
 
-def build_ensemble(model: str, study: str | None, k: int, *, metric: str = "val_auc",
+def members_recipe(client, run_id: str):
+    """The threshold policy of a member's training run (its logged `train.*` params) as a Config, so the
+    ensemble decides its operating threshold the way its members were trained to (pipeline.train)."""
+    from pipeline.config import Config
+
+    params = client.get_run(run_id).data.params
+    cast = {"train.threshold_policy": str, "train.target_sensitivity": float, "train.shift_max_images": int,
+            "train.shift_seed": int, "model.metadata_inputs": lambda v: v == "True"}
+    return Config().with_values({key: f(params[key]) for key, f in cast.items() if key in params})
+
+
+def build_ensemble(model: str, study: str | None, k: int, *, metric: str | None = None,
                    data_dir: str | Path | None = None, tracking_uri: str | None = None,
                    batch_size: int = 64) -> EnsembleResult:
-    """Build, calibrate, log and register the ensemble of the top `k` versions of `study`; -> the new version.
+    """Build, calibrate, log and register the ensemble of the top `k` versions of `study` by `metric` (None: the
+    metric the study optimised); -> the new version.
 
     Logged as an MLflow run `ensemble-top<k>` in the study's experiment: validation metrics of the calibrated
     ensemble and of every member, the temperature, ECE before/after, the reliability diagram, the model."""
@@ -138,12 +153,15 @@ def build_ensemble(model: str, study: str | None, k: int, *, metric: str = "val_
     from pipeline.calibration import apply_temperature, expected_calibration_error, fit_temperature
     from pipeline.manifest import DataError, load_manifest
     from pipeline.model_store import load_keras, model_uses_meta
+    from pipeline.registry import study_metric, versions
     from pipeline.scoring import predict_split
+    from pipeline.train import decide_threshold, shift_battery
 
     if not study:
         raise EnsembleError("--ensemble needs --study: an ensemble is built from one study's versions")
     uri = tracking.resolve_tracking_uri(tracking_uri)
     client = tracking.setup(uri)
+    metric = metric or study_metric(versions(client, model), study)
     chosen, _ = select_members(client, model, study, k, metric)
     digest = chosen[0].digest
     data_dir = str(data_dir or chosen[0].data_dir or "")
@@ -167,15 +185,22 @@ def build_ensemble(model: str, study: str | None, k: int, *, metric: str = "val_
     except ValueError as e:
         raise EnsembleError(f"{data_dir}: cannot calibrate the ensemble on its validation split: {e}") from None
     p = apply_temperature(p_raw, temperature)
-    threshold = ev.choose_threshold(y, p)  # Youden's J on calibrated probabilities, as training chooses it
+    # The best member's threshold policy, decided where training decides it (raw scale, then moved onto the
+    # calibrated one: temperature scaling is monotone, so the decisions are the same).
+    recipe = members_recipe(client, chosen[0].run_id)
+    needs_shift = recipe.train.threshold_policy == "robust" or metric.startswith("val_auc_shift")
+    shifted = shift_battery(ensemble, recipe, Path(data_dir)) if needs_shift else None
+    threshold_raw, policy_note = decide_threshold(recipe, y, p_raw, shifted)
+    threshold = float(apply_temperature(threshold_raw, temperature))
     metrics = ev.compute_metrics(y, p, threshold)
     ece = (expected_calibration_error(y, p_raw), expected_calibration_error(y, p))
-    value = _metric_value(metric, metrics, y, p_raw)
+    value = _metric_value(metric, metrics, y, p_raw, shifted)
     members_tag = ",".join(labels)
 
     exp_id = tracking.ensure_experiment(study, uri)
     tags = {"study": study, "kind": "ensemble", MEMBERS_TAG: members_tag, "dataset_digest": digest,
             "temperature": repr(float(temperature)), "threshold": repr(float(threshold)),
+            "threshold_policy": policy_note,
             "mlflow.note.content": (f"Ensemble (mean probability) of {model} versions {members_tag}, the top {k} "
                                     f"of study {study} by {metric}; calibrated on validation (T={temperature:.3f}, "
                                     f"ECE {ece[0]:.4f} -> {ece[1]:.4f}); val AUC {metrics['auc']:.4f}")}
@@ -187,6 +212,8 @@ def build_ensemble(model: str, study: str | None, k: int, *, metric: str = "val_
                   if isinstance(v, int | float) and math.isfinite(v)}
         logged.update(temperature=temperature, threshold=threshold, val_ece=ece[0], val_ece_calibrated=ece[1])
         logged.update({f"member_v{c.version}_{metric}": c.value for c in chosen})
+        if shifted is not None:
+            logged.update(shifted.metrics())
         if value is not None and metric != "val_auc":
             logged[f"final_{metric}"] = value
         mlflow.log_metrics(logged)
@@ -209,9 +236,9 @@ def build_ensemble(model: str, study: str | None, k: int, *, metric: str = "val_
                     "val_auc": f"{metrics['auc']:.6f}"}
     if value is not None:
         version_tags[metric] = f"{value:.6f}"
-    study_metric = {c.tags.get("metric") for c in chosen}  # the study's metric name, where tune tags it
-    if len(study_metric) == 1 and None not in study_metric:
-        version_tags["metric"] = study_metric.pop()
+    optimised = {c.tags.get("study_metric") for c in chosen}  # the study's metric name, as pneumo tune tags it
+    if len(optimised) == 1 and None not in optimised:
+        version_tags["study_metric"] = optimised.pop()
     for key, val in version_tags.items():
         client.set_model_version_tag(model, version, key, val)
     return EnsembleResult(version=version, run_id=run_id, members=labels, metric=metric, val_metrics=metrics,

@@ -30,7 +30,6 @@ Where it is called:
 from __future__ import annotations
 
 import functools
-import os
 import sys
 import tempfile
 from collections.abc import Iterable
@@ -305,19 +304,13 @@ def overlay(image_u8, heat, prob: float, *, boxes=None, title: str | None = None
 
 
 def save_png(rgb: np.ndarray, path: str | Path) -> Path:
-    """Atomic: a temp file in the same folder, then rename (a reader never sees half a PNG)."""
+    """Atomic (pipeline.files: a reader never sees half a PNG)."""
     from PIL import Image
 
+    from pipeline.files import atomic_write
+
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            Image.fromarray(np.asarray(rgb, dtype=np.uint8)).save(fh, format="PNG")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write(path, lambda fh: Image.fromarray(np.asarray(rgb, dtype=np.uint8)).save(fh, format="PNG"))
     return path
 
 

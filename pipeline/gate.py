@@ -49,7 +49,8 @@ class Rule:
         ext = (f"; non-inferior (margin {self.margin:g}) on external {', '.join(self.require_external)}"
                if self.require_external else "")
         return (f"{head}{ext}; a first champion needs its AUC's lower {level} bound above {self.floor_auc:g} "
-                "and its accuracy's lower bound above the majority baseline")
+                "and its accuracy's lower bound above the majority baseline"
+                + (f" {self.floor_accuracy_margin:+g}" if self.floor_accuracy_margin else ""))
 
 
 @dataclass
@@ -95,12 +96,6 @@ def floor_check(metrics: dict, rule: Rule) -> tuple[bool, str]:
     return ok_auc and ok_acc, words
 
 
-def _difference_words(c: dict) -> str:
-    return (f"difference {ev.fmt_ci(c['diff'], c['delong_ci_low'], c['delong_ci_high'], sign=True)} (clustered "
-            f"DeLong, p={ev.fmt(c['delong_p'])}; paired cluster bootstrap "
-            f"{ev.fmt_ci(c['diff'], c['ci_low'], c['ci_high'], sign=True)})")
-
-
 @dataclass
 class Verdict:
     outcome: str  # "promoted" | "rejected"
@@ -126,11 +121,11 @@ def decide(rule: Rule, candidate: Evaluation, champion: Evaluation | None, compa
         if rule.policy == "superiority":
             ok = math.isfinite(low) and low > 0
             checks.append(("superiority (internal test)", ok,
-                           f"{_difference_words(c)}: lower bound {'above' if ok else 'NOT above'} 0"))
+                           f"{ev.fmt_difference(c)}: lower bound {'above' if ok else 'NOT above'} 0"))
         else:
             ok = math.isfinite(low) and low > -rule.margin
             checks.append(("non-inferiority (internal test)", ok,
-                           f"{_difference_words(c)}: lower bound {'above' if ok else 'NOT above'} "
+                           f"{ev.fmt_difference(c)}: lower bound {'above' if ok else 'NOT above'} "
                            f"-{rule.margin:g}"))
             better = (champion_value is not None and math.isfinite(candidate_value)
                       and math.isfinite(champion_value)
@@ -149,7 +144,7 @@ def decide(rule: Rule, candidate: Evaluation, champion: Evaluation | None, compa
         else:
             low = cmp["delong_ci_low"]
             ok = math.isfinite(low) and low > -rule.margin
-            words = f"{_difference_words(cmp)}: lower bound {'above' if ok else 'NOT above'} -{rule.margin:g}"
+            words = f"{ev.fmt_difference(cmp)}: lower bound {'above' if ok else 'NOT above'} -{rule.margin:g}"
         checks.append((f"external {name}", ok, words))
     failed = [f"{n}: {w}" for n, ok, w in checks if not ok]
     if not failed:

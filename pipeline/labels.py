@@ -8,8 +8,8 @@ Two label sources become one record per patient:
 `split_patients` then assigns every patient to exactly one of train/val/test, stratified by label, so that no
 patient's images leak across splits.
 
-This module is imported by the converter's workers: it must stay cheap (numpy and pandas only; sklearn is
-imported inside `split_patients`, never TensorFlow or MLflow).
+The converter imports this module in its parent process only (its decode workers never do); it stays cheap
+all the same: numpy and pandas, no sklearn (`_split_off` says why), TensorFlow or MLflow.
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ import numpy as np
 import pandas as pd
 
 from pipeline.errors import InputError
+from pipeline.inputs import IMAGE_SUFFIXES
 
 __all__ = [
     "KERMANY_PATIENT_REGEX",
@@ -51,7 +52,6 @@ MAX_BOX_EXTENT = 8192
 # NORMAL2-IM-1427-0001.jpeg -> NORMAL2-IM-1427. Covers every file of kermany-224/train (see tests).
 KERMANY_PATIENT_REGEX = r"^(person\d+|NORMAL2-IM-\d+|IM-\d+)"
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 CLASS_DIRS = (("NORMAL", 0), ("PNEUMONIA", 1))
 SPLITS = ("train", "val", "test")
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from pipeline.errors import InputError
+from pipeline.errors import InputError, one_line
 
 
 class DataError(InputError):
@@ -20,7 +20,7 @@ def load_manifest(data_dir: str | Path) -> dict:
     except FileNotFoundError:
         raise DataError(f"{path} not found: run `pneumo convert` first (or pass --data)") from None
     except (OSError, ValueError) as e:
-        raise DataError(f"{path}: unreadable manifest ({' '.join(str(e).split())})") from None
+        raise DataError(f"{path}: unreadable manifest ({one_line(e)})") from None
     if not isinstance(manifest, dict) or "splits" not in manifest or "digest" not in manifest:
         raise DataError(f"{path}: not a manifest written by `pneumo convert` (no splits or digest)")
     return manifest

@@ -438,6 +438,12 @@ def subgroup_metrics(y_true, y_prob, threshold, groups: dict, *, n_boot: int = 2
 
 
 # --- text and JSON --------------------------------------------------------------------------------------
+def lower_is_better(metric: str) -> bool:
+    """The direction of a metric by its name (a loss or a Brier score falls as a model improves): the one rule
+    the study's direction (pipeline/tune.py) and the registry's ranking (pipeline/registry.py) share."""
+    return metric.endswith(("loss", "brier"))
+
+
 def fmt(x, digits: int = 3, sign: bool = False) -> str:
     """A number for a table or card: fixed digits, "n/a" for None/NaN/inf (the one home of this rule)."""
     if x is None or (isinstance(x, float) and not math.isfinite(x)):
@@ -453,6 +459,14 @@ def fmt_ci(value, low, high, digits: int = 3, sign: bool = False) -> str:
 def fmt_metric_ci(m: dict, key: str, digits: int = 3) -> str:
     """`m[key] [m[key_ci_low], m[key_ci_high]]` from a compute_metrics-like dict."""
     return fmt_ci(m.get(key), m.get(key + "_ci_low"), m.get(key + "_ci_high"), digits)
+
+
+def fmt_difference(c: dict) -> str:
+    """A paired AUC comparison (`compare_aucs`-like dict): the difference with its clustered-DeLong interval and
+    p, and the paired cluster bootstrap's interval and p. The one wording the gate, the card and the record use."""
+    return (f"difference {fmt_ci(c['diff'], c.get('delong_ci_low'), c.get('delong_ci_high'), sign=True)} "
+            f"(clustered DeLong, p={fmt(c.get('delong_p'))}; paired cluster bootstrap "
+            f"{fmt_ci(c['diff'], c.get('ci_low'), c.get('ci_high'), sign=True)}, p={fmt(c.get('p_value'))})")
 
 
 _f, _ci = fmt, fmt_ci  # short names used below

@@ -16,6 +16,7 @@ import math
 
 from pipeline import plots
 from pipeline.metrics import fmt as _f
+from pipeline.metrics import fmt_difference
 from pipeline.metrics import fmt_metric_ci as _ci
 
 
@@ -106,11 +107,7 @@ def render(*, model: str, version: str, metrics: dict, subgroups: list[dict], th
     if comparison and champion:
         lines += [
             f"## Gate: compared with the previous champion (version {champion})",
-            f"- Test AUC {_f(comparison['auc_a'])} vs {_f(comparison['auc_b'])}: difference "
-            f"{_f(comparison['diff'], sign=True)} [clustered DeLong CI {_f(comparison.get('delong_ci_low'), sign=True)}, "
-            f"{_f(comparison.get('delong_ci_high'), sign=True)}], DeLong p = {_f(comparison.get('delong_p'))}; "
-            f"paired cluster bootstrap CI [{_f(comparison['ci_low'], sign=True)}, "
-            f"{_f(comparison['ci_high'], sign=True)}], p = {_f(comparison['p_value'])}.",
+            f"- Test AUC {_f(comparison['auc_a'])} vs {_f(comparison['auc_b'])}: {fmt_difference(comparison)}.",
             f"- {significance(comparison)}",
             "",
         ]

@@ -39,35 +39,6 @@ def champion_uri(model: str = MODEL_NAME) -> str:
     return f"models:/{model}@{CHAMPION}"
 
 
-def source_run(uri: str) -> tuple[str | None, dict, str | None]:
-    """(run id, version tags, version) behind a model URI: `runs:/<id>/...` and `models:/m-<id>` have no
-    version and no tags."""
-    from mlflow import MlflowClient
-
-    client = MlflowClient()
-    if uri.startswith("runs:/"):
-        return uri.removeprefix("runs:/").split("/")[0], {}, None
-    if uri.startswith("models:/"):
-        name, _, ref = uri.removeprefix("models:/").partition("@")
-        if not ref and "/" not in name and name.startswith("m-"):
-            # MLflow 3's logged-model id (`models:/m-<id>`, what log_model returns): no version, no tags.
-            return client.get_logged_model(name).source_run_id, {}, None
-        if ref:
-            mv = client.get_model_version_by_alias(name, ref)
-        else:
-            name, _, version = name.partition("/")
-            if not version:  # MLflow 3's logged-model URI (models:/m-<id>): no registered version, no tags
-                return None, {}, None
-            mv = client.get_model_version(name, version)
-        return mv.run_id, dict(mv.tags), str(mv.version)
-    return None, {}, None
-
-
-def _tag(name: str, version_tags: dict, run_tags: dict) -> str | None:
-    """A version's own tag wins over its training run's (promotion may re-fit, training set the first)."""
-    return version_tags.get(name, run_tags.get(name))
-
-
 def local_artifacts(uri: str) -> str:
     """The model's files on this machine (a local artifact store answers with its own folder, not a copy)."""
     import mlflow
@@ -75,20 +46,22 @@ def local_artifacts(uri: str) -> str:
     return mlflow.artifacts.download_artifacts(artifact_uri=uri)
 
 
-def load_keras(uri: str):
+def load_keras(uri: str, found=None):
     """The Keras model behind an MLflow URI: the `keras_model` artifact inside the serving pyfunc
     (`pipeline.serving`), or a model logged with MLflow's Keras flavour before the pyfunc existed; its files
-    verified against the version's `model_sha256` tag (recorded at promotion) when it has one."""
+    verified against the version's `model_sha256` tag (recorded at promotion) when it has one. `found` (a
+    `version_tags.VersionTags` already looked up) pins an alias to the version whose tags the caller holds."""
     import mlflow
     from mlflow.models import Model
 
     import pipeline.augment  # noqa: F401  (registers RandomAffine, should the model use it)
+    from pipeline import version_tags
     from pipeline.model import load_network
     from pipeline.serving import KERAS_ARTIFACT
 
-    _, version_tags, _ = source_run(uri)
-    local = Path(local_artifacts(uri))
-    verify(uri, str(local), version_tags.get(SHA_TAG))
+    found = found or version_tags.of_uri(uri)
+    local = Path(local_artifacts(found.uri or uri))  # the version found, even if the alias has moved since
+    verify(uri, str(local), found.own.get(SHA_TAG))
     flavors = Model.load(local / "MLmodel").flavors
     if "keras" in flavors:
         return mlflow.keras.load_model(str(local))
@@ -141,17 +114,15 @@ def load(uri: str, tracking_uri: str | None = None, threshold: float | None = No
          require_threshold: bool = True) -> LoadedModel:
     """The model behind `uri` with its threshold, temperature and dataset digest; `threshold` overrides the
     stored one. ModelError (one line, naming the URI and the store) when anything is missing."""
-    from mlflow import MlflowClient
     from mlflow.exceptions import MlflowException
 
-    from pipeline import tracking
+    from pipeline import tracking, version_tags
 
     resolved = tracking.resolve_tracking_uri(tracking_uri)
     tracking.setup(tracking_uri)
     try:
-        run_id, version_tags, version = source_run(uri)
-        model = load_keras(uri)
-        run_tags = dict(MlflowClient().get_run(run_id).data.tags) if run_id else {}
+        found = version_tags.of_uri(uri)  # once: the network, threshold and temperature of one version
+        model = load_keras(uri, found)
     except MlflowException as e:
         # No such model, version or alias (MLflow answers RESOURCE_DOES_NOT_EXIST, or INVALID_PARAMETER_VALUE
         # for an unknown alias) is the caller's choice of URI; anything else is the store failing.
@@ -160,16 +131,15 @@ def load(uri: str, tracking_uri: str | None = None, threshold: float | None = No
         hint = f" ({FILLED_BY['tracking']} registers models)" if missing else ""
         raise error(f"model {uri} in store {tracking.masked(resolved)}: "
                     f"{' '.join(str(e.message).split())[:300]}{hint}") from None
-    tags = {**run_tags, **version_tags}
     if threshold is None:
-        stored = _tag("threshold", version_tags, run_tags)
+        stored = found.get("threshold")
         threshold = float(stored) if stored is not None else None
     if threshold is None and require_threshold:
         raise ModelError(f"model {uri} has no stored threshold (tag `threshold` on its version or run): "
                          "pass --threshold")
-    temperature = float(_tag("temperature", version_tags, run_tags) or 1.0)
-    return LoadedModel(model=model, uri=uri, version=version or (f"run:{run_id}" if run_id else uri),
-                       threshold=threshold, temperature=temperature,
-                       digest=_tag("dataset_digest", version_tags, run_tags) or "",
+    temperature = float(found.get("temperature") or 1.0)
+    run_id = found.run_id
+    return LoadedModel(model=model, uri=uri, version=found.version or (f"run:{run_id}" if run_id else uri),
+                       threshold=threshold, temperature=temperature, digest=found.get("dataset_digest") or "",
                        image_size=int(model.inputs[0].shape[1]), uses_meta=model_uses_meta(model),
-                       run_id=run_id, tags=tags)
+                       run_id=run_id, tags=found.tags)

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.dicom import RADIOGRAPH_MODALITIES, DicomError, read_dicom, scope_warning  # noqa: F401
+from pipeline.dicom import screen_dicom
 from pipeline.errors import InputError
 from pipeline.inputs import collect_paths, meta_batch
 from pipeline.model_store import LoadedModel, champion_uri, load
@@ -33,17 +33,16 @@ class PredictError(InputError):
 
 def _decode(path: Path, size: int, force: bool) -> dict:
     row = {"path": str(path), "patient_id": "", "status": "ok", "warning": "", "error": ""}
-    try:
-        img = read_dicom(path, size)
-    except DicomError as e:
-        reason = str(e)
-        if reason.startswith("multi-frame"):
-            row.update(status="skipped", warning=f"not a single 2-D frame: {reason}")
-        else:
-            row.update(status="error", error=reason)
+    screened = screen_dicom(path, size)
+    img = screened.image
+    if screened.error:
+        row.update(status="error", error=screened.error)
+        return row
+    if img is None:  # multi-frame: out of scope, and nothing to score even with --force
+        row.update(status="skipped", warning=screened.out_of_scope)
         return row
     row["patient_id"] = img.patient_id
-    row["warning"] = scope_warning(img)
+    row["warning"] = screened.out_of_scope
     if row["warning"] and not force:
         row["status"] = "skipped"
     if row["status"] == "ok":

@@ -252,15 +252,11 @@ def format_decision(d: Decision) -> str:
                 lines.append(_row(f"champ. v{d.champion} @ {x.name}", x.champion))
     if d.comparison:
         k = d.comparison
-        lines.append(f"{'difference':<28}{ev.fmt_ci(k['diff'], k['delong_ci_low'], k['delong_ci_high'], sign=True)} "
-                     f"clustered DeLong p={f(k['delong_p'])}; paired cluster bootstrap "
-                     f"[{f(k['ci_low'], sign=True)}, {f(k['ci_high'], sign=True)}] p={f(k['p_value'])}")
+        lines.append(f"{'AUC':<28}{ev.fmt_difference(k)}")
     for x in d.externals:
         if x.comparison:
             k = x.comparison
-            lines.append(f"{'difference @ ' + x.name:<28}"
-                         f"{ev.fmt_ci(k['diff'], k['delong_ci_low'], k['delong_ci_high'], sign=True)} "
-                         f"clustered DeLong p={f(k['delong_p'])}")
+            lines.append(f"{'AUC @ ' + x.name:<28}{ev.fmt_difference(k)}")
     if d.holdout:
         answers = "; ".join(f"v{a.version} test AUC answered {f(a.answered)} ({a.source})" for a in d.holdout)
         lines.append(f"holdout    Thresholdout: {answers}; budget left {d.holdout_left} of {d.holdout_budget}")

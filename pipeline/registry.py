@@ -37,9 +37,10 @@ from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 
 from pipeline import gate, holdout, model_card, tracking
-from pipeline.config import PromoteConfig
+from pipeline.config import PromoteConfig, check_section
 from pipeline.errors import InputError
 from pipeline.gate import Evaluation, Rule
+from pipeline.metrics import lower_is_better
 from pipeline.model_store import CHAMPION, MODEL_NAME, SHA_TAG, champion_uri  # noqa: F401  (re-exported)
 from pipeline.promotion_lock import promotion_lock
 from pipeline.promotion_record import PREVIOUS, Candidate, Decision, External, format_decision  # noqa: F401
@@ -57,19 +58,12 @@ def _now() -> str:
 
 
 def rule_of(cfg: PromoteConfig) -> Rule:
-    if not 0 < cfg.alpha < 1:
-        raise RegistryError(f"[promote] alpha must be in (0, 1), got {cfg.alpha}")
-    if cfg.margin < 0:
-        raise RegistryError(f"[promote] margin must be >= 0, got {cfg.margin}")
+    check_section("promote", cfg)  # ranges of pipeline/config.py:BOUNDS, for a PromoteConfig built in code too
     return Rule(policy=cfg.policy, alpha=cfg.alpha, margin=cfg.margin, floor_auc=cfg.floor_auc,
                 floor_accuracy_margin=cfg.floor_accuracy_margin, require_external=tuple(cfg.require_external))
 
 
 # --- candidates ------------------------------------------------------------------------------------------
-def lower_is_better(metric: str) -> bool:
-    return metric.endswith(("loss", "brier"))
-
-
 class _Runs:
     """Training runs looked up once each (a study has tens to hundreds of versions)."""
 

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.data import eval_dataset, load_manifest
+from pipeline.data import eval_dataset, load_manifest, split_count
 from pipeline.model_store import load, model_uses_meta
 
 
@@ -33,7 +33,7 @@ def predict_split(model, data_dir: str | Path, split: str, batch_size: int = 64,
         info["age"] += [int(a) for a in features["age"].numpy()]
         info["boxes"] += [b[b >= 0].reshape(-1, 4) for b in features["boxes"].numpy()]
     y, p = np.concatenate(ys), np.concatenate(ps)
-    expected = load_manifest(data_dir)["splits"][split]["count"]
+    expected = split_count(data_dir, split)
     if len(y) != expected:
         raise RuntimeError(f"{data_dir}: read {len(y)} {split} records, manifest.json says {expected}")
     return y, p, info
@@ -57,9 +57,10 @@ def split_names(data_dir: str | Path, split: str) -> list[str]:
 
 def evaluate_model(uri: str, data_dir: str | Path, split: str = "val", *, tracking_uri: str | None = None,
                    out: str | Path | None = None, n_boot: int = 1000, shift: bool = False,
-                   shift_max_images: int = 0, shift_seed: int = 0) -> dict:
+                   shift_max_images: int = 0, shift_seed: int = 0, command: str = "evaluate") -> dict:
     """`pneumo evaluate`: metrics with patient-clustered CIs, the majority baseline and subgroups; written as
-    JSON. `split="all"` scores every split (an external set that no model was trained on).
+    JSON. `split="all"` scores every split (an external set that no model was trained on). A read of `test` or
+    `all` is an entry in the test ledger (pipeline/holdout.py), named by `command`, whoever the caller.
 
     `shift` adds the generalization report (`pneumo evaluate --shift`): the model's AUC on the same split under
     every perturbation of the shift battery (pipeline/shift.py; `shift_max_images` caps it, 0 = the whole
@@ -79,8 +80,8 @@ def evaluate_model(uri: str, data_dir: str | Path, split: str = "val", *, tracki
         yv, pv, _ = predict_split(lm.model, data_dir, "val")
         threshold = ev.choose_threshold(yv, lm.calibrate(pv))
         threshold_source = "chosen now on the val split (Youden's J)"
-    y, p, info = predict_splits(lm.model, data_dir, split_names(data_dir, split))
-    p = lm.calibrate(p)
+    y, p_raw, info = predict_splits(lm.model, data_dir, split_names(data_dir, split))
+    p = lm.calibrate(p_raw)
     patients = info["patient_id"]
     metrics = ev.compute_metrics(y, p, threshold, n_boot=n_boot, clusters=patients)
     groups = {"view_position": info["view_position"], "sex": info["sex"],
@@ -92,25 +93,31 @@ def evaluate_model(uri: str, data_dir: str | Path, split: str = "val", *, tracki
                "threshold_source": threshold_source, "metrics": metrics, "subgroups": subgroups}
     table = ev.format_table(metrics, subgroups) + f"\nthreshold {threshold:.4f}: {threshold_source}"
     if shift:
-        report = shift_report(lm, data_dir, split, y, p, max_images=shift_max_images, seed=shift_seed)
+        report = shift_report(lm, data_dir, split, y, p_raw, p, max_images=shift_max_images, seed=shift_seed)
         payload["shift"] = {k: v for k, v in report.items() if k != "table"}
         table += "\n\n" + report["table"]
     ev.write_json(path, payload)
+    if split in ("test", "all"):  # every read of a test split (or of a whole external set) goes into the ledger
+        from pipeline import holdout, tracking
+
+        resolved = tracking.resolve_tracking_uri(tracking_uri)
+        holdout.record(tracking.setup(resolved), resolved, digest=manifest["digest"], split=split, command=command,
+                       versions=[str(lm.version)], data_dir=str(data_dir),
+                       answered={"auc": metrics["auc"], "model": uri})
     return {**payload, "table": table, "path": str(path), "probabilities": p, "labels": y,
             "patient_id": patients}
 
 
-def shift_report(lm, data_dir: str | Path, split: str, y, p_calibrated, *, max_images: int = 0,
+def shift_report(lm, data_dir: str | Path, split: str, y, raw, p_calibrated, *, max_images: int = 0,
                  seed: int = 0) -> dict:
     """The generalization part of `pneumo evaluate --shift`: battery AUCs on `split` and ECE before/after
-    calibration (`p_calibrated` are the split's calibrated probabilities, `lm` a model_store.LoadedModel)."""
+    calibration (`raw` and `p_calibrated`: the split's probabilities before and after the model's temperature;
+    `lm` a model_store.LoadedModel)."""
     from pipeline import shift as sh
-    from pipeline.calibration import expected_calibration_error, logit
+    from pipeline.calibration import expected_calibration_error
 
     sample = sh.load_sample(data_dir, split, max_images, seed, with_meta=lm.uses_meta)
     result = sh.score_battery(lm.model, sample, seed=seed)
-    # The raw (uncalibrated) probabilities of the split: undo the temperature, sigmoid(T * logit(p_cal)).
-    raw = 1.0 / (1.0 + np.exp(-logit(p_calibrated) * lm.temperature))
     ece_before, ece_after = expected_calibration_error(y, raw), expected_calibration_error(y, p_calibrated)
     lines = [f"shift battery on the {split} split ({len(sample.labels)} images, seed {seed}; "
              "AUC is unchanged by calibration)", sh.format_table(result), "",

@@ -18,11 +18,11 @@ Raw tensors still work for callers that preprocess themselves: `{"inputs": {"ima
 
 Threshold and temperature: read from the registered version's tags (over its training run's) when the model
 is loaded, not frozen into the artifact. Promotion may re-fit the calibration and re-tag the version after the
-model was logged (pipeline/registry.py), and `pneumo predict` reads the tags the same way
-(`pipeline.model_store.load`), so the server and the CLI give the same answer for the same version. The values
-the training run had when the model was logged travel inside the pyfunc (`model_config`) as the fallback for a
-server that cannot reach the registry. The tags are read once, at load: after a promotion re-tags a version
-(or moves `@champion`), restart the server.
+model was logged (pipeline/registry.py), and `pneumo predict` reads the tags by the same rule
+(`pipeline.version_tags`, shared with `pipeline.model_store.load`), so the server and the CLI give the same
+answer for the same version. The values the training run had when the model was logged travel inside the
+pyfunc (`model_config`) as the fallback for a server that cannot reach the registry. The tags are read once,
+at load: after a promotion re-tags a version (or moves `@champion`), restart the server.
 """
 
 from __future__ import annotations
@@ -60,25 +60,6 @@ def _present(value) -> bool:
     return not (isinstance(value, str) and not value)
 
 
-def versions_tags(run_id: str | None, name: str | None) -> tuple[str | None, dict]:
-    """(version, tags) of the registered version of `name` made from `run_id`, its tags over the run's.
-
-    Several versions of one run (registered again by hand): the newest."""
-    from mlflow import MlflowClient
-
-    if not run_id:
-        return None, {}
-    client = MlflowClient()
-    run_tags = dict(client.get_run(run_id).data.tags)
-    if not name:
-        return None, run_tags
-    found = client.search_model_versions(f"name='{name}' and run_id='{run_id}'")
-    if not found:
-        return None, run_tags
-    chosen = max(found, key=lambda mv: int(mv.version))
-    return str(chosen.version), {**run_tags, **dict(chosen.tags)}
-
-
 class PneumoniaModel(mlflow.pyfunc.PythonModel):
     """The pyfunc. State comes from `model_config` (set at log time) and the registry (read at load)."""
 
@@ -90,9 +71,12 @@ class PneumoniaModel(mlflow.pyfunc.PythonModel):
         self.image_size = int(self.model.inputs[0].shape[1])
         self.uses_meta = uses_meta(self.model)
         run_id = cfg.get("run_id")
+        from pipeline import version_tags
+
         version, tags = None, {}
         try:
-            version, tags = versions_tags(run_id, cfg.get("registered_model_name"))
+            found = version_tags.of_run(run_id, cfg.get("registered_model_name"))
+            version, tags = found.version, found.tags
         except Exception as e:  # registry unreachable: the values logged with the model
             print(f"pneumo serving: registry tags not read ({type(e).__name__}: {str(e)[:200]}); "
                   "using the threshold and temperature stored with the model", flush=True)
@@ -130,7 +114,7 @@ class PneumoniaModel(mlflow.pyfunc.PythonModel):
 
     def _decode_row(self, record: dict, folder: Path, index: int) -> dict:
         """One input row -> {"pixels", "meta"} or {"status", "error"} (never raises)."""
-        from pipeline.dicom import DicomError, ImageError, load_image_file, read_dicom, scope_warning
+        from pipeline.dicom import ImageError, load_image_file, screen_dicom
 
         dicom, image = record.get("dicom"), record.get("image")
         try:
@@ -138,15 +122,12 @@ class PneumoniaModel(mlflow.pyfunc.PythonModel):
                 # Through a file, as `pneumo predict` reads one: the same decoder, the same pixels.
                 path = folder / f"row-{index}.dcm"
                 path.write_bytes(_decode_b64(dicom))
-                try:
-                    img = read_dicom(path, self.image_size)
-                except DicomError as e:
-                    if str(e).startswith("multi-frame"):
-                        return {"status": "out_of_scope", "error": f"not a single 2-D frame: {e}"}
-                    return {"status": "error", "error": f"dicom: {e}"}
-                warning = scope_warning(img)
-                if warning:
-                    return {"status": "out_of_scope", "error": warning}
+                screened = screen_dicom(path, self.image_size)
+                if screened.error:
+                    return {"status": "error", "error": f"dicom: {screened.error}"}
+                if screened.out_of_scope:
+                    return {"status": "out_of_scope", "error": screened.out_of_scope}
+                img = screened.image
                 return {"pixels": img.pixels, "meta": (img.view_position, img.sex, img.age)}
             if _present(image):
                 path = folder / f"row-{index}.img"
@@ -231,7 +212,3 @@ def model_config(registered_model_name: str | None) -> dict:
             cfg[key] = tags[key]
     return cfg
 
-
-def encode_file(path: str | Path) -> str:
-    """A file's bytes as the base64 text a `dicom` / `image` cell carries."""
-    return base64.b64encode(Path(path).read_bytes()).decode("ascii")

@@ -88,6 +88,13 @@ def sqlite_path(url: str) -> Path | None:
     return Path(url.removeprefix("sqlite:///")) if url.startswith("sqlite:///") else None
 
 
+def artifact_root(url: str) -> Path:
+    """Where MLflow artifacts live for a store that has no artifact server: `artifacts/` beside a SQLite
+    database, else `mlruns/artifacts` under `project_home()`."""
+    db = sqlite_path(url)
+    return ((db.parent if db is not None else project_home() / "mlruns") / "artifacts").resolve()
+
+
 def require_store(url: str, command: str, kind: str = "tracking") -> None:
     """Fail with one line when a read-only `command` would create an empty SQLite store at `url`."""
     db = sqlite_path(url)

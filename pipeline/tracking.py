@@ -17,7 +17,14 @@ import mlflow
 from mlflow import MlflowClient
 
 from pipeline.errors import PneumoError
-from pipeline.stores import checkout_root, masked, require_store, resolve_tracking_uri  # noqa: F401
+from pipeline.stores import (  # noqa: F401  (re-exported)
+    artifact_root,
+    checkout_root,
+    masked,
+    require_store,
+    resolve_tracking_uri,
+    sqlite_path,
+)
 
 
 class TrackingError(PneumoError):
@@ -26,12 +33,6 @@ class TrackingError(PneumoError):
 
 def is_local(uri: str) -> bool:
     return uri.startswith("sqlite:")
-
-
-def artifact_root(uri: str) -> Path:
-    """For a SQLite store, artifacts live in `artifacts/` beside the database file."""
-    db = Path(uri.removeprefix("sqlite:///"))
-    return (db.parent / "artifacts").resolve()
 
 
 # Retry/backoff of every MLflow REST call (runs, metrics, artifacts, registry) when the store is a tracking
@@ -73,8 +74,8 @@ def setup(uri: str | None = None, read_only: str | None = None) -> MlflowClient:
     uri = resolve_tracking_uri(uri)
     if read_only:
         require_store(uri, read_only)
-    elif is_local(uri):
-        Path(uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+    elif (db := sqlite_path(uri)) is not None:
+        db.parent.mkdir(parents=True, exist_ok=True)
     if uri.startswith("postgresql"):
         _check_database(uri)
     if is_server(uri):

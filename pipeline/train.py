@@ -395,10 +395,10 @@ def decide_threshold(cfg: Config, y, p, shifted: shift.ShiftResult | None) -> tu
 
 
 def _description(m: dict, best_val_auc: float, stats: EpochStats, manifest: dict) -> str:
-    return (f"val AUC {m['auc']:.3f} [{m['auc_ci_low']:.3f}, {m['auc_ci_high']:.3f}] (best epoch {best_val_auc:.3f}); "
-            f"accuracy {m['accuracy']:.3f} vs majority baseline {m['majority_baseline_accuracy']:.3f}; "
-            f"sensitivity {m['sensitivity']:.3f}, specificity {m['specificity']:.3f} at threshold "
-            f"{m['threshold']:.3f}; {np.median(stats.rates) if stats.rates else 0:.0f} img/s; "
+    return (f"val AUC {ev.fmt_metric_ci(m, 'auc')} (best epoch {ev.fmt(best_val_auc)}); "
+            f"accuracy {ev.fmt(m['accuracy'])} vs majority baseline {ev.fmt(m['majority_baseline_accuracy'])}; "
+            f"sensitivity {ev.fmt(m['sensitivity'])}, specificity {ev.fmt(m['specificity'])} at threshold "
+            f"{ev.fmt(m['threshold'])}; {np.median(stats.rates) if stats.rates else 0:.0f} img/s; "
             f"dataset {manifest['digest'][:12]}")
 
 

@@ -34,8 +34,8 @@ from optuna.trial import TrialState
 
 from pipeline import devices, study_report, tracking
 from pipeline.config import Config, ConfigError
-from pipeline.errors import PneumoError
-from pipeline.manifest import dataset_digest
+from pipeline.errors import PneumoError, one_line
+from pipeline.manifest import dataset_digest, load_manifest
 from pipeline.stores import masked, resolve_optuna_storage, sqlite_path
 
 warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
@@ -63,12 +63,6 @@ class WorkerSpec:
     worker: int = 0
     deadline: float | None = None  # absolute time.time() after which no new trial starts
     config_file: str | None = None
-
-
-def resolve_storage(url: str | None) -> str:
-    """--storage, else $PNEUMO_OPTUNA_STORAGE, else the project's SQLite file (pipeline.stores; PostgreSQL
-    through psycopg 3). Creates nothing: `run_tune` makes the SQLite folder, read-only commands never do."""
-    return resolve_optuna_storage(url)
 
 
 def config_to_json(cfg: Config) -> dict:
@@ -201,7 +195,9 @@ PER_EPOCH = {"val_auc": "val_auc", "val_loss": "val_loss"}
 
 
 def direction(metric: str) -> str:
-    return "minimize" if metric.endswith("loss") else "maximize"
+    from pipeline.metrics import lower_is_better
+
+    return "minimize" if lower_is_better(metric) else "maximize"
 
 
 def pruning_monitor(metric: str) -> str:
@@ -306,7 +302,7 @@ def make_objective(spec: WorkerSpec, cfg: Config):
         except BaseException as e:
             if "id" in run:
                 client.set_tag(run["id"], "state", "FAIL")
-                client.set_tag(run["id"], "error", " ".join(f"{type(e).__name__}: {e}".split())[:5000])
+                client.set_tag(run["id"], "error", f"{type(e).__name__}: {one_line(e)}"[:5000])
             raise
         metric = cfg.tune.metric
         value = objective_value(result, metric)
@@ -316,7 +312,7 @@ def make_objective(spec: WorkerSpec, cfg: Config):
             # `pneumo promote --study` ranks by what the study optimised (pipeline/registry.py).
             tags = {"study": spec.study, "trial_number": str(trial.number),
                     "val_auc": f"{float(result.val_metrics['auc']):.6f}", metric: f"{value:.6f}",
-                    "study_metric": metric, "dataset_digest": _digest(spec.data_dir),
+                    "study_metric": metric, "dataset_digest": dataset_digest(spec.data_dir),
                     "threshold": f"{result.threshold!r}", "temperature": f"{result.temperature!r}",
                     "run_id": result.run_id}
             for key, val in tags.items():
@@ -327,10 +323,6 @@ def make_objective(spec: WorkerSpec, cfg: Config):
 
     objective.last_trial = None
     return objective
-
-
-def _digest(data_dir: str) -> str:
-    return dataset_digest(data_dir)
 
 
 def work(spec: WorkerSpec) -> dict[str, int]:
@@ -420,13 +412,12 @@ def run_tune(cfg: Config, study_name: str, *, data_dir: str | None = None, trial
     if not cfg.tune.space:
         raise ConfigError("[tune.space] is empty: nothing to search")
     data_dir = str(data_dir or cfg.data.dir)
-    if not (Path(data_dir) / "manifest.json").exists():
-        raise TuneError(f"{data_dir}/manifest.json not found: run `pneumo convert` first (or pass --data)")
+    load_manifest(data_dir)  # DataError (exit 2) naming the folder when it holds no converted data
     gpus = devices.visible_gpus()
     workers = devices.default_workers(workers_per_gpu) if workers is None else workers
     devices.check_placement(workers, gpus, workers_per_gpu)
     trials = cfg.tune.trials if trials is None else trials
-    storage_url = resolve_storage(storage)
+    storage_url = resolve_optuna_storage(storage)
     if (db := sqlite_path(storage_url)) is not None:
         db.parent.mkdir(parents=True, exist_ok=True)
     make_storage(storage_url, cfg)  # a storage that does not answer fails before any MLflow store is made

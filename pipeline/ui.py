@@ -19,6 +19,7 @@ request: put TLS in front (docs/scale-out.md).
 
 from __future__ import annotations
 
+import errno
 import importlib.util
 import os
 import secrets
@@ -268,9 +269,10 @@ class DashboardServer(ManagedServer):
 
 def _absolute_sqlite(uri: str) -> str:
     """`sqlite:///mlruns/x.db` is relative to the working directory: pin it, so the child reads the same file."""
-    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
-        return "sqlite:///" + str(Path(uri.removeprefix("sqlite:///")).resolve())
-    return uri
+    from pipeline.stores import sqlite_path
+
+    db = sqlite_path(uri)
+    return f"sqlite:///{db.resolve()}" if db is not None else uri
 
 
 def _interrupt(signum, frame):
@@ -309,18 +311,15 @@ def run_ui(tracking_uri: str | None = None, port: int = 5000, host: str = "127.0
 
     `host` other than loopback serves other machines and prints a warning (and how to add authentication);
     `auth` runs MLflow's basic-auth app (MLFLOW_AUTH_ADMIN_PASSWORD in the environment)."""
-    from pipeline.stores import project_home, require_store, resolve_tracking_uri, sqlite_path
+    from pipeline.stores import artifact_root, require_store, resolve_tracking_uri, sqlite_path
 
     uri = resolve_tracking_uri(tracking_uri)  # the project's store, not the current folder's
     if uri.startswith(("http://", "https://")):
         print(f"the tracking store is already a server: open {masked(uri)}")
         return
-    db = sqlite_path(uri)
-    if db is None:
-        artifacts = project_home() / "mlruns" / "artifacts"
-    else:
+    if sqlite_path(uri) is not None:
         require_store(uri, "ui")  # opening it would create an empty store
-        artifacts = db.parent / "artifacts"
+    artifacts = artifact_root(uri)
     _check_port(port, host)
     warning = remote_warning(host, auth)
     if warning:
@@ -333,10 +332,9 @@ def run_dashboard(storage: str | None = None, port: int = 8080) -> None:
     """`pneumo dashboard`: optuna-dashboard on the study storage, when the optional extra is installed."""
     if importlib.util.find_spec("optuna_dashboard") is None:
         raise UiError(f"optuna-dashboard is not installed: {DASHBOARD_HINT}")
-    from pipeline.stores import require_store
-    from pipeline.tune import resolve_storage
+    from pipeline.stores import require_store, resolve_optuna_storage
 
-    url = resolve_storage(storage)
+    url = resolve_optuna_storage(storage)
     require_store(url, "dashboard", kind="optuna")
     _check_port(port)
     _serve(DashboardServer(url, port=port), "Optuna dashboard")
@@ -347,5 +345,8 @@ def _check_port(port: int, host: str = "127.0.0.1") -> None:
     with socket.socket(family, socket.SOCK_STREAM) as s:
         try:
             s.bind((host, port))
-        except OSError:
-            raise UiError(f"port {port} on {host} is in use: pass --port") from None
+        except OSError as e:
+            if e.errno == errno.EADDRINUSE:
+                raise UiError(f"port {port} on {host} is in use: pass --port") from None
+            # an address this host does not own, a privileged port, a malformed host: say which
+            raise UiError(f"cannot serve on {host}:{port}: {e.strerror or e}") from None

@@ -71,9 +71,13 @@ def test_all_zero_means_no_block():
     assert augmentation_block(off, seed=0) is None
 
 
-@pytest.mark.parametrize("key,value", [("rotation", -0.1), ("zoom", 1.0), ("contrast", 1.5), ("brightness", -1.0)])
+@pytest.mark.parametrize("key,value", [("rotation", -0.1), ("rotation", 0.5), ("zoom", 1.0), ("contrast", 1.0),
+                                       ("brightness", -1.0)])
 def test_bad_strength_names_the_key(key, value):
-    with pytest.raises(ValueError, match=f"augment.{key}"):
+    """The ranges of pipeline/config.py:BOUNDS, for an AugmentConfig built in code as for one read from a file."""
+    from pipeline.config import ConfigError
+
+    with pytest.raises(ConfigError, match=f"'augment.{key}' must be in"):
         augmentation_block(dataclasses.replace(AugmentConfig(), **{key: value}), seed=0)
 
 

@@ -183,6 +183,23 @@ def test_config_out_of_range_is_one_line_exit_2(capsys):
     assert err == f"pneumo train: error: {SMOKE}: config key 'data.batch_size' must be >= 1, got 0"
 
 
+@pytest.mark.parametrize("config,override,reason", [
+    ("smoke.toml", "augment.rotation=0.6", "config key 'augment.rotation' must be in [0, 0.5), got 0.6"),
+    ("smoke.toml", "augment.contrast=1.0", "config key 'augment.contrast' must be in [0, 1), got 1.0"),
+    ("seed.toml", "model.residual=true", "model.residual needs model.padding = 'same'"),
+    ("smoke.toml", "promote.alpha=1.5", "config key 'promote.alpha' must be in (0, 1), got 1.5"),
+])
+def test_a_value_the_model_cannot_take_is_refused_when_the_file_is_read(capsys, config, override, reason):
+    """One table of ranges (pipeline/config.py:BOUNDS) for files, overrides and sections built in code: these
+    once passed the file check and died later with a traceback from the model or augmentation code."""
+    from pipeline.cli import main
+
+    path = SMOKE.parent / config
+    assert main(["train", "--config", str(path), "--set", override]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"pneumo train: error: {path}: ") and reason in err and "\n" not in err, err
+
+
 # --- 6. flags: one meaning, a documented default, --version, answers before TensorFlow ----------------------
 def _subparsers() -> dict[str, argparse.ArgumentParser]:
     from pipeline.cli import build_parser
@@ -361,9 +378,9 @@ def test_postgres_code_paths_need_only_psycopg3(monkeypatch):
     import sqlalchemy as sa
 
     from pipeline.registry import promotion_lock
-    from pipeline.tune import resolve_storage
+    from pipeline.stores import resolve_optuna_storage
 
-    engine = sa.create_engine(resolve_storage(url), poolclass=sa.pool.NullPool)
+    engine = sa.create_engine(resolve_optuna_storage(url), poolclass=sa.pool.NullPool)
     try:
         with engine.connect() as conn:
             assert conn.execute(sa.text("SELECT 1")).scalar() == 1

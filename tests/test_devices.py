@@ -178,3 +178,19 @@ def test_doctor_shows_what_auto_picks_on_a_gpu(fake_gpus, tmp_path):
     assert "/physical_device:GPU:0, /physical_device:GPU:1" in text
     assert "precision     auto -> mixed_float16" in text and "XLA           auto -> on" in text
     assert failed == []
+
+
+def test_doctor_asks_jax_for_the_gpu_under_the_jax_backend(tmp_path, monkeypatch):
+    """Under KERAS_BACKEND=jax the GPU that counts is JAX's (a CPU TensorFlow only feeds data there): doctor
+    reports what training's own `auto` rules pick, not a rule of its own."""
+    import jax
+
+    from pipeline.doctor import report
+
+    class Gpu:
+        platform = "gpu"
+
+    monkeypatch.setenv("KERAS_BACKEND", "jax")
+    monkeypatch.setattr(jax, "devices", lambda *a, **k: [Gpu()])  # TensorFlow still sees no GPU on this host
+    text = "\n".join(report(f"sqlite:///{tmp_path}/m.db", f"sqlite:///{tmp_path}/o.db")[0])
+    assert "precision     auto -> mixed_float16" in text and "XLA           auto -> on" in text

@@ -117,6 +117,12 @@ def test_promote_ensemble_registers_one_calibrated_version_that_predicts(registr
     assert run.data.metrics["val_ece_calibrated"] == pytest.approx(
         expected_calibration_error(yv, apply_temperature(pv, t)), abs=1e-6)
     assert run.data.metrics["final_val_auc"] == pytest.approx(float(tags["val_auc"]), abs=1e-6)
+    # Ranked by the study's own metric (no --metric given), thresholded by the members' policy (Youden in the
+    # smoke recipe): decided on raw validation probabilities and moved onto the calibrated scale.
+    from pipeline.metrics import choose_threshold
+
+    assert run.data.params["ensemble.metric"] == "val_auc" and run.data.tags["threshold_policy"].startswith("youden")
+    assert threshold == pytest.approx(float(apply_temperature(choose_threshold(yv, pv), t)), abs=1e-9)
 
     # The gate treated it like any candidate: no champion yet, so it was promoted, with its card.
     assert "PROMOTED" in out
@@ -150,9 +156,30 @@ def test_promote_ensemble_refusals(registry_store, capsys):
         (["--ensemble", "2"], "--ensemble needs --study"),
         (["--study", STUDY, "--ensemble", "1"], "an ensemble needs K >= 2 members"),
         (["--study", STUDY, "--ensemble", "2", "--dry-run"], "cannot go with --dry-run"),
+        # checked before the ensemble is built and registered, not after
+        (["--study", STUDY, "--ensemble", "2", "--config", "no-such.toml"], "no-such.toml: experiment file not found"),
+        (["--study", STUDY, "--ensemble", "2", "--set", "promote.alpha=0.1"], "--set needs --config"),
     ]
     for args, reason in cases:
         assert main(["promote", *args, "--tracking-uri", s.uri]) == 2
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and err[0].startswith("pneumo promote: error: ") and reason in err[0], err
     assert len(_client(s.uri).search_model_versions(f"name='{MODEL}'")) == 3  # nothing was registered
+
+
+def test_the_ensemble_follows_its_members_threshold_policy(tmp_path):
+    """members_recipe reads the policy a member was trained with from its run's params (strings in MLflow)."""
+    from mlflow import MlflowClient
+
+    from pipeline.ensemble import members_recipe
+
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    run = client.create_run(client.create_experiment("x", artifact_location=(tmp_path / "a").as_uri()))
+    for key, value in {"train.threshold_policy": "robust", "train.shift_max_images": "64", "train.shift_seed": "7",
+                       "model.metadata_inputs": "True", "train.epochs": "3"}.items():
+        client.log_param(run.info.run_id, key, value)
+    recipe = members_recipe(client, run.info.run_id)
+    assert (recipe.train.threshold_policy, recipe.train.shift_max_images, recipe.train.shift_seed) == ("robust", 64, 7)
+    assert recipe.model.metadata_inputs is True
+    bare = client.create_run(client.get_experiment_by_name("x").experiment_id)  # a run that logged no recipe
+    assert members_recipe(client, bare.info.run_id).train.threshold_policy == "youden"  # the built-in default

@@ -180,7 +180,9 @@ def test_extra_meta_key_is_ignored_by_an_image_only_model():
     ({"blocks": 6}, "model.blocks"),  # 32 px / stem 2 / 2**6: nothing left
 ])
 def test_bad_values_name_the_key(change, key):
-    with pytest.raises(ValueError, match=key):
+    from pipeline.config import ConfigError
+
+    with pytest.raises(ConfigError, match=key):
         build_model(dataclasses.replace(TINY, **change), AugmentConfig(), SIZE)
 
 

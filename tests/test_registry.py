@@ -476,6 +476,13 @@ def test_ledger_counts_test_reads_and_a_spent_budget_refuses(registry_store, tmp
                  "--tracking-uri", s.uri, "--out", str(tmp_path / "val.json")]) == 0
     assert json.loads((tmp_path / "val.json").read_text())["split"] == "val"
     assert len(holdout.reads(_client(s.uri), digest)) == 2
+    # the ledger is kept by the evaluation itself, not by the CLI: a script calling it is counted too
+    from pipeline.scoring import evaluate_model
+
+    evaluate_model(f"models:/{MODEL}/{best}", s.data, "test", tracking_uri=s.uri, out=tmp_path / "t.json",
+                   n_boot=10, command="benchmarks/generalization.py")
+    entries = holdout.reads(_client(s.uri), digest)
+    assert [e.data.tags["command"] for e in entries] == ["promote", "evaluate", "benchmarks/generalization.py"]
 
 
 # --- external sets --------------------------------------------------------------------------------------------
@@ -492,7 +499,7 @@ def test_external_sets_in_the_table_metrics_and_card(registry_store, capsys, tmp
     assert main(["promote", "--version", best, "--tracking-uri", s.uri, "--config", cfg,
                  "--external", f"site2={s.data}"]) == 0
     out = capsys.readouterr().out
-    assert "@ site2" in out and "difference @ site2" in out and "PROMOTED" in out
+    assert "@ site2" in out and "AUC @ site2" in out and "PROMOTED" in out
     c = _client(s.uri)
     run = c.get_run(c.get_model_version(MODEL, best).tags["promotion_run_id"])
     n_all = sum(sp["count"] for sp in json.loads((s.data / "manifest.json").read_text())["splits"].values())

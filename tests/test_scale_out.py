@@ -292,9 +292,9 @@ def test_postgres_urls_work_as_written_and_logs_hide_passwords():
     from sqlalchemy.engine import make_url
 
     from pipeline.stores import masked as shown_url
-    from pipeline.tune import resolve_storage
+    from pipeline.stores import resolve_optuna_storage
 
-    url = resolve_storage("postgresql://pneumo@db:5432/optuna")  # psycopg 3, the project's one driver
+    url = resolve_optuna_storage("postgresql://pneumo@db:5432/optuna")  # psycopg 3, the project's one driver
     assert url == "postgresql+psycopg://pneumo@db:5432/optuna"
     make_url(url).get_dialect().import_dbapi()  # the driver SQLAlchemy will use is installed
     assert shown_url("postgresql+psycopg2://pneumo:s3cret@db:5432/optuna") == \

@@ -12,6 +12,7 @@ from optuna.trial import TrialState
 
 from pipeline import tune
 from pipeline.config import load_config
+from pipeline.stores import resolve_optuna_storage
 from tests.conftest import REPO, wait_for
 
 SMOKE = REPO / "experiments" / "smoke.toml"
@@ -98,7 +99,7 @@ def test_the_recipes_median_pruner_prunes_a_bad_trial(synth_data, tmp_path):
     cfg = load_config(SMOKE, [f"train.checkpoint_dir={tmp_path}/ckpt", "train.epochs=3"]).with_values(
         {"tune.space": {"train.learning_rate": {"type": "float", "low": 1e-7, "high": 1.1e-7}}})
     assert (cfg.tune.pruner, cfg.tune.startup_trials, cfg.tune.warmup_epochs) == ("median", 2, 1)
-    study = tune.open_study("median", tune.resolve_storage(storage), cfg)
+    study = tune.open_study("median", resolve_optuna_storage(storage), cfg)
     assert isinstance(study.pruner, optuna.pruners.MedianPruner)
     for _ in range(2):  # two good trials already in the study (no params: the sampler ignores them)
         study.add_trial(optuna.trial.create_trial(value=0.99, intermediate_values={0: 0.99, 1: 0.99, 2: 0.99}))

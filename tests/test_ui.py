@@ -136,3 +136,19 @@ def test_dashboard_serves_a_study(tmp_path):
         studies = _get(server.url + "/api/studies")
         assert any(st["study_name"] == "dash" for st in studies["study_summaries"])
     assert not group_alive(pgid)
+
+
+def test_a_port_that_cannot_be_bound_says_why():
+    """A busy port is "in use"; an address this host does not own is that, not a busy port."""
+    import socket
+
+    from pipeline.ui import UiError, _check_port
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        with pytest.raises(UiError, match=rf"^port {port} on 127.0.0.1 is in use: pass --port$"):
+            _check_port(port, "127.0.0.1")
+    with pytest.raises(UiError, match=r"^cannot serve on 192\.0\.2\.1:5000: .*assign requested address"):
+        _check_port(5000, "192.0.2.1")  # TEST-NET-1 (RFC 5737): never an address of this host
