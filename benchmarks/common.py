@@ -2,13 +2,28 @@
 
 from __future__ import annotations
 
+import json
+import os
 import statistics
+import subprocess
 import sys
 import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+# Converted data and generated DICOMs live outside the repository (never committed): $PNEUMO_BENCH_CACHE, else
+# cache/ beside the checkout.
+CACHE = Path(os.environ.get("PNEUMO_BENCH_CACHE", REPO.parent / "cache"))
+# The real data when this machine has it: $PNEUMO_DATA, else shared/data beside the checkout (where the tests
+# look too); every benchmark falls back to synthetic data without it.
+DATA = Path(os.environ.get("PNEUMO_DATA", REPO.parent / "shared" / "data"))
+
+
+def load_average() -> str:
+    """The 1/5/15-minute load average, printed beside every timing: the machine is shared, and a wall-clock
+    figure means little without it."""
+    return "/".join(f"{x:.1f}" for x in os.getloadavg())
 
 
 # Runs a command (argv after the code), timestamps its tqdm progress (lines with `done/total [`), reaps the whole
@@ -55,6 +70,29 @@ print(json.dumps({"rc": rc, "wall": wall, "cpu": ru.ru_utime + ru.ru_stime, "max
                   "subreaper": subreaper, "stdout": out.decode(errors="replace")[-1500:],
                   "stderr": tail[0].decode(errors="replace")}))
 """
+
+
+def run_wrapped(cmd: list[str]) -> dict:
+    """`cmd` run under WRAPPER -> its JSON line (rc, wall, cpu, maxrss_mb, samples, stdout, stderr); exits with
+    the command's stderr tail when it failed."""
+    proc = subprocess.run([sys.executable, "-c", WRAPPER, *map(str, cmd)], capture_output=True, text=True, cwd=REPO)
+    if proc.returncode != 0:
+        raise SystemExit(f"wrapper failed: {proc.stderr[-1500:]}")
+    r = json.loads(proc.stdout.strip().splitlines()[-1])
+    if r["rc"] != 0:
+        raise SystemExit(f"{' '.join(map(str, cmd[:3]))} ... failed (exit {r['rc']}): {r['stderr'][-1200:]}")
+    return r
+
+
+def check_converted(out: Path, n: int) -> dict:
+    """The manifest `pneumo convert` wrote into `out`, after checking it holds all `n` records."""
+    from pipeline.manifest import load_manifest
+
+    manifest = load_manifest(out)
+    written = sum(s["count"] for s in manifest["splits"].values())
+    if written != n:
+        raise SystemExit(f"pneumo convert wrote {written} records into {out}, expected {n}")
+    return manifest
 
 
 def timed(fn, *args, **kwargs):

@@ -30,18 +30,25 @@ Medians over the repeats, min-max beside them; CPU time beside wall time. Ends w
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import WRAPPER, make_dicoms, pydicom_plugin_used, seed_style_image, spread, timed  # noqa: E402
+from common import (  # noqa: E402
+    check_converted,
+    load_average,
+    make_dicoms,
+    pydicom_plugin_used,
+    run_wrapped,
+    seed_style_image,
+    spread,
+    timed,
+)
 
 SIZE = 256
 WORKERS = 2
@@ -58,17 +65,8 @@ def convert_command(images: Path, labels: Path, out: Path, n: int) -> list[str]:
 def run_convert(images: Path, labels: Path, out: Path, n: int) -> dict:
     """One whole-process run: wall, CPU of the process tree, steady rate and timeline."""
     shutil.rmtree(out, ignore_errors=True)
-    proc = subprocess.run([sys.executable, "-c", WRAPPER, *convert_command(images, labels, out, n)],
-                          capture_output=True, text=True, cwd=Path(__file__).resolve().parents[1])
-    if proc.returncode != 0:
-        raise SystemExit(f"wrapper failed: {proc.stderr[-1500:]}")
-    r = json.loads(proc.stdout.strip().splitlines()[-1])
-    if r["rc"] != 0:
-        raise SystemExit(f"pneumo convert failed (exit {r['rc']}): {r['stderr'][-1000:]}")
-    manifest = json.loads((out / "manifest.json").read_text())
-    written = sum(s["count"] for s in manifest["splits"].values())
-    if written != n:
-        raise SystemExit(f"pneumo convert wrote {written} records, expected {n}")
+    r = run_wrapped(convert_command(images, labels, out, n))
+    check_converted(out, n)
     samples = r["samples"]  # (s since start, records done, CPU s of the main process, CPU s of the whole tree)
     first = next(s for s in samples if s[1] >= 0.2 * n)
     last = [s for s in samples if s[1] <= 0.8 * n][-1]
@@ -112,7 +110,7 @@ def main() -> None:
         images, labels = make_dicoms(a.data or tmp / "dicom", a.n)
         print(f"synthetic data: {a.n} DICOMs 1024 x 1024 JPEG Baseline ready in {time.perf_counter() - t:.0f} s",
               flush=True)
-        print(f"machine: {os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f} (other users count too)",
+        print(f"machine: {os.cpu_count()} cores, load average {load_average()} (other users count too)",
               flush=True)
         files = sorted(images.glob("*.dcm"))[: a.n]  # the converter's --limit takes the same first n
         plugin = pydicom_plugin_used(files[0])
@@ -182,7 +180,7 @@ def main() -> None:
     steady_eff = med(c["steady_cpu"] for c in conv) / med(c for _, c in rows["limit"])
     tree_ms, main_ms = med(1000 / c["steady_cpu"] for c in conv), med(c["main_ms"] for c in conv)
     print(f"steady state: the process tree got {med(c['cores'] for c in conv):.2f} of 2 cores (machine shared; "
-          f"load average {os.getloadavg()[0]:.1f} at the end); CPU per image {tree_ms:.2f} ms = workers "
+          f"load average {load_average()} at the end); CPU per image {tree_ms:.2f} ms = workers "
           f"{tree_ms - main_ms:.2f} + main process {main_ms:.2f} (decode alone {decode_cpu:.2f}): "
           f"per CPU-second it converts {100 * steady_eff:.0f}% of what decode alone does")
     print(f"whole process / seed-style = {whole_ratio:.1f}x (target >= 6); "

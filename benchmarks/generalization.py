@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the repository, as benchmarks/common.py does
 
 from pipeline.errors import PneumoError, one_line  # noqa: E402
 from pipeline.model_store import champion_uri  # noqa: E402
@@ -45,7 +45,7 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     try:
         report = evaluate_model(a.model, a.data, a.split, tracking_uri=a.tracking_uri, shift=True,
-                                shift_max_images=a.shift_max_images,
+                                shift_max_images=a.shift_max_images, command="benchmarks/generalization.py",
                                 out=a.out or Path(a.data) / f"generalization-{a.split}.json")
     except PneumoError as e:
         print(f"error: {one_line(e)}", file=sys.stderr)

@@ -52,7 +52,7 @@ from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import make_dicoms, pydicom_plugin_used, seed_style_image, spread  # noqa: E402
+from common import load_average, make_dicoms, pydicom_plugin_used, seed_style_image, spread  # noqa: E402
 
 SIZE, BATCH = 256, 64
 
@@ -100,7 +100,7 @@ def main() -> None:
         manifest = convert_rsna(images, labels_csv, data, image_size=SIZE, workers=2, limit=a.n, progress=False)
         t_convert = time.perf_counter() - t
         train = manifest["splits"]["train"]
-        print(f"machine: {os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f} (other users count too)")
+        print(f"machine: {os.cpu_count()} cores, load average {load_average()} (other users count too)")
         print(f"data: {a.n} synthetic DICOMs in {t_synth:.0f} s, converted in {t_convert:.1f} s; train split "
               f"{train['count']} records in {len(train['shards'])} shards", flush=True)
         with open(data / "splits.csv") as f:
@@ -211,7 +211,7 @@ def main() -> None:
     # per repeat, each against the parse-only arm measured beside it
     vs_parse = [s / r for s, r in zip(wall["steady"], wall["parse"], strict=True)]
     print(f"spread = (max - min) / median of img/s over the {a.repeats} repeats; load average at the end "
-          f"{' '.join(f'{x:.2f}' for x in os.getloadavg())}")
+          f"{load_average()}")
     print(f"train steady / generator = {ratio:.0f}x (target >= 100); train steady / parse only = "
           f"{100 * med(vs_parse):.0f}% (per repeat {', '.join(f'{100 * v:.0f}%' for v in vs_parse)}; target >= 80%); "
           f"first epoch / parse only = {100 * med(wall['first']) / parse_rate:.0f}% ({BATCH * epoch_steps} images in "

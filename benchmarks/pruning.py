@@ -17,13 +17,15 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import REPO, load_average  # noqa: E402
 
 
 def run_arm(pruner: str, data: Path, tmp: Path, trials: int, epochs: int, seed: int) -> dict:
@@ -85,7 +87,7 @@ def main() -> None:
         pairs = []
         for seed in seeds:
             pairs.append([run_arm(p, tmp / "data", tmp, args.trials, args.epochs, seed) for p in ("none", "median")])
-            print(f"seed {seed} done; load average {' '.join(f'{x:.2f}' for x in os.getloadavg())}", flush=True)
+            print(f"seed {seed} done; load average {load_average()}", flush=True)
 
     print(f"\n{args.trials} trials x up to {args.epochs} epochs per study, {args.n} synthetic patients at 64 px")
     hdr = (f"{'seed':>4} {'pruner':<8} {'trials':>6} {'pruned':>6} {'epochs':>6} {'wall s':>8} {'cpu s':>8} "
@@ -110,7 +112,7 @@ def main() -> None:
     print(f"over {len(seeds)} seeds: epochs saved {summary(savings, '.0%')}; wall time saved "
           f"{summary(wall_savings, '.0%')}; best val AUC, unpruned minus pruned, {summary(gaps, '+.4f')} "
           f"(targets: saving >= 40%, difference <= 0.01); load average "
-          f"{' '.join(f'{x:.2f}' for x in os.getloadavg())}")
+          f"{load_average()}")
     print(f"epoch_saving={statistics.mean(savings):.3f} target=0.4")
 
 

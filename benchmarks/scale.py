@@ -37,17 +37,16 @@ import csv
 import json
 import os
 import shutil
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import REPO, WRAPPER  # noqa: E402
+from common import CACHE, REPO, check_converted, load_average, run_wrapped  # noqa: E402
 
 SIZE, BATCH, POSITIVE_RATE, SOURCE = 256, 32, 0.225, 1024
 DEFAULT_NS = "2000,8000,26684"
-DEFAULT_CACHE = Path(os.environ.get("PNEUMO_BENCH_CACHE", REPO.parent / "cache")) / "scale"
+DEFAULT_CACHE = CACHE / "scale"
 
 # One epoch of the default CNN over a converted folder (argv[1]); prints one JSON line on stdout and a tqdm-like
 # "done/total [" progress line on stderr every few steps (the wrapper timestamps those).
@@ -87,20 +86,6 @@ print(json.dumps({"steps": steps, "setup": setup, "first": first, "first_wait": 
 """
 
 
-def load() -> str:
-    return "/".join(f"{x:.1f}" for x in os.getloadavg())
-
-
-def run_wrapped(cmd: list[str]) -> dict:
-    proc = subprocess.run([sys.executable, "-c", WRAPPER, *cmd], capture_output=True, text=True, cwd=REPO)
-    if proc.returncode != 0:
-        raise SystemExit(f"wrapper failed: {proc.stderr[-1500:]}")
-    r = json.loads(proc.stdout.strip().splitlines()[-1])
-    if r["rc"] != 0:
-        raise SystemExit(f"{' '.join(cmd[:3])} ... failed (exit {r['rc']}): {r['stderr'][-1200:]}")
-    return r
-
-
 # --- data: nested chunks -------------------------------------------------------------------------------------
 def chunk_dirs(cache: Path, ns: list[int]) -> list[tuple[int, int, Path]]:
     """(start, end, folder) of the chunks that make up the largest N: one per step of the sorted N list."""
@@ -119,15 +104,15 @@ def generate(cache: Path, ns: list[int]) -> None:
                   f"{s['seconds']:.0f} s at load {s.get('load', '?')})", flush=True)
             continue
         print(f"chunk {start}-{end}: generating {end - start} DICOMs ({SOURCE}^2 JPEG Baseline) into {folder}, "
-              f"load {load()} ...", flush=True)
+              f"load {load_average()} ...", flush=True)
         # the chunk's first image index is its seed: chunks never share a patient id or an image
         s = make_synthetic_dataset(folder, n=end - start, positive_rate=POSITIVE_RATE, size=SOURCE, seed=start,
                                    workers=2, progress=False)
-        s["load"] = load()
+        s["load"] = load_average()
         s["disk_mb"] = sum(p.stat().st_size for p in folder.rglob("*.dcm")) / 2**20
         done.write_text(json.dumps(s))
         print(f"chunk {start}-{end}: {s['n']} DICOMs in {s['seconds']:.0f} s ({s['disk_mb']:.0f} MB), "
-              f"load {load()}", flush=True)
+              f"load {load_average()}", flush=True)
 
 
 def view(cache: Path, ns: list[int], n: int) -> tuple[Path, Path, float]:
@@ -166,15 +151,12 @@ def rehearse(cache: Path, ns: list[int], n: int, keep: bool) -> dict:
     shutil.rmtree(out, ignore_errors=True)
     script = Path(sys.executable).with_name("pneumo")
     head = [str(script)] if script.exists() else [sys.executable, "-m", "pipeline.cli"]
-    load_before = load()
+    load_before = load_average()
     c = run_wrapped(head + ["convert", "--dicom-dir", str(images), "--labels", str(labels), "--out", str(out),
                             "--image-size", str(SIZE), "--workers", "2"])
-    manifest = json.loads((out / "manifest.json").read_text())
-    written = sum(s["count"] for s in manifest["splits"].values())
-    if written != n:
-        raise SystemExit(f"pneumo convert wrote {written} records, expected {n}")
+    manifest = check_converted(out, n)
     disk_mb = sum(p.stat().st_size for p in out.rglob("*") if p.is_file()) / 2**20
-    load_mid = load()
+    load_mid = load_average()
     print(f"N={n}: convert {c['wall']:.0f} s ({n / c['wall']:.0f} img/s), peak {c['maxrss_mb']:.0f} MB, "
           f"{disk_mb:.0f} MB of shards; load {load_mid}", flush=True)
     e = run_wrapped([sys.executable, "-c", EPOCH_CODE, str(out), str(REPO), str(BATCH), str(SIZE)])
@@ -186,10 +168,10 @@ def rehearse(cache: Path, ns: list[int], n: int, keep: bool) -> dict:
         "epoch_s": e["wall"], "epoch_rss": e["maxrss_mb"], "setup_s": r["setup"], "first_s": r["first"],
         "steps_s": r["wall"], "train_rate": train_images / r["wall"], "train_cpu_rate": train_images / r["cpu"],
         "wait_pct": 100 * r["waited"] / r["wall"], "loss": r["loss"],
-        "load": f"{load_before} / {load_mid} / {load()}",
+        "load": f"{load_before} / {load_mid} / {load_average()}",
     }
     print(f"N={n}: epoch {e['wall']:.0f} s in all, {res['train_rate']:.1f} img/s, input wait {res['wait_pct']:.1f}%, "
-          f"peak {e['maxrss_mb']:.0f} MB; load {load()}", flush=True)
+          f"peak {e['maxrss_mb']:.0f} MB; load {load_average()}", flush=True)
     if not keep:
         shutil.rmtree(out, ignore_errors=True)
     shutil.rmtree(cache / f"n{n}", ignore_errors=True)
@@ -225,7 +207,7 @@ def main() -> None:
     if not ns or ns[0] < 100:
         raise SystemExit(f"--ns {a.ns!r}: every size must be at least 100")
 
-    print(f"machine: {os.cpu_count()} cores, load average {load()} (1/5/15 min; shared: other users count too)")
+    print(f"machine: {os.cpu_count()} cores, load average {load_average()} (1/5/15 min; shared: other users count too)")
     generate(a.cache, ns)
     if a.generate_only:
         return

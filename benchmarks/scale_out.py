@@ -37,8 +37,9 @@ from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import REPO  # noqa: E402
+
 SMOKE = REPO / "experiments" / "smoke.toml"
 BAD_LOG = re.compile(r"\b(dead)?lock(ed|s)?\b|LockNotAvailable|database is locked|Traceback", re.IGNORECASE)
 

@@ -5,8 +5,8 @@ step across Keras backends, precisions and XLA.
     .venv/bin/python benchmarks/train_step.py --budget 30 --matrix-steps 10   # a quicker look
     .venv/bin/python benchmarks/train_step.py --skip-matrix         # part 1 only
 
-Part 1, equal budget. Data: the Kermany training folder (/work/shared/data/kermany-224/train, or
-$PNEUMO_KERMANY) converted once at 128 px with the patient rule from the header of experiments/kermany.toml
+Part 1, equal budget. Data: the Kermany training folder (kermany-224/train in the real-data folder of
+benchmarks/common.py, or $PNEUMO_KERMANY) converted once at 128 px with the patient rule of experiments/kermany.toml
 into a cache folder outside the repository (--cache, default $PNEUMO_BENCH_CACHE, else ../cache beside the
 checkout); without it, `pneumo synth` data converted the same way. Both models:
 the recipe of their experiment file (the seed: experiments/seed.toml, no augmentation; the default: the
@@ -33,41 +33,43 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
+import shutil
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import CACHE, DATA, REPO, load_average  # noqa: E402
 
 SIZE, BATCH, LR = 128, 32, 1e-3
-KERMANY = Path(os.environ.get("PNEUMO_KERMANY", "/work/shared/data/kermany-224/train"))
-# Outside the repository (converted data is never committed): $PNEUMO_BENCH_CACHE, else ../cache beside it.
-DEFAULT_CACHE = Path(os.environ.get("PNEUMO_BENCH_CACHE", REPO.parent / "cache"))
+KERMANY = Path(os.environ.get("PNEUMO_KERMANY", DATA / "kermany-224" / "train"))
 
 
 def load() -> str:
-    return "load average " + " ".join(f"{x:.2f}" for x in os.getloadavg())
+    return f"load average {load_average()}"
 
 
 # --- data ----------------------------------------------------------------------------------------------------
-def kermany_regex() -> str | None:
-    """The `--patient-regex '...'` of experiments/kermany.toml's header comment (the recipe's patient rule)."""
-    head = (REPO / "experiments" / "kermany.toml").read_text()
-    m = re.search(r"--patient-regex\s+'([^']+)'", head)
-    return m[1] if m else None
+def kermany_regex() -> str:
+    """The recipe's patient rule: `[data] patient_regex` of experiments/kermany.toml (the same rule `pneumo convert
+    --image-dir ... --config experiments/kermany.toml` applies), so no patient crosses the splits."""
+    from pipeline.config import load_config
+
+    return load_config(REPO / "experiments" / "kermany.toml").data.patient_regex
 
 
 def prepare_data(cache: Path) -> tuple[Path, str]:
-    """(converted folder, description); converted once and reused."""
+    """(converted folder, description); converted once and reused while its manifest records the same rule."""
     from pipeline.convert import convert_image_dir, convert_rsna
+    from pipeline.manifest import load_manifest
 
     if KERMANY.is_dir():
         out = cache / f"kermany-{SIZE}"
         rule = kermany_regex()
+        if (out / "manifest.json").exists() and load_manifest(out)["source"].get("patient_rule") != rule:
+            shutil.rmtree(out)  # converted under another (or no) patient rule: its splits may share patients
         if not (out / "manifest.json").exists():
             convert_image_dir(KERMANY, out, patient_regex=rule, image_size=SIZE, workers=2, progress=False)
         return out, f"Kermany {KERMANY} at {SIZE} px, patient rule {rule!r}"
@@ -226,7 +228,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--budget", type=float, default=60, help="training seconds per model in part 1 (default 60)")
     ap.add_argument("--slice", type=float, default=10, help="seconds per turn (default 10)")
-    ap.add_argument("--cache", type=Path, default=DEFAULT_CACHE, help=f"converted-data cache (default {DEFAULT_CACHE})")
+    ap.add_argument("--cache", type=Path, default=CACHE, help=f"converted-data cache (default {CACHE})")
     ap.add_argument("--matrix-steps", type=int, default=10, help="timed steps per matrix arm (default 10)")
     ap.add_argument("--backends", default="tensorflow,jax", help="matrix backends (default tensorflow,jax)")
     ap.add_argument("--precisions", default="float32,mixed_float16",
