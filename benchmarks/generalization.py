@@ -45,7 +45,7 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     try:
         report = evaluate_model(a.model, a.data, a.split, tracking_uri=a.tracking_uri, shift=True,
-                                shift_max_images=a.shift_max_images, command="benchmarks/generalization.py",
+                                shift_max_images=a.shift_max_images, ledger="benchmarks/generalization.py",
                                 out=a.out or Path(a.data) / f"generalization-{a.split}.json")
     except PneumoError as e:
         print(f"error: {one_line(e)}", file=sys.stderr)

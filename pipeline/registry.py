@@ -165,8 +165,9 @@ def evaluate_version(model: str, version: str, data_dir: str | Path, tracking_ur
     from pipeline.scoring import evaluate_model
 
     with tempfile.TemporaryDirectory(prefix="pneumo-gate-") as tmp:
+        # ledger=None: promote records its test reads itself, one entry per decision with the holdout's answers
         r = evaluate_model(f"models:/{model}/{version}", data_dir, split, tracking_uri=tracking_uri,
-                           out=Path(tmp) / "evaluation.json", n_boot=n_boot)
+                           out=Path(tmp) / "evaluation.json", n_boot=n_boot, ledger=None)
     m = r["metrics"]
     report = {k: r[k] for k in ("model", "split", "dataset_digest", "threshold_source", "metrics", "subgroups")}
     return Evaluation(version=version, metrics=m, subgroups=r["subgroups"], threshold=float(m["threshold"]),

@@ -57,10 +57,11 @@ def split_names(data_dir: str | Path, split: str) -> list[str]:
 
 def evaluate_model(uri: str, data_dir: str | Path, split: str = "val", *, tracking_uri: str | None = None,
                    out: str | Path | None = None, n_boot: int = 1000, shift: bool = False,
-                   shift_max_images: int = 0, shift_seed: int = 0, command: str = "evaluate") -> dict:
+                   shift_max_images: int = 0, shift_seed: int = 0, ledger: str | None = "evaluate") -> dict:
     """`pneumo evaluate`: metrics with patient-clustered CIs, the majority baseline and subgroups; written as
     JSON. `split="all"` scores every split (an external set that no model was trained on). A read of `test` or
-    `all` is an entry in the test ledger (pipeline/holdout.py), named by `command`, whoever the caller.
+    `all` is an entry in the test ledger (pipeline/holdout.py) named `ledger`, whoever the caller; only a caller
+    that records the read itself passes None (`pneumo promote`, whose entry carries its Thresholdout answers).
 
     `shift` adds the generalization report (`pneumo evaluate --shift`): the model's AUC on the same split under
     every perturbation of the shift battery (pipeline/shift.py; `shift_max_images` caps it, 0 = the whole
@@ -97,11 +98,11 @@ def evaluate_model(uri: str, data_dir: str | Path, split: str = "val", *, tracki
         payload["shift"] = {k: v for k, v in report.items() if k != "table"}
         table += "\n\n" + report["table"]
     ev.write_json(path, payload)
-    if split in ("test", "all"):  # every read of a test split (or of a whole external set) goes into the ledger
+    if ledger and split in ("test", "all"):  # every read of a test split (or of a whole external set) goes into the ledger
         from pipeline import holdout, tracking
 
         resolved = tracking.resolve_tracking_uri(tracking_uri)
-        holdout.record(tracking.setup(resolved), resolved, digest=manifest["digest"], split=split, command=command,
+        holdout.record(tracking.setup(resolved), resolved, digest=manifest["digest"], split=split, command=ledger,
                        versions=[str(lm.version)], data_dir=str(data_dir),
                        answered={"auc": metrics["auc"], "model": uri})
     return {**payload, "table": table, "path": str(path), "probabilities": p, "labels": y,

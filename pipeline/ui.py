@@ -280,8 +280,12 @@ def _interrupt(signum, frame):
 
 
 def _serve(server: ManagedServer, what: str) -> None:
-    """Start, print the URL, and keep serving until Ctrl-C (or SIGTERM); the group is always stopped."""
-    previous = signal.signal(signal.SIGTERM, _interrupt)
+    """Start, print the URL, and keep serving until Ctrl-C (or SIGTERM); the group is always stopped.
+
+    SIGINT gets the handler explicitly: a process started from a non-interactive shell's background job (nohup,
+    `cmd &` in a script, some CI runners) inherits SIGINT as ignored, and Python then installs no
+    KeyboardInterrupt handler, so Ctrl-C (or a supervisor's SIGINT) would leave the server running."""
+    previous = {sig: signal.signal(sig, _interrupt) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
         with server:
             print(f"{what}: {server.url}  (Ctrl-C stops it; log: {server.log_path})", flush=True)
@@ -291,7 +295,8 @@ def _serve(server: ManagedServer, what: str) -> None:
     except KeyboardInterrupt:
         print(f"stopped {server.name}", flush=True)
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 def remote_warning(host: str, auth: bool) -> str:

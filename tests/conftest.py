@@ -4,6 +4,7 @@ training, so the data is made once), plus per-test MLflow/Optuna stores in tmp f
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -42,6 +43,33 @@ def wait_for(predicate, timeout: float, what: str, launcher: subprocess.Popen | 
     raise AssertionError(f"timed out waiting for {what}")
 
 
+def server_group(port: int) -> int | None:
+    """The process group of the `mlflow server` listening on `port`: its leader's pid (pipeline/ui.py starts
+    it in its own session), or None when there is none."""
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        try:
+            cmd = Path(f"/proc/{name}/cmdline").read_bytes().split(b"\0")
+            stat = Path(f"/proc/{name}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if b"server" in cmd and str(port).encode() in cmd and int(stat[2]) == int(name):
+            return int(name)
+    return None
+
+
+def stop_launcher(proc: subprocess.Popen, port: int) -> None:
+    """A test's cleanup of a `pneumo ui` it started: if the launcher has not exited, SIGKILL its group and the
+    server's own group too (killed, the launcher cannot stop its server), so a failed test leaves nothing running."""
+    if proc.poll() is not None:
+        return
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=30)
+    if (pgid := server_group(port)) is not None:
+        os.killpg(pgid, signal.SIGKILL)
+
+
 # `mlflow.set_tracking_uri` (called by pipeline.tracking.setup) also writes $MLFLOW_TRACKING_URI, so one test's
 # store would leak into every later test and the subprocesses they start: an order-dependent coupling. Each test
 # starts from the environment (and MLflow URI) it had before the previous one ran.
@@ -58,9 +86,13 @@ def _restore_process_globals():
         else:
             os.environ[key] = value
     if "mlflow" in sys.modules:
-        from mlflow.tracking._tracking_service import utils  # MLflow keeps the URI in this module global too
+        # MLflow keeps both URIs in module globals too; a registry URI left behind sends a later test's
+        # `MlflowClient()` registry calls into an earlier test's store (it once made a test's model "already exist")
+        from mlflow.tracking._model_registry import utils as registry_utils
+        from mlflow.tracking._tracking_service import utils
 
         utils._tracking_uri = saved["MLFLOW_TRACKING_URI"]
+        registry_utils._registry_uri = saved["MLFLOW_REGISTRY_URI"]
 
 
 @pytest.fixture(scope="session")

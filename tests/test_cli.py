@@ -118,7 +118,8 @@ def test_dashboard_names_the_missing_optuna_storage(tmp_path, monkeypatch, capsy
 def test_unreachable_postgresql_is_one_line_exit_1(tmp_path):
     data = tmp_path / "data"
     data.mkdir()
-    (data / "manifest.json").write_text("{}")  # the launcher only checks it is there before opening stores
+    # the launcher reads the manifest (load_manifest) before it opens any store: a minimal valid one
+    (data / "manifest.json").write_text('{"splits": {}, "digest": "0"}')
     r = _pneumo("tune", "--config", str(SMOKE), "--study", "s", "--data", str(data),
                 "--storage", "postgresql://pneumo:s3cret@127.0.0.1:1/x",
                 "--tracking-uri", f"sqlite:///{tmp_path}/mlruns/mlflow.db", cwd=tmp_path)

@@ -135,7 +135,7 @@ def test_a_worse_candidate_is_not_promoted(registry_store, capsys, tmp_path):
     out = capsys.readouterr().out
     assert code == 0  # a clear outcome, not an error
     assert "NOT PROMOTED" in out and "not promoted: superiority" in out and f"champion v{best} unchanged" in out
-    assert "DeLong p=" in out and "paired cluster bootstrap" in out and "patients" in out
+    assert "clustered DeLong, p=" in out and "paired cluster bootstrap" in out and "patients" in out
     after = snapshot(s.uri)
     assert after["aliases"] == before["aliases"] == {"champion": best}
     # no version's tags or aliases change (versions without a description get their short one)
@@ -480,7 +480,7 @@ def test_ledger_counts_test_reads_and_a_spent_budget_refuses(registry_store, tmp
     from pipeline.scoring import evaluate_model
 
     evaluate_model(f"models:/{MODEL}/{best}", s.data, "test", tracking_uri=s.uri, out=tmp_path / "t.json",
-                   n_boot=10, command="benchmarks/generalization.py")
+                   n_boot=10, ledger="benchmarks/generalization.py")
     entries = holdout.reads(_client(s.uri), digest)
     assert [e.data.tags["command"] for e in entries] == ["promote", "evaluate", "benchmarks/generalization.py"]
 

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import wait_for
+from tests.conftest import server_group, stop_launcher, wait_for
 from tests.test_scale_out import _admin_connection, postgres  # noqa: F401 (a fixture)
 
 pytestmark = pytest.mark.slow
@@ -161,25 +161,14 @@ def test_pneumo_ui_on_all_addresses_with_auth(tmp_path):
         api = f"http://127.0.0.1:{port}/api/2.0/mlflow/experiments/search?max_results=5"
         assert _status(api) == 401
         assert _status(api, ("admin", "admin-Pw-123456")) == 200
-        server_pgid = next(int(p) for p in os.listdir("/proc") if p.isdigit() and _is_server_of(int(p), port))
+        server_pgid = server_group(port)
+        assert server_pgid is not None
         start = time.monotonic()
         proc.send_signal(signal.SIGINT)
         proc.wait(timeout=STOP_GRACE_S + 60)
         stop_s = time.monotonic() - start
     finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(timeout=30)
+        stop_launcher(proc, port)
     assert proc.returncode == 0 and "stopped mlflow server" in log.read_text()
     wait_for(lambda: not group_alive(server_pgid), 30, "the server's group to go")
     print(f"pneumo ui stopped in {stop_s:.1f} s")
-
-
-def _is_server_of(pid: int, port: int) -> bool:
-    """The `mlflow server` process listening on `port` (its group leader: it runs in its own session)."""
-    try:
-        cmd = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
-        stat = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except OSError:
-        return False
-    return b"server" in cmd and str(port).encode() in cmd and int(stat[2]) == pid

@@ -14,8 +14,10 @@ NAME = "tags-model"
 
 @pytest.fixture
 def store(tmp_path):
-    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
-    client = MlflowClient()
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    mlflow.set_tracking_uri(uri)  # both: what version_tags' MlflowClient() reads (conftest restores them after)
+    mlflow.set_registry_uri(uri)
+    client = MlflowClient(uri, uri)
     exp = client.create_experiment("tags", artifact_location=(tmp_path / "artifacts").as_uri())
     run = client.create_run(exp)
     for key, value in {"threshold": "0.3", "temperature": "1.5", "dataset_digest": "abc"}.items():
