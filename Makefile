@@ -16,8 +16,10 @@ $(VENV)/.installed: pyproject.toml
 lint: $(VENV)
 	$(BIN)/ruff check .
 
+# Two pytest workers, a test file each at a time (its module fixtures stay in one process): about half of a
+# serial run's time waits on servers, subprocesses and store start-up, which the other worker fills.
 test: $(VENV) lint
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n 2 --dist loadfile
 
 demo: $(VENV)
 	$(BIN)/pneumo demo
