@@ -16,8 +16,8 @@ $(VENV)/.installed: pyproject.toml
 lint: $(VENV)
 	$(BIN)/ruff check .
 
-# Two pytest workers, a test file each at a time (its module fixtures stay in one process): about half of a
-# serial run's time waits on servers, subprocesses and store start-up, which the other worker fills.
+# Two pytest workers, a test file each at a time (its module fixtures stay in one process): a serial run
+# leaves the 2 cores partly idle while tests wait on servers, subprocesses and store start-up (README, Tests).
 test: $(VENV) lint
 	$(BIN)/python -m pytest -q -n 2 --dist loadfile
 

@@ -57,7 +57,7 @@ def trained(tmp_path_factory) -> Trained:
     manifest = load_manifest(data)
     cfg = Config(name="explain").with_values({
         "model.stem_stride": 2, "model.blocks": 3, "augment.rotation": 0.0, "augment.zoom": 0.0,
-        "augment.translation": 0.0, "train.learning_rate": 3e-3})
+        "augment.translation": 0.0, "train.learning_rate": 3e-3, "data.deterministic": True})
     apply_precision("float32")
     keras.utils.set_random_seed(0)
     model = build_model(cfg.model, cfg.augment, 64, seed=0)
