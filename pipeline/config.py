@@ -299,22 +299,23 @@ def _check(key: str, value: Any) -> Any:
         raise ConfigError(f"config key {key!r} wants a table, got {value!r}")
     if want is list and not all(isinstance(v, str) for v in value):
         raise ConfigError(f"config key {key!r} wants a list of names, got {value!r}")
+    check_value(key, value)
+    return value
+
+
+def check_value(key: str, value: Any) -> None:
+    """ConfigError naming key and value when it is not one of CHOICES or lies outside BOUNDS."""
     allowed = CHOICES.get(key)
     if allowed and value not in allowed:
         raise ConfigError(f"config key {key!r} must be one of {', '.join(allowed)}, got {value!r}")
     check_range(key, value)
-    return value
 
 
 def check_section(section: str, values) -> None:
     """Every key of one section against CHOICES and BOUNDS: for a section built in code (a test, a notebook, a
     benchmark) rather than read from a file, so a bad value is the same one-line ConfigError either way."""
     for f in dataclasses.fields(values):
-        key, value = f"{section}.{f.name}", getattr(values, f.name)
-        allowed = CHOICES.get(key)
-        if allowed and value not in allowed:
-            raise ConfigError(f"config key {key!r} must be one of {', '.join(allowed)}, got {value!r}")
-        check_range(key, value)
+        check_value(f"{section}.{f.name}", getattr(values, f.name))
 
 
 def check_model(m: ModelConfig) -> None:

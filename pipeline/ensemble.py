@@ -20,8 +20,7 @@ member cannot dominate.
 
 Members: the READY versions of the registered model in `--study`, ranked by the study metric (the version tag
 named by `--metric`, by default the one the study optimised; any metric tag ranks, via
-`registry.rank_candidates`), trained on the
-same dataset as the best one, never an earlier ensemble. Mixed members (image sizes, metadata inputs) are
+`registry.rank_candidates`), trained on the same dataset as the best one, never an earlier ensemble. Mixed members (image sizes, metadata inputs) are
 refused with a one-line reason.
 """
 

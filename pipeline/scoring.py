@@ -98,7 +98,7 @@ def evaluate_model(uri: str, data_dir: str | Path, split: str = "val", *, tracki
         payload["shift"] = {k: v for k, v in report.items() if k != "table"}
         table += "\n\n" + report["table"]
     ev.write_json(path, payload)
-    if ledger and split in ("test", "all"):  # every read of a test split (or of a whole external set) goes into the ledger
+    if ledger and split in ("test", "all"):  # a read of a test split (or a whole external set): into the ledger
         from pipeline import holdout, tracking
 
         resolved = tracking.resolve_tracking_uri(tracking_uri)

@@ -64,6 +64,7 @@ class PneumoniaModel(mlflow.pyfunc.PythonModel):
     """The pyfunc. State comes from `model_config` (set at log time) and the registry (read at load)."""
 
     def load_context(self, context):
+        from pipeline import version_tags
         from pipeline.model import load_network, uses_meta
 
         cfg = dict(context.model_config or {})
@@ -71,8 +72,6 @@ class PneumoniaModel(mlflow.pyfunc.PythonModel):
         self.image_size = int(self.model.inputs[0].shape[1])
         self.uses_meta = uses_meta(self.model)
         run_id = cfg.get("run_id")
-        from pipeline import version_tags
-
         version, tags = None, {}
         try:
             found = version_tags.of_run(run_id, cfg.get("registered_model_name"))

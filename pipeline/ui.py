@@ -34,7 +34,14 @@ import urllib.request
 from pathlib import Path
 
 from pipeline.errors import InputError
-from pipeline.stores import masked
+from pipeline.stores import (
+    artifact_root,
+    masked,
+    require_store,
+    resolve_optuna_storage,
+    resolve_tracking_uri,
+    sqlite_path,
+)
 
 DASHBOARD_HINT = "pip install 'pneumo[dashboard]'"
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
@@ -269,8 +276,6 @@ class DashboardServer(ManagedServer):
 
 def _absolute_sqlite(uri: str) -> str:
     """`sqlite:///mlruns/x.db` is relative to the working directory: pin it, so the child reads the same file."""
-    from pipeline.stores import sqlite_path
-
     db = sqlite_path(uri)
     return f"sqlite:///{db.resolve()}" if db is not None else uri
 
@@ -316,8 +321,6 @@ def run_ui(tracking_uri: str | None = None, port: int = 5000, host: str = "127.0
 
     `host` other than loopback serves other machines and prints a warning (and how to add authentication);
     `auth` runs MLflow's basic-auth app (MLFLOW_AUTH_ADMIN_PASSWORD in the environment)."""
-    from pipeline.stores import artifact_root, require_store, resolve_tracking_uri, sqlite_path
-
     uri = resolve_tracking_uri(tracking_uri)  # the project's store, not the current folder's
     if uri.startswith(("http://", "https://")):
         print(f"the tracking store is already a server: open {masked(uri)}")
@@ -337,8 +340,6 @@ def run_dashboard(storage: str | None = None, port: int = 8080) -> None:
     """`pneumo dashboard`: optuna-dashboard on the study storage, when the optional extra is installed."""
     if importlib.util.find_spec("optuna_dashboard") is None:
         raise UiError(f"optuna-dashboard is not installed: {DASHBOARD_HINT}")
-    from pipeline.stores import require_store, resolve_optuna_storage
-
     url = resolve_optuna_storage(storage)
     require_store(url, "dashboard", kind="optuna")
     _check_port(port)
