@@ -86,7 +86,7 @@ def run_wrapped(cmd: list[str]) -> dict:
 
 def check_converted(out: Path, n: int) -> dict:
     """The manifest `pneumo convert` wrote into `out`, after checking it holds all `n` records."""
-    from pipeline.manifest import load_manifest
+    from pipeline.data.manifest import load_manifest
 
     manifest = load_manifest(out)
     written = sum(s["count"] for s in manifest["splits"].values())
@@ -143,7 +143,7 @@ def pydicom_plugin_used(path) -> str:
 
 def make_dicoms(out: Path, n: int, size: int = 1024) -> tuple[Path, Path]:
     """At least `n` synthetic RSNA-like DICOMs in `out` (made unless a complete set is there): (images, CSV)."""
-    from pipeline.synth import IMAGES_DIR, LABELS_CSV, make_synthetic_dataset
+    from pipeline.data.synth import IMAGES_DIR, LABELS_CSV, make_synthetic_dataset
 
     if not (out / LABELS_CSV).exists():
         make_synthetic_dataset(out, n=n, size=size, workers=2, progress=False)

@@ -3,7 +3,7 @@
     .venv/bin/python benchmarks/convert.py                  # ~3 min on 2 CPU cores (~1 min of it: synth)
     .venv/bin/python benchmarks/convert.py --n 300 --repeats 2   # a quicker look
 
-Data: N synthetic 1024 x 1024 JPEG Baseline DICOMs (pipeline.synth, RSNA-like), in a temp dir removed at the
+Data: N synthetic 1024 x 1024 JPEG Baseline DICOMs (pipeline.data.synth, RSNA-like), in a temp dir removed at the
 end (--keep keeps it; --data DIR reuses a synth folder). Each repeat runs, one after the other, so that a busy
 phase of this shared machine hits every row:
 
@@ -11,7 +11,7 @@ phase of this shared machine hits every row:
   (Pillow's default filter), save a PNG into a folder. One process, over the SAME N files the converter
   converts (the first N by name, as `--limit N` takes them), in this process: its own start-up (imports,
   ~0.5 s) is not charged to it, which favours it slightly.
-* decode-bound limit: `pipeline.dicom.read_dicom(p, 256)` in one process over the same N files; x2 is what
+* decode-bound limit: `pipeline.data.dicom.read_dicom(p, 256)` in one process over the same N files; x2 is what
   two cores doing nothing but decoding could reach.
 * `pneumo convert --image-size 256 --workers 2` over all N files, run as a subprocess (the console script
   next to this Python) under a small wrapper that:
@@ -90,7 +90,7 @@ def seed_style(files: list[Path], png_dir: Path) -> None:
 
 
 def decode_only(files: list[Path]) -> None:
-    from pipeline.dicom import read_dicom
+    from pipeline.data.dicom import read_dicom
 
     for p in files:
         read_dicom(p, SIZE)

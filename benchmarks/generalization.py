@@ -3,9 +3,9 @@
     .venv/bin/python benchmarks/generalization.py                        # the champion on tfrecords/kermany-128
     .venv/bin/python benchmarks/generalization.py --model models:/pneumonia-cnn/3 --data tfrecords/kermany-128
 
-What it prints (the same as `pneumo evaluate --shift`, pipeline/scoring.py): the internal split's AUC and
+What it prints (the same as `pneumo evaluate --shift`, pipeline/evaluate/scoring.py): the internal split's AUC and
 accuracy with 95% CIs beside the majority baseline; the AUC under every perturbation of the shift battery
-(pipeline/shift.py) on the same split, their mean and the worst; the ECE before and after the model's stored
+(pipeline/evaluate/shift.py) on the same split, their mean and the worst; the ECE before and after the model's stored
 temperature. The internal split is in-distribution (a patient-level split of one hospital's folder): the battery
 is the part of this report that speaks to other hospitals and devices, and even it only simulates them.
 Ends with one line: auc_shift_min=<worst AUC> internal_auc=<AUC> (no target: a report, not a race).
@@ -23,8 +23,8 @@ from pathlib import Path
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the repository, as benchmarks/common.py does
 
+from pipeline.artifact.model_store import champion_uri  # noqa: E402
 from pipeline.errors import PneumoError, one_line  # noqa: E402
-from pipeline.model_store import champion_uri  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -40,7 +40,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {a.data}/manifest.json not found: convert the data first (README, Kermany section)",
               file=sys.stderr)
         return 2
-    from pipeline.scoring import evaluate_model
+    from pipeline.evaluate.scoring import evaluate_model
 
     t0 = time.perf_counter()
     try:

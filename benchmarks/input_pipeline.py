@@ -5,8 +5,8 @@ raw TFRecord read loop over the same shards.
     .venv/bin/python benchmarks/input_pipeline.py              # ~2 min on 2 CPU cores (~1 min of it: synth)
     .venv/bin/python benchmarks/input_pipeline.py --n 400      # a quicker look
 
-Data: N synthetic 1024 x 1024 JPEG Baseline DICOMs (pipeline.synth), converted at 256 px with
-`pipeline.convert.convert_rsna` (the seed's split: the train split is 64% of the patients), all in a temp dir
+Data: N synthetic 1024 x 1024 JPEG Baseline DICOMs (pipeline.data.synth), converted at 256 px with
+`pipeline.data.convert.convert_rsna` (the seed's split: the train split is 64% of the patients), all in a temp dir
 removed at the end (--keep keeps it; --data DIR reuses a synth folder). Rows, run interleaved in one process,
 several repeats, medians with min-max, CPU seconds (all threads of this process) beside wall seconds:
 
@@ -93,7 +93,7 @@ def main() -> None:
         t = time.perf_counter()
         images, labels_csv = make_dicoms(a.data or tmp / "dicom", a.n)
         t_synth = time.perf_counter() - t
-        from pipeline.convert import convert_rsna
+        from pipeline.data.convert import convert_rsna
 
         data = tmp / "tfrecords"
         t = time.perf_counter()
@@ -113,8 +113,8 @@ def main() -> None:
         import tensorflow as tf
 
         from pipeline.config import DataConfig
-        from pipeline.data import load_manifest, shard_paths, train_dataset
-        from pipeline.records import parse_batch
+        from pipeline.data.records import parse_batch
+        from pipeline.data.tfdata import load_manifest, shard_paths, train_dataset
 
         tf.get_logger().setLevel("ERROR")
         print(f"tensorflow {tf.__version__} imported in {time.perf_counter() - t:.1f} s", flush=True)

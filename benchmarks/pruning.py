@@ -32,7 +32,7 @@ def run_arm(pruner: str, data: Path, tmp: Path, trials: int, epochs: int, seed: 
     from optuna.trial import TrialState
 
     from pipeline.config import load_config
-    from pipeline.tune import run_tune
+    from pipeline.study.tune import run_tune
 
     # The smoke study on the default CNN: the smoke file's tiny CNN barely learns in a few epochs, and a
     # pruner only shows its worth where curves separate.
@@ -76,8 +76,8 @@ def main() -> None:
     if not seeds:
         raise SystemExit("--seeds: give at least one seed")
 
-    from pipeline.convert import convert_rsna
-    from pipeline.synth import make_synthetic_dataset
+    from pipeline.data.convert import convert_rsna
+    from pipeline.data.synth import make_synthetic_dataset
 
     with tempfile.TemporaryDirectory(prefix="bench-pruning-") as tmp:
         tmp = Path(tmp)

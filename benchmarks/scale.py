@@ -5,7 +5,7 @@ one training epoch of the default CNN at 256 px, at N = 2,000, 8,000 and 26,684 
     .venv/bin/python benchmarks/scale.py --ns 2000,8000       # the smaller sizes only
     .venv/bin/python benchmarks/scale.py --generate-only      # make the DICOMs (the long part), then stop
 
-Data: RSNA-like synthetic DICOMs (pipeline.synth: 1024 x 1024, JPEG Baseline, 22.5% positive, as RSNA's 26,684
+Data: RSNA-like synthetic DICOMs (pipeline.data.synth: 1024 x 1024, JPEG Baseline, 22.5% positive, as RSNA's 26,684
 training images), generated ONCE into a cache folder outside the repository (--cache, default
 $PNEUMO_BENCH_CACHE/scale, else ../cache/scale beside the checkout) and reused by every later run. They are made
 in nested chunks, one per step of the N list (images 0-2,000, 2,000-8,000, 8,000-26,684, each its own
@@ -18,7 +18,7 @@ For each N, one after the other:
    CPU seconds of the whole tree, peak memory (ru_maxrss of the reaped children: the largest single process,
    not the sum of the pool), disk (bytes of the shards + manifest).
 2. One epoch of the default CNN (pipeline/config.py defaults, float32, batch 32, Adam 1e-3) over the train
-   split, in a fresh subprocess: `pipeline.data.train_dataset` (cache "auto", so the first epoch reads the
+   split, in a fresh subprocess: `pipeline.data.tfdata.train_dataset` (cache "auto", so the first epoch reads the
    shards), `train_on_batch` per step. The first step (tracing) is timed apart; img/s and the share of time
    spent waiting inside `next()` on the input iterator are over the other steps; the pipeline's start-up
    (manifest, sha256 check of every shard) is reported apart too.
@@ -56,8 +56,8 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 sys.path.insert(0, sys.argv[2])
 import keras
 from pipeline.config import Config
-from pipeline.data import split_count, train_dataset
-from pipeline.model import apply_precision, build_model
+from pipeline.data.tfdata import split_count, train_dataset
+from pipeline.net.model import apply_precision, build_model
 data, batch, size = sys.argv[1], int(sys.argv[3]), int(sys.argv[4])
 apply_precision("float32")
 cfg = Config()
@@ -94,7 +94,7 @@ def chunk_dirs(cache: Path, ns: list[int]) -> list[tuple[int, int, Path]]:
 
 
 def generate(cache: Path, ns: list[int]) -> None:
-    from pipeline.synth import LABELS_CSV, make_synthetic_dataset
+    from pipeline.data.synth import LABELS_CSV, make_synthetic_dataset
 
     for start, end, folder in chunk_dirs(cache, ns):
         done = folder / "synth.json"
@@ -117,7 +117,7 @@ def generate(cache: Path, ns: list[int]) -> None:
 
 def view(cache: Path, ns: list[int], n: int) -> tuple[Path, Path, float]:
     """A folder of links to the first n images (the chunks up to n) and their merged label CSV."""
-    from pipeline.synth import IMAGES_DIR, LABELS_CSV
+    from pipeline.data.synth import IMAGES_DIR, LABELS_CSV
 
     out = cache / f"n{n}"
     images, labels = out / "images", out / "labels.csv"

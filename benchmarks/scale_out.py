@@ -205,8 +205,8 @@ def main() -> None:
     args = parser.parse_args()
     args.baseline_trials = args.baseline_trials or args.trials
 
-    from pipeline.convert import convert_rsna
-    from pipeline.synth import make_synthetic_dataset
+    from pipeline.data.convert import convert_rsna
+    from pipeline.data.synth import make_synthetic_dataset
     from pipeline.ui import MlflowServer
 
     server_url = os.environ.get("PNEUMO_BENCH_POSTGRES", "postgresql://127.0.0.1:5432")

@@ -11,7 +11,7 @@ into a cache folder outside the repository (--cache, default $PNEUMO_BENCH_CACHE
 checkout); without it, `pneumo synth` data converted the same way. Both models:
 the recipe of their experiment file (the seed: experiments/seed.toml, no augmentation; the default: the
 built-in defaults of pipeline/config.py, with its augmentation), Adam 1e-3, plain cross-entropy, batch 32,
-float32, fed by `pipeline.data.train_dataset`. They train in turns of --slice seconds (seed, default,
+float32, fed by `pipeline.data.tfdata.train_dataset`. They train in turns of --slice seconds (seed, default,
 seed, ...) until each has had --budget seconds of training, so a busy phase of this shared machine hits both;
 then each is scored once on the validation split (sklearn's roc_auc_score; scoring is not charged to the
 budget). Reported: images trained, img/s, epochs reached, val AUC. The speed claim ("default >= 4x the
@@ -62,8 +62,8 @@ def kermany_regex() -> str:
 
 def prepare_data(cache: Path) -> tuple[Path, str]:
     """(converted folder, description); converted once and reused while its manifest records the same rule."""
-    from pipeline.convert import convert_image_dir, convert_rsna
-    from pipeline.manifest import load_manifest
+    from pipeline.data.convert import convert_image_dir, convert_rsna
+    from pipeline.data.manifest import load_manifest
 
     if KERMANY.is_dir():
         out = cache / f"kermany-{SIZE}"
@@ -75,7 +75,7 @@ def prepare_data(cache: Path) -> tuple[Path, str]:
         return out, f"Kermany {KERMANY} at {SIZE} px, patient rule {rule!r}"
     out = cache / f"synth-{SIZE}"
     if not (out / "manifest.json").exists():
-        from pipeline.synth import make_synthetic_dataset
+        from pipeline.data.synth import make_synthetic_dataset
 
         make_synthetic_dataset(cache / "synth-raw", n=2000, size=512, seed=0, workers=2, progress=False)
         convert_rsna(cache / "synth-raw" / "stage_2_train_images", cache / "synth-raw" / "stage_2_train_labels.csv",
@@ -88,8 +88,8 @@ class Arm:
     def __init__(self, name: str, cfg, data: Path, train_count: int):
         import keras
 
-        from pipeline.data import train_dataset
-        from pipeline.model import build_model
+        from pipeline.data.tfdata import train_dataset
+        from pipeline.net.model import build_model
 
         self.name, self.train_count = name, train_count
         self.model = build_model(cfg.model, cfg.augment, SIZE, seed=0)
@@ -113,7 +113,7 @@ class Arm:
         import numpy as np
         from sklearn.metrics import roc_auc_score
 
-        from pipeline.data import eval_dataset
+        from pipeline.data.tfdata import eval_dataset
 
         ys, ps = [], []
         for x, y in eval_dataset(data, "val", 128):
@@ -124,8 +124,8 @@ class Arm:
 
 def equal_budget(data: Path, budget: float, slice_s: float) -> dict:
     from pipeline.config import Config, load_config
-    from pipeline.data import split_count
-    from pipeline.model import apply_precision
+    from pipeline.data.tfdata import split_count
+    from pipeline.net.model import apply_precision
 
     apply_precision("float32")
     train_count = split_count(data, "train")
@@ -153,7 +153,7 @@ precision, jit, steps = sys.argv[1], sys.argv[2] == "1", int(sys.argv[3])
 try:
     import keras, numpy as np
     from pipeline.config import AugmentConfig, ModelConfig
-    from pipeline.model import apply_precision, build_model
+    from pipeline.net.model import apply_precision, build_model
     apply_precision(precision)
     # XLA needs the XLA-compilable augmentation (Keras' rotation/zoom layers do not compile)
     m = build_model(ModelConfig(), AugmentConfig(xla_safe=jit), 128, seed=0)

@@ -67,7 +67,7 @@ probability = _number(float, 0.0, 1.0)
 
 
 def cmd_synth(a):
-    from pipeline.synth import make_synthetic_dataset
+    from pipeline.data.synth import make_synthetic_dataset
 
     s = make_synthetic_dataset(a.out, n=a.n, positive_rate=a.positive_rate, size=a.image_size, seed=a.seed,
                                workers=a.workers, progress=not a.quiet)
@@ -75,7 +75,7 @@ def cmd_synth(a):
 
 
 def cmd_convert(a):
-    from pipeline.convert import convert_image_dir, convert_rsna, summary
+    from pipeline.data.convert import convert_image_dir, convert_rsna, summary
 
     patient_regex, out = a.patient_regex, a.out
     if a.config:  # the recipe's own patient rule and output folder ([data] patient_regex, dir)
@@ -113,10 +113,10 @@ def cmd_train(a):
     _use_backend(cfg)
     if a.register and not cfg.train.log_model:
         raise UsageError("--register needs train.log_model = true (nothing is logged to register)")
-    from pipeline.manifest import load_manifest
+    from pipeline.data.manifest import load_manifest
 
     load_manifest(a.data or cfg.data.dir)  # a missing dataset, too
-    from pipeline.train import summary_table, train
+    from pipeline.study.train import summary_table, train
 
     result = train(cfg, a.data, tracking_uri=a.tracking_uri, config_file=a.config, register_as=a.register)
     print(summary_table(result))
@@ -130,7 +130,7 @@ def cmd_tune(a):
 
     cfg = load_config(a.config, a.set)
     _use_backend(cfg)
-    from pipeline.tune import run_tune
+    from pipeline.study.tune import run_tune
 
     run_tune(cfg, a.study, data_dir=a.data, trials=a.trials, timeout=a.timeout, workers=a.workers,
              storage=a.storage, tracking_uri=a.tracking_uri, config_file=a.config,
@@ -153,7 +153,7 @@ def _read_only(a, uri: str | None = None) -> None:
 
 def cmd_evaluate(a):
     _read_only(a, a.model)
-    from pipeline.scoring import evaluate_model
+    from pipeline.evaluate.scoring import evaluate_model
 
     report = evaluate_model(a.model, a.data, a.split, tracking_uri=a.tracking_uri, out=a.out, shift=a.shift,
                             shift_max_images=a.shift_max_images)  # a test read is recorded in the ledger
@@ -170,7 +170,7 @@ def cmd_demo(a):
 def cmd_promote(a):
     _read_only(a)  # it moves an alias at most: a store without registered models cannot be promoted from
     from pipeline.config import PromoteConfig, load_config
-    from pipeline.registry import format_decision, promote, rule_of
+    from pipeline.promote.promotion import format_decision, promote, rule_of
 
     # Every argument is checked before anything is written: --ensemble registers a version.
     if a.set and not a.config:
@@ -179,7 +179,7 @@ def cmd_promote(a):
     rule_of(cfg)
     version, metric = a.version, a.metric
     if a.ensemble is not None:  # build and register the ensemble, then gate it like any candidate
-        from pipeline.ensemble import EnsembleError, build_ensemble, gate_metric, summary
+        from pipeline.promote.ensemble import EnsembleError, build_ensemble, gate_metric, summary
 
         if a.version is not None or a.dry_run:
             raise EnsembleError("--ensemble builds and registers a new version: it cannot go with "
@@ -205,7 +205,7 @@ def cmd_predict(a):
 
 def cmd_explain(a):
     _read_only(a, a.model)
-    from pipeline.explain import run_explain
+    from pipeline.evaluate.explain import run_explain
 
     run_explain(a.paths, a.model, a.out, tracking_uri=a.tracking_uri)
 

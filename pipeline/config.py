@@ -52,7 +52,7 @@ class ModelConfig:
     pooling: str = "gap"  # gap (global average) | flatten (the seed)
     metadata_inputs: bool = False  # view position, sex, age fed beside the image into the penultimate layer
     # Per-image standardisation (zero mean, unit variance per image) instead of the fixed [-1, 1] map: removes
-    # a film's overall exposure and contrast before the first conv (pipeline/model.py).
+    # a film's overall exposure and contrast before the first conv (pipeline/net/model.py).
     standardize: bool = False
 
 
@@ -65,7 +65,7 @@ class AugmentConfig:
     contrast: float = 0.1
     brightness: float = 0.1
     horizontal_flip: bool = False  # off: chest anatomy is not mirror-symmetric (heart on the left)
-    # Acquisition-style intensity augmentation (pipeline/augment.py; 0 = off): gamma = exp(U(-g, g)) per image;
+    # Acquisition-style intensity augmentation (pipeline/net/augment.py; 0 = off): gamma = exp(U(-g, g)) per image;
     # noise: Gaussian with a per-image std U(0, noise) in [0, 1] grey units; blur: a per-image blend weight
     # U(-b, b) towards a Gaussian-blurred copy (negative: unsharp-mask sharpening).
     gamma: float = 0.0
@@ -82,7 +82,7 @@ class TrainConfig:
     weight_decay: float = 0.0
     class_weight: str = "balanced"  # balanced (loss weights) | oversample (50/50 batches) | none
     precision: str = "auto"  # auto | float32 | mixed_float16 | mixed_bfloat16
-    # auto | true | false (TOML booleans too): auto = XLA on a GPU, off on the CPU (pipeline/devices.py);
+    # auto | true | false (TOML booleans too): auto = XLA on a GPU, off on the CPU (pipeline/net/devices.py);
     # XLA needs augment.xla_safe = true when rotation/zoom/translation are on (Keras' layers have no XLA kernel)
     jit_compile: str = "auto"
     # tensorflow | jax: the Keras backend; chosen before keras is imported (pipeline/cli.py sets KERAS_BACKEND)
@@ -94,11 +94,11 @@ class TrainConfig:
     target_sensitivity: float = 0.0  # the sensitivity `threshold_policy = "sensitivity"` aims at on validation
     # How the stored operating threshold is chosen, on validation only: youden (max J on the clean split),
     # sensitivity (the highest threshold reaching target_sensitivity), robust (max worst-case J over the clean
-    # split and the shift battery; needs shift_battery = true). pipeline/train.py:decide_threshold.
+    # split and the shift battery; needs shift_battery = true). pipeline/study/train.py:decide_threshold.
     threshold_policy: str = "youden"
     label_smoothing: float = 0.0  # binary cross-entropy label smoothing, in [0, 0.5)
     lr_schedule: str = "constant"  # constant (ReduceLROnPlateau may halve it) | cosine (decay to 0 over epochs)
-    # The shift battery (pipeline/shift.py) after training, on a fixed subset of validation: val_auc_shift_*.
+    # The shift battery (pipeline/evaluate/shift.py) after training, on a fixed subset of validation: val_auc_shift_*.
     shift_battery: bool = True
     shift_max_images: int = 512  # the subset's cap (class-stratified, fixed by shift_seed); 0 = whole split
     shift_seed: int = 0  # fixes the subset and the perturbations' draws: the same images for every trial
@@ -116,7 +116,7 @@ class TuneConfig:
     seed: int = 0
     # The study objective, also the promotion's ranking: val_auc | val_auc_shift_mean | val_auc_shift_min
     # (maximised) | val_loss (minimised). Shift metrics exist only after training: trials are pruned on the
-    # per-epoch val_auc then (pipeline/tune.py).
+    # per-epoch val_auc then (pipeline/study/tune.py).
     metric: str = "val_auc"
     startup_trials: int = 5  # random trials before TPE and before the median pruner may prune
     warmup_epochs: int = 1  # epochs before a trial may be pruned
@@ -128,7 +128,7 @@ class TuneConfig:
 
 @dataclass(frozen=True)
 class PromoteConfig:
-    """The promotion gate's rule (`pneumo promote --config`; pipeline/gate.py explains each check)."""
+    """The promotion gate's rule (`pneumo promote --config`; pipeline/promote/gate.py explains each check)."""
     policy: str = "superiority"  # superiority | non_inferiority
     alpha: float = 0.05  # two-sided level of the paired AUC-difference interval (clustered DeLong)
     margin: float = 0.02  # non-inferiority margin on the AUC scale (also for required external sets)
@@ -320,7 +320,7 @@ def check_section(section: str, values) -> None:
 
 def check_model(m: ModelConfig) -> None:
     """The model section alone: its values and the settings only wrong together. The one check that needs the
-    image size (blocks that shrink it to nothing) is pipeline.model's."""
+    image size (blocks that shrink it to nothing) is pipeline.net.model's."""
     check_section("model", m)
     if m.residual and m.padding != "same":
         raise ConfigError("model.residual needs model.padding = 'same' (the shortcut must match the conv output)")

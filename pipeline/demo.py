@@ -34,8 +34,8 @@ def _step(n: int, total: int, text: str) -> None:
 def run_demo(workdir: str = ".", tracking_uri: str | None = None, n: int = 800, quiet: bool = False,
              storage: str | None = None) -> None:
     from pipeline.config import load_config
-    from pipeline.convert import convert_rsna, summary
-    from pipeline.synth import make_synthetic_dataset
+    from pipeline.data.convert import convert_rsna, summary
+    from pipeline.data.synth import make_synthetic_dataset
 
     start = time.perf_counter()
     root = Path(workdir).resolve()
@@ -59,8 +59,8 @@ def run_demo(workdir: str = ".", tracking_uri: str | None = None, n: int = 800, 
                             progress=not quiet)
     print(summary(manifest))
 
-    from pipeline.train import summary_table, train
-    from pipeline.tune import run_tune
+    from pipeline.study.train import summary_table, train
+    from pipeline.study.tune import run_tune
 
     _step(3, steps, "train: one run of experiments/demo.toml, tracked in MLflow")
     result = train(cfg, data, tracking_uri=tracking_uri, config_file=config_file)
@@ -82,7 +82,7 @@ def _promote_and_predict(data: Path, new: Path, tracking_uri: str | None, steps:
     import io
 
     from pipeline.predict import format_table, run_predict
-    from pipeline.registry import champion_uri, format_decision, promote
+    from pipeline.promote.promotion import champion_uri, format_decision, promote
 
     _step(steps - 1, steps, "promote: the study's best version vs the champion on the locked test split")
     print(format_decision(promote(data_dir=data, study="demo", tracking_uri=tracking_uri, config=rule)))

@@ -1,7 +1,7 @@
 """`pneumo doctor`: what this host would train and serve with, one line each, and whether the stores answer.
 
 Versions, the Keras backend, the GPUs TensorFlow sees (and CUDA_VISIBLE_DEVICES), what `train.precision =
-"auto"` and `train.jit_compile = "auto"` pick here (pipeline/devices.py), the MLflow and Optuna stores the
+"auto"` and `train.jit_compile = "auto"` pick here (pipeline/net/devices.py), the MLflow and Optuna stores the
 other commands would use (pipeline/stores.py) and whether each answers. The probes only read: an embedded
 SQLite store is opened read-only (a missing one is reported, never created), a tracking server is asked for
 `/health`, a database server for `SELECT 1`. Exit 1 when a store does not answer.
@@ -84,7 +84,7 @@ def probe(url: str) -> tuple[bool, str]:
 
 def report(tracking_uri: str | None = None, storage: str | None = None) -> tuple[list[str], list[str]]:
     """(lines, names of the stores that did not answer)."""
-    from pipeline import devices
+    from pipeline.net import devices
 
     lines = [f"python        {platform.python_version()} ({sys.executable})"]
     lines += [f"{name:<13} {_version(name)}" for name in PACKAGES]

@@ -1,6 +1,6 @@
 """`pneumo predict`: DICOM files -> one CSV row each with the model's probability and decision.
 
-Decoding is the converter's own (`pipeline.dicom.read_dicom` at the model's input size), so a file gets the same
+Decoding is the converter's own (`pipeline.data.dicom.read_dicom` at the model's input size), so a file gets the same
 probability here as its record gets from `pneumo evaluate`. Every input gets a row:
 - `ok`: predicted; `prediction` applies the threshold stored with the model (chosen on validation);
 - `skipped`: out of scope by its header (Modality not CR/DX/DR, BodyPartExamined present and not CHEST, or
@@ -17,10 +17,10 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.dicom import screen_dicom
+from pipeline.artifact.model_store import LoadedModel, champion_uri, load
+from pipeline.data.dicom import screen_dicom
+from pipeline.data.inputs import collect_paths, meta_batch
 from pipeline.errors import InputError
-from pipeline.inputs import collect_paths, meta_batch
-from pipeline.model_store import LoadedModel, champion_uri, load
 
 COLUMNS = ["path", "patient_id", "probability", "prediction", "model_version", "dataset_digest", "status",
            "warning", "error"]

@@ -70,7 +70,7 @@ def stop_launcher(proc: subprocess.Popen, port: int) -> None:
         os.killpg(pgid, signal.SIGKILL)
 
 
-# `mlflow.set_tracking_uri` (called by pipeline.tracking.setup) also writes $MLFLOW_TRACKING_URI, so one test's
+# `mlflow.set_tracking_uri` (called by pipeline.artifact.tracking.setup) also writes $MLFLOW_TRACKING_URI, so one test's
 # store would leak into every later test and the subprocesses they start: an order-dependent coupling. Each test
 # starts from the environment (and MLflow URI) it had before the previous one ran.
 _PROCESS_GLOBALS = ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI", "KERAS_BACKEND")
@@ -98,7 +98,7 @@ def _restore_process_globals():
 @pytest.fixture(scope="session")
 def synth_raw(tmp_path_factory) -> Path:
     """240 RSNA-like synthetic DICOMs at 128 px (25% positive) in the real layout."""
-    from pipeline.synth import make_synthetic_dataset
+    from pipeline.data.synth import make_synthetic_dataset
 
     out = tmp_path_factory.mktemp("synth-raw")
     make_synthetic_dataset(out, n=240, size=128, seed=0, workers=2, progress=False)
@@ -108,7 +108,7 @@ def synth_raw(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def synth_data(synth_raw, tmp_path_factory) -> Path:
     """Those DICOMs converted at 64 px: the TFRecords every training test reads."""
-    from pipeline.convert import convert_rsna
+    from pipeline.data.convert import convert_rsna
 
     out = tmp_path_factory.mktemp("synth-tfrecords") / "data"
     convert_rsna(synth_raw / "stage_2_train_images", synth_raw / "stage_2_train_labels.csv", out,

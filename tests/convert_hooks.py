@@ -1,5 +1,5 @@
 """Decode functions for converter fault tests. They live in an importable module (not a test file) because the
-converter pickles `pipeline.convert.DECODE` by reference into its forkserver workers, which import it by name."""
+converter pickles `pipeline.data.convert.DECODE` by reference into its forkserver workers, which import it by name."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import signal
 import time
 from pathlib import Path
 
-from pipeline.convert import decode_item
+from pipeline.data.convert import decode_item
 
 VICTIM = "victim"  # the file stem whose decode kills its own worker, as the kernel's OOM killer would
 

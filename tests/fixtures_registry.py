@@ -68,9 +68,9 @@ def _config(tmp: Path, overrides: list[str]):
 
 @pytest.fixture(scope="session")
 def registry_base(synth_raw, synth_data, tmp_path_factory) -> Store:
-    from pipeline import tracking
-    from pipeline.registry import evaluate_version
-    from pipeline.train import train
+    from pipeline.artifact import tracking
+    from pipeline.promote.promotion import evaluate_version
+    from pipeline.study.train import train
 
     root = tmp_path_factory.mktemp("registry-base")
     uri = f"sqlite:///{root}/mlruns/mlflow.db"

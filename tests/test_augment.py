@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from pipeline.augment import RandomAffine, augmentation_block
 from pipeline.config import AugmentConfig
+from pipeline.net.augment import RandomAffine, augmentation_block
 
 SIZE = 32
 MODES = ["eager", "dataset_map"]

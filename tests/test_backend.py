@@ -22,8 +22,8 @@ def test_default_cnn_trains_under_jax(synth_data, tmp_path):
     import mlflow
     from mlflow import MlflowClient
 
+    from pipeline.artifact.model_store import load_keras
     from pipeline.config import load_config
-    from pipeline.model_store import load_keras
 
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     sets = [*DEFAULT_CNN, "train.backend=jax", "train.epochs=4", "train.steps_per_epoch=5", "train.bootstrap=50",
@@ -43,7 +43,7 @@ def test_default_cnn_trains_under_jax(synth_data, tmp_path):
 
     # The network trained under JAX, loaded here under TensorFlow (the .keras format is backend-neutral):
     # finite predictions, different from the same seed's untrained network.
-    from pipeline.model import apply_precision, build_model
+    from pipeline.net.model import apply_precision, build_model
 
     mlflow.set_tracking_uri(uri)
     trained = load_keras(f"runs:/{run.info.run_id}/model")

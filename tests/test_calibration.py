@@ -21,7 +21,7 @@ def test_temperature_scaling_recovers_an_over_confident_model():
     """Labels drawn from sigmoid(z), the model reports sigmoid(3 z): T ~ 3 brings it back."""
     from sklearn.metrics import roc_auc_score
 
-    from pipeline.calibration import apply_temperature, expected_calibration_error, fit_temperature
+    from pipeline.net.calibration import apply_temperature, expected_calibration_error, fit_temperature
 
     rng = np.random.default_rng(0)
     z = rng.normal(0.0, 2.0, 20000)
@@ -44,7 +44,7 @@ def test_temperature_scaling_recovers_an_over_confident_model():
 def test_reliability_diagram_shows_before_and_after():
     import matplotlib.pyplot as plt
 
-    from pipeline import plots as ev
+    from pipeline.evaluate import plots as ev
 
     rng = np.random.default_rng(1)
     z = rng.normal(0.0, 2.0, 2000)
@@ -65,15 +65,15 @@ def _val_dicoms(store, n: int = 6):
 
 @pytest.mark.slow
 def test_training_stores_a_temperature_that_predict_evaluate_and_explain_use(registry_store, tmp_path):
-    """The session fixture trained its versions through `pipeline.train.train` on synthetic data."""
+    """The session fixture trained its versions through `pipeline.study.train.train` on synthetic data."""
     from mlflow import MlflowClient
 
-    from pipeline.calibration import apply_temperature, expected_calibration_error, logit
-    from pipeline.dicom import read_dicom
-    from pipeline.explain import explain_paths
-    from pipeline.model_store import load
+    from pipeline.artifact.model_store import load
+    from pipeline.data.dicom import read_dicom
+    from pipeline.evaluate.explain import explain_paths
+    from pipeline.evaluate.scoring import evaluate_model, predict_split
+    from pipeline.net.calibration import apply_temperature, expected_calibration_error, logit
     from pipeline.predict import run_predict
-    from pipeline.scoring import evaluate_model, predict_split
 
     s = registry_store
     v = max(s.versions, key=lambda k: s.val_auc[k])
@@ -124,7 +124,7 @@ def test_training_stores_a_temperature_that_predict_evaluate_and_explain_use(reg
 
 @pytest.mark.slow
 def test_logits_scaled_by_three_are_brought_back(registry_store):
-    """A real trained model (the fixture's, trained through `pipeline.train.train`) made over-confident by
+    """A real trained model (the fixture's, trained through `pipeline.study.train.train`) made over-confident by
     multiplying its sigmoid head's kernel and bias by 3: the fitted temperature is 3 times the original's, and
     calibration gives back exactly the original's calibrated probabilities, at a lower NLL.
 
@@ -134,9 +134,9 @@ def test_logits_scaled_by_three_are_brought_back(registry_store):
     with the logits times 3, 0.148 after the NLL-optimal T)."""
     import keras
 
-    from pipeline.calibration import apply_temperature, fit_temperature, nll
-    from pipeline.model_store import load
-    from pipeline.scoring import predict_split
+    from pipeline.artifact.model_store import load
+    from pipeline.evaluate.scoring import predict_split
+    from pipeline.net.calibration import apply_temperature, fit_temperature, nll
 
     s = registry_store
     v = max(s.versions, key=lambda k: s.val_auc[k])

@@ -67,7 +67,7 @@ def test_predict_from_another_folder_creates_no_store_and_names_it(tmp_path):
 def test_a_model_not_found_names_the_store_and_what_fills_it(tmp_path, capsys):
     from mlflow import MlflowClient
 
-    from pipeline import tracking
+    from pipeline.artifact import tracking
     from pipeline.cli import main
 
     uri = f"sqlite:///{tmp_path}/mlruns/mlflow.db"
@@ -324,7 +324,7 @@ def test_tune_exits_1_when_every_trial_failed(tune_args, monkeypatch, capsys):
     def broken(*args, **kwargs):
         raise RuntimeError("simulated trial failure")
 
-    monkeypatch.setattr("pipeline.train.train", broken)
+    monkeypatch.setattr("pipeline.study.train.train", broken)
     assert main([*tune_args, "--study", "all-fail"]) == 1
     captured = capsys.readouterr()
     assert "FAIL" in captured.out  # the summary is still printed
@@ -346,7 +346,7 @@ def test_a_launch_with_a_completed_trial_is_not_a_failure():
 
     import optuna
 
-    from pipeline.tune import launch_problem
+    from pipeline.study.tune import launch_problem
 
     study = optuna.create_study(direction="maximize")
     since = datetime.datetime.now()
@@ -378,7 +378,7 @@ def test_postgres_code_paths_need_only_psycopg3(monkeypatch):
     monkeypatch.setitem(sys.modules, "psycopg2", None)  # `import psycopg2` now fails
     import sqlalchemy as sa
 
-    from pipeline.registry import promotion_lock
+    from pipeline.promote.promotion import promotion_lock
     from pipeline.stores import resolve_optuna_storage
 
     engine = sa.create_engine(resolve_optuna_storage(url), poolclass=sa.pool.NullPool)

@@ -125,7 +125,7 @@ def test_every_config_key_is_read_by_the_pipeline():
     must be read as an attribute (`.epochs`) somewhere in pipeline/ outside config.py."""
     import re
 
-    sources = "\n".join(p.read_text() for p in (EXPERIMENTS.parent / "pipeline").glob("*.py")
+    sources = "\n".join(p.read_text() for p in (EXPERIMENTS.parent / "pipeline").rglob("*.py")
                         if p.name != "config.py")
     unread = [key for key in Config().flat() if key != "name"
               and not re.search(rf"\.{re.escape(key.split('.', 1)[1])}\b", sources)]

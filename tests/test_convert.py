@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipeline.convert import ConvertError, convert_image_dir, convert_rsna
-from pipeline.records import iter_records
+from pipeline.data.convert import ConvertError, convert_image_dir, convert_rsna
+from pipeline.data.records import iter_records
 from tests.conftest import REPO, shared_data
 
 

@@ -23,10 +23,10 @@ from PIL import Image
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import DeflatedExplicitVRLittleEndian, ExplicitVRLittleEndian, generate_uid
 
-import pipeline.convert as convert
-import pipeline.dicom as dicom
-from pipeline.convert import ConvertError, convert_image_dir, convert_rsna, read_splits_csv
-from pipeline.records import Record, encode_example
+import pipeline.data.convert as convert
+import pipeline.data.dicom as dicom
+from pipeline.data.convert import ConvertError, convert_image_dir, convert_rsna, read_splits_csv
+from pipeline.data.records import Record, encode_example
 from tests import convert_hooks
 from tests.conftest import REPO, wait_for
 
@@ -36,7 +36,7 @@ N = 40
 @pytest.fixture(scope="module")
 def raw(tmp_path_factory) -> Path:
     """40 synthetic RSNA-like DICOMs at 64 px."""
-    from pipeline.synth import make_synthetic_dataset
+    from pipeline.data.synth import make_synthetic_dataset
 
     out = tmp_path_factory.mktemp("hard-raw")
     make_synthetic_dataset(out, n=N, size=64, seed=3, workers=1, progress=False)
@@ -150,7 +150,7 @@ def test_sigkill_of_the_convert_process_then_rerun_is_byte_identical(raw, clean,
             str(raw / "stage_2_train_labels.csv"), "--out", str(out), "--image-size", "32", "--workers", "2",
             "--quiet"]
     # The slow decoder (50 ms a file) leaves time to kill the run between its first and last shard.
-    code = ("import sys, pipeline.convert as c, tests.convert_hooks as h; c.DECODE = h.slow; "
+    code = ("import sys, pipeline.data.convert as c, tests.convert_hooks as h; c.DECODE = h.slow; "
             f"from pipeline.cli import main; sys.exit(main({args!r}))")
     env = {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
     proc = subprocess.Popen([sys.executable, "-c", code], cwd=REPO, env=env, start_new_session=True,

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from pipeline.config import DataConfig
-from pipeline.data import DataError, eval_dataset, train_dataset
+from pipeline.data.tfdata import DataError, eval_dataset, train_dataset
 
 
 def _manifest(data):

@@ -6,7 +6,7 @@ import types
 
 import pytest
 
-from pipeline import devices
+from pipeline.net import devices
 
 
 class FakeGPU:
@@ -64,7 +64,7 @@ def test_no_gpu_here():
 
 
 def test_auto_picks_mixed_precision_and_xla_on_a_gpu(fake_gpus):
-    from pipeline.model import resolve_precision
+    from pipeline.net.model import resolve_precision
 
     assert resolve_precision("auto") == "mixed_float16" and resolve_precision("float32") == "float32"
     assert devices.resolve_jit("auto") is True
@@ -72,7 +72,7 @@ def test_auto_picks_mixed_precision_and_xla_on_a_gpu(fake_gpus):
 
 
 def test_workers_index_the_users_gpu_list():
-    from pipeline.tune import worker_env
+    from pipeline.study.tune import worker_env
 
     env = {"CUDA_VISIBLE_DEVICES": "3,5", "OTHER": "kept"}
     gpus = devices.visible_gpus(env)
@@ -108,7 +108,7 @@ def test_default_workers_and_explicit_sharing(monkeypatch):
 
 def test_launcher_starts_each_worker_on_its_gpu(monkeypatch):
     """`_run_worker_processes` hands worker w the w-th entry of the user's list (not `w % gpus`)."""
-    from pipeline import tune
+    from pipeline.study import tune
 
     started = []
 

@@ -1,4 +1,4 @@
-"""pipeline.dicom: fidelity on real files, pydicom's corpus, synthetic bad inputs, the geometry policy."""
+"""pipeline.data.dicom: fidelity on real files, pydicom's corpus, synthetic bad inputs, the geometry policy."""
 
 from __future__ import annotations
 
@@ -22,8 +22,8 @@ from pydicom.uid import (
     generate_uid,
 )
 
-import pipeline.dicom as dicom
-from pipeline.dicom import (
+import pipeline.data.dicom as dicom
+from pipeline.data.dicom import (
     MAX_PIXELS,
     DicomError,
     DicomImage,
@@ -201,7 +201,7 @@ _CORPUS_ROOT = Path(get_testdata_file("CT_small.dcm")).parent
 
 
 def _corpus_expectation(path: str) -> str:
-    """'convert', 'reject:<word>' or 'either', derived from pydicom alone (not from pipeline.dicom)."""
+    """'convert', 'reject:<word>' or 'either', derived from pydicom alone (not from pipeline.data.dicom)."""
     if os.path.isdir(path):
         return "reject:"
     try:

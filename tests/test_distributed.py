@@ -2,7 +2,7 @@
 
 TensorFlow fixes its logical devices when it first initialises them, so the split has to happen before anything
 touches a device: the training runs in a fresh Python process (`python -c SCRIPT`) that splits the CPU, trains
-the smoke config through the real `pipeline.train.train`, and prints one JSON report line for the asserts.
+the smoke config through the real `pipeline.study.train.train`, and prints one JSON report line for the asserts.
 """
 
 from __future__ import annotations
@@ -33,9 +33,9 @@ import mlflow
 import numpy as np
 
 from pipeline.config import load_config
-from pipeline.data import eval_dataset, train_dataset
-from pipeline.tracking import inference_copy
-from pipeline.train import choose_strategy, train
+from pipeline.data.tfdata import eval_dataset, train_dataset
+from pipeline.artifact.tracking import inference_copy
+from pipeline.study.train import choose_strategy, train
 
 cfg = load_config(config, [f"train.checkpoint_dir={out_dir}/ckpt", "train.devices=all", "train.epochs=2",
                            "train.steps_per_epoch=2"])
@@ -156,7 +156,7 @@ def test_model_saves_logs_and_reloads_with_equal_predictions(mirrored):
 @pytest.mark.parametrize("replicas", [1, 2, 3, 4, 8])
 @pytest.mark.parametrize("count", [0, 1, 5, 7, 39, 63, 64, 65, 129, 1000, 5337])
 def test_validation_batches_split_evenly_first_and_never_leave_a_replica_empty(count, replicas):
-    from pipeline.train import eval_batch_size
+    from pipeline.study.train import eval_batch_size
 
     global_batch = 32 * replicas
     if replicas == 1 or count == 0:

@@ -20,7 +20,7 @@ def _client(uri):
 
 
 def _val_images(data, n: int = 40):
-    from pipeline.data import eval_dataset
+    from pipeline.data.tfdata import eval_dataset
 
     features, _ = next(iter(eval_dataset(data, "val", n, with_meta=True)))
     return features["image"].numpy(), features["meta"].numpy()
@@ -31,9 +31,9 @@ def _raw(model, inputs) -> np.ndarray:
 
 
 def test_ensemble_output_is_the_mean_of_its_members(registry_store):
-    from pipeline.ensemble import build_model
-    from pipeline.model_store import load_keras, model_uses_meta
-    from pipeline.tracking import setup
+    from pipeline.artifact.model_store import load_keras, model_uses_meta
+    from pipeline.artifact.tracking import setup
+    from pipeline.promote.ensemble import build_model
 
     s = registry_store
     setup(s.uri)
@@ -47,11 +47,11 @@ def test_ensemble_output_is_the_mean_of_its_members(registry_store):
 
 
 def test_mixed_members_are_refused(registry_store):
+    from pipeline.artifact.model_store import load_keras
+    from pipeline.artifact.tracking import setup
     from pipeline.config import Config
-    from pipeline.ensemble import EnsembleError, build_model
-    from pipeline.model import build_model as build_cnn
-    from pipeline.model_store import load_keras
-    from pipeline.tracking import setup
+    from pipeline.net.model import build_model as build_cnn
+    from pipeline.promote.ensemble import EnsembleError, build_model
 
     s = registry_store
     setup(s.uri)
@@ -72,11 +72,11 @@ def test_mixed_members_are_refused(registry_store):
 
 
 def test_promote_ensemble_registers_one_calibrated_version_that_predicts(registry_store, tmp_path, capsys):
-    from pipeline.calibration import apply_temperature
+    from pipeline.artifact.model_store import load_keras
     from pipeline.cli import main
-    from pipeline.ensemble import select_members
-    from pipeline.model_store import load_keras
+    from pipeline.net.calibration import apply_temperature
     from pipeline.predict import run_predict
+    from pipeline.promote.ensemble import select_members
 
     s = registry_store
     client = _client(s.uri)
@@ -108,8 +108,8 @@ def test_promote_ensemble_registers_one_calibrated_version_that_predicts(registr
     # Its calibration was fitted on validation: the temperature minimises the ensemble's validation NLL (it
     # need not lower ECE: temperature scaling optimises NLL; the ECE drop on a deliberately over-confident
     # model is tests/test_calibration.py's), and the logged ECEs are those of its raw and calibrated outputs.
-    from pipeline.calibration import expected_calibration_error, fit_temperature
-    from pipeline.scoring import predict_split
+    from pipeline.evaluate.scoring import predict_split
+    from pipeline.net.calibration import expected_calibration_error, fit_temperature
 
     yv, pv, _ = predict_split(load_keras(f"models:/{MODEL}/{new}"), s.data, "val")
     assert t == pytest.approx(fit_temperature(yv, pv), rel=1e-3)
@@ -119,7 +119,7 @@ def test_promote_ensemble_registers_one_calibrated_version_that_predicts(registr
     assert run.data.metrics["final_val_auc"] == pytest.approx(float(tags["val_auc"]), abs=1e-6)
     # Ranked by the study's own metric (no --metric given), thresholded by the members' policy (Youden in the
     # smoke recipe): decided on raw validation probabilities and moved onto the calibrated scale.
-    from pipeline.metrics import choose_threshold
+    from pipeline.evaluate.metrics import choose_threshold
 
     assert run.data.params["ensemble.metric"] == "val_auc" and run.data.tags["threshold_policy"].startswith("youden")
     assert threshold == pytest.approx(float(apply_temperature(choose_threshold(yv, pv), t)), abs=1e-9)
@@ -135,7 +135,7 @@ def test_promote_ensemble_registers_one_calibrated_version_that_predicts(registr
         pids = [r["patient_id"] for r in csv.DictReader(f) if r["split"] == "test"][:5]
     dicoms = [str(s.raw / "stage_2_train_images" / f"{pid}.dcm") for pid in pids]
     df = run_predict(dicoms, f"models:/{MODEL}/{new}", str(tmp_path / "p.csv"), tracking_uri=s.uri)["frame"]
-    from pipeline.dicom import read_dicom
+    from pipeline.data.dicom import read_dicom
 
     images = np.stack([read_dicom(d, 64).pixels for d in dicoms])[..., None]
     mean = np.mean([_raw(load_keras(f"models:/{MODEL}/{v}"), {"image": images}) for v in top2], axis=0)
@@ -171,7 +171,7 @@ def test_the_ensemble_follows_its_members_threshold_policy(tmp_path):
     """members_recipe reads the policy a member was trained with from its run's params (strings in MLflow)."""
     from mlflow import MlflowClient
 
-    from pipeline.ensemble import members_recipe
+    from pipeline.promote.ensemble import members_recipe
 
     client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
     run = client.create_run(client.create_experiment("x", artifact_location=(tmp_path / "a").as_uri()))

@@ -1,4 +1,4 @@
-"""pipeline.metrics and pipeline.plots against scikit-learn on simulated data with known answers.
+"""pipeline.evaluate.metrics and pipeline.evaluate.plots against scikit-learn on simulated data with known answers.
 
 Binormal model: negative scores ~ N(0, 1), positive ~ N(d, 1), so the true AUC is Phi(d / sqrt(2)).
 Scores go through a sigmoid to be probabilities (monotone: the AUC is unchanged).
@@ -26,8 +26,8 @@ from sklearn.metrics import (
     roc_auc_score,
 )
 
-from pipeline import metrics as ev
-from pipeline import plots
+from pipeline.evaluate import metrics as ev
+from pipeline.evaluate import plots
 
 
 def binormal(n: int, d: float = 1.0, prevalence: float = 0.225, seed: int = 0):
@@ -409,7 +409,7 @@ def _assert_figures_show_the_data(figures, y, p):
 
 def test_import_is_cheap():
     """Importing the metrics must not pull in matplotlib, scikit-learn, TensorFlow or MLflow."""
-    code = ("import sys, pipeline.metrics; "
+    code = ("import sys, pipeline.evaluate.metrics; "
             "print(sorted(m for m in ('matplotlib', 'sklearn', 'tensorflow', 'mlflow') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"

@@ -41,13 +41,13 @@ class Trained:
 def trained(tmp_path_factory) -> Trained:
     import keras
 
-    from pipeline import tracking
+    from pipeline.artifact import tracking
     from pipeline.config import Config
-    from pipeline.convert import convert_rsna
-    from pipeline.data import load_manifest, train_dataset
-    from pipeline.model import apply_precision, build_model
-    from pipeline.synth import make_synthetic_dataset
-    from pipeline.train import class_weights, compile_model
+    from pipeline.data.convert import convert_rsna
+    from pipeline.data.synth import make_synthetic_dataset
+    from pipeline.data.tfdata import load_manifest, train_dataset
+    from pipeline.net.model import apply_precision, build_model
+    from pipeline.study.train import class_weights, compile_model
 
     tmp = tmp_path_factory.mktemp("explain")
     make_synthetic_dataset(tmp / "raw", n=600, size=128, seed=1, workers=2, progress=False)
@@ -75,7 +75,7 @@ def trained(tmp_path_factory) -> Trained:
 
 def _split(data: Path, split: str):
     """(images uint8 (N,64,64,1), labels (N,), boxes [(k,4)], patient ids) of a split, in file order."""
-    from pipeline.data import eval_dataset
+    from pipeline.data.tfdata import eval_dataset
 
     images, labels, boxes, pids = [], [], [], []
     for features, y in eval_dataset(data, split, 64, with_info=True):
@@ -88,7 +88,7 @@ def _split(data: Path, split: str):
 
 # --- pure functions --------------------------------------------------------------------------------------
 def test_pointing_game_counts_peaks_inside_boxes():
-    from pipeline.explain import box_fraction, box_mask, pointing_game
+    from pipeline.evaluate.explain import box_fraction, box_mask, pointing_game
 
     heat = np.zeros((4, 10, 10), np.float32)
     heat[0, 2, 3] = 1.0  # row 2, col 3: centre (0.35, 0.25) -> inside box (0.3, 0.2, 0.2, 0.2)
@@ -104,7 +104,7 @@ def test_pointing_game_counts_peaks_inside_boxes():
 
 
 def test_overlay_is_an_rgb_image_with_a_title_and_fast(tmp_path):
-    from pipeline.explain import overlay, save_png
+    from pipeline.evaluate.explain import overlay, save_png
 
     rng = np.random.default_rng(0)
     image = rng.integers(0, 256, (64, 64), dtype=np.uint8)
@@ -126,7 +126,7 @@ def test_overlay_is_an_rgb_image_with_a_title_and_fast(tmp_path):
 
 
 def test_meta_vectors_follow_the_records():
-    from pipeline.explain import meta_vectors
+    from pipeline.evaluate.explain import meta_vectors
 
     got = meta_vectors([("AP", "M", 58), ("", "", -1), ("PA", "F", 7)])
     assert np.allclose(got, [[1, 0, 1, 0, 0.58, 1], [0, 0, 0, 0, 0, 0], [0, 1, 0, 1, 0.07, 1]])
@@ -137,8 +137,8 @@ def test_gradcam_under_mixed_precision_and_with_meta_inputs():
     import keras
 
     from pipeline.config import AugmentConfig, ModelConfig
-    from pipeline.explain import GradCam
-    from pipeline.model import build_model
+    from pipeline.evaluate.explain import GradCam
+    from pipeline.net.model import build_model
 
     try:
         keras.mixed_precision.set_global_policy("mixed_float16")
@@ -156,7 +156,7 @@ def test_gradcam_under_mixed_precision_and_with_meta_inputs():
 
 # --- the trained model ------------------------------------------------------------------------------------
 def test_gradcam_shape_range_and_layer(trained):
-    from pipeline.explain import feature_layer, gradcam
+    from pipeline.evaluate.explain import feature_layer, gradcam
 
     layer = feature_layer(trained.model)
     assert layer.name == "block3_conv1_relu" and tuple(layer.output.shape[1:3]) == (8, 8)
@@ -172,8 +172,8 @@ def test_gradcam_shape_range_and_layer(trained):
 def test_a_trained_model_points_inside_the_opacity_boxes(trained):
     from sklearn.metrics import roc_auc_score
 
-    from pipeline.explain import box_fraction, gradcam, pointing_game
-    from pipeline.scoring import predict_split
+    from pipeline.evaluate.explain import box_fraction, gradcam, pointing_game
+    from pipeline.evaluate.scoring import predict_split
 
     y, p, _ = predict_split(trained.model, trained.data, "val")
     assert roc_auc_score(y, p) >= 0.85  # it learned the task (measured 0.92-0.95)
@@ -197,8 +197,8 @@ def test_pneumo_explain_on_a_folder_with_a_png_and_a_corrupt_file(trained, tmp_p
     from PIL import Image
 
     from pipeline.cli import main
-    from pipeline.dicom import read_dicom
-    from pipeline.scoring import predict_split
+    from pipeline.data.dicom import read_dicom
+    from pipeline.evaluate.scoring import predict_split
 
     _, _, _, pids = _split(trained.data, "val")
     folder = tmp_path / "incoming"
@@ -234,7 +234,7 @@ def test_pneumo_explain_on_a_folder_with_a_png_and_a_corrupt_file(trained, tmp_p
 
 
 def test_log_explanations_puts_a_grid_and_the_pointing_game_on_the_run(trained):
-    from pipeline.explain import log_explanations
+    from pipeline.evaluate.explain import log_explanations
 
     client = MlflowClient(trained.uri)
     score = log_explanations(trained.model, trained.data, "test", trained.run_id, n=8, tracking_uri=trained.uri)

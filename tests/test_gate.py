@@ -1,4 +1,4 @@
-"""The promotion rule (pipeline.gate) and the reusable holdout (pipeline.holdout) on constructed evidence."""
+"""The promotion rule (pipeline.promote.gate) and the reusable holdout (pipeline.evaluate.holdout) on constructed evidence."""
 
 from __future__ import annotations
 
@@ -7,11 +7,12 @@ import math
 import numpy as np
 import pytest
 
-from pipeline import gate, holdout
+from pipeline.evaluate import holdout
+from pipeline.promote import gate
 
 
 def _eval(version, y, p, pid=None, threshold=0.5):
-    from pipeline import metrics as ev
+    from pipeline.evaluate import metrics as ev
 
     pid = list(pid if pid is not None else range(len(y)))
     m = ev.compute_metrics(y, p, threshold, n_boot=300, clusters=pid)
@@ -102,7 +103,7 @@ def test_required_external_sets():
 
 
 def test_thresholdout_answers_and_spends(tmp_path):
-    from pipeline import tracking
+    from pipeline.artifact import tracking
 
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     client = tracking.setup(uri)
@@ -123,7 +124,7 @@ def test_thresholdout_answers_and_spends(tmp_path):
 
 
 def test_spent_budget_refuses_with_the_way_out(tmp_path):
-    from pipeline import tracking
+    from pipeline.artifact import tracking
 
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     client = tracking.setup(uri)

@@ -1,4 +1,4 @@
-"""Tests for pipeline.labels: RSNA CSV reading and validation, image folders, patient-level splits."""
+"""Tests for pipeline.data.labels: RSNA CSV reading and validation, image folders, patient-level splits."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipeline.labels import (
+from pipeline.data.labels import (
     KERMANY_PATIENT_REGEX,
     MAX_BOX_EXTENT,
     LabelError,

@@ -11,7 +11,7 @@ import pytest
 import tensorflow as tf
 
 from pipeline.config import AugmentConfig, ModelConfig
-from pipeline.model import apply_precision, build_model, count_params, resolve_precision
+from pipeline.net.model import apply_precision, build_model, count_params, resolve_precision
 
 SIZE = 32
 TINY = ModelConfig(blocks=2, filters=4, stem_filters=4, dense_units=8)
@@ -192,8 +192,8 @@ def test_mixed_precision_model_loads_and_predicts_in_float32_on_the_cpu(float32_
     model loads on this CPU-only host with float32 layers and predicts what the float16 network predicted."""
     import mlflow
 
-    from pipeline import tracking
-    from pipeline.model_store import load_keras
+    from pipeline.artifact import tracking
+    from pipeline.artifact.model_store import load_keras
 
     apply_precision("mixed_float16")
     cfg = dataclasses.replace(TINY, metadata_inputs=False)

@@ -90,8 +90,8 @@ def test_folder_with_a_corrupt_file_gets_a_row_per_file(registry_store, folder, 
 def _model_output(store, version, paths) -> np.ndarray:
     """The registered Keras model's prediction for these DICOMs, through `model.predict` (not predict's
     batching), with the version's temperature applied (T=1 when the version has no temperature tag)."""
-    from pipeline.dicom import read_dicom
-    from pipeline.model_store import load
+    from pipeline.artifact.model_store import load
+    from pipeline.data.dicom import read_dicom
 
     lm = load(f"models:/{MODEL}/{version}", store.uri)
     assert lm.temperature == float(lm.tags.get("temperature", 1.0))
@@ -112,8 +112,8 @@ def test_probabilities_equal_pneumo_evaluate(registry_store, tmp_path, which):
     (the default model URI is the champion; the meta model also feeds view, sex and age)."""
     from mlflow import MlflowClient
 
+    from pipeline.evaluate.scoring import evaluate_model
     from pipeline.predict import run_predict
-    from pipeline.scoring import evaluate_model
 
     s = registry_store
     if which == "champion":

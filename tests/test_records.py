@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from pipeline.records import Record, encode_example, frame_record, iter_records, parse_batch
+from pipeline.data.records import Record, encode_example, frame_record, iter_records, parse_batch
 
 
 def _records():

@@ -37,7 +37,7 @@ def _client(uri):
 
 
 def _promote(store, config=POINT, **kwargs):
-    from pipeline.registry import promote
+    from pipeline.promote.promotion import promote
 
     return promote(MODEL, tracking_uri=store.uri, n_boot=N_BOOT, config=config, **kwargs)
 
@@ -75,7 +75,7 @@ def snapshot(uri) -> dict:
 
 
 def test_candidates_are_ranked_by_val_metric(registry_store):
-    from pipeline.registry import RegistryError, rank_candidates
+    from pipeline.promote.promotion import RegistryError, rank_candidates
 
     s = registry_store
     ranked, skipped = rank_candidates(_client(s.uri), MODEL, "val_auc")
@@ -206,7 +206,7 @@ def test_no_registered_versions(bare_registry, capsys):
 
 
 def test_missing_data_and_mismatched_datasets_are_refused(registry_store, tmp_path):
-    from pipeline.registry import RegistryError
+    from pipeline.promote.promotion import RegistryError
 
     s = registry_store
     worst, mid, best = s.by_test_auc
@@ -235,7 +235,7 @@ def test_racing_promotions_end_with_the_better_model(registry_store, slow_is_bet
     """Champion W; a slow promotion evaluates against W, and a fast one lands meanwhile. The slow one must
     re-read the champion under the lock and gate again against the new one: the better model ends as champion
     and `previous-champion` is the one it really replaced (no lost update)."""
-    from pipeline.registry import promote
+    from pipeline.promote.promotion import promote
 
     s = registry_store
     worst, mid, best = s.by_test_auc
@@ -282,7 +282,7 @@ def test_racing_promotions_end_with_the_better_model(registry_store, slow_is_bet
 @pytest.fixture(scope="session")
 def bare_store(tmp_path_factory) -> str:
     """One store without versions for the lock and no-version tests (a fresh SQLite store costs ~3 s)."""
-    from pipeline import tracking
+    from pipeline.artifact import tracking
 
     uri = f"sqlite:///{tmp_path_factory.mktemp('bare')}/mlruns/mlflow.db"
     tracking.setup(uri)
@@ -301,7 +301,7 @@ def bare_registry(bare_store, request):
 
 @pytest.mark.parametrize("kind", ["file", "model"])
 def test_promotion_lock_excludes_concurrent_holders(bare_registry, kind):
-    from pipeline.promotion_lock import promotion_lock
+    from pipeline.promote.lock import promotion_lock
 
     s = bare_registry
     spans = []
@@ -331,8 +331,8 @@ def test_promotion_lock_excludes_concurrent_holders(bare_registry, kind):
 
 
 def test_promotion_lock_times_out_with_a_reason(bare_registry):
-    from pipeline.promotion_lock import LockError as RegistryError
-    from pipeline.promotion_lock import promotion_lock
+    from pipeline.promote.lock import LockError as RegistryError
+    from pipeline.promote.lock import promotion_lock
 
     s = bare_registry
     with promotion_lock(s.uri, s.model):
@@ -360,7 +360,7 @@ def test_promotion_lock_on_postgresql():
         psycopg.connect(url, connect_timeout=2).close()
     except psycopg.OperationalError as e:
         pytest.skip(f"no PostgreSQL on 127.0.0.1:5432 ({e})")
-    from pipeline.promotion_lock import promotion_lock
+    from pipeline.promote.lock import promotion_lock
 
     spans = []
 
@@ -387,7 +387,7 @@ def test_promotion_lock_on_postgresql():
 # --- the rule on real models ---------------------------------------------------------------------------------
 def _reregister(store, version) -> str:
     """The same model registered again as a new version (same run, same files, same tags)."""
-    from pipeline import tracking
+    from pipeline.artifact import tracking
 
     # MLflow resolves a models:/m-<id> source through the *global* tracking URI, whatever the client's own.
     c = tracking.setup(store.uri)
@@ -415,9 +415,9 @@ def test_a_clearly_better_model_is_promoted_and_its_artifact_is_guarded(registry
     promotion then guards its files: altered, every load refuses with one line."""
     from fixtures_registry import _config
 
+    from pipeline.artifact.model_store import ModelIntegrityError, load
     from pipeline.cli import main
-    from pipeline.model_store import ModelIntegrityError, load
-    from pipeline.train import train
+    from pipeline.study.train import train
 
     s = registry_store
     weak = min(s.versions, key=lambda v: s.test_auc[v])
@@ -429,8 +429,8 @@ def test_a_clearly_better_model_is_promoted_and_its_artifact_is_guarded(registry
     assert d.comparison["delong_ci_low"] > 0 and _aliases(s)["champion"] == r.model_version
     lm = load(f"models:/{MODEL}@champion", s.uri)  # verified and loaded
     assert lm.version == r.model_version
-    from pipeline import tracking
-    from pipeline.model_store import local_artifacts
+    from pipeline.artifact import tracking
+    from pipeline.artifact.model_store import local_artifacts
 
     tracking.setup(s.uri)
     folder = Path(local_artifacts(f"models:/{MODEL}/{r.model_version}"))
@@ -447,8 +447,8 @@ def test_a_clearly_better_model_is_promoted_and_its_artifact_is_guarded(registry
 
 # --- the ledger and the reusable holdout ----------------------------------------------------------------------
 def test_ledger_counts_test_reads_and_a_spent_budget_refuses(registry_store, tmp_path, capsys):
-    from pipeline import holdout
     from pipeline.cli import main
+    from pipeline.evaluate import holdout
 
     s = registry_store
     digest = json.loads((s.data / "manifest.json").read_text())["digest"]
@@ -477,7 +477,7 @@ def test_ledger_counts_test_reads_and_a_spent_budget_refuses(registry_store, tmp
     assert json.loads((tmp_path / "val.json").read_text())["split"] == "val"
     assert len(holdout.reads(_client(s.uri), digest)) == 2
     # the ledger is kept by the evaluation itself, not by the CLI: a script calling it is counted too
-    from pipeline.scoring import evaluate_model
+    from pipeline.evaluate.scoring import evaluate_model
 
     evaluate_model(f"models:/{MODEL}/{best}", s.data, "test", tracking_uri=s.uri, out=tmp_path / "t.json",
                    n_boot=10, ledger="benchmarks/generalization.py")
@@ -517,7 +517,7 @@ def test_external_sets_in_the_table_metrics_and_card(registry_store, capsys, tmp
 
 # --- the lock on a tracking server ------------------------------------------------------------------------------
 def test_a_stale_server_lock_is_broken_with_a_reason(bare_registry, capsys):
-    from pipeline.promotion_lock import lock_model_name, promotion_lock
+    from pipeline.promote.lock import lock_model_name, promotion_lock
 
     s = bare_registry
     c = _client(s.uri)
@@ -532,7 +532,7 @@ def test_two_promote_processes_against_a_real_mlflow_server(registry_store, tmp_
     """Two `pneumo promote` processes race on an `mlflow server` on a loopback port: the lock (a registered
     model the server creates once) serialises their commits, the second re-gates against the first's champion,
     and the history is consistent. The test also holds the lock itself first: neither process may commit."""
-    from pipeline.promotion_lock import lock_model_name, promotion_lock
+    from pipeline.promote.lock import lock_model_name, promotion_lock
     from pipeline.ui import MlflowServer
 
     s = registry_store

@@ -271,7 +271,7 @@ def test_server_uris_get_retry_settings_that_the_environment_can_override(monkey
     import mlflow
     from mlflow.environment_variables import MLFLOW_HTTP_REQUEST_MAX_RETRIES
 
-    from pipeline import tracking
+    from pipeline.artifact import tracking
 
     for key in tracking.HTTP_RETRY_DEFAULTS:  # set, then delete: monkeypatch removes what setup() adds
         monkeypatch.setenv(key, "0")

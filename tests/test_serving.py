@@ -1,4 +1,4 @@
-"""The served champion (pipeline/serving.py): DICOM / PNG rows in, one answer per row out, in-process and through
+"""The served champion (pipeline/artifact/serving.py): DICOM / PNG rows in, one answer per row out, in-process and through
 a real `mlflow models serve` process; the same probabilities as `pneumo predict`."""
 
 from __future__ import annotations
@@ -77,9 +77,9 @@ def rows(champion, tmp_path):
 
 def _expected(uri: str, tracking_uri: str, real, png):
     """Probabilities computed the long way: the Keras model, the converter's decoder, the version's tags."""
-    from pipeline.calibration import apply_temperature
-    from pipeline.dicom import load_image_file, read_dicom
-    from pipeline.model_store import load
+    from pipeline.artifact.model_store import load
+    from pipeline.data.dicom import load_image_file, read_dicom
+    from pipeline.net.calibration import apply_temperature
 
     lm = load(uri, tracking_uri)
     size = lm.image_size
@@ -91,7 +91,7 @@ def _expected(uri: str, tracking_uri: str, real, png):
 def test_pyfunc_answers_every_row(champion, rows):
     import mlflow
 
-    from pipeline import tracking
+    from pipeline.artifact import tracking
 
     s, v = champion
     tracking.setup(s.uri)
@@ -111,7 +111,7 @@ def test_pyfunc_answers_every_row(champion, rows):
     assert list(out.loc[[0, 4], "prediction"]) == [int(p >= lm.threshold) for p in want]
 
     # Raw tensors for callers that preprocess themselves: the same calibrated answer.
-    from pipeline.dicom import read_dicom
+    from pipeline.data.dicom import read_dicom
 
     pixels = read_dicom(rows["real"], lm.image_size).pixels[None, :, :, None]
     tensor = served.predict({"image": pixels})
@@ -125,8 +125,8 @@ def test_load_keras_returns_the_inner_network(registry_store):
     """predict/explain/evaluate still get a Keras model out of the pyfunc."""
     import keras
 
-    from pipeline import tracking
-    from pipeline.model_store import load_keras
+    from pipeline.artifact import tracking
+    from pipeline.artifact.model_store import load_keras
 
     tracking.setup(registry_store.uri)
     m = load_keras(f"models:/{MODEL}/{registry_store.versions[0]}")
@@ -204,9 +204,9 @@ def test_the_served_model_refuses_an_artifact_that_is_not_the_promoted_one(champ
     import mlflow
     from mlflow import MlflowClient
 
-    from pipeline import tracking
-    from pipeline.integrity import SHA_TAG, ModelIntegrityError
-    from pipeline.registry import model_sha256
+    from pipeline.artifact import tracking
+    from pipeline.artifact.integrity import SHA_TAG, ModelIntegrityError
+    from pipeline.promote.promotion import model_sha256
 
     s, v = champion
     tracking.setup(s.uri)

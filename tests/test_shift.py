@@ -15,15 +15,15 @@ from mlflow import MlflowClient
 tf = pytest.importorskip("tensorflow")
 keras = pytest.importorskip("keras")
 
-from pipeline import shift  # noqa: E402
-from pipeline.augment import (  # noqa: E402
+from pipeline.config import AugmentConfig, ConfigError, load_config  # noqa: E402
+from pipeline.evaluate import shift  # noqa: E402
+from pipeline.net.augment import (  # noqa: E402
     PerImageStandardization,
     RandomBlur,
     RandomGamma,
     RandomNoise,
     augmentation_block,
 )
-from pipeline.config import AugmentConfig, ConfigError, load_config  # noqa: E402
 from tests.conftest import REPO  # noqa: E402
 
 SMOKE = REPO / "experiments" / "smoke.toml"
@@ -121,7 +121,7 @@ def test_robust_threshold_maximises_the_worst_case_youden():
     assert worst == pytest.approx(best, abs=0.01)
     assert min(_youden(y, c, t) for c in conditions) == pytest.approx(worst, abs=1e-9)
     # The clean split's own Youden threshold does worse on the worst case.
-    from pipeline.metrics import choose_threshold
+    from pipeline.evaluate.metrics import choose_threshold
 
     t_clean = choose_threshold(y, clean)
     assert min(_youden(y, c, t_clean) for c in conditions) < worst - 0.1
@@ -131,7 +131,7 @@ def test_robust_threshold_maximises_the_worst_case_youden():
 # --- a training run logs the battery; threshold policies ---------------------------------------------------
 @pytest.fixture(scope="module")
 def robust_run(synth_data, tmp_path_factory):
-    from pipeline.train import train
+    from pipeline.study.train import train
 
     tmp = tmp_path_factory.mktemp("robust")
     uri = f"sqlite:///{tmp}/mlflow.db"
@@ -160,7 +160,7 @@ def test_robust_threshold_is_the_batterys(robust_run, synth_data):
     again = shift.score_battery(result.model, sample, seed=cfg.train.shift_seed)
     t, _ = shift.robust_threshold(again.labels, [again.clean, *again.probabilities.values()])
     # the stored threshold is the minimax one moved onto the calibrated scale (the same decisions)
-    from pipeline.calibration import apply_temperature
+    from pipeline.net.calibration import apply_temperature
 
     assert run.data.metrics["threshold_uncalibrated"] == pytest.approx(t, abs=1e-6)
     temperature = float(run.data.tags["temperature"])
@@ -170,8 +170,8 @@ def test_robust_threshold_is_the_batterys(robust_run, synth_data):
 
 def test_evaluate_shift_reports_battery_and_ece(robust_run, synth_data, tmp_path):
     """`pneumo evaluate --shift`: the battery on the test split and ECE before/after the stored temperature."""
-    from pipeline.calibration import apply_temperature, expected_calibration_error
-    from pipeline.scoring import evaluate_model, predict_split
+    from pipeline.evaluate.scoring import evaluate_model, predict_split
+    from pipeline.net.calibration import apply_temperature, expected_calibration_error
 
     cfg, result, uri = robust_run
     MlflowClient(uri).set_tag(result.run_id, "temperature", "2.0")
@@ -213,7 +213,8 @@ def test_tune_metric_changes_what_the_study_optimises(synth_data, tmp_path):
     promotion's ranking all follow `tune.metric`."""
     from optuna.trial import TrialState
 
-    from pipeline import registry, study_report, tune
+    from pipeline.promote import promotion
+    from pipeline.study import study_report, tune
 
     results = {}
     for metric in ("val_loss", "val_auc_shift_min"):
@@ -233,7 +234,7 @@ def test_tune_metric_changes_what_the_study_optimises(synth_data, tmp_path):
             mv = client.get_model_version("pneumonia-cnn", t.user_attrs["model_version"])
             assert mv.tags["study_metric"] == metric and float(mv.tags[metric]) == pytest.approx(t.value, abs=1e-6)
         assert study_report.metric(study) == metric and metric in study_report.summary_table(study)
-        ranked, _ = registry.rank_candidates(client, "pneumonia-cnn", study="m")
+        ranked, _ = promotion.rank_candidates(client, "pneumonia-cnn", study="m")
         best = study_report.ranked(study)[0]
         assert ranked[0].version == best.user_attrs["model_version"] and ranked[0].source == f"version tag {metric}"
         # The pruner watches the per-epoch metric, or val_auc for the end-of-training shift metrics.
@@ -248,7 +249,7 @@ def test_tune_metric_changes_what_the_study_optimises(synth_data, tmp_path):
 
 
 def test_pruning_monitor_and_direction():
-    from pipeline import tune
+    from pipeline.study import tune
 
     assert [tune.pruning_monitor(m) for m in ("val_auc", "val_loss", "val_auc_shift_mean")] == \
         ["val_auc", "val_loss", "val_auc"]
@@ -291,7 +292,7 @@ def test_blur_blurs_and_sharpens():
 
 def test_block_orders_the_new_layers_and_a_model_leaves_eval_untouched():
     from pipeline.config import ModelConfig
-    from pipeline.model import build_model
+    from pipeline.net.model import build_model
 
     cfg = AugmentConfig(rotation=0.0, zoom=0.0, translation=0.0, contrast=0.0, brightness=0.0,
                         gamma=0.3, noise=0.03, blur=0.5)
@@ -325,7 +326,7 @@ def test_bad_new_strengths_name_the_key():
 JAX_SCRIPT = """
 import numpy as np, keras
 from pipeline.config import AugmentConfig, ModelConfig
-from pipeline.model import build_model
+from pipeline.net.model import build_model
 assert keras.backend.backend() == "jax"
 aug = AugmentConfig(rotation=0.0, zoom=0.0, translation=0.0, gamma=0.3, noise=0.03, blur=0.5)
 m = build_model(ModelConfig(blocks=2, filters=4, stem_filters=4, dense_units=0, standardize=True), aug, 32)

@@ -15,7 +15,7 @@ from statistics import NormalDist
 import numpy as np
 import pytest
 
-from pipeline import metrics as ev
+from pipeline.evaluate import metrics as ev
 
 D, S_U, S_E = 1.0, 1.0, 0.5
 TRUE_AUC = NormalDist().cdf(D / math.sqrt(2 * (S_U**2 + S_E**2)))
@@ -127,8 +127,8 @@ def test_kermany_clustered_intervals_are_wider(tmp_path):
     from tests.conftest import shared_data
 
     src = shared_data("kermany-224", "train")
-    from pipeline.convert import convert_image_dir
-    from pipeline.data import eval_dataset
+    from pipeline.data.convert import convert_image_dir
+    from pipeline.data.tfdata import eval_dataset
 
     out = tmp_path / "kermany-32"
     convert_image_dir(src, out, patient_regex=r"^(person\d+|NORMAL2-IM-\d+|IM-\d+)", image_size=32, workers=2,

@@ -7,7 +7,7 @@ import optuna
 import pytest
 import sqlalchemy.exc
 
-import pipeline.tune as tune
+import pipeline.study.tune as tune
 
 
 def _lost() -> sqlalchemy.exc.OperationalError:

@@ -1,4 +1,4 @@
-"""Tests for pipeline.synth: RSNA-like synthetic DICOMs and labels."""
+"""Tests for pipeline.data.synth: RSNA-like synthetic DICOMs and labels."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ import pytest
 from PIL import Image
 from pydicom.uid import JPEGBaseline8Bit, SecondaryCaptureImageStorage
 
-from pipeline.labels import boxes_within, read_rsna_labels
-from pipeline.synth import IMAGES_DIR, LABELS_CSV, make_synthetic_dataset
+from pipeline.data.labels import boxes_within, read_rsna_labels
+from pipeline.data.synth import IMAGES_DIR, LABELS_CSV, make_synthetic_dataset
 
 
 def file_bytes(root: Path) -> dict[str, bytes]:
@@ -164,7 +164,7 @@ def test_no_tensorflow_or_mlflow_import():
     import subprocess
     import sys
 
-    code = "import sys, pipeline.synth, pipeline.labels; print(any(m.split('.')[0] in ('tensorflow', 'mlflow') for m in sys.modules))"
+    code = "import sys, pipeline.data.synth, pipeline.data.labels; print(any(m.split('.')[0] in ('tensorflow', 'mlflow') for m in sys.modules))"
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                             cwd=Path(__file__).resolve().parents[1])
     assert result.stdout.strip() == "False"

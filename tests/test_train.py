@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from mlflow import MlflowClient
 
-from pipeline.train import scaled_learning_rate, train
+from pipeline.study.train import scaled_learning_rate, train
 
 
 class FailAtEpoch(keras.callbacks.Callback):
@@ -41,13 +41,13 @@ def test_smoke_run_is_fully_tracked(synth_data, smoke_config, tracking_uri):
     batch = np.random.default_rng(0).integers(0, 256, (4, 64, 64, 1), dtype=np.uint8)
     pyfunc = mlflow.pyfunc.load_model(result.model_uri)
     expected = result.model.predict({"image": batch}, verbose=0)
-    served = pyfunc.predict({"image": batch})  # the serving pyfunc (pipeline/serving.py): one row per image
-    # ... calibrated with the temperature the run fitted on validation (pipeline/calibration.py)
-    from pipeline.calibration import apply_temperature
+    served = pyfunc.predict({"image": batch})  # the serving pyfunc (pipeline/artifact/serving.py): one row per image
+    # ... calibrated with the temperature the run fitted on validation (pipeline/net/calibration.py)
+    from pipeline.net.calibration import apply_temperature
 
     calibrated = apply_temperature(expected.reshape(-1), result.temperature)
     assert np.allclose(served["probability"].to_numpy(float), calibrated, atol=1e-6)
-    from pipeline.model_store import load_keras
+    from pipeline.artifact.model_store import load_keras
 
     loaded = load_keras(result.model_uri)
     assert getattr(loaded, "optimizer", None) is None  # inference needs no optimizer state
@@ -83,8 +83,8 @@ def test_learning_rate_scaling_rules():
 @pytest.fixture(scope="module")
 def learnable_data(tmp_path_factory):
     """600 synthetic patients at 64 px: enough validation cases (~96) for an AUC worth asserting."""
-    from pipeline.convert import convert_rsna
-    from pipeline.synth import make_synthetic_dataset
+    from pipeline.data.convert import convert_rsna
+    from pipeline.data.synth import make_synthetic_dataset
 
     tmp = tmp_path_factory.mktemp("learnable")
     make_synthetic_dataset(tmp / "raw", n=600, size=128, seed=1, workers=2, progress=False)
@@ -141,7 +141,7 @@ def test_rsna_recipe_with_metadata_inputs_runs_small(synth_data, tmp_path, track
     # A model that ignored `meta` would give the same numbers to float precision (~1e-7): every image moves,
     # and at least one clearly (a few training steps give small effects; calibration compresses them).
     assert a.shape == (4,) and np.abs(a - b).min() > 1e-6 and np.abs(a - b).max() > 1e-3, (a, b)
-    from pipeline.calibration import apply_temperature
+    from pipeline.net.calibration import apply_temperature
 
     keras_out = result.model.predict({"image": images, "meta": ap_male_80y}, verbose=0).reshape(-1)
     np.testing.assert_allclose(a, apply_temperature(keras_out, result.temperature), atol=1e-6)  # the trained one

@@ -10,9 +10,9 @@ import pytest
 from mlflow import MlflowClient
 from optuna.trial import TrialState
 
-from pipeline import tune
 from pipeline.config import load_config
 from pipeline.stores import resolve_optuna_storage
+from pipeline.study import tune
 from tests.conftest import REPO, wait_for
 
 SMOKE = REPO / "experiments" / "smoke.toml"

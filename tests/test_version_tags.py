@@ -1,4 +1,4 @@
-"""pipeline.version_tags: a version's own tag wins over its training run's, asked by URI (predict, evaluate,
+"""pipeline.artifact.version_tags: a version's own tag wins over its training run's, asked by URI (predict, evaluate,
 explain) or by run and model name (the served pyfunc), on a real SQLite MLflow store."""
 
 from __future__ import annotations
@@ -7,7 +7,7 @@ import mlflow
 import pytest
 from mlflow import MlflowClient
 
-from pipeline import version_tags
+from pipeline.artifact import version_tags
 
 NAME = "tags-model"
 

@@ -1,0 +1,231 @@
+"""MLflow stores, experiments, dataset inputs and model logging.
+
+Embedded defaults: `sqlite:///mlruns/mlflow.db` with artifacts in `mlruns/artifacts/<experiment>` (MLflow's
+plain file store is deprecated upstream). With a SQLite store MLflow would put artifacts in `<cwd>/mlruns/<id>`
+unless the experiment has an explicit `artifact_location`, so we always pass one. A tracking server
+(`http://...`) decides artifact locations itself.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+from pathlib import Path
+
+import mlflow
+from mlflow import MlflowClient
+
+from pipeline.errors import PneumoError
+from pipeline.stores import (  # noqa: F401  (re-exported)
+    artifact_root,
+    checkout_root,
+    masked,
+    require_store,
+    resolve_tracking_uri,
+    sqlite_path,
+)
+
+
+class TrackingError(PneumoError):
+    """A one-line reason the MLflow store cannot be used."""
+
+
+def is_local(uri: str) -> bool:
+    return uri.startswith("sqlite:")
+
+
+# Retry/backoff of every MLflow REST call (runs, metrics, artifacts, registry) when the store is a tracking
+# server. MLflow's client retries connection errors and 429/5xx answers itself (urllib3 Retry: sleeps of
+# 0, 2f, 4f, 8f, ... s capped at 120 s, f = the backoff factor, plus up to 1 s of jitter). MLflow 3.17's
+# defaults, 7 retries with f = 2, give up after ~4 min. A tuning worker that cannot log loses a trained trial,
+# so workers get 10 retries (MLflow's upper limit) with f = 1: attempts at about 0, 0, 2, 6, 14, 30, 62, 126,
+# 246, 366, 486 s, i.e. ~8 min of patience, with a recovered server noticed within about twice the outage (the
+# same as the defaults). The client timeout stays at MLflow's 120 s: a model upload through the server may be
+# slow. Settings already in the environment win; the workers a launcher starts inherit these.
+# tests/test_scale_out.py restarts a server mid-study to check that nothing is lost.
+HTTP_RETRY_DEFAULTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "10", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1"}
+
+
+def is_server(uri: str) -> bool:
+    return uri.startswith(("http://", "https://"))
+
+
+def _show_http_retries() -> None:
+    """urllib3 logs every retry at WARNING, but into a NullHandler: a worker waiting for a lost server would be
+    silent. With no logging configured, one line per retry goes to stderr ("... Retrying (Retry(total=9, ...))
+    after connection broken by 'NewConnectionError(... Connection refused)': /api/2.0/mlflow/runs/log-batch")."""
+    log = logging.getLogger("urllib3.connectionpool")
+    if logging.getLogger().handlers or any(getattr(h, "pneumo_retries", False) for h in log.handlers):
+        return  # the application's own logging shows them (or this ran before)
+    handler = logging.StreamHandler()
+    handler.setLevel(logging.WARNING)
+    handler.setFormatter(logging.Formatter("%(asctime)s MLflow client: %(message)s", "%Y-%m-%d %H:%M:%S"))
+    handler.pneumo_retries = True
+    log.addHandler(handler)
+
+
+def setup(uri: str | None = None, read_only: str | None = None) -> MlflowClient:
+    """Point MLflow (tracking and registry) at the store; create the folder of an embedded SQLite store; give
+    the REST client of a tracking server the retry settings above.
+
+    `read_only="predict"` (the command's name): the store must exist already; opening a SQLite URL would
+    create an empty database, so a missing one is a one-line StoreMissing naming it and what fills it."""
+    uri = resolve_tracking_uri(uri)
+    if read_only:
+        require_store(uri, read_only)
+    elif (db := sqlite_path(uri)) is not None:
+        db.parent.mkdir(parents=True, exist_ok=True)
+    if uri.startswith("postgresql"):
+        _check_database(uri)
+    if is_server(uri):
+        for key, value in HTTP_RETRY_DEFAULTS.items():
+            os.environ.setdefault(key, value)  # MLflow reads them at every request
+        _show_http_retries()
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
+    return MlflowClient(uri, uri)
+
+
+# The MLflow UI opens an experiment of this kind in its model-training view (runs, metrics, system metrics).
+EXPERIMENT_TAGS = {"mlflow.experimentKind": "custom_model_development"}
+
+# System metrics (CPU, memory, disk, network; GPU utilisation and memory when pynvml from the `gpu` extra is
+# installed) sampled by MLflow's own monitor into `system/*` metrics, shown in the UI's System metrics tab.
+# MLflow samples every 10 s by default and logs nothing for a run shorter than one interval; 5 s still shows a
+# one-minute smoke run while a day-long run stays at ~17 000 points per metric. The environment variable wins.
+SYSTEM_METRICS_INTERVAL_S = 5.0
+
+
+def enable_system_metrics() -> None:
+    """Configure MLflow's system-metrics monitor for runs started with `log_system_metrics=True`."""
+    if not os.environ.get("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL"):
+        mlflow.set_system_metrics_sampling_interval(SYSTEM_METRICS_INTERVAL_S)
+    # "Started/Stopping system metrics monitoring" at INFO on every run is noise in a trial log.
+    logging.getLogger("mlflow.system_metrics").setLevel(logging.WARNING)
+
+
+@functools.cache
+def source_tags() -> dict[str, str]:
+    """The git commit of the checkout this code runs from, and whether tracked files differ from it (a run of
+    uncommitted code cannot be re-run from its commit alone). Empty for an installed package or without git.
+    `mlflow.source.git.commit` is the tag the MLflow UI shows as the run's source version."""
+    import subprocess
+
+    root = checkout_root()
+    if root is None or not (root / ".git").exists():
+        return {}
+    try:
+        commit = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True,
+                                timeout=30, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, timeout=30, check=True).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return {}
+    return {"mlflow.source.git.commit": commit, "git_dirty": str(bool(dirty)).lower()}
+
+
+_checked: set[str] = set()  # database stores that answered once in this process
+
+
+def _check_database(uri: str) -> None:
+    """One connection attempt (10 s at most) before MLflow opens the store: MLflow itself retries a database
+    that does not answer for ~100 s, printing a multi-line warning each time, before its own error."""
+    import sqlalchemy as sa
+
+    if uri in _checked:
+        return
+    engine = sa.create_engine(uri, poolclass=sa.pool.NullPool, connect_args={"connect_timeout": 10})
+    try:
+        with engine.connect():
+            pass
+    except sa.exc.OperationalError as e:
+        reason = str(e.orig if e.orig is not None else e).strip().splitlines()[0]
+        raise TrackingError(f"MLflow store {masked(uri)} does not answer: {reason}") from None
+    finally:
+        engine.dispose()
+    _checked.add(uri)
+
+
+def ensure_experiment(name: str, uri: str | None = None) -> str:
+    """The experiment's id, creating it (with an explicit artifact location on embedded stores) if needed."""
+    uri = resolve_tracking_uri(uri)
+    client = setup(uri)
+    exp = client.get_experiment_by_name(name)
+    if exp is not None:
+        if exp.lifecycle_stage == "deleted":
+            raise TrackingError(f"MLflow experiment {name!r} is deleted; restore it or pick another name")
+        for key, value in EXPERIMENT_TAGS.items():  # experiments made before the tag existed get it too
+            if exp.tags.get(key) != value:
+                client.set_experiment_tag(exp.experiment_id, key, value)
+        return exp.experiment_id
+    location = (artifact_root(uri) / name).as_uri() if is_local(uri) else None
+    try:
+        return client.create_experiment(name, artifact_location=location, tags=EXPERIMENT_TAGS)
+    except mlflow.exceptions.MlflowException:
+        # Another process created it between our look-up and create: use theirs.
+        exp = client.get_experiment_by_name(name)
+        if exp is None:
+            raise
+        return exp.experiment_id
+
+
+def log_dataset(manifest: dict, data_dir: str | Path, context: str = "training") -> None:
+    """The converter's manifest digest as the run's dataset input: the dataset's identity."""
+    from mlflow.data.dataset_source_registry import resolve_dataset_source
+    from mlflow.data.meta_dataset import MetaDataset
+
+    source = resolve_dataset_source(Path(data_dir).resolve().as_uri())
+    name = Path(data_dir).name or "dataset"
+    mlflow.log_input(MetaDataset(source, name=name, digest=manifest["digest"][:36]), context=context)
+    mlflow.set_tag("dataset_digest", manifest["digest"])
+
+
+@functools.cache
+def pip_requirements() -> tuple[str, ...]:
+    """Computed once per process: letting MLflow infer them costs ~9 s per log_model call here."""
+    import keras
+    import numpy as np
+    import tensorflow as tf
+
+    return (f"mlflow=={mlflow.__version__}", f"keras=={keras.__version__}", f"tensorflow=={tf.__version__}",
+            f"numpy=={np.__version__}")
+
+
+def inference_copy(model):
+    """The same network without optimizer state (inference needs none; it would double the artifact)."""
+    import keras
+
+    # A new, uncompiled Functional over the same layers: no optimizer, no compile config, no weight copy.
+    # (`clone_model` in Keras 3.15 carries the compile config over, and with it the optimizer state.)
+    return keras.Model(inputs=model.input, outputs=model.output, name=model.name)
+
+
+def log_keras_model(model, image_size: int, with_meta: bool, registered_model_name: str | None = None):
+    """Log the model as the serving pyfunc (`pipeline.artifact.serving.PneumoniaModel`) with the Keras network inside as
+    the artifact `keras_model`; register it as `registered_model_name` when given; -> ModelInfo.
+
+    The pyfunc decodes DICOM/PNG rows and applies the scope guard, calibration and threshold; it has no fixed
+    signature because it takes both such rows and raw tensors (pipeline/artifact/serving.py). `image_size` and
+    `with_meta` are read back from the network's own inputs at load, so they only check the caller here."""
+    import tempfile
+
+    from pipeline.artifact import serving
+    from pipeline.net.model import uses_meta as model_uses_meta
+
+    network = inference_copy(model)
+    if int(network.inputs[0].shape[1]) != image_size or model_uses_meta(network) != bool(with_meta):
+        raise ValueError(f"log_keras_model: the network takes {network.inputs[0].shape} images"
+                         f"{' and metadata' if model_uses_meta(network) else ''}, not {image_size} px "
+                         f"{'with' if with_meta else 'without'} metadata")
+    with tempfile.TemporaryDirectory(prefix="pneumo-model-") as tmp:
+        path = os.path.join(tmp, serving.KERAS_FILE)
+        network.save(path)
+        return mlflow.pyfunc.log_model(
+            name="model",
+            python_model=serving.PneumoniaModel(),
+            artifacts={serving.KERAS_ARTIFACT: path},
+            model_config=serving.model_config(registered_model_name),
+            pip_requirements=[*pip_requirements(), "pydicom", "pillow", "pylibjpeg", "pylibjpeg-openjpeg"],
+            registered_model_name=registered_model_name,
+        )

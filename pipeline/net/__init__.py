@@ -1,0 +1,1 @@
+"""The network: the CNN family, augmentation layers, precision and device placement, calibration."""

@@ -1,0 +1,208 @@
+"""Augmentation as Keras layers placed inside the model, ahead of the CNN.
+
+Inside the model the random transforms run in the train step, on the accelerator, and the host only moves
+uint8 bytes; Keras' preprocessing layers are active only when called with `training=True`, so evaluation and
+prediction see the image untouched. The block expects float images in [0, 1] (the model rescales uint8 first).
+
+Keras 3.15's RandomRotation/RandomZoom/RandomTranslation use `ImageProjectiveTransformV3`, which has no XLA
+kernel ("No registered 'ImageProjectiveTransformV3' OpKernel for XLA_CPU_JIT"), so with them in the model
+`jit_compile=True` is turned off (the layers say `supports_jit = False`). `xla_safe = true` swaps the three
+for `RandomAffine` below: one rotation+zoom+translation matrix per image, applied by bilinear sampling built
+from gathers, which XLA compiles.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+
+import keras
+from keras import ops
+
+from pipeline.config import AugmentConfig, check_section
+
+# Out-of-image pixels become black, like a collimated or shifted film; "reflect" (Keras' default) would
+# mirror ribs and lung edges into the border, shapes a model could mistake for opacities.
+FILL_MODE = "constant"
+VALUE_RANGE = (0.0, 1.0)
+
+
+def augmentation_block(cfg: AugmentConfig, seed: int) -> keras.Sequential | None:
+    """The augmentation layers `cfg` asks for (a strength of 0 leaves its layer out); None if there are none.
+
+    Each layer gets its own seed (seed, seed+1, ...) so two layers never draw the same random numbers.
+    """
+    check_section("augment", cfg)  # the ranges of pipeline/config.py:BOUNDS (a config built in code too)
+    seeds = itertools.count(seed)
+    layers: list[keras.Layer] = []
+    if cfg.horizontal_flip:
+        layers.append(keras.layers.RandomFlip("horizontal", seed=next(seeds), name="flip"))
+    if cfg.xla_safe:
+        if cfg.rotation or cfg.zoom or cfg.translation:
+            layers.append(RandomAffine(cfg.rotation, cfg.zoom, cfg.translation, seed=next(seeds), name="affine"))
+    else:
+        if cfg.rotation:
+            layers.append(keras.layers.RandomRotation(cfg.rotation, fill_mode=FILL_MODE, seed=next(seeds),
+                                                      name="rotation"))
+        if cfg.zoom:
+            # width_factor=None: the same zoom on both axes, so the aspect ratio is kept.
+            layers.append(keras.layers.RandomZoom(cfg.zoom, fill_mode=FILL_MODE, seed=next(seeds), name="zoom"))
+        if cfg.translation:
+            layers.append(keras.layers.RandomTranslation(cfg.translation, cfg.translation, fill_mode=FILL_MODE,
+                                                         seed=next(seeds), name="translation"))
+    if cfg.contrast:
+        layers.append(keras.layers.RandomContrast(cfg.contrast, value_range=VALUE_RANGE, seed=next(seeds),
+                                                  name="contrast"))
+    if cfg.brightness:
+        layers.append(keras.layers.RandomBrightness(cfg.brightness, value_range=VALUE_RANGE, seed=next(seeds),
+                                                    name="brightness"))
+    # Acquisition-style intensity changes (the shift battery's kinds, pipeline/evaluate/shift.py), after the photometric
+    # layers so the noise is not rescaled by them.
+    if cfg.gamma:
+        layers.append(RandomGamma(cfg.gamma, seed=next(seeds), name="gamma"))
+    if cfg.blur:
+        layers.append(RandomBlur(cfg.blur, seed=next(seeds), name="blur"))
+    if cfg.noise:
+        layers.append(RandomNoise(cfg.noise, seed=next(seeds), name="noise"))
+    return keras.Sequential(layers, name="augment") if layers else None
+
+
+class _RandomIntensity(keras.layers.Layer):
+    """Base of the intensity layers: keras.ops only (backend-neutral: TF, JAX), float32 maths under any dtype
+    policy, identity when `training` is false, output clipped to [0, 1]."""
+
+    def __init__(self, strength: float = 0.0, seed: int | None = None, **kwargs):
+        super().__init__(**kwargs)
+        self.strength, self.seed = float(strength), seed
+        self.seed_generator = keras.random.SeedGenerator(seed)
+
+    def call(self, images, training=None):
+        if not training or not self.strength:
+            return images
+        dtype = images.dtype
+        x = ops.cast(images, "float32")
+        out = ops.clip(self.transform(x, ops.shape(x)[0]), 0.0, 1.0)
+        return ops.cast(out, dtype)
+
+    def per_image(self, b, low, high):
+        return keras.random.uniform((b, 1, 1, 1), low, high, seed=self.seed_generator)
+
+    def compute_output_shape(self, input_shape):
+        return input_shape
+
+    def get_config(self):
+        return {**super().get_config(), "strength": self.strength, "seed": self.seed}
+
+
+@keras.saving.register_keras_serializable(package="pneumo")
+class RandomGamma(_RandomIntensity):
+    """x ** gamma with log(gamma) ~ U(-strength, strength) per image: another detector response curve."""
+
+    def transform(self, x, b):
+        gamma = ops.exp(self.per_image(b, -self.strength, self.strength))
+        return ops.power(ops.maximum(x, 1e-6), gamma)
+
+
+@keras.saving.register_keras_serializable(package="pneumo")
+class RandomNoise(_RandomIntensity):
+    """Additive Gaussian noise with a per-image std ~ U(0, strength) (grey units of [0, 1]): a lower dose."""
+
+    def transform(self, x, b):
+        std = self.per_image(b, 0.0, self.strength)
+        return x + std * keras.random.normal(ops.shape(x), seed=self.seed_generator)
+
+
+@keras.saving.register_keras_serializable(package="pneumo")
+class RandomBlur(_RandomIntensity):
+    """x + w (blur(x) - x) with w ~ U(-strength, strength) per image: w > 0 blurs (a softer detector), w < 0 is
+    unsharp masking (a device's sharpening). The blur is a fixed 5-tap Gaussian (sigma 1 px), separable, with
+    reflected borders, so one pair of convolutions serves every image whatever its weight."""
+
+    KERNEL = (0.05448868, 0.24420134, 0.40261995, 0.24420134, 0.05448868)  # sigma 1, normalised
+
+    def transform(self, x, b):
+        k = ops.convert_to_tensor(self.KERNEL, dtype="float32")
+        c = x.shape[-1] or 1
+        padded = ops.pad(x, [[0, 0], [2, 2], [2, 2], [0, 0]], mode="reflect")
+        kv = ops.tile(ops.reshape(k, (5, 1, 1, 1)), (1, 1, c, 1))
+        kh = ops.tile(ops.reshape(k, (1, 5, 1, 1)), (1, 1, c, 1))
+        blurred = ops.depthwise_conv(ops.depthwise_conv(padded, kv, padding="valid"), kh, padding="valid")
+        w = self.per_image(b, -self.strength, self.strength)
+        return x + w * (blurred - x)
+
+
+@keras.saving.register_keras_serializable(package="pneumo")
+class RandomAffine(keras.layers.Layer):
+    """Random rotation, zoom and translation in one resampling, from XLA-compilable ops.
+
+    Strengths in the units of Keras' layers: `rotation` a fraction of a full turn, `zoom` and `translation`
+    fractions of the image size (zoom > 0 shows more of the image, as in RandomZoom). Bilinear interpolation,
+    black outside the image. Identity when `training` is false.
+    """
+
+    def __init__(self, rotation: float = 0.0, zoom: float = 0.0, translation: float = 0.0,
+                 seed: int | None = None, **kwargs):
+        super().__init__(**kwargs)
+        self.rotation, self.zoom, self.translation, self.seed = rotation, zoom, translation, seed
+        self.seed_generator = keras.random.SeedGenerator(seed)
+        self.supports_masking = True
+
+    def call(self, images, training=None):
+        if not training:
+            return images
+        dtype = images.dtype
+        images = ops.cast(images, "float32")  # sampling weights in float32 even under a float16 policy
+        b, h, w, c = ops.shape(images)[0], images.shape[1], images.shape[2], images.shape[3]
+
+        def draw(strength):
+            return keras.random.uniform((b,), -strength, strength, seed=self.seed_generator)
+
+        angle = draw(self.rotation) * 2.0 * math.pi
+        scale = 1.0 + draw(self.zoom)  # output -> input scale: > 1 samples a larger area (zoom out)
+        tx, ty = draw(self.translation) * w, draw(self.translation) * h
+        cos, sin = ops.cos(angle) * scale, ops.sin(angle) * scale
+
+        # Output pixel (x, y), centred, maps to input (cos*x - sin*y - tx, sin*x + cos*y - ty), re-centred.
+        ys, xs = ops.meshgrid(ops.arange(h, dtype="float32") - (h - 1) / 2,
+                              ops.arange(w, dtype="float32") - (w - 1) / 2, indexing="ij")
+        xs, ys = ops.reshape(xs, (1, h * w)), ops.reshape(ys, (1, h * w))
+        src_x = cos[:, None] * xs - sin[:, None] * ys - tx[:, None] + (w - 1) / 2
+        src_y = sin[:, None] * xs + cos[:, None] * ys - ty[:, None] + (h - 1) / 2
+
+        flat = ops.reshape(images, (b, h * w, c))
+        x0, y0 = ops.floor(src_x), ops.floor(src_y)
+        fx, fy = src_x - x0, src_y - y0
+        out = 0.0
+        for dy, wy in ((0.0, 1.0 - fy), (1.0, fy)):
+            for dx, wx in ((0.0, 1.0 - fx), (1.0, fx)):
+                xi, yi = x0 + dx, y0 + dy
+                inside = (xi >= 0) & (xi <= w - 1) & (yi >= 0) & (yi <= h - 1)
+                index = ops.cast(ops.clip(yi, 0, h - 1) * w + ops.clip(xi, 0, w - 1), "int32")
+                tap = ops.take_along_axis(flat, index[:, :, None], axis=1)  # (b, h*w, 1) broadcasts over c
+                out = out + tap * ops.cast(inside, "float32")[:, :, None] * (wx * wy)[:, :, None]
+        return ops.cast(ops.reshape(out, (b, h, w, c)), dtype)
+
+    def compute_output_shape(self, input_shape):
+        return input_shape
+
+    def get_config(self):
+        return {**super().get_config(), "rotation": self.rotation, "zoom": self.zoom,
+                "translation": self.translation, "seed": self.seed}
+
+
+@keras.saving.register_keras_serializable(package="pneumo")
+class PerImageStandardization(keras.layers.Layer):
+    """(x - mean) / max(std, 1/sqrt(N)) per image, as tf.image.per_image_standardization but in keras.ops (so
+    the model stays backend-neutral): a film's overall exposure and contrast no longer reach the convs. Active
+    in training and inference alike (it is preprocessing, not augmentation). It lives here because
+    pipeline.artifact.model_store imports this module to register the project's custom layers before loading."""
+
+    def call(self, x):
+        x = ops.cast(x, "float32")
+        n = x.shape[1] * x.shape[2] * x.shape[3]
+        mean = ops.mean(x, axis=(1, 2, 3), keepdims=True)
+        std = ops.std(x, axis=(1, 2, 3), keepdims=True)
+        return (x - mean) / ops.maximum(std, 1.0 / n**0.5)
+
+    def compute_output_shape(self, input_shape):
+        return input_shape

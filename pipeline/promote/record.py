@@ -1,0 +1,276 @@
+"""What a promotion decided, and where it is written down: the decision run, the version tags, the model card.
+
+`pipeline.promote.promotion.promote` decides; this module records: an MLflow run `promote:<version>` in the experiment
+`promotions` (the rule, both evaluations, the paired comparison, external sets, the reusable-holdout answers,
+plots), the promoted version's tags (test metrics, threshold, dataset digest, artifact sha256) and its model
+card as description, and the one-screen text `pneumo promote` prints.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+from pipeline.artifact.model_store import CHAMPION
+from pipeline.evaluate import metrics as ev
+from pipeline.evaluate import plots
+from pipeline.promote import model_card
+from pipeline.promote.gate import Evaluation, Rule
+
+PREVIOUS = "previous-champion"
+EXPERIMENT = "promotions"
+HEADLINE = ("auc", "auc_ci_low", "auc_ci_high", "accuracy", "accuracy_ci_low", "accuracy_ci_high", "sensitivity",
+            "specificity")
+
+
+@dataclass
+class Candidate:
+    version: str
+    run_id: str
+    value: float  # the ranking metric; NaN when unknown
+    source: str  # where the value came from, e.g. "version tag val_auc"
+    digest: str | None
+    data_dir: str | None  # the training run's data folder (param data.dir)
+    tags: dict = field(default_factory=dict)
+    run_name: str | None = None
+    description: str | None = None
+    val_auc: float = math.nan  # the validation AUC (Thresholdout compares the test AUC with it)
+    run_metrics: dict = field(default_factory=dict)  # the training run's metrics (shift battery, final_val_*)
+
+
+@dataclass
+class External:
+    name: str
+    data_dir: str
+    digest: str
+    candidate: Evaluation
+    champion: Evaluation | None = None
+    comparison: dict | None = None
+
+
+@dataclass
+class Decision:
+    outcome: str  # "promoted" | "rejected" | "unchanged" (the candidate already is the champion)
+    reason: str
+    model: str
+    candidate: Candidate
+    champion: str | None  # the champion the candidate was compared with
+    data_dir: str
+    digest: str
+    metric: str
+    rule: Rule
+    n_candidates: int
+    skipped: list = field(default_factory=list)
+    candidate_eval: Evaluation | None = None
+    champion_eval: Evaluation | None = None
+    comparison: dict | None = None
+    checks: list = field(default_factory=list)
+    externals: list = field(default_factory=list)  # [External]
+    holdout: list = field(default_factory=list)  # [holdout.Answer]
+    holdout_left: int | None = None
+    holdout_budget: int | None = None
+    dry_run: bool = False
+    attempts: int = 1
+    promoted_at: str | None = None
+    run_id: str | None = None
+    forced: str | None = None  # the version asked for, if any
+    champion_value: float | None = None  # the champion's study metric
+    model_sha256: str | None = None
+
+
+# --- the promoted version ----------------------------------------------------------------------------------
+def commit(client, d: Decision) -> None:
+    """Under the lock: the candidate's facts first, then the history, and the champion alias last (the commit
+    point: a crash before it leaves the old champion in place)."""
+    m, v = d.candidate_eval.metrics, d.candidate.version
+    tags = {f"test_{k}": m[k] for k in ("auc", "auc_ci_low", "auc_ci_high", "accuracy", "sensitivity",
+                                        "specificity", "majority_baseline_accuracy", "n", "patients", "positives")}
+    tags.update(threshold=repr(float(d.candidate_eval.threshold)), dataset_digest=d.digest, promoted_at=d.promoted_at,
+                promoted_over=d.champion or "", promotion_rule=d.rule.policy)
+    if d.model_sha256:
+        tags["model_sha256"] = d.model_sha256
+    for key, value in tags.items():
+        value = f"{value:.6f}" if isinstance(value, float) else str(value)
+        client.set_model_version_tag(d.model, v, key, value)
+    if d.champion is not None:
+        client.set_registered_model_alias(d.model, PREVIOUS, d.champion)
+        client.set_model_version_tag(d.model, d.champion, "replaced_at", d.promoted_at)
+        client.set_model_version_tag(d.model, d.champion, "replaced_by", v)
+    client.set_registered_model_alias(d.model, CHAMPION, v)
+
+
+# --- the decision run --------------------------------------------------------------------------------------
+def decision_metrics(d: Decision) -> dict:
+    ce, he = d.candidate_eval, d.champion_eval
+    out = {f"candidate_test_{k}": ce.metrics[k] for k in HEADLINE}
+    out.update(candidate_val_metric=d.candidate.value, majority_baseline_accuracy=ce.metrics["majority_baseline_accuracy"],
+               test_images=ce.metrics["n"], test_patients=ce.metrics["patients"])
+    if he is not None:
+        out.update({f"champion_test_{k}": he.metrics[k] for k in HEADLINE})
+    if d.comparison:
+        c = d.comparison
+        out.update(auc_diff=c["diff"], auc_diff_ci_low=c["delong_ci_low"], auc_diff_ci_high=c["delong_ci_high"],
+                   auc_diff_boot_ci_low=c["ci_low"], auc_diff_boot_ci_high=c["ci_high"], p_bootstrap=c["p_value"],
+                   p_delong=c["delong_p"])
+    for x in d.externals:
+        for k in ("auc", "auc_ci_low", "auc_ci_high", "accuracy", "sensitivity", "specificity"):
+            out[f"external_{x.name}_{k}"] = x.candidate.metrics[k]
+            if x.champion is not None:
+                out[f"external_{x.name}_champion_{k}"] = x.champion.metrics[k]
+        if x.comparison:
+            out[f"external_{x.name}_auc_diff"] = x.comparison["diff"]
+            out[f"external_{x.name}_auc_diff_ci_low"] = x.comparison["delong_ci_low"]
+    for a in d.holdout:
+        who = "candidate" if a.version == d.candidate.version else "champion"
+        out[f"{who}_test_auc_answered"] = a.answered
+    if d.holdout_left is not None:
+        out["holdout_budget_left"] = d.holdout_left
+    return {k: float(v) for k, v in out.items() if v is not None and math.isfinite(v)}
+
+
+def record(client, uri: str, d: Decision, manifest: dict) -> None:
+    """The decision as an MLflow run `promote:<version>`; on promotion, the model card and descriptions."""
+    from pipeline.artifact import tracking
+
+    exp_id = tracking.ensure_experiment(EXPERIMENT, uri)
+    v, ce, he = d.candidate.version, d.candidate_eval, d.champion_eval
+    run = client.create_run(exp_id, run_name=f"promote:{v}", tags={
+        "model": d.model, "decision": d.outcome, "candidate_version": v, "champion_version": d.champion or "",
+        "dataset_digest": d.digest, "rule": d.rule.describe(), "reason": d.reason[:4000],
+        "mlflow.note.content": f"**{d.outcome.upper()}** {d.model} v{v}: {d.reason}\n\nRule: {d.rule.describe()}"})
+    rid = d.run_id = run.info.run_id
+    try:
+        params = {"model": d.model, "candidate_version": v, "champion_version": d.champion or "none",
+                  "metric": d.metric, "policy": d.rule.policy, "alpha": d.rule.alpha, "margin": d.rule.margin,
+                  "floor_auc": d.rule.floor_auc, "require_external": ",".join(d.rule.require_external) or "none",
+                  "data_dir": d.data_dir, "candidates": d.n_candidates, "attempts": d.attempts,
+                  "external_sets": ",".join(f"{x.name}={x.data_dir}" for x in d.externals) or "none"}
+        for key, value in params.items():
+            client.log_param(rid, key, value)
+        for key, value in decision_metrics(d).items():
+            client.log_metric(rid, key, value)
+        client.log_dict(rid, ev.jsonable(ce.report), "evaluation/candidate.json")
+        client.log_dict(rid, ev.jsonable({"rule": d.rule.describe(), "outcome": d.outcome, "reason": d.reason,
+                                          "checks": [{"check": n, "passed": ok, "numbers": w}
+                                                     for n, ok, w in d.checks]}), "evaluation/decision.json")
+        results = {f"candidate v{v}": ce.metrics}
+        if he is not None:
+            client.log_dict(rid, ev.jsonable(he.report), "evaluation/champion.json")
+            client.log_dict(rid, ev.jsonable(d.comparison), "evaluation/comparison.json")
+            results[f"champion v{d.champion}"] = he.metrics
+        for x in d.externals:
+            client.log_dict(rid, ev.jsonable({"candidate": x.candidate.report, "comparison": x.comparison,
+                                              "champion": x.champion.report if x.champion else None}),
+                            f"evaluation/external_{x.name}.json")
+            results[f"candidate v{v} on {x.name}"] = x.candidate.metrics
+            if x.champion is not None:
+                results[f"champion v{d.champion} on {x.name}"] = x.champion.metrics
+        client.log_text(rid, format_decision(d) + "\n", "decision.txt")
+        figure = plots.plot_auc_comparison(results)
+        if d.comparison:
+            k = d.comparison
+            figure.axes[0].set_title(f"Test AUC: difference {ev.fmt_ci(k['diff'], k['delong_ci_low'], k['delong_ci_high'], sign=True)}, DeLong p={ev.fmt(k['delong_p'])}")
+        client.log_figure(rid, figure, "plots/auc_comparison.png")
+        client.log_figure(rid, plots.plot_roc(ce.labels, ce.probabilities, f"ROC, test: candidate v{v}",
+                                              threshold=ce.threshold, clusters=ce.patient_id), "plots/roc_candidate.png")
+        if he is not None:
+            client.log_figure(rid, plots.plot_roc(he.labels, he.probabilities, f"ROC, test: champion v{d.champion}",
+                                                  threshold=he.threshold, clusters=he.patient_id),
+                              "plots/roc_champion.png")
+        if d.outcome == "promoted":
+            publish_card(client, d, manifest)
+        client.set_terminated(rid, "FINISHED")
+    except BaseException:
+        client.set_terminated(rid, "FAILED")
+        raise
+
+
+def publish_card(client, d: Decision, manifest: dict) -> None:
+    from mlflow.exceptions import MlflowException
+
+    v, ce = d.candidate.version, d.candidate_eval
+    lineage = {"study": d.candidate.tags.get("study"), "trial": d.candidate.tags.get("trial_number"),
+               "ensemble of versions (mean probability)": d.candidate.tags.get("ensemble_members"),
+               "calibration temperature (fitted on validation)": d.candidate.tags.get("temperature"),
+               f"validation {d.metric}": f"{d.candidate.value:.4f} ({d.candidate.source})",
+               "promotion run": d.run_id, "model artifact sha256": d.model_sha256}
+    card = model_card.render(model=d.model, version=v, metrics=ce.metrics, subgroups=ce.subgroups,
+                             threshold=ce.threshold, threshold_source=ce.threshold_source, manifest=manifest,
+                             digest=d.digest, data_dir=d.data_dir, run_id=d.candidate.run_id,
+                             run_name=d.candidate.run_name, lineage=lineage, comparison=d.comparison,
+                             champion=d.champion, promoted_at=d.promoted_at, decision=d)
+    figure = model_card.subgroup_figure([r for r in ce.subgroups if r["group"] in ("view_position", "sex",
+                                                                                     "age_band")])
+    client.log_text(d.run_id, card, "model_card/model_card.md")
+    client.log_figure(d.run_id, figure, "model_card/subgroups.png")
+    try:  # the training run keeps the card beside the model it describes
+        client.log_text(d.candidate.run_id, card, "model_card/model_card.md")
+        client.log_figure(d.candidate.run_id, figure, "model_card/subgroups.png")
+    except (MlflowException, OSError):
+        pass  # a deleted training run: the version description and the promotion run still hold the card
+    client.set_model_version_tag(d.model, v, "promotion_run_id", d.run_id)
+    client.update_model_version(d.model, v, description=card)
+    if d.champion is not None:  # the replaced champion's card stays, headed by when and by whom it was replaced
+        old = client.get_model_version(d.model, d.champion).description or ""
+        note = f"> Replaced as `{CHAMPION}` by version {v} on {d.promoted_at} (now `{PREVIOUS}` until the next " \
+               "promotion).\n\n"
+        client.update_model_version(d.model, d.champion, description=note + old)
+    client.update_registered_model(d.model, description=model_card.model_description(
+        d.model, v, ce.metrics, d.digest, d.promoted_at))
+
+
+# --- report ----------------------------------------------------------------------------------------------
+def _row(name: str, e: Evaluation) -> str:
+    f, m = ev.fmt, e.metrics
+    return (f"{name:<28}{ev.fmt_metric_ci(m, 'auc'):<24}{f(m['accuracy']):>9}{f(m['majority_baseline_accuracy']):>9}"
+            f"{f(m['sensitivity']):>7}{f(m['specificity']):>7}{m['n']:>7}{m['patients']:>9}{f(e.threshold, 4):>10}")
+
+
+def format_decision(d: Decision) -> str:
+    f = ev.fmt
+    c = d.candidate
+    trial = f", study {c.tags['study']} trial {c.tags.get('trial_number', '?')}" if c.tags.get("study") else ""
+    how = f"best of {d.n_candidates} candidate(s) on this dataset" if d.forced is None else "chosen with --version"
+    lines = [f"candidate  {d.model} v{c.version} ({d.metric} {f(c.value)} from {c.source}{trial}); {how}",
+             "champion   " + (f"v{d.champion}" if d.champion else "none yet"),
+             f"dataset    {d.data_dir} (digest {d.digest[:12]})",
+             f"rule       {d.rule.describe()}"]
+    if d.skipped:
+        lines.append("not candidates: " + "; ".join(f"v{v}: {why}" for v, why in d.skipped[:5])
+                     + (f"; ... {len(d.skipped) - 5} more" if len(d.skipped) > 5 else ""))
+    if d.candidate_eval is not None:
+        m = d.candidate_eval.metrics
+        lines += ["", f"test split: {m['n']} images of {m['patients']} patients, {m['positives']} positive images "
+                      "(intervals resample patients)",
+                  f"{'':<28}{'AUC [95% CI]':<24}{'accuracy':>9}{'baseline':>9}{'sens':>7}{'spec':>7}{'images':>7}"
+                  f"{'patients':>9}{'threshold':>10}",
+                  _row("candidate v" + c.version, d.candidate_eval)]
+        if d.champion_eval is not None:
+            lines.append(_row(f"champion v{d.champion}", d.champion_eval))
+        for x in d.externals:
+            lines.append(_row(f"cand. v{c.version} @ {x.name}", x.candidate))
+            if x.champion is not None:
+                lines.append(_row(f"champ. v{d.champion} @ {x.name}", x.champion))
+    if d.comparison:
+        k = d.comparison
+        lines.append(f"{'AUC':<28}{ev.fmt_difference(k)}")
+    for x in d.externals:
+        if x.comparison:
+            k = x.comparison
+            lines.append(f"{'AUC @ ' + x.name:<28}{ev.fmt_difference(k)}")
+    if d.holdout:
+        answers = "; ".join(f"v{a.version} test AUC answered {f(a.answered)} ({a.source})" for a in d.holdout)
+        lines.append(f"holdout    Thresholdout: {answers}; budget left {d.holdout_left} of {d.holdout_budget}")
+    lines.append("")
+    verdict = {"promoted": f"PROMOTED v{c.version} to {CHAMPION}" + (
+                   f"; v{d.champion} is now {PREVIOUS}" if d.champion else ""),
+               "rejected": (f"NOT PROMOTED: champion v{d.champion} unchanged" if d.champion
+                            else "NOT PROMOTED: no champion (the candidate does not clear the floor)"),
+               "unchanged": f"UNCHANGED: v{c.version} already is the {CHAMPION}"}[d.outcome]
+    if d.dry_run:
+        verdict = f"DRY RUN, nothing changed: would be {verdict}"
+    lines.append(f"decision   {verdict}")
+    lines.append(f"reason     {d.reason}")
+    if d.run_id:
+        lines.append(f"recorded   MLflow run promote:{c.version} ({d.run_id}) in experiment {EXPERIMENT!r}")
+    return "\n".join(lines)

@@ -1,0 +1,1 @@
+"""Studies: one training run (`pneumo train`), Optuna studies of it (`pneumo tune`), the study summary."""

@@ -1,0 +1,519 @@
+"""Optuna studies of the CNN: a launcher, its workers, and the trial objective.
+
+How a launch works:
+1. The launcher creates (or opens) everything shared before any worker starts: the MLflow store and
+   experiment (named after the study, with its artifact location), the parent run, and the Optuna study, whose
+   user attributes carry the parent run id for workers on other hosts. Several processes creating a fresh
+   SQLite MLflow store at once crash on schema creation; one creator avoids that.
+2. It queues `--trials N` WAITING trials. Workers only ever run queued trials (they never create extra ones),
+   so a launch ends with exactly N more finished trials however many workers share it: `--trials 3` then
+   `--trials 1` leaves a study of 4.
+3. Workers (K processes, one per GPU when there are GPUs) pop trials until the queue is empty. A dead worker
+   stops heart-beating; the next worker that asks for a trial marks it FAIL, closes its MLflow run as FAILED
+   (the sweeper) and queues a retry (`RetryHeartbeatStaleTrialCallback`). Stale trials are only noticed when a
+   worker asks, so workers keep polling while any trial is still RUNNING somewhere.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import optuna
+from optuna.trial import TrialState
+
+from pipeline.artifact import tracking
+from pipeline.config import Config, ConfigError
+from pipeline.data.manifest import dataset_digest, load_manifest
+from pipeline.errors import PneumoError, one_line
+from pipeline.net import devices
+from pipeline.stores import masked, resolve_optuna_storage, sqlite_path
+from pipeline.study import study_report
+
+warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+optuna.logging.set_verbosity(optuna.logging.WARNING)  # one line per trial is printed by the worker loop
+
+
+class QueueEmpty(Exception):
+    """No queued trial is left for this launch."""
+
+
+class TuneError(PneumoError):
+    """A one-line reason the study cannot run."""
+
+
+@dataclass(frozen=True)
+class WorkerSpec:
+    """Everything a worker process needs; JSON-serialisable so it crosses process and host boundaries."""
+
+    study: str
+    storage: str
+    tracking_uri: str
+    data_dir: str
+    config: dict  # {"name", "values", "space"}
+    parent_run_id: str
+    worker: int = 0
+    deadline: float | None = None  # absolute time.time() after which no new trial starts
+    config_file: str | None = None
+
+
+def config_to_json(cfg: Config) -> dict:
+    values = {k: v for k, v in cfg.flat().items() if k != "name"}
+    return {"name": cfg.name, "values": values, "space": cfg.tune.space}
+
+
+def config_from_json(blob: dict) -> Config:
+    return Config(name=blob["name"]).with_values({**blob["values"], "tune.space": blob["space"]})
+
+
+# --- Optuna pieces ---------------------------------------------------------------------------------------
+class StaleTrialSweeper:
+    """Runs when a worker finds a trial whose heartbeat stopped: close its MLflow run, then queue a retry."""
+
+    def __init__(self, max_retry: int):
+        self.retry = optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=max_retry)
+
+    def __call__(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+        run_id = trial.user_attrs.get("mlflow_run_id")
+        if run_id:
+            from mlflow import MlflowClient
+
+            client = MlflowClient()
+            client.set_tag(run_id, "state", "FAIL")
+            client.set_tag(run_id, "failure", "worker stopped heart-beating (killed or lost); trial retried")
+            client.set_terminated(run_id, "FAILED")
+        print(f"trial {trial.number} went stale (its worker died); retrying it", flush=True)
+        self.retry(study, trial)
+
+
+# --- a storage that rides out a database restart -------------------------------------------------------------
+# A PostgreSQL restart (or pg_terminate_backend) kills every pooled connection. `pool_pre_ping` replaces a dead
+# connection when it is next checked out; a call already in flight fails with OperationalError (raw, or as the
+# cause of Optuna's StorageInternalError) and is retried here with backoff, on a fresh connection. The attempts
+# span ~30 s, longer than a restart takes. Caveat: a write whose commit reached the server but whose answer was
+# lost is applied twice on retry; the window is one round trip, and Optuna's trial writes are keyed by trial.
+STORAGE_RETRIES = 6
+_RETRIED_CALLS = (
+    "create_new_trial", "set_trial_param", "set_trial_state_values", "set_trial_intermediate_value",
+    "set_trial_user_attr", "set_trial_system_attr", "record_heartbeat", "set_study_user_attr",
+    "set_study_system_attr", "get_study_id_from_name", "get_study_name_from_id", "get_study_directions",
+    "get_study_user_attrs", "get_study_system_attrs", "get_trial_user_attrs", "get_trial_system_attrs",
+    "get_all_studies", "get_trial_param", "get_trial_id_from_study_id_trial_number", "get_trial",
+    "get_all_trials", "get_best_trial", "_get_stale_trial_ids",
+)
+
+
+def _transient(e: BaseException) -> bool:
+    """A lost connection (server restarted, backend terminated, network blip), not a bad statement."""
+    import sqlalchemy.exc
+
+    cause = e.__cause__ if isinstance(e, optuna.exceptions.StorageInternalError) else e
+    return isinstance(cause, sqlalchemy.exc.OperationalError) or (
+        isinstance(cause, sqlalchemy.exc.DBAPIError) and cause.connection_invalidated)
+
+
+def _retrying(name: str):
+    def call(self, *args, **kwargs):
+        method = getattr(optuna.storages.RDBStorage, name)  # looked up per call: tests can stand in for it
+        for attempt in range(STORAGE_RETRIES + 1):
+            try:
+                return method(self, *args, **kwargs)
+            except Exception as e:  # noqa: BLE001 (only a lost connection is retried)
+                if attempt == STORAGE_RETRIES or not _transient(e):
+                    raise
+                wait = min(0.5 * 2**attempt, 10.0)
+                print(f"optuna storage: connection lost in {name} ({type(e).__name__}); "
+                      f"retry {attempt + 1}/{STORAGE_RETRIES} in {wait:.1f} s", file=sys.stderr, flush=True)
+                self.scoped_session.remove()  # drop the session bound to the dead connection
+                time.sleep(wait)
+    call.__name__ = name
+    return call
+
+
+class ResilientRDBStorage(optuna.storages.RDBStorage):
+    """RDBStorage whose calls retry on a lost database connection (see STORAGE_RETRIES)."""
+
+
+for _name in _RETRIED_CALLS:
+    if hasattr(optuna.storages.RDBStorage, _name):
+        setattr(ResilientRDBStorage, _name, _retrying(_name))
+
+
+def make_storage(url: str, cfg: Config) -> optuna.storages.RDBStorage:
+    import sqlalchemy.exc
+
+    engine_kwargs = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {"pool_pre_ping": True}
+    try:
+        return ResilientRDBStorage(
+            url,
+            engine_kwargs=engine_kwargs,
+            heartbeat_interval=cfg.tune.heartbeat_interval,
+            grace_period=2 * cfg.tune.heartbeat_interval,
+            heartbeat_stale_trial_callback=StaleTrialSweeper(cfg.tune.max_retries),
+        )
+    except sqlalchemy.exc.OperationalError as e:  # refused, unknown host, bad password, full disk: run time
+        reason = str(e.orig if e.orig is not None else e).strip().splitlines()[0]
+        raise TuneError(f"Optuna storage {masked(url)} does not answer: {reason}") from None
+
+
+def make_sampler(cfg: Config, worker: int) -> optuna.samplers.BaseSampler:
+    # Each worker gets its own seed, or parallel workers would propose the same parameters.
+    seed = cfg.tune.seed + 1000 * worker
+    kind = cfg.tune.sampler
+    if kind == "tpe":
+        return optuna.samplers.TPESampler(seed=seed, multivariate=True, constant_liar=True,
+                                          n_startup_trials=cfg.tune.startup_trials)
+    if kind == "random":
+        return optuna.samplers.RandomSampler(seed=seed)
+    if kind == "qmc":
+        return optuna.samplers.QMCSampler(seed=seed, warn_independent_sampling=False)
+    return optuna.samplers.CmaEsSampler(seed=seed, n_startup_trials=cfg.tune.startup_trials)
+
+
+def make_pruner(cfg: Config) -> optuna.pruners.BasePruner:
+    if cfg.tune.pruner == "median":
+        return optuna.pruners.MedianPruner(n_startup_trials=cfg.tune.startup_trials,
+                                           n_warmup_steps=cfg.tune.warmup_epochs)
+    if cfg.tune.pruner == "hyperband":
+        return optuna.pruners.HyperbandPruner(min_resource=1, max_resource=cfg.train.epochs, reduction_factor=3)
+    return optuna.pruners.NopPruner()
+
+
+# What each `tune.metric` reads. Per-epoch metrics are reported to the pruner under their own name; the shift
+# metrics exist only once training ends (the battery scores the final model), so those trials are pruned on
+# the per-epoch val_auc: a trial whose clean AUC lags the median is unlikely to hold up better under shift,
+# and a pruner needs a learning curve, which a single end-of-training number cannot give.
+PER_EPOCH = {"val_auc": "val_auc", "val_loss": "val_loss"}
+
+
+def direction(metric: str) -> str:
+    from pipeline.evaluate.metrics import lower_is_better
+
+    return "minimize" if lower_is_better(metric) else "maximize"
+
+
+def pruning_monitor(metric: str) -> str:
+    """The per-epoch Keras log the pruner watches for `metric` (same direction as the study)."""
+    return PER_EPOCH.get(metric, "val_auc")
+
+
+def objective_value(result, metric: str) -> float:
+    """The study's value of a finished trial: computed once, on the final (restored-best) model over the
+    whole validation split (val_auc, val_loss) or the battery's fixed subset (the shift metrics)."""
+    if metric == "val_auc":
+        return float(result.val_metrics["auc"])
+    if metric == "val_loss":
+        return float(result.val_metrics["loss"])
+    if metric not in result.shift_metrics:
+        raise TuneError(f"tune.metric = {metric!r} but the trial logged no shift metrics "
+                        "(train.shift_battery is off)")
+    return float(result.shift_metrics[metric])
+
+
+def open_study(name: str, storage_url: str, cfg: Config, worker: int = 0) -> optuna.Study:
+    study = optuna.create_study(study_name=name, storage=make_storage(storage_url, cfg),
+                                direction=direction(cfg.tune.metric), sampler=make_sampler(cfg, worker),
+                                pruner=make_pruner(cfg), load_if_exists=True)
+    stored = study.user_attrs.get("metric")
+    if stored and stored != cfg.tune.metric:
+        raise ConfigError(f"study {name!r} optimises {stored!r}; tune.metric = {cfg.tune.metric!r} would mix "
+                          "two objectives in one study: use a new study name")
+    return study
+
+
+def queue_only(study: optuna.Study) -> None:
+    """Make `study.optimize` run queued trials only, raising QueueEmpty instead of creating new ones.
+
+    Optuna's `ask` creates a fresh trial when the queue is empty; with several workers that overshoots the
+    launch's trial count. This replaces `ask` on this one study object with the same steps minus the
+    creation (uses Optuna's `_pop_waiting_trial_id`, the atomic WAITING -> RUNNING claim; optuna is pinned <6).
+    """
+
+    def ask(fixed_distributions=None):
+        study._thread_local.cached_all_trials = None
+        trial_id = study._pop_waiting_trial_id()
+        if trial_id is None:
+            raise QueueEmpty
+        return optuna.Trial(study, trial_id)
+
+    study.ask = ask
+
+
+def suggest(trial: optuna.Trial, space: dict) -> dict:
+    """Sample every `[tune.space]` entry; parameter names are the config keys themselves."""
+    values = {}
+    for key, spec in space.items():
+        if spec["type"] == "categorical":
+            values[key] = trial.suggest_categorical(key, spec["choices"])
+        elif spec["type"] == "int":
+            values[key] = trial.suggest_int(key, int(spec["low"]), int(spec["high"]), step=int(spec.get("step", 1)),
+                                            log=bool(spec.get("log", False)))
+        else:
+            values[key] = trial.suggest_float(key, float(spec["low"]), float(spec["high"]), step=spec.get("step"),
+                                              log=bool(spec.get("log", False)))
+    return values
+
+
+# --- the worker ------------------------------------------------------------------------------------------
+def make_objective(spec: WorkerSpec, cfg: Config):
+    from mlflow import MlflowClient
+    from optuna_integration.keras import KerasPruningCallback
+
+    from pipeline.study.train import train
+
+    client = MlflowClient()
+
+    def objective(trial: optuna.Trial) -> float:
+        objective.last_trial = trial.number
+        trial_cfg = cfg.with_values(suggest(trial, cfg.tune.space))
+        run: dict[str, str] = {}
+
+        def started(run_id: str) -> None:
+            run["id"] = run_id
+            trial.set_user_attr("mlflow_run_id", run_id)
+
+        # Report the per-epoch metric every epoch even without a pruner (NopPruner): the study keeps learning
+        # curves. For the shift metrics that is val_auc (see PER_EPOCH).
+        callbacks = [KerasPruningCallback(trial, pruning_monitor(cfg.tune.metric))]
+        worker = f"{os.uname().nodename}:{os.getpid()}"
+        trial.set_user_attr("worker", worker)
+        tags = {"study": spec.study, "trial_number": str(trial.number), "state": "RUNNING", "worker": worker}
+        frozen = trial.study.get_trials(deepcopy=False)[trial.number]
+        retried = optuna.storages.RetryHeartbeatStaleTrialCallback.retried_trial_number(frozen)
+        if retried is not None:
+            tags["retry_of_trial"] = str(retried)
+        try:
+            result = train(trial_cfg, spec.data_dir, tracking_uri=spec.tracking_uri, experiment=spec.study,
+                           run_name=f"trial-{trial.number:03d}", parent_run_id=spec.parent_run_id, tags=tags,
+                           callbacks=callbacks, register_as=cfg.tune.model_name, on_run_started=started,
+                           stop_exceptions=(optuna.TrialPruned,), verbose=0, config_file=spec.config_file)
+        except optuna.TrialPruned:
+            if "id" in run:
+                client.set_tag(run["id"], "state", "PRUNED")
+            raise
+        except BaseException as e:
+            if "id" in run:
+                client.set_tag(run["id"], "state", "FAIL")
+                client.set_tag(run["id"], "error", f"{type(e).__name__}: {one_line(e)}"[:5000])
+            raise
+        metric = cfg.tune.metric
+        value = objective_value(result, metric)
+        client.set_tag(result.run_id, "state", "COMPLETE")
+        if result.model_version:
+            # The version carries the study's value under the metric's own name plus `study_metric`, so
+            # `pneumo promote --study` ranks by what the study optimised (pipeline/promote/promotion.py).
+            tags = {"study": spec.study, "trial_number": str(trial.number),
+                    "val_auc": f"{float(result.val_metrics['auc']):.6f}", metric: f"{value:.6f}",
+                    "study_metric": metric, "dataset_digest": dataset_digest(spec.data_dir),
+                    "threshold": f"{result.threshold!r}", "temperature": f"{result.temperature!r}",
+                    "run_id": result.run_id}
+            for key, val in tags.items():
+                client.set_model_version_tag(cfg.tune.model_name, result.model_version, key, val)
+            trial.set_user_attr("model_version", result.model_version)
+        trial.set_user_attr("threshold", result.threshold)
+        return value
+
+    objective.last_trial = None
+    return objective
+
+
+def work(spec: WorkerSpec) -> dict[str, int]:
+    """Pop queued trials until none is left and none is running anywhere; -> outcome counts of this worker."""
+    tracking.setup(spec.tracking_uri)
+    cfg = config_from_json(spec.config)
+    study = open_study(spec.study, spec.storage, cfg, spec.worker)
+    queue_only(study)
+    objective = make_objective(spec, cfg)
+    outcomes = {"COMPLETE": 0, "PRUNED": 0, "FAIL": 0}
+    failures = 0
+    while spec.deadline is None or time.time() < spec.deadline:
+        objective.last_trial = None
+        t0 = time.perf_counter()
+        try:
+            study.optimize(objective, n_trials=1, catch=(Exception,), gc_after_trial=True)
+        except QueueEmpty:
+            if not study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+                break
+            time.sleep(cfg.tune.heartbeat_interval)  # a running trial may be a dead worker's: ask again soon
+            continue
+        except Exception:
+            # A peer declared this worker's trial stale (its heartbeats came late: a loaded machine, a locked
+            # SQLite file), failed it and queued a retry; Optuna then cannot `tell` the finished trial and raises
+            # out of optimize (ValueError "Cannot tell a FAIL trial", or its internal "Should not reach"
+            # assertion when the objective itself returned). Objective errors never get here (catch=Exception
+            # makes them FAIL trials), so an exception with this trial already FAIL is that case: the retry owns
+            # the work now; drop this attempt and take the next trial rather than let the worker die.
+            last = objective.last_trial
+            if last is None or study.get_trials(deepcopy=False)[last].state != TrialState.FAIL:
+                raise
+            print(f"trial {last} was failed as stale by another worker while it ran here; its retry takes over "
+                  f"[worker {spec.worker}]", file=sys.stderr, flush=True)
+            continue
+        if objective.last_trial is None:
+            continue
+        trial = study.get_trials(deepcopy=False)[objective.last_trial]
+        outcomes[trial.state.name] = outcomes.get(trial.state.name, 0) + 1
+        if trial.state == TrialState.FAIL:
+            failures += 1
+            if failures <= cfg.tune.max_retries:
+                study.enqueue_trial({}, user_attrs={"replaces_failed_trial": trial.number})
+        value = f"{trial.value:.4f}" if trial.value is not None else "-"
+        print(f"trial {trial.number:>3} {trial.state.name:<8} {cfg.tune.metric} {value:>6}  "
+              f"{study_report.best_line(study)}  "
+              f"{time.perf_counter() - t0:6.1f} s  [worker {spec.worker}]", flush=True)
+        try:
+            study_report.refresh(study, spec.parent_run_id)
+        except Exception as e:  # the summary is a convenience: never lose a trial over it
+            print(f"warning: study summary not refreshed: {e}", file=sys.stderr)
+    return outcomes
+
+
+# --- the launcher ----------------------------------------------------------------------------------------
+def prepare(cfg: Config, study_name: str, storage_url: str, tracking_uri: str, trials: int) -> tuple[str, int]:
+    """Create the shared state once: MLflow experiment + parent run, Optuna study, queued trials."""
+    from mlflow import MlflowClient
+
+    exp_id = tracking.ensure_experiment(study_name, tracking_uri)
+    client = MlflowClient()
+    study = open_study(study_name, storage_url, cfg)
+    study.set_user_attr("metric", cfg.tune.metric)  # the summary and later launches read the objective here
+    parent = study.user_attrs.get("mlflow_parent_run_id")
+    if parent:
+        try:
+            client.update_run(parent, status="RUNNING")
+        except Exception:
+            parent = None  # the MLflow store was reset: start a new parent
+    if not parent:
+        run = client.create_run(exp_id, run_name=f"study:{study_name}",
+                                tags={"study": study_name, "kind": "study", **tracking.source_tags()})
+        parent = run.info.run_id
+        study.set_user_attr("mlflow_parent_run_id", parent)
+        study.set_user_attr("mlflow_experiment_id", exp_id)
+        client.log_dict(parent, config_to_json(cfg), "study/config.json")
+    waiting_before = len(study.get_trials(deepcopy=False, states=(TrialState.WAITING,)))
+    for _ in range(trials):
+        study.enqueue_trial({})
+    return parent, waiting_before
+
+
+def run_tune(cfg: Config, study_name: str, *, data_dir: str | None = None, trials: int | None = None,
+             timeout: float | None = None, workers: int = 1, storage: str | None = None,
+             tracking_uri: str | None = None, config_file: str | None = None,
+             workers_per_gpu: int = 1) -> optuna.Study:
+    """`workers` None: one per visible GPU (x `workers_per_gpu`), 1 without a GPU (pipeline/net/devices.py)."""
+    if not cfg.tune.space:
+        raise ConfigError("[tune.space] is empty: nothing to search")
+    data_dir = str(data_dir or cfg.data.dir)
+    load_manifest(data_dir)  # DataError (exit 2) naming the folder when it holds no converted data
+    gpus = devices.visible_gpus()
+    workers = devices.default_workers(workers_per_gpu) if workers is None else workers
+    devices.check_placement(workers, gpus, workers_per_gpu)
+    trials = cfg.tune.trials if trials is None else trials
+    storage_url = resolve_optuna_storage(storage)
+    if (db := sqlite_path(storage_url)) is not None:
+        db.parent.mkdir(parents=True, exist_ok=True)
+    make_storage(storage_url, cfg)  # a storage that does not answer fails before any MLflow store is made
+    uri = tracking.resolve_tracking_uri(tracking_uri)
+    tracking.setup(uri)
+    parent, waiting = prepare(cfg, study_name, storage_url, uri, trials)
+    print(f"study {study_name}: {trials} trials queued" + (f" (+{waiting} left by an earlier launch)" if waiting else "")
+          + f"; {workers} worker(s); storage {masked(storage_url)}; MLflow {masked(uri)} parent run {parent}",
+          flush=True)
+    launched = datetime.datetime.now()  # Optuna stamps trials with naive local time
+    crashed: list[int] = []
+    spec = WorkerSpec(study=study_name, storage=storage_url, tracking_uri=uri, data_dir=data_dir,
+                      config=config_to_json(cfg), parent_run_id=parent,
+                      deadline=time.time() + timeout if timeout else None,
+                      config_file=str(config_file) if config_file else None)
+    try:
+        if workers <= 1:
+            work(spec)
+        else:
+            crashed = _run_worker_processes(spec, workers, gpus, workers_per_gpu)
+    finally:
+        from mlflow import MlflowClient
+
+        study = optuna.load_study(study_name=study_name, storage=storage_url)
+        try:
+            study_report.refresh(study, parent)
+        except Exception as e:
+            print(f"warning: study summary not refreshed: {e}", file=sys.stderr)
+        MlflowClient().set_terminated(parent, "FINISHED")
+    print(study_report.summary_table(study))
+    problem = launch_problem(study, launched, crashed)
+    if problem:
+        raise TuneError(f"study {study_name}: {problem}")
+    return study
+
+
+def launch_problem(study: optuna.Study, since: datetime.datetime, crashed: list[int]) -> str | None:
+    """Why this launch failed, for the summary and a non-zero exit: crashed workers (their exit codes), or
+    every trial the launch finished failed. None when at least one trial completed or was pruned."""
+    mine = [t for t in study.get_trials(deepcopy=False) if t.datetime_start and t.datetime_start >= since
+            and t.state.is_finished()]
+    failed = sum(t.state == TrialState.FAIL for t in mine)
+    reasons = []
+    if crashed:
+        reasons.append(f"{len(crashed)} worker(s) crashed (exit codes {', '.join(map(str, crashed))})")
+    if mine and failed == len(mine):
+        reasons.append(f"every trial of this launch failed ({failed} FAIL; see each run's `error` tag)")
+    return "; ".join(reasons) or None
+
+
+
+
+def worker_env(worker: int, gpus: list[str], workers_per_gpu: int, environ: dict | None = None) -> dict:
+    """Worker `worker`'s environment: one entry of the user's GPU list (pipeline.net.devices.worker_gpu)."""
+    env = dict(os.environ if environ is None else environ)
+    gpu = devices.worker_gpu(worker, gpus, workers_per_gpu)
+    if gpu is not None:
+        env["CUDA_VISIBLE_DEVICES"] = gpu
+    return env
+
+
+def _run_worker_processes(spec: WorkerSpec, workers: int, gpus: list[str], workers_per_gpu: int = 1) -> list[int]:
+    with tempfile.TemporaryDirectory(prefix="pneumo-tune-") as tmp:
+        procs = []
+        for w in range(workers):
+            path = Path(tmp) / f"worker-{w}.json"
+            path.write_text(json.dumps({**spec.__dict__, "worker": w}))
+            env = worker_env(w, gpus, workers_per_gpu)
+            procs.append(subprocess.Popen([sys.executable, "-m", "pipeline.study.tune", str(path)], env=env))
+            time.sleep(1.0)  # stagger start-up: the first trials' TF imports compete for the same 2 cores
+        try:
+            codes = [p.wait() for p in procs]
+        except KeyboardInterrupt:
+            for p in procs:  # the terminal sent SIGINT to the whole group; give workers time to close runs
+                p.send_signal(signal.SIGINT)
+            for p in procs:
+                p.wait(timeout=120)
+            raise
+    return [c for c in codes if c != 0]  # the caller reports them and exits non-zero
+
+
+def worker_main(spec_path: str) -> int:
+    spec = WorkerSpec(**json.loads(Path(spec_path).read_text()))
+    # A worker process imports Keras only in its first trial: the config's backend is still ours to pick.
+    os.environ["KERAS_BACKEND"] = config_from_json(spec.config).train.backend
+    try:
+        work(spec)
+    except KeyboardInterrupt:
+        return 130
+    except Exception:
+        traceback.print_exc()
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(worker_main(sys.argv[1]))
