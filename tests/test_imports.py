@@ -1,6 +1,7 @@
 """Data flows one way through `pipeline/`: no module imports, directly or through others, a module that
-imports it back. Every import counts, including the lazy ones inside functions (they still tie the modules
-together; they only move the cost to call time).
+imports it back (the cycle test), and no module imports from a group later in LAYERS (the layer test). Every
+import counts, including the lazy ones inside functions (they still tie the modules together; they only move
+the cost to call time).
 
 Modules are named by their path under `pipeline/` (`data.dicom`, `promote.gate`, `cli`)."""
 
@@ -9,13 +10,53 @@ from __future__ import annotations
 import ast
 from pathlib import Path
 
+import pytest
+
 PACKAGE = Path(__file__).resolve().parents[1] / "pipeline"
+
+# THE layer order of `pipeline/` (docs/architecture.md shows it): a module may import from its own group and
+# from earlier ones, never from a later one. A subpackage is a group by its name; the top-level modules are
+# named here, the basics first and the entry points last. A new top-level module must be placed here.
+LAYERS: list[tuple[str, frozenset[str] | None]] = [
+    ("basics", frozenset({"errors", "files", "stores", "config"})),
+    ("data", None),  # pipeline/data/: DICOM decoding, labels, TFRecords, the converter, tf.data
+    ("net", None),  # pipeline/net/: the CNN family, augmentation, devices, calibration
+    ("artifact", None),  # pipeline/artifact/: MLflow logging, the served pyfunc, loading, integrity, tag keys
+    ("evaluate", None),  # pipeline/evaluate/: metrics, plots, the shift battery, scoring, Grad-CAM, ledger
+    ("study", None),  # pipeline/study/: one training run, Optuna studies, their report
+    ("promote", None),  # pipeline/promote/: the gate, the lock, the record, the model card, ensembles
+    ("entry", frozenset({"cli", "predict", "ui", "doctor", "demo", "serving"})),  # serving: a legacy shim
+]
 
 
 def module_names(package: Path = PACKAGE) -> dict[str, Path]:
     """`data.dicom` -> pipeline/data/dicom.py; packages' `__init__` files are left out."""
     return {".".join(p.relative_to(package).with_suffix("").parts): p for p in sorted(package.rglob("*.py"))
             if p.stem != "__init__"}
+
+
+def layer_of(module: str) -> int:
+    """The index of a module's group in LAYERS (ValueError for a top-level module no group names)."""
+    head, _, rest = module.partition(".")
+    for i, (name, members) in enumerate(LAYERS):
+        if (rest and members is None and name == head) or (not rest and members and module in members):
+            return i
+    raise ValueError(f"pipeline.{module} belongs to no layer: add it to LAYERS in tests/test_imports.py")
+
+
+def upward_imports(package: Path = PACKAGE) -> list[str]:
+    """'pipeline/<file>:<line>: <module> imports <module> (<group> is after <group>)' for every import, at
+    module level or inside a function, of a module in a later group."""
+    files = module_names(package)
+    found = []
+    for name, path in files.items():
+        own = layer_of(name)
+        for node in ast.walk(ast.parse(path.read_text())):
+            for dep in sorted(imported_modules(node, set(files)) - {name}):
+                if layer_of(dep) > own:
+                    found.append(f"{path.relative_to(package.parent)}:{node.lineno}: {name} imports {dep} "
+                                 f"({LAYERS[layer_of(dep)][0]} is after {LAYERS[own][0]})")
+    return found
 
 
 def imported_modules(node: ast.AST, modules: set[str]) -> set[str]:
@@ -93,3 +134,41 @@ def test_pipeline_has_no_import_cycle():
     assert "data.dicom" in graph and "promote.gate" in graph, "the finder read the subpackages"
     cycle = find_cycle(graph)
     assert cycle is None, "import cycle: " + " -> ".join(cycle)
+
+
+def test_the_layer_check_names_the_file_and_line_of_an_upward_import(tmp_path):
+    """An injected upward import fails the check, at module level and inside a function."""
+    for folder in ("data", "promote"):
+        (tmp_path / folder).mkdir()
+    (tmp_path / "errors.py").write_text("")
+    (tmp_path / "promote" / "gate.py").write_text("from pipeline.data import dicom\n")  # downward: fine
+    (tmp_path / "data" / "dicom.py").write_text("import os\n\n\ndef f():\n    from pipeline.promote import gate\n")
+    assert upward_imports(tmp_path) == [
+        f"{tmp_path.name}/data/dicom.py:5: data.dicom imports promote.gate (promote is after data)"]
+    (tmp_path / "data" / "dicom.py").write_text("from pipeline.promote.gate import decide\n")
+    assert upward_imports(tmp_path) == [
+        f"{tmp_path.name}/data/dicom.py:1: data.dicom imports promote.gate (promote is after data)"]
+    (tmp_path / "data" / "dicom.py").write_text("from pipeline.errors import InputError\n")  # basics: fine
+    assert upward_imports(tmp_path) == []
+    (tmp_path / "helpers.py").write_text("")  # a top-level module no layer names
+    with pytest.raises(ValueError, match="pipeline.helpers belongs to no layer"):
+        upward_imports(tmp_path)
+
+
+def test_the_real_dicom_module_importing_the_gate_would_fail(tmp_path):
+    """The check on the real tree: a copy of pipeline/ with one lazy upward import added to data/dicom.py."""
+    import shutil
+
+    copy = tmp_path / "pipeline"
+    shutil.copytree(PACKAGE, copy, ignore=shutil.ignore_patterns("__pycache__"))
+    dicom = copy / "data" / "dicom.py"
+    lines = dicom.read_text().splitlines()
+    dicom.write_text("\n".join([*lines, "", "", "def _upward():", "    from pipeline.promote import gate", ""]))
+    assert upward_imports(copy) == [f"pipeline/data/dicom.py:{len(lines) + 4}: data.dicom imports promote.gate "
+                                     "(promote is after data)"]
+
+
+def test_pipeline_imports_only_from_its_own_layer_or_earlier():
+    assert {LAYERS[layer_of(m)][0] for m in import_graph()} == {name for name, _ in LAYERS}, "every group is used"
+    found = upward_imports()
+    assert not found, "imports from a later layer:\n" + "\n".join(found)
