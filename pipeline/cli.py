@@ -177,20 +177,14 @@ def cmd_promote(a):
         raise UsageError("--set needs --config (the experiment file whose [promote] section it overrides)")
     cfg = load_config(a.config, a.set).promote if a.config else PromoteConfig()
     rule_of(cfg)
-    version, metric = a.version, a.metric
+    gate = dict(config=cfg, externals=a.external, dry_run=a.dry_run, version=a.version,
+                tracking_uri=a.tracking_uri, log_images=a.log_images)
     if a.ensemble is not None:  # build and register the ensemble, then gate it like any candidate
-        from pipeline.promote.ensemble import EnsembleError, build_ensemble, gate_metric, summary
+        from pipeline.promote.ensemble import promote_ensemble
 
-        if a.version is not None or a.dry_run:
-            raise EnsembleError("--ensemble builds and registers a new version: it cannot go with "
-                                f"{'--version' if a.version is not None else '--dry-run'}")
-        built = build_ensemble(a.model_name, a.study, a.ensemble, metric=a.metric, data_dir=a.data,
-                               tracking_uri=a.tracking_uri)
-        print(summary(built))
-        version, metric = built.version, gate_metric(built)
-    decision = promote(a.model_name, a.data, study=a.study, metric=metric, config=cfg, externals=a.external,
-                       dry_run=a.dry_run, version=version, tracking_uri=a.tracking_uri,
-                       log_images=a.log_images)
+        decision = promote_ensemble(a.model_name, a.study, a.ensemble, data_dir=a.data, metric=a.metric, **gate)
+    else:
+        decision = promote(a.model_name, a.data, study=a.study, metric=a.metric, **gate)
     print(format_decision(decision))
 
 

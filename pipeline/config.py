@@ -94,7 +94,7 @@ class TrainConfig:
     target_sensitivity: float = 0.0  # the sensitivity `threshold_policy = "sensitivity"` aims at on validation
     # How the stored operating threshold is chosen, on validation only: youden (max J on the clean split),
     # sensitivity (the highest threshold reaching target_sensitivity), robust (max worst-case J over the clean
-    # split and the shift battery; needs shift_battery = true). pipeline/study/train.py:decide_threshold.
+    # split and the shift battery; needs shift_battery = true). pipeline/study/candidate.py:decide_threshold.
     threshold_policy: str = "youden"
     label_smoothing: float = 0.0  # binary cross-entropy label smoothing, in [0, 0.5)
     lr_schedule: str = "constant"  # constant (ReduceLROnPlateau may halve it) | cosine (decay to 0 over epochs)

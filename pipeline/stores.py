@@ -2,9 +2,10 @@
 
 Light on purpose (no MLflow, no SQLAlchemy at import): the CLI resolves stores before any heavy import.
 
-The default stores are anchored to the project, never to the current folder: `sqlite:///mlruns/mlflow.db`
+The default stores are anchored to the project, not to wherever a command runs: `sqlite:///mlruns/mlflow.db`
 means `<home>/mlruns/mlflow.db` where `<home>` is `$PNEUMO_HOME`, else the checkout this package runs from (the
-folder holding pyproject.toml and pipeline/), else the current folder (an installed package). So `pneumo
+folder holding pyproject.toml and pipeline/); only an installed package without `$PNEUMO_HOME` falls back to
+the current folder. So `pneumo
 predict` run from any folder reads the same registry that `pneumo train` filled. A URL the user passes
 (--tracking-uri, $MLFLOW_TRACKING_URI) is taken as written.
 

@@ -70,7 +70,7 @@ def _config(tmp: Path, overrides: list[str]):
 def registry_base(synth_raw, synth_data, tmp_path_factory) -> Store:
     from pipeline.artifact import tracking
     from pipeline.promote.promotion import evaluate_version
-    from pipeline.study.train import train
+    from pipeline.study.train import RunSpec, train
 
     root = tmp_path_factory.mktemp("registry-base")
     uri = f"sqlite:///{root}/mlruns/mlflow.db"
@@ -80,9 +80,9 @@ def registry_base(synth_raw, synth_data, tmp_path_factory) -> Store:
     digest = json.loads((synth_data / "manifest.json").read_text())["digest"]
     versions, val_auc = [], {}
     for i, overrides in enumerate(TRIALS):
-        r = train(_config(root, overrides), synth_data, tracking_uri=uri, experiment=STUDY,
-                  run_name=f"trial-{i:03d}", parent_run_id=parent, register_as=MODEL, verbose=0,
-                  tags={"study": STUDY, "trial_number": str(i), "state": "RUNNING"})
+        run = RunSpec(experiment=STUDY, name=f"trial-{i:03d}", parent_run_id=parent,
+                      tags={"study": STUDY, "trial_number": str(i), "state": "RUNNING"})
+        r = train(_config(root, overrides), synth_data, tracking_uri=uri, run=run, register_as=MODEL, verbose=0)
         client.set_tag(r.run_id, "state", "COMPLETE")
         value = float(r.val_metrics["auc"])
         for key, val in {"study": STUDY, "trial_number": str(i), "val_auc": f"{value:.6f}",
@@ -93,7 +93,7 @@ def registry_base(synth_raw, synth_data, tmp_path_factory) -> Store:
         val_auc[r.model_version] = float(f"{value:.6f}")
     client.set_terminated(parent, "FINISHED")
     meta = train(_config(root, ["train.epochs=1", "model.metadata_inputs=true"]), synth_data, tracking_uri=uri,
-                 experiment="meta", run_name="meta-000", register_as=META_MODEL, verbose=0)
+                 run=RunSpec(experiment="meta", name="meta-000"), register_as=META_MODEL, verbose=0)
     test_auc = {v: evaluate_version(MODEL, v, synth_data, uri, n_boot=10).metrics["auc"] for v in versions}
     gaps = {name: min(b - a for a, b in zip(r[:-1], r[1:], strict=True))
             for name, r in (("test", sorted(test_auc.values())), ("validation", sorted(val_auc.values())))}

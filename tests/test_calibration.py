@@ -44,12 +44,12 @@ def test_temperature_scaling_recovers_an_over_confident_model():
 def test_reliability_diagram_shows_before_and_after():
     import matplotlib.pyplot as plt
 
-    from pipeline.evaluate import plots as ev
+    from pipeline.evaluate.plots import plot_calibration
 
     rng = np.random.default_rng(1)
     z = rng.normal(0.0, 2.0, 2000)
     y = (rng.random(z.size) < _sigmoid(z)).astype(int)
-    fig = ev.plot_calibration(y, _sigmoid(3 * z), y_prob_calibrated=_sigmoid(z), temperature=3.0)
+    fig = plot_calibration(y, _sigmoid(3 * z), y_prob_calibrated=_sigmoid(z), temperature=3.0)
     labels = [t.get_text() for t in fig.axes[0].get_legend().get_texts()]
     plt.close(fig)
     assert labels[0] == "perfectly calibrated"

@@ -35,7 +35,7 @@ import numpy as np
 from pipeline.config import load_config
 from pipeline.data.tfdata import eval_dataset, train_dataset
 from pipeline.artifact.tracking import inference_copy
-from pipeline.study.train import choose_strategy, train
+from pipeline.study.train import RunSpec, choose_strategy, train
 
 cfg = load_config(config, [f"train.checkpoint_dir={out_dir}/ckpt", "train.devices=all", "train.epochs=2",
                            "train.steps_per_epoch=2"])
@@ -73,7 +73,7 @@ class Seen(keras.callbacks.Callback):
 
 seen = Seen()
 uri = f"sqlite:///{out_dir}/mlflow.db"
-result = train(cfg, data_dir, tracking_uri=uri, experiment="mirrored", callbacks=[seen], verbose=0)
+result = train(cfg, data_dir, tracking_uri=uri, run=RunSpec(experiment="mirrored"), callbacks=[seen], verbose=0)
 report.update(train_counted=seen.train, val_counted=seen.val, loss=result.history["loss"],
               val_loss=result.history["val_loss"], val_auc=result.history["val_auc"],
               learning_rate=float(result.model.optimizer.learning_rate.numpy()), model_uri=result.model_uri,

@@ -12,10 +12,10 @@ from pipeline.promote import gate
 
 
 def _eval(version, y, p, pid=None, threshold=0.5):
-    from pipeline.evaluate import metrics as ev
+    from pipeline.evaluate.metrics import compute_metrics
 
     pid = list(pid if pid is not None else range(len(y)))
-    m = ev.compute_metrics(y, p, threshold, n_boot=300, clusters=pid)
+    m = compute_metrics(y, p, threshold, n_boot=300, clusters=pid)
     return gate.Evaluation(version=version, metrics=m, subgroups=[], threshold=threshold, threshold_source="t",
                            labels=np.asarray(y), probabilities=np.asarray(p), patient_id=pid, report={})
 

@@ -417,13 +417,13 @@ def test_a_clearly_better_model_is_promoted_and_its_artifact_is_guarded(registry
 
     from pipeline.artifact.model_store import ModelIntegrityError, load
     from pipeline.cli import main
-    from pipeline.study.train import train
+    from pipeline.study.train import RunSpec, train
 
     s = registry_store
     weak = min(s.versions, key=lambda v: s.test_auc[v])
     _make_champion(s, weak)
     r = train(_config(tmp_path, ["train.epochs=12", "train.learning_rate=3e-3", "train.seed=3"]), s.data,
-              tracking_uri=s.uri, experiment="longer", run_name="longer", register_as=MODEL, verbose=0)
+              tracking_uri=s.uri, run=RunSpec(experiment="longer", name="longer"), register_as=MODEL, verbose=0)
     d = _promote(s, version=r.model_version, config=PromoteConfig(bootstrap=200))
     assert d.outcome == "promoted", d.reason
     assert d.comparison["delong_ci_low"] > 0 and _aliases(s)["champion"] == r.model_version

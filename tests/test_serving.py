@@ -204,18 +204,18 @@ def test_the_served_model_refuses_an_artifact_that_is_not_the_promoted_one(champ
     import mlflow
     from mlflow import MlflowClient
 
-    from pipeline.artifact import tracking
-    from pipeline.artifact.integrity import SHA_TAG, ModelIntegrityError
+    from pipeline.artifact import tag_keys, tracking
+    from pipeline.artifact.integrity import ModelIntegrityError
     from pipeline.promote.promotion import model_sha256
 
     s, v = champion
     tracking.setup(s.uri)
     client = MlflowClient(s.uri, s.uri)
-    client.set_model_version_tag(MODEL, v, SHA_TAG, model_sha256(MODEL, v))  # as promotion records it
+    client.set_model_version_tag(MODEL, v, tag_keys.MODEL_SHA256, model_sha256(MODEL, v))  # as promotion records it
     served = mlflow.pyfunc.load_model(f"models:/{MODEL}@champion")
     assert list(served.predict({"image": np.zeros((1, 64, 64, 1), np.uint8)})["status"]) == ["ok"]
     # The shared artifacts stay untouched (other tests read them): a recorded hash that no longer matches the
     # files is the same situation as files changed after promotion.
-    client.set_model_version_tag(MODEL, v, SHA_TAG, "0" * 64)
+    client.set_model_version_tag(MODEL, v, tag_keys.MODEL_SHA256, "0" * 64)
     with pytest.raises(ModelIntegrityError, match="changed since promotion"):
         mlflow.pyfunc.load_model(f"models:/{MODEL}@champion")

@@ -15,7 +15,7 @@ from statistics import NormalDist
 import numpy as np
 import pytest
 
-from pipeline.evaluate import metrics as ev
+import pipeline.evaluate.metrics as evaluation_metrics
 
 D, S_U, S_E = 1.0, 1.0, 0.5
 TRUE_AUC = NormalDist().cdf(D / math.sqrt(2 * (S_U**2 + S_E**2)))
@@ -38,17 +38,17 @@ def test_duplicated_images_do_not_narrow_the_clustered_intervals():
     y = (rng.random(300) < 0.3).astype(int)
     a, b = rng.normal(size=300) + 1.2 * y, rng.normal(size=300) + 0.8 * y
     pa, pb = 1 / (1 + np.exp(-a)), 1 / (1 + np.exp(-b))
-    base = ev.delong_test(y, pa, pb)
+    base = evaluation_metrics.delong_test(y, pa, pb)
     triple = np.tile(np.arange(300), 3)
     y3, pa3, pb3 = y[triple], pa[triple], pb[triple]
-    clus = ev.delong_test(y3, pa3, pb3, clusters=triple)
-    naive = ev.delong_test(y3, pa3, pb3)
+    clus = evaluation_metrics.delong_test(y3, pa3, pb3, clusters=triple)
+    naive = evaluation_metrics.delong_test(y3, pa3, pb3)
     assert clus["diff"] == pytest.approx(base["diff"], abs=1e-12)
     assert clus["se"] == pytest.approx(base["se"], rel=1e-9)
     assert naive["se"] == pytest.approx(base["se"] / math.sqrt(3), rel=0.02)
-    width = np.subtract(*ev.bootstrap_auc_ci(y, pa, n=2000)[::-1])
-    width_c = np.subtract(*ev.bootstrap_auc_ci(y3, pa3, n=2000, clusters=triple)[::-1])
-    width_n = np.subtract(*ev.bootstrap_auc_ci(y3, pa3, n=2000)[::-1])
+    width = np.subtract(*evaluation_metrics.bootstrap_auc_ci(y, pa, n=2000)[::-1])
+    width_c = np.subtract(*evaluation_metrics.bootstrap_auc_ci(y3, pa3, n=2000, clusters=triple)[::-1])
+    width_n = np.subtract(*evaluation_metrics.bootstrap_auc_ci(y3, pa3, n=2000)[::-1])
     assert width_c == pytest.approx(width, rel=0.1) and width_n < 0.7 * width
 
 
@@ -58,16 +58,16 @@ def test_singleton_clusters_equal_the_unclustered_statistics():
     p = 1 / (1 + np.exp(-(rng.normal(size=400) + y)))
     q = 1 / (1 + np.exp(-(rng.normal(size=400) + 0.5 * y)))
     ids = [f"patient-{i}" for i in range(400)]
-    assert ev.bootstrap_auc_ci(y, p, n=300, clusters=ids) == ev.bootstrap_auc_ci(y, p, n=300)
-    assert ev.delong_test(y, p, q, clusters=ids) == pytest.approx(ev.delong_test(y, p, q))
-    assert ev.compute_metrics(y, p, 0.5, n_boot=100, clusters=ids) == ev.compute_metrics(y, p, 0.5, n_boot=100)
+    assert evaluation_metrics.bootstrap_auc_ci(y, p, n=300, clusters=ids) == evaluation_metrics.bootstrap_auc_ci(y, p, n=300)
+    assert evaluation_metrics.delong_test(y, p, q, clusters=ids) == pytest.approx(evaluation_metrics.delong_test(y, p, q))
+    assert evaluation_metrics.compute_metrics(y, p, 0.5, n_boot=100, clusters=ids) == evaluation_metrics.compute_metrics(y, p, 0.5, n_boot=100)
 
 
 def test_clustered_interval_is_wider_than_naive_on_repeated_patients():
     rng = np.random.default_rng(5)
     y, p, pid = clustered(120, 5, rng)
-    m_c = ev.compute_metrics(y, p, 0.5, n_boot=1000, clusters=pid)
-    m_n = ev.compute_metrics(y, p, 0.5, n_boot=1000)
+    m_c = evaluation_metrics.compute_metrics(y, p, 0.5, n_boot=1000, clusters=pid)
+    m_n = evaluation_metrics.compute_metrics(y, p, 0.5, n_boot=1000)
     assert m_c["n"] == 600 and m_c["patients"] == 120 and m_n["patients"] == 600
     width = lambda m, k: m[f"{k}_ci_high"] - m[f"{k}_ci_low"]  # noqa: E731
     assert width(m_c, "auc") > 1.5 * width(m_n, "auc")
@@ -85,7 +85,7 @@ def test_clustered_delong_has_nominal_coverage_and_naive_does_not():
     for _ in range(sims):
         y, p, pid = clustered(80, 4, rng)
         for clusters, counter in ((pid, "c"), (None, "n")):
-            aucs, cov = ev.auc_covariance(y, [p], clusters)
+            aucs, cov = evaluation_metrics.auc_covariance(y, [p], clusters)
             covered = abs(aucs[0] - TRUE_AUC) <= z * math.sqrt(cov[0, 0])
             if counter == "c":
                 hit_c += covered
@@ -101,7 +101,7 @@ def test_cluster_bootstrap_has_nominal_coverage():
     sims, hits = 400, 0
     for s in range(sims):
         y, p, pid = clustered(100, 3, rng)
-        low, high = ev.bootstrap_auc_ci(y, p, n=300, seed=s, clusters=pid)
+        low, high = evaluation_metrics.bootstrap_auc_ci(y, p, n=300, seed=s, clusters=pid)
         hits += low <= TRUE_AUC <= high
     assert 0.91 <= hits / sims <= 0.98, hits / sims
 
@@ -111,11 +111,11 @@ def test_paired_difference_is_clustered():
     y, p, pid = clustered(100, 4, rng)
     # A second model whose extra error is per patient (it misreads a patient's anatomy on every image).
     q = 1 / (1 + np.exp(-(np.log(p / (1 - p)) + rng.normal(0, 1.0, 100)[pid] + rng.normal(0, 0.2, p.size))))
-    naive = ev.paired_auc_difference(y, p, q, n=1000)
-    clus = ev.paired_auc_difference(y, p, q, n=1000, clusters=pid)
+    naive = evaluation_metrics.paired_auc_difference(y, p, q, n=1000)
+    clus = evaluation_metrics.paired_auc_difference(y, p, q, n=1000, clusters=pid)
     assert clus["diff"] == naive["diff"]
     assert clus["ci_high"] - clus["ci_low"] > 1.2 * (naive["ci_high"] - naive["ci_low"])
-    d_c, d_n = ev.delong_test(y, p, q, clusters=pid), ev.delong_test(y, p, q)
+    d_c, d_n = evaluation_metrics.delong_test(y, p, q, clusters=pid), evaluation_metrics.delong_test(y, p, q)
     assert d_c["se"] > 1.2 * d_n["se"]
     assert d_c["se"] == pytest.approx(clus["se"], rel=0.2)  # clustered DeLong vs the cluster bootstrap
 
@@ -142,10 +142,10 @@ def test_kermany_clustered_intervals_are_wider(tmp_path):
             pids += [v.decode() for v in features["patient_id"].numpy()]
     y, p = np.concatenate(ys), np.concatenate(scores)
     assert len(set(pids)) < 0.7 * y.size  # several images per patient
-    m_c = ev.compute_metrics(y, p, float(np.median(p)), n_boot=1000, clusters=pids)
-    m_n = ev.compute_metrics(y, p, float(np.median(p)), n_boot=1000)
+    m_c = evaluation_metrics.compute_metrics(y, p, float(np.median(p)), n_boot=1000, clusters=pids)
+    m_n = evaluation_metrics.compute_metrics(y, p, float(np.median(p)), n_boot=1000)
     assert m_c["auc"] == m_n["auc"] and m_c["patients"] == len(set(pids))
     assert (m_c["auc_ci_high"] - m_c["auc_ci_low"]) > 1.1 * (m_n["auc_ci_high"] - m_n["auc_ci_low"])
-    _, cov_c = ev.auc_covariance(y, [p], pids)
-    _, cov_n = ev.auc_covariance(y, [p])
+    _, cov_c = evaluation_metrics.auc_covariance(y, [p], pids)
+    _, cov_n = evaluation_metrics.auc_covariance(y, [p])
     assert cov_c[0, 0] > 1.2 * cov_n[0, 0]

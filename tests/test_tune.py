@@ -124,16 +124,15 @@ def test_a_worker_whose_trial_a_peer_failed_as_stale_goes_on(tmp_path, monkeypat
     tune.tracking.setup(uri)
     parent, _ = tune.prepare(cfg, "peer", storage, uri, trials=2)
 
-    def make_objective(spec, cfg):
+    def make_objective(spec, cfg, state):
         def objective(trial):
-            objective.last_trial = trial.number
+            state.last_trial = trial.number
             if trial.number == 0:  # what a peer's StaleTrialSweeper does meanwhile
                 trial.study._storage.set_trial_state_values(trial._trial_id, TrialState.FAIL)
                 if then == "writes_to_the_trial":  # as `started` does: UpdateFinishedTrialError
                     trial.set_user_attr("mlflow_run_id", "run")
             return 0.5
 
-        objective.last_trial = None
         return objective
 
     monkeypatch.setattr(tune, "make_objective", make_objective)

@@ -14,8 +14,6 @@ from pathlib import Path
 from pipeline.errors import PneumoError
 from pipeline.files import sha256_file
 
-SHA_TAG = "model_sha256"
-
 
 class ModelIntegrityError(PneumoError):
     """A registered model's artifact files no longer match the sha256 recorded at promotion: exit 1."""

@@ -19,7 +19,8 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.artifact.integrity import SHA_TAG, ModelIntegrityError, artifact_sha256, verify  # noqa: F401  (re-exported)
+from pipeline.artifact import tag_keys
+from pipeline.artifact.integrity import ModelIntegrityError, artifact_sha256, verify  # noqa: F401  (re-exported)
 from pipeline.errors import InputError, PneumoError
 from pipeline.stores import FILLED_BY
 
@@ -61,7 +62,7 @@ def load_keras(uri: str, found=None):
 
     found = found or version_tags.of_uri(uri)
     local = Path(local_artifacts(found.uri or uri))  # the version found, even if the alias has moved since
-    verify(uri, str(local), found.own.get(SHA_TAG))
+    verify(uri, str(local), found.own.get(tag_keys.MODEL_SHA256))
     flavors = Model.load(local / "MLmodel").flavors
     if "keras" in flavors:
         return mlflow.keras.load_model(str(local))
@@ -132,14 +133,14 @@ def load(uri: str, tracking_uri: str | None = None, threshold: float | None = No
         raise error(f"model {uri} in store {tracking.masked(resolved)}: "
                     f"{' '.join(str(e.message).split())[:300]}{hint}") from None
     if threshold is None:
-        stored = found.get("threshold")
+        stored = found.get(tag_keys.THRESHOLD)
         threshold = float(stored) if stored is not None else None
     if threshold is None and require_threshold:
         raise ModelError(f"model {uri} has no stored threshold (tag `threshold` on its version or run): "
                          "pass --threshold")
-    temperature = float(found.get("temperature") or 1.0)
+    temperature = float(found.get(tag_keys.TEMPERATURE) or 1.0)
     run_id = found.run_id
     return LoadedModel(model=model, uri=uri, version=found.version or (f"run:{run_id}" if run_id else uri),
-                       threshold=threshold, temperature=temperature, digest=found.get("dataset_digest") or "",
+                       threshold=threshold, temperature=temperature, digest=found.get(tag_keys.DATASET_DIGEST) or "",
                        image_size=int(model.inputs[0].shape[1]), uses_meta=model_uses_meta(model),
                        run_id=run_id, tags=found.tags)

@@ -35,6 +35,8 @@ from pathlib import Path
 import mlflow.pyfunc
 import numpy as np
 
+from pipeline.artifact import tag_keys
+
 KERAS_ARTIFACT = "keras_model"
 KERAS_FILE = "model.keras"
 OUTPUT_COLUMNS = ["probability", "prediction", "model_version", "status", "error"]
@@ -81,14 +83,14 @@ class PneumoniaModel(mlflow.pyfunc.PythonModel):
                   "using the threshold and temperature stored with the model", flush=True)
         # The tamper check predict/evaluate/explain get from model_store.load_keras: the files being served must
         # be the ones whose sha256 promotion recorded on the version (ModelIntegrityError stops the server).
-        from pipeline.artifact.integrity import SHA_TAG, verify
+        from pipeline.artifact.integrity import verify
 
-        if tags.get(SHA_TAG):
+        if tags.get(tag_keys.MODEL_SHA256):
             root = next(p for p in Path(context.artifacts[KERAS_ARTIFACT]).parents if (p / "MLmodel").exists())
-            verify(f"version {version}", str(root), tags[SHA_TAG])
-        threshold = tags.get("threshold", cfg.get("threshold"))
+            verify(f"version {version}", str(root), tags[tag_keys.MODEL_SHA256])
+        threshold = tags.get(tag_keys.THRESHOLD, cfg.get("threshold"))
         self.threshold = float(threshold) if threshold not in (None, "") else None
-        self.temperature = float(tags.get("temperature", cfg.get("temperature")) or 1.0)
+        self.temperature = float(tags.get(tag_keys.TEMPERATURE, cfg.get("temperature")) or 1.0)
         self.version = version or (f"run:{run_id}" if run_id else "unregistered")
 
     # ------------------------------------------------------------------ scoring
@@ -206,7 +208,7 @@ def model_config(registered_model_name: str | None) -> dict:
         return cfg
     tags = mlflow.MlflowClient().get_run(run.info.run_id).data.tags
     cfg["run_id"] = run.info.run_id
-    for key in ("threshold", "temperature"):
+    for key in (tag_keys.THRESHOLD, tag_keys.TEMPERATURE):  # the config's keys have the tags' names
         if key in tags:
             cfg[key] = tags[key]
     return cfg

@@ -16,6 +16,7 @@ from pathlib import Path
 import mlflow
 from mlflow import MlflowClient
 
+from pipeline.artifact import tag_keys
 from pipeline.errors import PneumoError
 from pipeline.stores import (  # noqa: F401  (re-exported)
     artifact_root,
@@ -178,7 +179,7 @@ def log_dataset(manifest: dict, data_dir: str | Path, context: str = "training")
     source = resolve_dataset_source(Path(data_dir).resolve().as_uri())
     name = Path(data_dir).name or "dataset"
     mlflow.log_input(MetaDataset(source, name=name, digest=manifest["digest"][:36]), context=context)
-    mlflow.set_tag("dataset_digest", manifest["digest"])
+    mlflow.set_tag(tag_keys.DATASET_DIGEST, manifest["digest"])
 
 
 @functools.cache

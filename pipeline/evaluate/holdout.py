@@ -25,7 +25,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from pipeline.artifact import tracking
+from pipeline.artifact import tag_keys, tracking
 from pipeline.errors import InputError
 
 LEDGER = "test-ledger"
@@ -58,7 +58,7 @@ def record(client, uri: str, *, digest: str, split: str, command: str, versions:
            data_dir: str, extra: dict | None = None) -> str:
     """One ledger entry; returns its run id."""
     exp_id = tracking.ensure_experiment(LEDGER, uri)
-    tags = {"dataset_digest": digest, "split": split, "command": command, "versions": ",".join(versions),
+    tags = {tag_keys.DATASET_DIGEST: digest, "split": split, "command": command, "versions": ",".join(versions),
             "data_dir": str(data_dir), "answered": json.dumps(answered, default=str)[:4000]}
     tags.update({k: str(v) for k, v in (extra or {}).items()})
     run = client.create_run(exp_id, run_name=f"{command}:{split}:{digest[:12]}", tags=tags)

@@ -67,7 +67,14 @@ def evaluate_model(uri: str, data_dir: str | Path, split: str = "val", *, tracki
     every perturbation of the shift battery (pipeline/evaluate/shift.py; `shift_max_images` caps it, 0 = the whole
     split), mean and worst, and the expected calibration error before and after the model's stored
     temperature (T = 1, i.e. no change, for a version without one)."""
-    from pipeline.evaluate import metrics as ev
+    from pipeline.evaluate.metrics import (
+        age_band,
+        choose_threshold,
+        compute_metrics,
+        format_table,
+        subgroup_metrics,
+        write_json,
+    )
 
     lm = load(uri, tracking_uri, require_threshold=False)
     threshold = lm.threshold
@@ -79,25 +86,25 @@ def evaluate_model(uri: str, data_dir: str | Path, split: str = "val", *, tracki
             raise ModelError(f"model {uri} has no stored threshold: an external set has no validation split "
                              "of the model's own to choose one on")
         yv, pv, _ = predict_split(lm.model, data_dir, "val")
-        threshold = ev.choose_threshold(yv, lm.calibrate(pv))
+        threshold = choose_threshold(yv, lm.calibrate(pv))
         threshold_source = "chosen now on the val split (Youden's J)"
     y, p_raw, info = predict_splits(lm.model, data_dir, split_names(data_dir, split))
     p = lm.calibrate(p_raw)
     patients = info["patient_id"]
-    metrics = ev.compute_metrics(y, p, threshold, n_boot=n_boot, clusters=patients)
+    metrics = compute_metrics(y, p, threshold, n_boot=n_boot, clusters=patients)
     groups = {"view_position": info["view_position"], "sex": info["sex"],
-              "age_band": [ev.age_band(a) for a in info["age"]]}
-    subgroups = ev.subgroup_metrics(y, p, threshold, groups, clusters=patients)
+              "age_band": [age_band(a) for a in info["age"]]}
+    subgroups = subgroup_metrics(y, p, threshold, groups, clusters=patients)
     manifest = load_manifest(data_dir)
     path = Path(out) if out else Path(data_dir) / f"evaluation-{split}.json"
     payload = {"model": uri, "version": lm.version, "split": split, "dataset_digest": manifest["digest"],
                "threshold_source": threshold_source, "metrics": metrics, "subgroups": subgroups}
-    table = ev.format_table(metrics, subgroups) + f"\nthreshold {threshold:.4f}: {threshold_source}"
+    table = format_table(metrics, subgroups) + f"\nthreshold {threshold:.4f}: {threshold_source}"
     if shift:
         report = shift_report(lm, data_dir, split, y, p_raw, p, max_images=shift_max_images, seed=shift_seed)
         payload["shift"] = {k: v for k, v in report.items() if k != "table"}
         table += "\n\n" + report["table"]
-    ev.write_json(path, payload)
+    write_json(path, payload)
     if ledger and split in ("test", "all"):  # a read of a test split (or a whole external set): into the ledger
         from pipeline.artifact import tracking
         from pipeline.evaluate import holdout

@@ -26,13 +26,11 @@ refused with a one-line reason.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from pathlib import Path
 
+from pipeline.artifact import tag_keys
 from pipeline.promote.promotion import Candidate, RegistryError
-
-MEMBERS_TAG = "ensemble_members"
 
 
 class EnsembleError(RegistryError):
@@ -102,7 +100,7 @@ def select_members(client, model: str, study: str, k: int, metric: str) -> tuple
     if k < 2:
         raise EnsembleError(f"--ensemble {k}: an ensemble needs K >= 2 members")
     ranked, skipped = rank_candidates(client, model, metric, study)
-    singles = [c for c in ranked if MEMBERS_TAG not in c.tags]
+    singles = [c for c in ranked if tag_keys.ENSEMBLE_MEMBERS not in c.tags]
     if not singles:
         raise EnsembleError(f"study {study!r} of {model!r} has no version with {metric} to ensemble")
     digest = singles[0].digest
@@ -117,18 +115,16 @@ def select_members(client, model: str, study: str, k: int, metric: str) -> tuple
 METRICS_HERE = ("val_auc", "val_auc_pr", "val_loss", "val_auc_shift_mean", "val_auc_shift_min")
 
 
-def _metric_value(metric: str, metrics: dict, y, p_raw, shifted) -> float | None:
-    """The study metric of the ensemble on validation, where it can be computed here (None otherwise)."""
-    from pipeline.net.calibration import nll
-
-    known = {"val_auc": metrics["auc"], "val_auc_pr": metrics["auc_pr"], "val_loss": nll(y, p_raw),
-             **(shifted.metrics() if shifted is not None else {})}
+def _metric_value(metric: str, v) -> float | None:
+    """The study metric of the ensemble on validation (a candidate.Validation), where it can be computed here."""
+    known = {"val_auc": v.metrics["auc"], "val_auc_pr": v.metrics["auc_pr"], "val_loss": v.metrics["loss"],
+             **v.shift_metrics()}
     return known.get(metric)
 
 
 def members_recipe(client, run_id: str):
     """The threshold policy of a member's training run (its logged `train.*` params) as a Config, so the
-    ensemble decides its operating threshold the way its members were trained to (pipeline.study.train)."""
+    ensemble decides its operating threshold the way its members were trained to (pipeline.study.candidate)."""
     from pipeline.config import Config
 
     params = client.get_run(run_id).data.params
@@ -137,36 +133,14 @@ def members_recipe(client, run_id: str):
     return Config().with_values({key: f(params[key]) for key, f in cast.items() if key in params})
 
 
-def build_ensemble(model: str, study: str | None, k: int, *, metric: str | None = None,
-                   data_dir: str | Path | None = None, tracking_uri: str | None = None,
-                   batch_size: int = 64) -> EnsembleResult:
-    """Build, calibrate, log and register the ensemble of the top `k` versions of `study` by `metric` (None: the
-    metric the study optimised); -> the new version.
-
-    Logged as an MLflow run `ensemble-top<k>` in the study's experiment: validation metrics of the calibrated
-    ensemble and of every member, the temperature, ECE before/after, the reliability diagram, the model."""
-    import mlflow
-
-    from pipeline.artifact import tracking
-    from pipeline.artifact.model_store import load_keras, model_uses_meta
+def members_dataset(chosen: list[Candidate], data_dir: str | Path | None) -> tuple[str, dict]:
+    """The dataset the members were trained on -> (folder, manifest); refused when `data_dir` is another."""
     from pipeline.data.manifest import DataError, load_manifest
-    from pipeline.evaluate import metrics as ev
-    from pipeline.evaluate import plots
-    from pipeline.evaluate.scoring import predict_split
-    from pipeline.net.calibration import apply_temperature, expected_calibration_error, fit_temperature
-    from pipeline.promote.promotion import study_metric, versions
-    from pipeline.study.train import decide_threshold, shift_battery
 
-    if not study:
-        raise EnsembleError("--ensemble needs --study: an ensemble is built from one study's versions")
-    uri = tracking.resolve_tracking_uri(tracking_uri)
-    client = tracking.setup(uri)
-    metric = metric or study_metric(versions(client, model), study)
-    chosen, _ = select_members(client, model, study, k, metric)
     digest = chosen[0].digest
     data_dir = str(data_dir or chosen[0].data_dir or "")
     if not data_dir:
-        raise EnsembleError(f"{model} version {chosen[0].version}: its run names no data folder; pass --data")
+        raise EnsembleError(f"version {chosen[0].version}: its run names no data folder; pass --data")
     try:
         manifest = load_manifest(data_dir)
     except DataError as e:
@@ -174,76 +148,105 @@ def build_ensemble(model: str, study: str | None, k: int, *, metric: str | None 
     if manifest["digest"] != digest:
         raise EnsembleError(f"members were trained on dataset {str(digest)[:12]}, but {data_dir} is dataset "
                             f"{manifest['digest'][:12]}: calibrate on the members' own validation split")
+    return data_dir, manifest
+
+
+def build_ensemble(model: str, study: str | None, k: int, *, metric: str | None = None,
+                   data_dir: str | Path | None = None, tracking_uri: str | None = None,
+                   batch_size: int = 64) -> EnsembleResult:
+    """Build, calibrate, log and register the ensemble of the top `k` versions of `study` by `metric` (None: the
+    metric the study optimised); -> the new version.
+
+    Logged as an MLflow run `ensemble-top<k>` in the study's experiment through the path a training run takes
+    after its fit (pipeline.study.candidate.make_candidate: validation metrics clustered by patient, the
+    members' threshold policy, the temperature, figures, the model), plus every member's study metric."""
+    import mlflow
+
+    from pipeline.artifact import tracking
+    from pipeline.artifact.model_store import load_keras, model_uses_meta
+    from pipeline.promote.promotion import study_metric, versions
+    from pipeline.study.candidate import make_candidate
+
+    if not study:
+        raise EnsembleError("--ensemble needs --study: an ensemble is built from one study's versions")
+    uri = tracking.resolve_tracking_uri(tracking_uri)
+    client = tracking.setup(uri)
+    metric = metric or study_metric(versions(client, model), study)
+    chosen, _ = select_members(client, model, study, k, metric)
+    data_dir, manifest = members_dataset(chosen, data_dir)
     labels = [c.version for c in chosen]
-    members = [load_keras(f"models:/{model}/{v}") for v in labels]
-    ensemble = build_model(members, [f"v{v}" for v in labels])
-
-    # Validation only: the temperature and the threshold are fitted here; test stays for the gate.
-    y, p_raw, info = predict_split(ensemble, data_dir, "val", batch_size)
-    try:
-        temperature = fit_temperature(y, p_raw)
-    except ValueError as e:
-        raise EnsembleError(f"{data_dir}: cannot calibrate the ensemble on its validation split: {e}") from None
-    p = apply_temperature(p_raw, temperature)
-    # The best member's threshold policy, decided where training decides it (raw scale, then moved onto the
-    # calibrated one: temperature scaling is monotone, so the decisions are the same).
-    recipe = members_recipe(client, chosen[0].run_id)
+    network = build_model([load_keras(f"models:/{model}/{v}") for v in labels], [f"v{v}" for v in labels])
+    # Validation only: the temperature and the threshold are fitted there, by the best member's policy.
+    recipe = members_recipe(client, chosen[0].run_id).with_values(
+        {"data.batch_size": batch_size, "model.metadata_inputs": model_uses_meta(network)})
     needs_shift = recipe.train.threshold_policy == "robust" or metric.startswith("val_auc_shift")
-    shifted = shift_battery(ensemble, recipe, Path(data_dir)) if needs_shift else None
-    threshold_raw, policy_note = decide_threshold(recipe, y, p_raw, shifted)
-    threshold = float(apply_temperature(threshold_raw, temperature))
-    metrics = ev.compute_metrics(y, p, threshold)
-    ece = (expected_calibration_error(y, p_raw), expected_calibration_error(y, p))
-    value = _metric_value(metric, metrics, y, p_raw, shifted)
     members_tag = ",".join(labels)
-
-    exp_id = tracking.ensure_experiment(study, uri)
-    tags = {"study": study, "kind": "ensemble", MEMBERS_TAG: members_tag, "dataset_digest": digest,
-            "temperature": repr(float(temperature)), "threshold": repr(float(threshold)),
-            "threshold_policy": policy_note,
-            "mlflow.note.content": (f"Ensemble (mean probability) of {model} versions {members_tag}, the top {k} "
-                                    f"of study {study} by {metric}; calibrated on validation (T={temperature:.3f}, "
-                                    f"ECE {ece[0]:.4f} -> {ece[1]:.4f}); val AUC {metrics['auc']:.4f}")}
-    with mlflow.start_run(experiment_id=exp_id, run_name=f"ensemble-top{k}", tags=tags) as run:
+    run_tags = {tag_keys.STUDY: study, tag_keys.KIND: "ensemble", tag_keys.ENSEMBLE_MEMBERS: members_tag}
+    with mlflow.start_run(experiment_id=tracking.ensure_experiment(study, uri), run_name=f"ensemble-top{k}",
+                          tags=run_tags) as run:
         tracking.log_dataset(manifest, data_dir)
         mlflow.log_params({"data.dir": data_dir, "ensemble.k": k, "ensemble.metric": metric,
                            "ensemble.members": members_tag, "ensemble.averaging": "raw probabilities, then T"})
-        logged = {f"final_val_{key}": float(v) for key, v in metrics.items()
-                  if isinstance(v, int | float) and math.isfinite(v)}
-        logged.update(temperature=temperature, threshold=threshold, val_ece=ece[0], val_ece_calibrated=ece[1])
-        logged.update({f"member_v{c.version}_{metric}": c.value for c in chosen})
-        if shifted is not None:
-            logged.update(shifted.metrics())
-        if value is not None and metric != "val_auc":
-            logged[f"final_{metric}"] = value
-        mlflow.log_metrics(logged)
-        mlflow.log_dict({"members": [{"version": c.version, "run_id": c.run_id, metric: c.value}
-                                     for c in chosen], "metrics": metrics}, "evaluation/val.json")
-        import matplotlib.pyplot as plt
+        candidate = make_candidate(network, recipe, data_dir, manifest["image_size"], with_shift=needs_shift,
+                                   register_as=model, title="validation, ensemble")
+        v, value = candidate.validation, _metric_value(metric, candidate.validation)
+        log_members(chosen, metric, value)
+        mlflow.set_tag("mlflow.note.content", (
+            f"Ensemble (mean probability) of {model} versions {members_tag}, the top {k} of study {study} by "
+            f"{metric}; calibrated on validation (T={v.temperature:.3f}, ECE {v.ece[0]:.4f} -> {v.ece[1]:.4f}); "
+            f"val AUC {v.metrics['auc']:.4f}"))
+    tag_version(client, model, candidate, chosen, run.info.run_id, metric, value)
+    return EnsembleResult(version=candidate.version, run_id=run.info.run_id, members=labels, metric=metric,
+                          val_metrics=v.metrics, temperature=v.temperature, threshold=v.threshold, val_ece=v.ece[0],
+                          val_ece_calibrated=v.ece[1], member_values={c.version: c.value for c in chosen})
 
-        for name, fig in {"val_calibration.png": plots.plot_calibration(y, p_raw, y_prob_calibrated=p,
-                                                                     temperature=temperature),
-                          "val_roc.png": plots.plot_roc(y, p, title="ROC (validation), ensemble",
-                                                     threshold=threshold)}.items():
-            mlflow.log_figure(fig, f"plots/{name}")
-            plt.close(fig)
-        info_model = tracking.log_keras_model(ensemble, manifest["image_size"], model_uses_meta(ensemble),
-                                              registered_model_name=model)
-        version = str(info_model.registered_model_version)
-        run_id = run.info.run_id
-    version_tags = {"study": study, MEMBERS_TAG: members_tag, "threshold": repr(float(threshold)),
-                    "temperature": repr(float(temperature)), "dataset_digest": digest, "run_id": run_id,
-                    "val_auc": f"{metrics['auc']:.6f}"}
+
+def log_members(chosen: list[Candidate], metric: str, value: float | None) -> None:
+    """Every member's study metric beside the ensemble's own, to the active run."""
+    import mlflow
+
+    logged = {f"member_v{c.version}_{metric}": c.value for c in chosen}
+    if value is not None and metric != "val_auc":
+        logged[f"final_{metric}"] = value
+    mlflow.log_metrics(logged)
+    mlflow.log_dict({"members": [{"version": c.version, "run_id": c.run_id, metric: c.value} for c in chosen]},
+                    "evaluation/members.json")
+
+
+def tag_version(client, model: str, candidate, chosen: list[Candidate], run_id: str, metric: str,
+                value: float | None) -> None:
+    """The new version's tags, as a study tags its trials' versions (what ranking and loading read)."""
+    v = candidate.validation
+    tags = {tag_keys.STUDY: chosen[0].tags[tag_keys.STUDY],
+            tag_keys.ENSEMBLE_MEMBERS: ",".join(c.version for c in chosen),
+            tag_keys.THRESHOLD: repr(float(v.threshold)), tag_keys.TEMPERATURE: repr(float(v.temperature)),
+            tag_keys.DATASET_DIGEST: chosen[0].digest, tag_keys.RUN_ID: run_id,
+            tag_keys.VAL_AUC: f"{v.metrics['auc']:.6f}"}
     if value is not None:
-        version_tags[metric] = f"{value:.6f}"
-    optimised = {c.tags.get("study_metric") for c in chosen}  # the study's metric name, as pneumo tune tags it
+        tags[metric] = f"{value:.6f}"
+    optimised = {c.tags.get(tag_keys.STUDY_METRIC) for c in chosen}  # the study's metric name, as pneumo tune tags it
     if len(optimised) == 1 and None not in optimised:
-        version_tags["study_metric"] = optimised.pop()
-    for key, val in version_tags.items():
-        client.set_model_version_tag(model, version, key, val)
-    return EnsembleResult(version=version, run_id=run_id, members=labels, metric=metric, val_metrics=metrics,
-                          temperature=temperature, threshold=float(threshold), val_ece=ece[0],
-                          val_ece_calibrated=ece[1], member_values={c.version: c.value for c in chosen})
+        tags[tag_keys.STUDY_METRIC] = optimised.pop()
+    for key, val in tags.items():
+        client.set_model_version_tag(model, candidate.version, key, val)
+
+
+def promote_ensemble(model: str, study: str | None, k: int, *, data_dir: str | None = None,
+                     metric: str | None = None, tracking_uri: str | None = None, report=print, **promote_args):
+    """`pneumo promote --ensemble K`: build and register the ensemble (`build_ensemble`), then gate it like any
+    candidate (pipeline.promote.promotion.promote); -> the Decision. `promote_args` go to the gate; the ones that
+    cannot go with a new version (`version`, `dry_run`) are refused before anything is registered."""
+    from pipeline.promote.promotion import promote
+
+    for name, flag in (("version", "--version"), ("dry_run", "--dry-run")):
+        if promote_args.get(name):
+            raise EnsembleError(f"--ensemble builds and registers a new version: it cannot go with {flag}")
+    promote_args.pop("version", None)
+    promote_args.pop("dry_run", None)
+    built = build_ensemble(model, study, k, metric=metric, data_dir=data_dir, tracking_uri=tracking_uri)
+    report(summary(built))
+    return promote(model, data_dir, study=study, metric=gate_metric(built), version=built.version,
+                   tracking_uri=tracking_uri, **promote_args)
 
 
 def gate_metric(r: EnsembleResult) -> str:

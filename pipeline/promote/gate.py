@@ -26,7 +26,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
-from pipeline.evaluate import metrics as ev
+from pipeline.evaluate.metrics import delong_test, fmt, fmt_difference, fmt_metric_ci, paired_auc_difference
 
 POLICIES = ("superiority", "non_inferiority")
 
@@ -72,10 +72,10 @@ def compare(candidate: Evaluation, champion: Evaluation, alpha: float = 0.05, n_
     the paired cluster bootstrap (a check on it)."""
     if candidate.patient_id != champion.patient_id:
         raise ValueError("candidate and champion were scored on different records: cannot pair them")
-    out = ev.paired_auc_difference(candidate.labels, candidate.probabilities, champion.probabilities, n=n_boot,
-                                   alpha=alpha, clusters=candidate.patient_id)
-    d = ev.delong_test(candidate.labels, candidate.probabilities, champion.probabilities,
-                       clusters=candidate.patient_id, alpha=alpha)
+    out = paired_auc_difference(candidate.labels, candidate.probabilities, champion.probabilities, n=n_boot,
+                                alpha=alpha, clusters=candidate.patient_id)
+    d = delong_test(candidate.labels, candidate.probabilities, champion.probabilities,
+                    clusters=candidate.patient_id, alpha=alpha)
     out.update(delong_z=d["z"], delong_p=d["p"], delong_se=d["se"], delong_ci_low=d["ci_low"],
                delong_ci_high=d["ci_high"], alpha=alpha, n_images=len(candidate.patient_id),
                n_patients=len(set(candidate.patient_id)))
@@ -89,9 +89,9 @@ def floor_check(metrics: dict, rule: Rule) -> tuple[bool, str]:
     ok_auc = low is not None and math.isfinite(low) and low > rule.floor_auc
     bar = base + rule.floor_accuracy_margin if base is not None else None
     ok_acc = acc_low is not None and math.isfinite(acc_low) and bar is not None and acc_low > bar
-    words = (f"AUC {ev.fmt_metric_ci(metrics, 'auc')} (lower bound {'above' if ok_auc else 'NOT above'} the "
-             f"floor {rule.floor_auc:g}), accuracy {ev.fmt_metric_ci(metrics, 'accuracy')} (lower bound "
-             f"{'above' if ok_acc else 'NOT above'} the majority baseline {ev.fmt(base)}"
+    words = (f"AUC {fmt_metric_ci(metrics, 'auc')} (lower bound {'above' if ok_auc else 'NOT above'} the "
+             f"floor {rule.floor_auc:g}), accuracy {fmt_metric_ci(metrics, 'accuracy')} (lower bound "
+             f"{'above' if ok_acc else 'NOT above'} the majority baseline {fmt(base)}"
              + (f" {rule.floor_accuracy_margin:+g}" if rule.floor_accuracy_margin else "") + ")")
     return ok_auc and ok_acc, words
 
@@ -121,17 +121,17 @@ def decide(rule: Rule, candidate: Evaluation, champion: Evaluation | None, compa
         if rule.policy == "superiority":
             ok = math.isfinite(low) and low > 0
             checks.append(("superiority (internal test)", ok,
-                           f"{ev.fmt_difference(c)}: lower bound {'above' if ok else 'NOT above'} 0"))
+                           f"{fmt_difference(c)}: lower bound {'above' if ok else 'NOT above'} 0"))
         else:
             ok = math.isfinite(low) and low > -rule.margin
             checks.append(("non-inferiority (internal test)", ok,
-                           f"{ev.fmt_difference(c)}: lower bound {'above' if ok else 'NOT above'} "
+                           f"{fmt_difference(c)}: lower bound {'above' if ok else 'NOT above'} "
                            f"-{rule.margin:g}"))
             better = (champion_value is not None and math.isfinite(candidate_value)
                       and math.isfinite(champion_value)
                       and (candidate_value < champion_value if lower_is_better else candidate_value > champion_value))
             checks.append((f"study metric {study_metric}", better,
-                           f"candidate {ev.fmt(candidate_value, 4)} vs champion {ev.fmt(champion_value, 4)}: "
+                           f"candidate {fmt(candidate_value, 4)} vs champion {fmt(champion_value, 4)}: "
                            f"{'better' if better else 'NOT better'}"))
     for name in rule.require_external:
         if not externals or name not in externals:
@@ -144,7 +144,7 @@ def decide(rule: Rule, candidate: Evaluation, champion: Evaluation | None, compa
         else:
             low = cmp["delong_ci_low"]
             ok = math.isfinite(low) and low > -rule.margin
-            words = f"{ev.fmt_difference(cmp)}: lower bound {'above' if ok else 'NOT above'} -{rule.margin:g}"
+            words = f"{fmt_difference(cmp)}: lower bound {'above' if ok else 'NOT above'} -{rule.margin:g}"
         checks.append((f"external {name}", ok, words))
     failed = [f"{n}: {w}" for n, ok, w in checks if not ok]
     if not failed:

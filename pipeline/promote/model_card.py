@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 
+from pipeline.artifact import tag_keys
 from pipeline.evaluate import plots
 from pipeline.evaluate.metrics import fmt as _f
 from pipeline.evaluate.metrics import fmt_difference
@@ -154,7 +155,7 @@ def _evidence_lines(metrics: dict, d) -> list[str]:
         rows.append(f"| external `{x.name}` (`{x.data_dir}`, all splits) | {m.get('n')} / {m.get('patients')} "
                     f"| {_ci(m, 'auc')} | {_ci(m, 'accuracy')} | {_f(m.get('majority_baseline_accuracy'))} "
                     f"| {_f(m.get('sensitivity'))} / {_f(m.get('specificity'))} |")
-    temperature = run_metrics.get("temperature") or d.candidate.tags.get("temperature")
+    temperature = run_metrics.get("temperature") or d.candidate.tags.get(tag_keys.TEMPERATURE)
     calib = (f"temperature {_f(float(temperature), 3)} fitted on validation (probabilities are calibrated)"
              if temperature not in (None, "") else "no temperature recorded: probabilities are the network's own")
     lines = ["## Evidence side by side",
@@ -183,18 +184,18 @@ def significance(comparison: dict) -> str:
 def version_summary(version: str, tags: dict, metric: str, value: float, run_name: str | None) -> str:
     """A one-paragraph description for a registered version that has none (what it is, where it came from)."""
     parts = []
-    if tags.get("ensemble_members"):  # pipeline.promote.ensemble: one model averaging several versions
-        parts.append(f"Ensemble (mean probability) of versions {tags['ensemble_members']} of study "
-                     f"`{tags.get('study', '?')}`.")
-    elif tags.get("study"):
-        parts.append(f"Trial {tags.get('trial_number', '?')} of Optuna study `{tags['study']}`.")
+    if tags.get(tag_keys.ENSEMBLE_MEMBERS):  # pipeline.promote.ensemble: one model averaging several versions
+        parts.append(f"Ensemble (mean probability) of versions {tags[tag_keys.ENSEMBLE_MEMBERS]} of study "
+                     f"`{tags.get(tag_keys.STUDY, '?')}`.")
+    elif tags.get(tag_keys.STUDY):
+        parts.append(f"Trial {tags.get(tag_keys.TRIAL_NUMBER, '?')} of Optuna study `{tags[tag_keys.STUDY]}`.")
     elif run_name:
         parts.append(f"Trained by run `{run_name}`.")
     parts.append(f"Validation {metric}: {_f(value)}.")
-    if tags.get("threshold"):
-        parts.append(f"Threshold (chosen on validation): {_f(float(tags['threshold']), 4)}.")
-    if tags.get("dataset_digest"):
-        parts.append(f"Dataset `{tags['dataset_digest'][:12]}`.")
+    if tags.get(tag_keys.THRESHOLD):
+        parts.append(f"Threshold (chosen on validation): {_f(float(tags[tag_keys.THRESHOLD]), 4)}.")
+    if tags.get(tag_keys.DATASET_DIGEST):
+        parts.append(f"Dataset `{tags[tag_keys.DATASET_DIGEST][:12]}`.")
     parts.append("Not promoted: see the `champion` alias for the model in use.")
     return " ".join(parts)
 

@@ -31,13 +31,14 @@ import math
 import sys
 import tempfile
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 
-from pipeline.artifact import tracking
-from pipeline.artifact.model_store import CHAMPION, MODEL_NAME, SHA_TAG, champion_uri  # noqa: F401  (re-exported)
+from pipeline.artifact import tag_keys, tracking
+from pipeline.artifact.model_store import CHAMPION, MODEL_NAME, champion_uri  # noqa: F401  (re-exported)
 from pipeline.config import PromoteConfig, check_section
 from pipeline.errors import InputError
 from pipeline.evaluate import holdout
@@ -93,10 +94,10 @@ def _candidate(mv, metric: str, runs: _Runs) -> Candidate:
             if key in run.data.metrics:
                 value, source = float(run.data.metrics[key]), f"run metric {key}"
                 break
-    digest = tags.get("dataset_digest") or (run.data.tags.get("dataset_digest") if run else None)
+    digest = tags.get(tag_keys.DATASET_DIGEST) or (run.data.tags.get(tag_keys.DATASET_DIGEST) if run else None)
     run_metrics = dict(run.data.metrics) if run else {}
     val_auc = math.nan
-    for raw in (tags.get("val_auc"), run_metrics.get("final_val_auc"), run_metrics.get("val_auc")):
+    for raw in (tags.get(tag_keys.VAL_AUC), run_metrics.get("final_val_auc"), run_metrics.get("val_auc")):
         with contextlib.suppress(TypeError, ValueError):
             val_auc = float(raw)
             break
@@ -104,7 +105,7 @@ def _candidate(mv, metric: str, runs: _Runs) -> Candidate:
                      data_dir=run.data.params.get("data.dir") if run else None, tags=tags,
                      run_name=run.info.run_name if run else None, description=mv.description, val_auc=val_auc,
                      run_metrics={**run_metrics, **{k: v for k, v in (run.data.tags.items() if run else [])
-                                                   if k.startswith("val_auc_shift_") or k == "temperature"}})
+                                                   if k.startswith("val_auc_shift_") or k == tag_keys.TEMPERATURE}})
 
 
 def versions(client: MlflowClient, model: str) -> list:
@@ -121,8 +122,8 @@ def versions(client: MlflowClient, model: str) -> list:
 def study_metric(all_versions: list, study: str | None) -> str:
     """The metric a study optimised (version tag `study_metric`, written by `pneumo tune`), else val_auc.
     Without a study, the versions' single shared study_metric if they agree."""
-    found = {mv.tags.get("study_metric") for mv in all_versions
-             if (not study or mv.tags.get("study") == study) and mv.tags.get("study_metric")}
+    found = {mv.tags.get(tag_keys.STUDY_METRIC) for mv in all_versions
+             if (not study or mv.tags.get(tag_keys.STUDY) == study) and mv.tags.get(tag_keys.STUDY_METRIC)}
     return found.pop() if len(found) == 1 else "val_auc"
 
 
@@ -138,7 +139,7 @@ def rank_candidates(client: MlflowClient, model: str, metric: str | None = None,
     runs = _Runs(client)
     ranked, skipped = [], []
     for mv in all_versions:
-        if study and mv.tags.get("study") != study:
+        if study and mv.tags.get(tag_keys.STUDY) != study:
             continue
         c = _candidate(mv, metric, runs)
         if math.isnan(c.value):
@@ -146,7 +147,7 @@ def rank_candidates(client: MlflowClient, model: str, metric: str | None = None,
         else:
             ranked.append(c)
     if study and not ranked and not skipped:
-        studies = sorted({mv.tags["study"] for mv in all_versions if mv.tags.get("study")})
+        studies = sorted({mv.tags[tag_keys.STUDY] for mv in all_versions if mv.tags.get(tag_keys.STUDY)})
         raise RegistryError(f"no version of {model!r} belongs to study {study!r} (studies: "
                             f"{', '.join(studies) or 'none'})")
     sign = 1 if lower_is_better(metric) else -1
@@ -246,89 +247,67 @@ def _choose(ranked: list[Candidate], skipped: list, data_dir: str | None, versio
 
 
 # --- promotion -------------------------------------------------------------------------------------------
+@dataclass
+class _Gate:
+    """What one promotion works with: the store, the rule, the dataset, and the evaluations made so far (the
+    gate may run more than once, when another promotion lands meanwhile; a version is scored once)."""
+
+    client: MlflowClient
+    uri: str
+    model: str
+    cfg: PromoteConfig
+    rule: Rule
+    data_dir: str
+    n_boot: int
+    cache: dict = field(default_factory=dict)
+
+    def evaluation(self, v: str, where: str | None = None, split: str = "test") -> Evaluation:
+        key = (v, where or self.data_dir, split)
+        if key not in self.cache:
+            self.cache[key] = evaluate_version(self.model, v, key[1], self.uri, self.n_boot, split)
+        return self.cache[key]
+
+
 def promote(model: str = MODEL_NAME, data_dir: str | Path | None = None, *, study: str | None = None,
             metric: str | None = None, config: PromoteConfig | None = None, externals: list[str] | dict | None = None,
             dry_run: bool = False, version: str | None = None, tracking_uri: str | None = None,
             n_boot: int = 1000, lock_timeout: float = 300.0, max_attempts: int = 5, log_images: bool = False,
             before_commit: Callable[[Decision], None] | None = None) -> Decision:
     """Pick the best candidate, gate it against the champion under the `[promote]` rule, and move `champion`
-    if it passes.
+    if it passes (the steps: this module's docstring).
 
     `version` forces the candidate. `before_commit(decision)` runs between the evaluation and the locked
     commit (a test hook: a slow promotion is simulated by blocking there).
     """
     cfg = config or PromoteConfig()
-    rule = rule_of(cfg)
     uri = tracking.resolve_tracking_uri(tracking_uri)
     client = tracking.setup(uri)
     metric = metric or study_metric(versions(client, model), study)
-    ranked, skipped = rank_candidates(client, model, metric, study)
-    cand, data_dir, manifest, same = _choose(ranked, skipped, str(data_dir) if data_dir else None, version, model)
-    digest = manifest["digest"]
-    skipped = skipped + [(c.version, f"trained on dataset {str(c.digest)[:12]}") for c in ranked
-                         if c.digest != digest and (version is None or c.version == str(version))]
+    cand, data_dir, manifest, same, skipped = _candidates(client, model, metric, study, data_dir, version)
     ext_sets = parse_externals(externals)
-    reuse = holdout.Thresholdout(client, digest, cfg.holdout_budget, cfg.holdout_threshold, cfg.holdout_sigma)
+    reuse = holdout.Thresholdout(client, manifest["digest"], cfg.holdout_budget, cfg.holdout_threshold,
+                                 cfg.holdout_sigma)
     reuse.require_budget(data_dir)
-    cache: dict[tuple[str, str, str], Evaluation] = {}
-
-    def evaluation(v: str, where: str = data_dir, split: str = "test") -> Evaluation:
-        if (v, where, split) not in cache:
-            cache[(v, where, split)] = evaluate_version(model, v, where, uri, n_boot, split)
-        return cache[(v, where, split)]
-
+    g = _Gate(client, uri, model, cfg, rule_of(cfg), data_dir, n_boot)
     for attempt in range(1, max_attempts + 1):
-        champ = champion_version(client, model)
-        decision = Decision(outcome="unchanged", reason="", model=model, candidate=cand, champion=champ,
-                            data_dir=data_dir, digest=digest, metric=metric, rule=rule, n_candidates=len(same),
-                            skipped=skipped, dry_run=dry_run, attempts=attempt,
-                            forced=str(version) if version is not None else None)
-        if champ == cand.version:
+        decision = Decision(outcome="unchanged", reason="", model=model, candidate=cand,
+                            champion=champion_version(client, model), data_dir=data_dir, digest=manifest["digest"],
+                            metric=metric, rule=g.rule, n_candidates=len(same), skipped=skipped, dry_run=dry_run,
+                            attempts=attempt, forced=str(version) if version is not None else None)
+        if decision.champion == cand.version:
             decision.reason = f"version {cand.version} is already the champion: nothing to do"
-            decision.candidate_eval = evaluation(cand.version)
+            decision.candidate_eval = g.evaluation(cand.version)
             _ledger(client, uri, decision, reuse, "promote")
             return decision
-        champ_eval = champ_cand = None
-        if champ is not None:
-            _check_champion_dataset(client, model, champ, digest, data_dir)
-            champ_eval = evaluation(champ)
-            champ_cand = _candidate(client.get_model_version(model, champ), metric, _Runs(client))
-        ce = evaluation(cand.version)
-        decision.candidate_eval, decision.champion_eval = ce, champ_eval
-        decision.champion_value = champ_cand.value if champ_cand else None
-        try:
-            decision.comparison = gate.compare(ce, champ_eval, rule.alpha, cfg.bootstrap) if champ_eval else None
-        except ValueError as e:
-            raise RegistryError(str(e)) from None
-        decision.externals = []
-        for name, (where, ext_manifest) in ext_sets.items():
-            x = External(name, where, ext_manifest["digest"], evaluation(cand.version, where, "all"))
-            if champ is not None:
-                x.champion = evaluation(champ, where, "all")
-                x.comparison = gate.compare(x.candidate, x.champion, rule.alpha, cfg.bootstrap)
-            decision.externals.append(x)
-        try:
-            verdict = gate.decide(rule, ce, champ_eval, decision.comparison, study_metric=metric,
-                                  candidate_value=cand.value, champion_value=decision.champion_value,
-                                  lower_is_better=lower_is_better(metric),
-                                  externals={x.name: (x.candidate, x.champion, x.comparison)
-                                             for x in decision.externals})
-        except ValueError as e:
-            raise RegistryError(str(e)) from None
-        decision.outcome, decision.reason, decision.checks = verdict.outcome, verdict.reason, verdict.checks
+        _gather_evidence(g, decision, ext_sets)
+        _decide(g, decision)
         if dry_run:
             _ledger(client, uri, decision, reuse, "promote --dry-run")
             return decision
         if before_commit:
             before_commit(decision)
-        with promotion_lock(uri, model, client=client, timeout=lock_timeout):
-            if champion_version(client, model) != champ:
-                continue  # another promotion landed meanwhile: gate again against the new champion
-            if decision.outcome == "promoted":
-                decision.promoted_at = _now()
-                decision.model_sha256 = model_sha256(model, cand.version)
-                _commit(client, decision)
-        break
+        if _commit_unless_moved(g, decision, lock_timeout):
+            break
     else:
         raise RegistryError(f"{model}: the champion changed {max_attempts} times during this promotion; "
                             "try again")
@@ -338,6 +317,65 @@ def promote(model: str = MODEL_NAME, data_dir: str | Path | None = None, *, stud
     if decision.outcome == "promoted" and log_images:
         _explain(client, uri, model, decision, data_dir)
     return decision
+
+
+def _candidates(client: MlflowClient, model: str, metric: str, study: str | None, data_dir, version: str | None):
+    """Step 1 -> (the candidate, the data folder, its manifest, the candidates on that dataset, the skipped ones
+    with why)."""
+    ranked, skipped = rank_candidates(client, model, metric, study)
+    cand, data_dir, manifest, same = _choose(ranked, skipped, str(data_dir) if data_dir else None, version, model)
+    skipped = skipped + [(c.version, f"trained on dataset {str(c.digest)[:12]}") for c in ranked
+                         if c.digest != manifest["digest"] and (version is None or c.version == str(version))]
+    return cand, data_dir, manifest, same, skipped
+
+
+def _gather_evidence(g: _Gate, d: Decision, ext_sets: dict) -> None:
+    """Step 2: candidate and champion on the locked test split and on every external set, paired."""
+    champ = d.champion
+    champ_cand = None
+    if champ is not None:
+        _check_champion_dataset(g.client, g.model, champ, d.digest, g.data_dir)
+        d.champion_eval = g.evaluation(champ)
+        champ_cand = _candidate(g.client.get_model_version(g.model, champ), d.metric, _Runs(g.client))
+    d.candidate_eval = g.evaluation(d.candidate.version)
+    d.champion_value = champ_cand.value if champ_cand else None
+    try:
+        d.comparison = (gate.compare(d.candidate_eval, d.champion_eval, g.rule.alpha, g.cfg.bootstrap)
+                        if d.champion_eval else None)
+    except ValueError as e:
+        raise RegistryError(str(e)) from None
+    d.externals = []
+    for name, (where, ext_manifest) in ext_sets.items():
+        x = External(name, where, ext_manifest["digest"], g.evaluation(d.candidate.version, where, "all"))
+        if champ is not None:
+            x.champion = g.evaluation(champ, where, "all")
+            x.comparison = gate.compare(x.candidate, x.champion, g.rule.alpha, g.cfg.bootstrap)
+        d.externals.append(x)
+
+
+def _decide(g: _Gate, d: Decision) -> None:
+    """Step 3: the rule of `[promote]` on the evidence (pipeline.promote.gate.decide)."""
+    try:
+        verdict = gate.decide(g.rule, d.candidate_eval, d.champion_eval, d.comparison, study_metric=d.metric,
+                              candidate_value=d.candidate.value, champion_value=d.champion_value,
+                              lower_is_better=lower_is_better(d.metric),
+                              externals={x.name: (x.candidate, x.champion, x.comparison) for x in d.externals})
+    except ValueError as e:
+        raise RegistryError(str(e)) from None
+    d.outcome, d.reason, d.checks = verdict.outcome, verdict.reason, verdict.checks
+
+
+def _commit_unless_moved(g: _Gate, d: Decision, lock_timeout: float) -> bool:
+    """Step 4, under the lock: False when another promotion moved the champion since the evidence was gathered
+    (the gate runs again against the new one); else the alias moves if the candidate passed, and True."""
+    with promotion_lock(g.uri, g.model, client=g.client, timeout=lock_timeout):
+        if champion_version(g.client, g.model) != d.champion:
+            return False
+        if d.outcome == "promoted":
+            d.promoted_at = _now()
+            d.model_sha256 = model_sha256(g.model, d.candidate.version)
+            _commit(g.client, d)
+    return True
 
 
 def _ledger(client: MlflowClient, uri: str, d: Decision, reuse: holdout.Thresholdout, command: str) -> None:
@@ -372,17 +410,17 @@ def _explain(client: MlflowClient, uri: str, model: str, d: Decision, data_dir: 
     try:
         score = log_explanations(f"models:/{model}/{v}", data_dir, "test", d.candidate.run_id, tracking_uri=uri)
         if math.isfinite(score):
-            client.set_model_version_tag(model, v, "pointing_game", f"{score:.4f}")
+            client.set_model_version_tag(model, v, tag_keys.POINTING_GAME, f"{score:.4f}")
     except (ExplainError, MlflowException, OSError) as e:
         print(f"warning: no Grad-CAM explanations for v{v}: {e}", file=sys.stderr)
 
 
 def _check_champion_dataset(client: MlflowClient, model: str, champ: str, digest: str, data_dir: str) -> None:
     mv = client.get_model_version(model, champ)
-    theirs = mv.tags.get("dataset_digest")
+    theirs = mv.tags.get(tag_keys.DATASET_DIGEST)
     if not theirs:
         run = _Runs(client)(mv.run_id)
-        theirs = run.data.tags.get("dataset_digest") if run else None
+        theirs = run.data.tags.get(tag_keys.DATASET_DIGEST) if run else None
     if theirs != digest:
         raise RegistryError(f"champion {model} version {champ} was trained on dataset {str(theirs)[:12]}, but "
                             f"{data_dir} is dataset {digest[:12]}: candidate and champion must be compared on "

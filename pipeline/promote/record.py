@@ -11,9 +11,10 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
+from pipeline.artifact import tag_keys
 from pipeline.artifact.model_store import CHAMPION
-from pipeline.evaluate import metrics as ev
 from pipeline.evaluate import plots
+from pipeline.evaluate.metrics import fmt, fmt_ci, fmt_difference, fmt_metric_ci, jsonable
 from pipeline.promote import model_card
 from pipeline.promote.gate import Evaluation, Rule
 
@@ -85,17 +86,18 @@ def commit(client, d: Decision) -> None:
     m, v = d.candidate_eval.metrics, d.candidate.version
     tags = {f"test_{k}": m[k] for k in ("auc", "auc_ci_low", "auc_ci_high", "accuracy", "sensitivity",
                                         "specificity", "majority_baseline_accuracy", "n", "patients", "positives")}
-    tags.update(threshold=repr(float(d.candidate_eval.threshold)), dataset_digest=d.digest, promoted_at=d.promoted_at,
-                promoted_over=d.champion or "", promotion_rule=d.rule.policy)
+    tags.update({tag_keys.THRESHOLD: repr(float(d.candidate_eval.threshold)), tag_keys.DATASET_DIGEST: d.digest,
+                 tag_keys.PROMOTED_AT: d.promoted_at, tag_keys.PROMOTED_OVER: d.champion or "",
+                 tag_keys.PROMOTION_RULE: d.rule.policy})
     if d.model_sha256:
-        tags["model_sha256"] = d.model_sha256
+        tags[tag_keys.MODEL_SHA256] = d.model_sha256
     for key, value in tags.items():
         value = f"{value:.6f}" if isinstance(value, float) else str(value)
         client.set_model_version_tag(d.model, v, key, value)
     if d.champion is not None:
         client.set_registered_model_alias(d.model, PREVIOUS, d.champion)
-        client.set_model_version_tag(d.model, d.champion, "replaced_at", d.promoted_at)
-        client.set_model_version_tag(d.model, d.champion, "replaced_by", v)
+        client.set_model_version_tag(d.model, d.champion, tag_keys.REPLACED_AT, d.promoted_at)
+        client.set_model_version_tag(d.model, d.champion, tag_keys.REPLACED_BY, v)
     client.set_registered_model_alias(d.model, CHAMPION, v)
 
 
@@ -136,7 +138,7 @@ def record(client, uri: str, d: Decision, manifest: dict) -> None:
     v, ce, he = d.candidate.version, d.candidate_eval, d.champion_eval
     run = client.create_run(exp_id, run_name=f"promote:{v}", tags={
         "model": d.model, "decision": d.outcome, "candidate_version": v, "champion_version": d.champion or "",
-        "dataset_digest": d.digest, "rule": d.rule.describe(), "reason": d.reason[:4000],
+        tag_keys.DATASET_DIGEST: d.digest, "rule": d.rule.describe(), "reason": d.reason[:4000],
         "mlflow.note.content": f"**{d.outcome.upper()}** {d.model} v{v}: {d.reason}\n\nRule: {d.rule.describe()}"})
     rid = d.run_id = run.info.run_id
     try:
@@ -149,17 +151,17 @@ def record(client, uri: str, d: Decision, manifest: dict) -> None:
             client.log_param(rid, key, value)
         for key, value in decision_metrics(d).items():
             client.log_metric(rid, key, value)
-        client.log_dict(rid, ev.jsonable(ce.report), "evaluation/candidate.json")
-        client.log_dict(rid, ev.jsonable({"rule": d.rule.describe(), "outcome": d.outcome, "reason": d.reason,
+        client.log_dict(rid, jsonable(ce.report), "evaluation/candidate.json")
+        client.log_dict(rid, jsonable({"rule": d.rule.describe(), "outcome": d.outcome, "reason": d.reason,
                                           "checks": [{"check": n, "passed": ok, "numbers": w}
                                                      for n, ok, w in d.checks]}), "evaluation/decision.json")
         results = {f"candidate v{v}": ce.metrics}
         if he is not None:
-            client.log_dict(rid, ev.jsonable(he.report), "evaluation/champion.json")
-            client.log_dict(rid, ev.jsonable(d.comparison), "evaluation/comparison.json")
+            client.log_dict(rid, jsonable(he.report), "evaluation/champion.json")
+            client.log_dict(rid, jsonable(d.comparison), "evaluation/comparison.json")
             results[f"champion v{d.champion}"] = he.metrics
         for x in d.externals:
-            client.log_dict(rid, ev.jsonable({"candidate": x.candidate.report, "comparison": x.comparison,
+            client.log_dict(rid, jsonable({"candidate": x.candidate.report, "comparison": x.comparison,
                                               "champion": x.champion.report if x.champion else None}),
                             f"evaluation/external_{x.name}.json")
             results[f"candidate v{v} on {x.name}"] = x.candidate.metrics
@@ -169,7 +171,7 @@ def record(client, uri: str, d: Decision, manifest: dict) -> None:
         figure = plots.plot_auc_comparison(results)
         if d.comparison:
             k = d.comparison
-            figure.axes[0].set_title(f"Test AUC: difference {ev.fmt_ci(k['diff'], k['delong_ci_low'], k['delong_ci_high'], sign=True)}, DeLong p={ev.fmt(k['delong_p'])}")
+            figure.axes[0].set_title(f"Test AUC: difference {fmt_ci(k['diff'], k['delong_ci_low'], k['delong_ci_high'], sign=True)}, DeLong p={fmt(k['delong_p'])}")
         client.log_figure(rid, figure, "plots/auc_comparison.png")
         client.log_figure(rid, plots.plot_roc(ce.labels, ce.probabilities, f"ROC, test: candidate v{v}",
                                               threshold=ce.threshold, clusters=ce.patient_id), "plots/roc_candidate.png")
@@ -189,9 +191,9 @@ def publish_card(client, d: Decision, manifest: dict) -> None:
     from mlflow.exceptions import MlflowException
 
     v, ce = d.candidate.version, d.candidate_eval
-    lineage = {"study": d.candidate.tags.get("study"), "trial": d.candidate.tags.get("trial_number"),
-               "ensemble of versions (mean probability)": d.candidate.tags.get("ensemble_members"),
-               "calibration temperature (fitted on validation)": d.candidate.tags.get("temperature"),
+    lineage = {"study": d.candidate.tags.get(tag_keys.STUDY), "trial": d.candidate.tags.get(tag_keys.TRIAL_NUMBER),
+               "ensemble of versions (mean probability)": d.candidate.tags.get(tag_keys.ENSEMBLE_MEMBERS),
+               "calibration temperature (fitted on validation)": d.candidate.tags.get(tag_keys.TEMPERATURE),
                f"validation {d.metric}": f"{d.candidate.value:.4f} ({d.candidate.source})",
                "promotion run": d.run_id, "model artifact sha256": d.model_sha256}
     card = model_card.render(model=d.model, version=v, metrics=ce.metrics, subgroups=ce.subgroups,
@@ -208,7 +210,7 @@ def publish_card(client, d: Decision, manifest: dict) -> None:
         client.log_figure(d.candidate.run_id, figure, "model_card/subgroups.png")
     except (MlflowException, OSError):
         pass  # a deleted training run: the version description and the promotion run still hold the card
-    client.set_model_version_tag(d.model, v, "promotion_run_id", d.run_id)
+    client.set_model_version_tag(d.model, v, tag_keys.PROMOTION_RUN_ID, d.run_id)
     client.update_model_version(d.model, v, description=card)
     if d.champion is not None:  # the replaced champion's card stays, headed by when and by whom it was replaced
         old = client.get_model_version(d.model, d.champion).description or ""
@@ -221,15 +223,15 @@ def publish_card(client, d: Decision, manifest: dict) -> None:
 
 # --- report ----------------------------------------------------------------------------------------------
 def _row(name: str, e: Evaluation) -> str:
-    f, m = ev.fmt, e.metrics
-    return (f"{name:<28}{ev.fmt_metric_ci(m, 'auc'):<24}{f(m['accuracy']):>9}{f(m['majority_baseline_accuracy']):>9}"
+    f, m = fmt, e.metrics
+    return (f"{name:<28}{fmt_metric_ci(m, 'auc'):<24}{f(m['accuracy']):>9}{f(m['majority_baseline_accuracy']):>9}"
             f"{f(m['sensitivity']):>7}{f(m['specificity']):>7}{m['n']:>7}{m['patients']:>9}{f(e.threshold, 4):>10}")
 
 
 def format_decision(d: Decision) -> str:
-    f = ev.fmt
+    f = fmt
     c = d.candidate
-    trial = f", study {c.tags['study']} trial {c.tags.get('trial_number', '?')}" if c.tags.get("study") else ""
+    trial = f", study {c.tags[tag_keys.STUDY]} trial {c.tags.get(tag_keys.TRIAL_NUMBER, '?')}" if c.tags.get(tag_keys.STUDY) else ""
     how = f"best of {d.n_candidates} candidate(s) on this dataset" if d.forced is None else "chosen with --version"
     lines = [f"candidate  {d.model} v{c.version} ({d.metric} {f(c.value)} from {c.source}{trial}); {how}",
              "champion   " + (f"v{d.champion}" if d.champion else "none yet"),
@@ -253,11 +255,11 @@ def format_decision(d: Decision) -> str:
                 lines.append(_row(f"champ. v{d.champion} @ {x.name}", x.champion))
     if d.comparison:
         k = d.comparison
-        lines.append(f"{'AUC':<28}{ev.fmt_difference(k)}")
+        lines.append(f"{'AUC':<28}{fmt_difference(k)}")
     for x in d.externals:
         if x.comparison:
             k = x.comparison
-            lines.append(f"{'AUC @ ' + x.name:<28}{ev.fmt_difference(k)}")
+            lines.append(f"{'AUC @ ' + x.name:<28}{fmt_difference(k)}")
     if d.holdout:
         answers = "; ".join(f"v{a.version} test AUC answered {f(a.answered)} ({a.source})" for a in d.holdout)
         lines.append(f"holdout    Thresholdout: {answers}; budget left {d.holdout_left} of {d.holdout_budget}")

@@ -1,12 +1,16 @@
 """One training run: precision, strategy, data, callbacks, validation metrics, MLflow logging.
 
-`train()` is what `pneumo train` runs and what every Optuna trial runs. The run is resumable: Keras'
-BackupAndRestore keeps the state of an interrupted fit under `train.checkpoint_dir/<run key>`, together with the
-MLflow run id, so running the same command again continues the same MLflow run from the last finished epoch.
+`train()` is what `pneumo train` runs and what every Optuna trial runs, as named steps: `prepare` (precision,
+strategy, data, the compiled model), `training_run` (the MLflow run opened, resumed and ended), `log_inputs`,
+`fit`, then `make_candidate` (pipeline/study/candidate.py: validation, threshold, calibration, figures, the
+logged model). The run is resumable: Keras' BackupAndRestore keeps the state of an interrupted fit under
+`train.checkpoint_dir/<run key>`, together with the MLflow run id, so running the same command again continues
+the same MLflow run from the last finished epoch.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
@@ -24,12 +28,10 @@ import tensorflow as tf
 from pipeline.artifact import tracking
 from pipeline.config import Config, check_consistency
 from pipeline.data.tfdata import eval_dataset, load_manifest, train_dataset
-from pipeline.evaluate import metrics as ev
-from pipeline.evaluate import plots, shift
-from pipeline.evaluate.scoring import predict_split
-from pipeline.net.calibration import apply_temperature, expected_calibration_error, fit_temperature, nll
+from pipeline.evaluate import metrics
 from pipeline.net.devices import configure_gpus, resolve_jit
 from pipeline.net.model import apply_precision, build_model
+from pipeline.study.candidate import LoggedCandidate, make_candidate
 
 CURVE_METRICS = ("loss", "auc", "auc_pr", "accuracy", "precision", "recall")
 
@@ -174,23 +176,68 @@ def compile_model(model: keras.Model, cfg: Config, lr: float, total_steps: int =
     )
 
 
-def train(cfg: Config, data_dir: str | Path | None = None, *, tracking_uri: str | None = None,
-          experiment: str | None = None, run_name: str | None = None, parent_run_id: str | None = None,
-          tags: dict | None = None, callbacks: list | None = None, register_as: str | None = None,
-          config_file: str | Path | None = None, verbose: int = 2,
-          on_run_started: Callable[[str], None] | None = None,
-          stop_exceptions: tuple[type[BaseException], ...] = ()) -> TrainResult:
-    """Train one model and log it as one MLflow run (nested under `parent_run_id` when given).
+@dataclass(frozen=True)
+class RunSpec:
+    """How the MLflow run of one training opens and ends. `pneumo train` takes the defaults; a tuning trial
+    names its experiment, run and parent, tags it, learns its id as soon as it exists (`on_started`: a sweeper
+    can then close it if the worker dies), and passes the exception a pruned trial raises (`stop_exceptions`:
+    such a run ends FINISHED and the exception propagates)."""
 
-    `on_run_started(run_id)` is called as soon as the run exists (a tuning trial stores the id so a sweeper
-    can close the run if the worker dies). An exception in `stop_exceptions` (a pruned trial) ends the run
-    FINISHED and propagates; any other ends it FAILED, Ctrl-C ends it KILLED.
-    """
+    experiment: str | None = None  # default: the experiment file's name
+    name: str | None = None  # default: the experiment file's stem and the start time
+    parent_run_id: str | None = None
+    tags: dict = field(default_factory=dict)
+    on_started: Callable[[str], None] | None = None
+    stop_exceptions: tuple[type[BaseException], ...] = ()
+
+
+@dataclass
+class Setup:
+    """Everything a fit needs, decided before the MLflow run opens."""
+
+    cfg: Config  # resolved: names the data folder really used
+    data_dir: Path
+    manifest: dict
+    model: keras.Model
+    train_ds: tf.data.Dataset
+    val_ds: tf.data.Dataset
+    steps: int
+    global_batch: int
+    replicas: int
+    learning_rate: float
+    precision: str
+
+
+@dataclass
+class OpenRun:
+    run_id: str
+    backup: Path  # BackupAndRestore's folder, with the run id for a resumed run
+    resumed: bool
+
+
+def train(cfg: Config, data_dir: str | Path | None = None, *, tracking_uri: str | None = None,
+          run: RunSpec = RunSpec(), callbacks: list | None = None, register_as: str | None = None,
+          config_file: str | Path | None = None, verbose: int = 2) -> TrainResult:
+    """Train one model and log it as one MLflow run (nested under `run.parent_run_id` when given); register it
+    as `register_as` when given. An exception in `run.stop_exceptions` ends the run FINISHED and propagates;
+    any other ends it FAILED, Ctrl-C ends it KILLED."""
+    setup = prepare(cfg, data_dir)
+    with training_run(setup, run, tracking_uri, config_file) as opened:
+        if not opened.resumed:
+            log_inputs(setup, config_file)
+        history, stats = fit(setup, opened, callbacks, verbose)
+        candidate = make_candidate(setup.model, setup.cfg, setup.data_dir, setup.manifest["image_size"],
+                                   with_shift=setup.cfg.train.shift_battery, history=history,
+                                   register_as=register_as, log_network=setup.cfg.train.log_model)
+        return _result(setup, opened.run_id, history, stats, candidate)
+
+
+def prepare(cfg: Config, data_dir: str | Path | None) -> Setup:
+    """Precision, strategy, data and the compiled model: no MLflow run yet."""
     data_dir = Path(data_dir or cfg.data.dir)
     cfg = cfg.with_values({"data.dir": str(data_dir)})  # the resolved config names the data really used
     check_consistency(cfg)  # a trial's sampled values too, not only the experiment file
     manifest = load_manifest(data_dir)
-    size = manifest["image_size"]
     tcfg = cfg.train
     configure_gpus()  # before TensorFlow's first op: memory growth, so workers can share a GPU
     check_backend(tcfg.backend)
@@ -201,78 +248,51 @@ def train(cfg: Config, data_dir: str | Path | None = None, *, tracking_uri: str 
     global_batch = cfg.data.batch_size * replicas
     lr = scaled_learning_rate(tcfg.learning_rate, replicas, tcfg.lr_scale)
     with_meta = cfg.model.metadata_inputs
-
     train_ds = train_dataset(data_dir, cfg.data, seed=tcfg.seed, with_meta=with_meta,
                              balance=tcfg.class_weight == "oversample", batch_size=global_batch)
-    val_batch = eval_batch_size(manifest["splits"]["val"]["count"], global_batch, replicas)
+    val_count = manifest["splits"]["val"]["count"]
+    val_batch = eval_batch_size(val_count, global_batch, replicas)
     val_ds = eval_dataset(data_dir, "val", val_batch, with_meta=with_meta, verify=False)
+    # The validation set's batch count is declared (last partial batch included): without it Keras 3 warns
+    # that the finite validation set "ran out of data". Declared as the dataset's cardinality rather than
+    # `validation_steps`: with validation_steps Keras keeps one iterator across epochs, and under a
+    # distribution strategy its model build takes one batch from it before each validation, so epoch 2
+    # found it exhausted (StopIteration); with a known cardinality each validation gets a fresh iterator.
+    val_ds = val_ds.apply(tf.data.experimental.assert_cardinality(math.ceil(val_count / val_batch)))
     steps = tcfg.steps_per_epoch or max(1, manifest["splits"]["train"]["count"] // global_batch)
-
     with strategy.scope():
-        model = build_model(cfg.model, cfg.augment, size, seed=tcfg.seed)
+        model = build_model(cfg.model, cfg.augment, manifest["image_size"], seed=tcfg.seed)
         compile_model(model, cfg, lr, total_steps=steps * tcfg.epochs)
+    return Setup(cfg=cfg, data_dir=data_dir, manifest=manifest, model=model, train_ds=train_ds, val_ds=val_ds,
+                 steps=steps, global_batch=global_batch, replicas=replicas, learning_rate=lr, precision=precision)
 
+
+@contextlib.contextmanager
+def training_run(setup: Setup, spec: RunSpec, tracking_uri: str | None, config_file: str | Path | None):
+    """The MLflow run's lifecycle, apart from what happens in it: open (or resume the interrupted run of the
+    same command), then end it FINISHED, FAILED or KILLED by how the body ends (see `train`)."""
+    cfg = setup.cfg
     uri = tracking.resolve_tracking_uri(tracking_uri)
-    exp_id = tracking.ensure_experiment(experiment or cfg.name, uri)
-    key = run_key(cfg, manifest["digest"], run_name)
-    backup = Path(tcfg.checkpoint_dir) / key
+    exp_id = tracking.ensure_experiment(spec.experiment or cfg.name, uri)
+    backup = Path(cfg.train.checkpoint_dir) / run_key(cfg, setup.manifest["digest"], spec.name)
     previous = backup / "mlflow_run_id"
     resume_id = previous.read_text().strip() if previous.exists() else None
     # `pneumo train` runs get a readable name, the experiment file's stem and the start time (the run key
     # above stays name-free, so an interrupted run still resumes); trials pass their own names.
-    display = run_name or f"{Path(config_file).stem if config_file else cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    display = spec.name or f"{Path(config_file).stem if config_file else cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}"
     tracking.enable_system_metrics()
     run = mlflow.start_run(run_id=resume_id, experiment_id=None if resume_id else exp_id,
-                           run_name=run_name if resume_id else display,
-                           parent_run_id=None if resume_id else parent_run_id,
-                           tags={**tracking.source_tags(), **(tags or {})}, log_system_metrics=True)
+                           run_name=spec.name if resume_id else display,
+                           parent_run_id=None if resume_id else spec.parent_run_id,
+                           tags={**tracking.source_tags(), **spec.tags}, log_system_metrics=True)
     run_id = run.info.run_id
     try:
-        if on_run_started:
-            on_run_started(run_id)
+        if spec.on_started:
+            spec.on_started(run_id)
         backup.mkdir(parents=True, exist_ok=True)
         previous.write_text(run_id)
-        if not resume_id:
-            mlflow.log_params({k: str(v) for k, v in cfg.flat().items()})
-            mlflow.log_params({"data.image_size": size, "replicas": replicas,
-                               "global_batch_size": global_batch, "effective_learning_rate": lr,
-                               "precision_policy": precision})
-            tracking.log_dataset(manifest, data_dir)
-            mlflow.log_dict(json.loads(json.dumps(cfg.flat(), default=str)), "config/resolved.json")
-            mlflow.log_dict({"space": cfg.tune.space}, "config/search_space.json")
-            if config_file:
-                mlflow.log_artifact(str(config_file), "config")
-        capacity = input_capacity(train_ds)
-        mlflow.log_metric("input_capacity_images_per_s", capacity, run_id=run_id)
-        stats = EpochStats(steps * global_batch, run_id)
-        cbs = [keras.callbacks.BackupAndRestore(str(backup / "state")), stats]
-        if tcfg.early_stopping_patience:
-            cbs.append(keras.callbacks.EarlyStopping(monitor="val_auc", mode="max", restore_best_weights=True,
-                                                     patience=tcfg.early_stopping_patience))
-        if tcfg.lr_plateau_patience:
-            cbs.append(keras.callbacks.ReduceLROnPlateau(monitor="val_auc", mode="max", factor=0.5,
-                                                         patience=tcfg.lr_plateau_patience))
-        cbs += callbacks or []
-        # The validation set's batch count is declared (last partial batch included): without it Keras 3 warns
-        # that the finite validation set "ran out of data". Declared as the dataset's cardinality rather than
-        # `validation_steps`: with validation_steps Keras keeps one iterator across epochs, and under a
-        # distribution strategy its model build takes one batch from it before each validation, so epoch 2
-        # found it exhausted (StopIteration); with a known cardinality each validation gets a fresh iterator.
-        val_steps = math.ceil(manifest["splits"]["val"]["count"] / val_batch)
-        val_ds = val_ds.apply(tf.data.experimental.assert_cardinality(val_steps))
-        fit = model.fit(train_ds, validation_data=val_ds, epochs=tcfg.epochs, steps_per_epoch=steps,
-                        class_weight=class_weights(manifest, tcfg.class_weight), callbacks=cbs, verbose=verbose)
-        history = {k: [float(v) for v in vs] for k, vs in fit.history.items()}
-        # XLA may have been switched off by layers that do not support it: log what really ran.
-        jit = bool(getattr(model, "jit_compile", False))
-        mlflow.set_tag("jit_compile_effective", str(jit))
-        mlflow.set_tag("keras_backend", keras.backend.backend())
-        result = _finish_run(model, cfg, data_dir, manifest, history, stats, run_id, register_as)
-        result.jit_compile, result.precision = jit, precision
-        shutil.rmtree(backup, ignore_errors=True)  # finished: the next identical command starts a new run
-        mlflow.end_run("FINISHED")
-        return result
-    except stop_exceptions:
+        yield OpenRun(run_id=run_id, backup=backup, resumed=resume_id is not None)
+    except spec.stop_exceptions:
         shutil.rmtree(backup, ignore_errors=True)
         mlflow.end_run("FINISHED")
         raise
@@ -282,124 +302,64 @@ def train(cfg: Config, data_dir: str | Path | None = None, *, tracking_uri: str 
     except BaseException:
         mlflow.end_run("FAILED")
         raise
+    shutil.rmtree(backup, ignore_errors=True)  # finished: the next identical command starts a new run
+    mlflow.end_run("FINISHED")
 
 
-def _finish_run(model, cfg: Config, data_dir: Path, manifest: dict, history: dict, stats: EpochStats,
-                run_id: str, register_as: str | None) -> TrainResult:
-    """Validation metrics at a threshold chosen on validation, plots, and the model."""
-    # Under MirroredStrategy Keras 3.15's predict_on_batch runs the whole batch on every replica and concatenates
-    # the results (2 replicas: twice the predictions); the same layers as a model built outside the strategy
-    # predict each record once.
-    strategy = getattr(model, "distribute_strategy", None)  # TensorFlow backend only
-    scorer = tracking.inference_copy(model) if strategy and strategy.num_replicas_in_sync > 1 else model
-    y, p, info = predict_split(scorer, data_dir, "val", cfg.data.batch_size, with_meta=cfg.model.metadata_inputs)
-    t_shift = time.perf_counter()
-    shifted = shift_battery(scorer, cfg, data_dir) if cfg.train.shift_battery else None
-    if shifted is not None:  # its cost is paid once per trial: logged so a study's budget can be planned
-        mlflow.log_metric("shift_battery_s", time.perf_counter() - t_shift)
-    threshold, threshold_note = decide_threshold(cfg, y, p, shifted)
-    # Calibration, on validation only: everything below (metrics, plots, the stored threshold) is on the
-    # calibrated scale, the one model_store.LoadedModel.probabilities reports.
-    p_raw = p
-    temperature, p, threshold, ece = calibrate_on_validation(y, p_raw, threshold)
-    metrics = ev.compute_metrics(y, p, threshold, n_boot=cfg.train.bootstrap, seed=cfg.train.seed,
-                                 clusters=info["patient_id"])
-    # Plain binary cross-entropy of the final network on the whole val split (no label smoothing, no class
-    # weights, before calibration: the temperature is fitted on this split, so its NLL would flatter it):
-    # `tune.metric = "val_loss"` and the promotion rank by it (logged as final_val_loss).
-    metrics["loss"] = nll(y, p_raw)
-    groups = {"view_position": info["view_position"], "sex": info["sex"],
-              "age_band": [ev.age_band(a) for a in info["age"]]}
-    subgroups = ev.subgroup_metrics(y, p, threshold, groups, n_boot=200, seed=cfg.train.seed,
-                                   clusters=info["patient_id"])
+def log_inputs(setup: Setup, config_file: str | Path | None) -> None:
+    """Parameters, the dataset input and the configs, once per run (a resumed run has them)."""
+    cfg = setup.cfg
+    mlflow.log_params({k: str(v) for k, v in cfg.flat().items()})
+    mlflow.log_params({"data.image_size": setup.manifest["image_size"], "replicas": setup.replicas,
+                       "global_batch_size": setup.global_batch, "effective_learning_rate": setup.learning_rate,
+                       "precision_policy": setup.precision})
+    tracking.log_dataset(setup.manifest, setup.data_dir)
+    mlflow.log_dict(json.loads(json.dumps(cfg.flat(), default=str)), "config/resolved.json")
+    mlflow.log_dict({"space": cfg.tune.space}, "config/search_space.json")
+    if config_file:
+        mlflow.log_artifact(str(config_file), "config")
+
+
+def fit(setup: Setup, opened: OpenRun, callbacks: list | None, verbose: int) -> tuple[dict, EpochStats]:
+    """Keras' fit with the project's callbacks (backup, per-epoch stats, early stopping, LR plateau)."""
+    tcfg, model = setup.cfg.train, setup.model
+    mlflow.log_metric("input_capacity_images_per_s", input_capacity(setup.train_ds), run_id=opened.run_id)
+    stats = EpochStats(setup.steps * setup.global_batch, opened.run_id)
+    cbs = [keras.callbacks.BackupAndRestore(str(opened.backup / "state")), stats]
+    if tcfg.early_stopping_patience:
+        cbs.append(keras.callbacks.EarlyStopping(monitor="val_auc", mode="max", restore_best_weights=True,
+                                                 patience=tcfg.early_stopping_patience))
+    if tcfg.lr_plateau_patience:
+        cbs.append(keras.callbacks.ReduceLROnPlateau(monitor="val_auc", mode="max", factor=0.5,
+                                                     patience=tcfg.lr_plateau_patience))
+    fitted = model.fit(setup.train_ds, validation_data=setup.val_ds, epochs=tcfg.epochs, steps_per_epoch=setup.steps,
+                       class_weight=class_weights(setup.manifest, tcfg.class_weight), callbacks=cbs + (callbacks or []),
+                       verbose=verbose)
+    # XLA may have been switched off by layers that do not support it: log what really ran.
+    mlflow.set_tag("jit_compile_effective", str(bool(getattr(model, "jit_compile", False))))
+    mlflow.set_tag("keras_backend", keras.backend.backend())
+    return {k: [float(v) for v in vs] for k, vs in fitted.history.items()}, stats
+
+
+def _result(setup: Setup, run_id: str, history: dict, stats: EpochStats, candidate: LoggedCandidate) -> TrainResult:
+    v = candidate.validation
     best_val_auc = max(history.get("val_auc", [float("nan")]))
-    mlflow.log_metrics({f"final_val_{k}": float(v) for k, v in metrics.items()
-                        if isinstance(v, int | float) and np.isfinite(v)})
     mlflow.log_metric("best_val_auc", best_val_auc)
-    mlflow.log_metric("threshold", threshold)
-    mlflow.set_tag("threshold", repr(float(threshold)))  # full precision: a case at the threshold must not flip
-    mlflow.set_tag("threshold_policy", threshold_note)
-    if shifted is not None:
-        mlflow.log_metrics({k: float(v) for k, v in shifted.metrics().items() if np.isfinite(v)})
-        mlflow.log_text(shift.format_table(shifted), "evaluation/val_shift.txt")
-    mlflow.log_dict({"metrics": metrics, "subgroups": subgroups}, "evaluation/val.json")
-    mlflow.log_text(ev.format_table(metrics, subgroups), "evaluation/val.txt")
-    figures = {
-        "history.png": plots.plot_history(history),
-        "val_roc.png": plots.plot_roc(y, p, title="ROC (validation)"),
-        "val_pr.png": plots.plot_pr(y, p, title="Precision-recall (validation)"),
-        "val_confusion.png": plots.plot_confusion(y, p, threshold),
-        "val_calibration.png": plots.plot_calibration(y, p_raw, y_prob_calibrated=p, temperature=temperature),
-    }
-    if shifted is not None:
-        figures["val_shift.png"] = shift.plot_shift(shifted)
-    for name, fig in figures.items():  # object-API figures (pipeline.evaluate.plots): no pyplot, nothing to close
-        mlflow.log_figure(fig, f"plots/{name}")
-    mlflow.set_tag("mlflow.note.content", _description(metrics, best_val_auc, stats, manifest))
-    info_model = version = None
-    if cfg.train.log_model:
-        info_model = tracking.log_keras_model(model, manifest["image_size"], cfg.model.metadata_inputs,
-                                              registered_model_name=register_as)
-        version = getattr(info_model, "registered_model_version", None)
-    rate = float(np.median(stats.rates)) if stats.rates else float("nan")
-    return TrainResult(run_id=run_id, history=history, val_metrics=metrics, threshold=threshold,
-                       best_val_auc=best_val_auc, epochs=len(history.get("loss", [])), images_per_s=rate,
-                       model=model, model_uri=info_model.model_uri if info_model else None,
-                       model_version=str(version) if version is not None else None,
-                       temperature=temperature, val_ece=ece[0], val_ece_calibrated=ece[1],
-                       shift_metrics=shifted.metrics() if shifted is not None else {})
-
-
-def calibrate_on_validation(y, p_raw, threshold_raw: float) -> tuple[float, np.ndarray, float, tuple]:
-    """Temperature scaling fitted on the validation split (pipeline.net.calibration), logged to the active run.
-
-    -> (T, calibrated probabilities, the threshold on the calibrated scale, (ECE before, ECE after)).
-    Temperature scaling is monotone, so apply_temperature(threshold_raw, T) makes exactly the decisions the
-    raw threshold made on the raw scale. A validation split with one class has no finite optimum: T = 1."""
-    try:
-        temperature = fit_temperature(y, p_raw)
-    except ValueError:
-        temperature = 1.0
-    p_cal = apply_temperature(p_raw, temperature)
-    threshold = float(apply_temperature(threshold_raw, temperature))
-    ece = (expected_calibration_error(y, p_raw), expected_calibration_error(y, p_cal))
-    mlflow.log_metrics({"temperature": temperature, "val_ece": ece[0], "val_ece_calibrated": ece[1],
-                        "threshold_uncalibrated": float(threshold_raw)})
-    mlflow.set_tag("temperature", repr(float(temperature)))
-    return temperature, p_cal, threshold, ece
-
-
-
-def shift_battery(model, cfg: Config, data_dir: Path) -> shift.ShiftResult:
-    """The model's AUC under the shift battery on validation's fixed subset (pipeline/evaluate/shift.py)."""
-    sample = shift.load_sample(data_dir, "val", cfg.train.shift_max_images, cfg.train.shift_seed,
-                               with_meta=cfg.model.metadata_inputs)
-    return shift.score_battery(model, sample, seed=cfg.train.shift_seed, batch_size=cfg.data.batch_size)
-
-
-def decide_threshold(cfg: Config, y, p, shifted: shift.ShiftResult | None) -> tuple[float, str]:
-    """THE place the stored operating threshold is decided, on validation only -> (threshold, how).
-
-    The threshold is on the model's raw probability scale; a calibration step that rescales probabilities must
-    move it with them (a monotone map keeps the same decisions)."""
-    policy = cfg.train.threshold_policy
-    if policy == "robust":
-        if shifted is None:
-            raise ValueError("train.threshold_policy = 'robust' needs the shift battery (train.shift_battery)")
-        conditions = [shifted.clean, *shifted.probabilities.values()]
-        threshold, worst_j = shift.robust_threshold(shifted.labels, conditions)
-        return threshold, f"robust (worst-case Youden J {worst_j:.3f} over clean + {len(conditions) - 1} shifts)"
-    if policy == "sensitivity":
-        return (ev.choose_threshold(y, p, cfg.train.target_sensitivity),
-                f"sensitivity >= {cfg.train.target_sensitivity:g} on validation")
-    return ev.choose_threshold(y, p), "youden (max J on validation)"
+    mlflow.set_tag("mlflow.note.content", _description(v.metrics, best_val_auc, stats, setup.manifest))
+    return TrainResult(run_id=run_id, history=history, val_metrics=v.metrics, threshold=v.threshold,
+                       best_val_auc=best_val_auc, epochs=len(history.get("loss", [])),
+                       images_per_s=float(np.median(stats.rates)) if stats.rates else float("nan"),
+                       model=setup.model, model_uri=candidate.model_uri, model_version=candidate.version,
+                       jit_compile=bool(getattr(setup.model, "jit_compile", False)), precision=setup.precision,
+                       temperature=v.temperature, val_ece=v.ece[0], val_ece_calibrated=v.ece[1],
+                       shift_metrics=v.shift_metrics())
 
 
 def _description(m: dict, best_val_auc: float, stats: EpochStats, manifest: dict) -> str:
-    return (f"val AUC {ev.fmt_metric_ci(m, 'auc')} (best epoch {ev.fmt(best_val_auc)}); "
-            f"accuracy {ev.fmt(m['accuracy'])} vs majority baseline {ev.fmt(m['majority_baseline_accuracy'])}; "
-            f"sensitivity {ev.fmt(m['sensitivity'])}, specificity {ev.fmt(m['specificity'])} at threshold "
-            f"{ev.fmt(m['threshold'])}; {np.median(stats.rates) if stats.rates else 0:.0f} img/s; "
+    return (f"val AUC {metrics.fmt_metric_ci(m, 'auc')} (best epoch {metrics.fmt(best_val_auc)}); "
+            f"accuracy {metrics.fmt(m['accuracy'])} vs majority baseline {metrics.fmt(m['majority_baseline_accuracy'])}; "
+            f"sensitivity {metrics.fmt(m['sensitivity'])}, specificity {metrics.fmt(m['specificity'])} at threshold "
+            f"{metrics.fmt(m['threshold'])}; {np.median(stats.rates) if stats.rates else 0:.0f} img/s; "
             f"dataset {manifest['digest'][:12]}")
 
 
@@ -420,5 +380,5 @@ def summary_table(result: TrainResult) -> str:
         ("model", result.model_uri or "-"),
     ]
     width = max(len(k) for k, _ in rows)
-    return ev.format_table(m) + "\n" + "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
+    return metrics.format_table(m) + "\n" + "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
 

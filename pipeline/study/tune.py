@@ -19,10 +19,12 @@ from __future__ import annotations
 import datetime
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import traceback
 import warnings
@@ -32,7 +34,7 @@ from pathlib import Path
 import optuna
 from optuna.trial import TrialState
 
-from pipeline.artifact import tracking
+from pipeline.artifact import tag_keys, tracking
 from pipeline.config import Config, ConfigError
 from pipeline.data.manifest import dataset_digest, load_manifest
 from pipeline.errors import PneumoError, one_line
@@ -103,14 +105,44 @@ class StaleTrialSweeper:
 # span ~30 s, longer than a restart takes. Caveat: a write whose commit reached the server but whose answer was
 # lost is applied twice on retry; the window is one round trip, and Optuna's trial writes are keyed by trial.
 STORAGE_RETRIES = 6
-_RETRIED_CALLS = (
-    "create_new_trial", "set_trial_param", "set_trial_state_values", "set_trial_intermediate_value",
-    "set_trial_user_attr", "set_trial_system_attr", "record_heartbeat", "set_study_user_attr",
-    "set_study_system_attr", "get_study_id_from_name", "get_study_name_from_id", "get_study_directions",
-    "get_study_user_attrs", "get_study_system_attrs", "get_trial_user_attrs", "get_trial_system_attrs",
-    "get_all_studies", "get_trial_param", "get_trial_id_from_study_id_trial_number", "get_trial",
-    "get_all_trials", "get_best_trial", "_get_stale_trial_ids",
-)
+
+# Which RDBStorage methods are retried is read off Optuna itself, not written by hand: every public method, and
+# every private one that Optuna's _CachedStorage (the wrapper every study puts around an RDBStorage) calls on
+# its backend directly (Optuna 5.1: _create_new_trial, _set_trial_param, _get_trials, ...). A hand list missed
+# those, so a dropped connection there failed the trial. A method that is neither retried nor named below fails
+# tests/test_storage_resilience.py, so an Optuna upgrade that adds one is looked at, not skipped.
+NOT_RETRIED = {
+    # one-off set-up, run by the launcher: a dropped connection there should fail the launch loudly
+    "create_new_study", "delete_study", "upgrade", "get_current_version", "get_head_version",
+    "get_all_versions", "_create_unique_study_name",
+    # no database round trip of their own
+    "remove_session", "check_trial_is_updatable", "get_heartbeat_interval", "get_heartbeat_stale_trial_callback",
+    "get_failed_trial_callback", "_build_frozen_trial_from_trial_model", "_fill_storage_url_template",
+    "_set_default_engine_kwargs_for_mysql", "_get_prepared_new_trial",
+    # run inside a caller's open transaction: retrying them alone would commit half of it
+    "_set_trial_attr_without_commit", "_set_trial_intermediate_value_without_commit",
+    "_set_trial_param_without_commit", "_set_trial_value_without_commit",
+}
+
+
+def storage_methods() -> set[str]:
+    """Every method RDBStorage defines or inherits from BaseStorage (dunders aside)."""
+    return {name for cls in optuna.storages.RDBStorage.__mro__[:-1] for name, value in vars(cls).items()
+            if callable(value) and not name.startswith("__")}
+
+
+def cached_backend_calls() -> set[str]:
+    """The names Optuna's _CachedStorage calls on its backend (`self._backend.<name>`), read from its source."""
+    import inspect
+
+    from optuna.storages._cached_storage import _CachedStorage
+
+    return set(re.findall(r"self\._backend\.(\w+)\(", inspect.getsource(_CachedStorage)))
+
+
+def retried_calls() -> list[str]:
+    public = {name for name in storage_methods() if not name.startswith("_")}
+    return sorted((public | cached_backend_calls()) - NOT_RETRIED)
 
 
 def _transient(e: BaseException) -> bool:
@@ -122,20 +154,29 @@ def _transient(e: BaseException) -> bool:
         isinstance(cause, sqlalchemy.exc.DBAPIError) and cause.connection_invalidated)
 
 
+_retry_depth = threading.local()  # a retried call that calls another (create_new_trial -> _create_new_trial)
+
+
 def _retrying(name: str):
     def call(self, *args, **kwargs):
         method = getattr(optuna.storages.RDBStorage, name)  # looked up per call: tests can stand in for it
-        for attempt in range(STORAGE_RETRIES + 1):
-            try:
-                return method(self, *args, **kwargs)
-            except Exception as e:  # noqa: BLE001 (only a lost connection is retried)
-                if attempt == STORAGE_RETRIES or not _transient(e):
-                    raise
-                wait = min(0.5 * 2**attempt, 10.0)
-                print(f"optuna storage: connection lost in {name} ({type(e).__name__}); "
-                      f"retry {attempt + 1}/{STORAGE_RETRIES} in {wait:.1f} s", file=sys.stderr, flush=True)
-                self.scoped_session.remove()  # drop the session bound to the dead connection
-                time.sleep(wait)
+        if getattr(_retry_depth, "inside", False):  # the outermost call retries, or the attempts multiply
+            return method(self, *args, **kwargs)
+        _retry_depth.inside = True
+        try:
+            for attempt in range(STORAGE_RETRIES + 1):
+                try:
+                    return method(self, *args, **kwargs)
+                except Exception as e:  # noqa: BLE001 (only a lost connection is retried)
+                    if attempt == STORAGE_RETRIES or not _transient(e):
+                        raise
+                    wait = min(0.5 * 2**attempt, 10.0)
+                    print(f"optuna storage: connection lost in {name} ({type(e).__name__}); "
+                          f"retry {attempt + 1}/{STORAGE_RETRIES} in {wait:.1f} s", file=sys.stderr, flush=True)
+                    self.scoped_session.remove()  # drop the session bound to the dead connection
+                    time.sleep(wait)
+        finally:
+            _retry_depth.inside = False
     call.__name__ = name
     return call
 
@@ -144,9 +185,8 @@ class ResilientRDBStorage(optuna.storages.RDBStorage):
     """RDBStorage whose calls retry on a lost database connection (see STORAGE_RETRIES)."""
 
 
-for _name in _RETRIED_CALLS:
-    if hasattr(optuna.storages.RDBStorage, _name):
-        setattr(ResilientRDBStorage, _name, _retrying(_name))
+for _name in retried_calls():
+    setattr(ResilientRDBStorage, _name, _retrying(_name))
 
 
 def make_storage(url: str, cfg: Config) -> optuna.storages.RDBStorage:
@@ -265,16 +305,24 @@ def suggest(trial: optuna.Trial, space: dict) -> dict:
 
 
 # --- the worker ------------------------------------------------------------------------------------------
-def make_objective(spec: WorkerSpec, cfg: Config):
+@dataclass
+class WorkerState:
+    """What the objective leaves for the worker loop: the trial it last started (None before any), so the loop
+    can read how that trial ended, or find that a peer failed it as stale while it ran here."""
+
+    last_trial: int | None = None
+
+
+def make_objective(spec: WorkerSpec, cfg: Config, state: WorkerState):
     from mlflow import MlflowClient
     from optuna_integration.keras import KerasPruningCallback
 
-    from pipeline.study.train import train
+    from pipeline.study.train import RunSpec, train
 
     client = MlflowClient()
 
     def objective(trial: optuna.Trial) -> float:
-        objective.last_trial = trial.number
+        state.last_trial = trial.number
         trial_cfg = cfg.with_values(suggest(trial, cfg.tune.space))
         run: dict[str, str] = {}
 
@@ -287,16 +335,19 @@ def make_objective(spec: WorkerSpec, cfg: Config):
         callbacks = [KerasPruningCallback(trial, pruning_monitor(cfg.tune.metric))]
         worker = f"{os.uname().nodename}:{os.getpid()}"
         trial.set_user_attr("worker", worker)
-        tags = {"study": spec.study, "trial_number": str(trial.number), "state": "RUNNING", "worker": worker}
+        tags = {tag_keys.STUDY: spec.study, tag_keys.TRIAL_NUMBER: str(trial.number), "state": "RUNNING",
+                "worker": worker}
         frozen = trial.study.get_trials(deepcopy=False)[trial.number]
         retried = optuna.storages.RetryHeartbeatStaleTrialCallback.retried_trial_number(frozen)
         if retried is not None:
             tags["retry_of_trial"] = str(retried)
         try:
-            result = train(trial_cfg, spec.data_dir, tracking_uri=spec.tracking_uri, experiment=spec.study,
-                           run_name=f"trial-{trial.number:03d}", parent_run_id=spec.parent_run_id, tags=tags,
-                           callbacks=callbacks, register_as=cfg.tune.model_name, on_run_started=started,
-                           stop_exceptions=(optuna.TrialPruned,), verbose=0, config_file=spec.config_file)
+            run_spec = RunSpec(experiment=spec.study, name=f"trial-{trial.number:03d}",
+                               parent_run_id=spec.parent_run_id, tags=tags, on_started=started,
+                               stop_exceptions=(optuna.TrialPruned,))
+            result = train(trial_cfg, spec.data_dir, tracking_uri=spec.tracking_uri, run=run_spec,
+                           callbacks=callbacks, register_as=cfg.tune.model_name, verbose=0,
+                           config_file=spec.config_file)
         except optuna.TrialPruned:
             if "id" in run:
                 client.set_tag(run["id"], "state", "PRUNED")
@@ -312,18 +363,17 @@ def make_objective(spec: WorkerSpec, cfg: Config):
         if result.model_version:
             # The version carries the study's value under the metric's own name plus `study_metric`, so
             # `pneumo promote --study` ranks by what the study optimised (pipeline/promote/promotion.py).
-            tags = {"study": spec.study, "trial_number": str(trial.number),
-                    "val_auc": f"{float(result.val_metrics['auc']):.6f}", metric: f"{value:.6f}",
-                    "study_metric": metric, "dataset_digest": dataset_digest(spec.data_dir),
-                    "threshold": f"{result.threshold!r}", "temperature": f"{result.temperature!r}",
-                    "run_id": result.run_id}
+            tags = {tag_keys.STUDY: spec.study, tag_keys.TRIAL_NUMBER: str(trial.number),
+                    tag_keys.VAL_AUC: f"{float(result.val_metrics['auc']):.6f}", metric: f"{value:.6f}",
+                    tag_keys.STUDY_METRIC: metric, tag_keys.DATASET_DIGEST: dataset_digest(spec.data_dir),
+                    tag_keys.THRESHOLD: f"{result.threshold!r}", tag_keys.TEMPERATURE: f"{result.temperature!r}",
+                    tag_keys.RUN_ID: result.run_id}
             for key, val in tags.items():
                 client.set_model_version_tag(cfg.tune.model_name, result.model_version, key, val)
             trial.set_user_attr("model_version", result.model_version)
         trial.set_user_attr("threshold", result.threshold)
         return value
 
-    objective.last_trial = None
     return objective
 
 
@@ -333,11 +383,12 @@ def work(spec: WorkerSpec) -> dict[str, int]:
     cfg = config_from_json(spec.config)
     study = open_study(spec.study, spec.storage, cfg, spec.worker)
     queue_only(study)
-    objective = make_objective(spec, cfg)
+    state = WorkerState()
+    objective = make_objective(spec, cfg, state)
     outcomes = {"COMPLETE": 0, "PRUNED": 0, "FAIL": 0}
     failures = 0
     while spec.deadline is None or time.time() < spec.deadline:
-        objective.last_trial = None
+        state.last_trial = None
         t0 = time.perf_counter()
         try:
             study.optimize(objective, n_trials=1, catch=(Exception,), gc_after_trial=True)
@@ -353,15 +404,15 @@ def work(spec: WorkerSpec) -> dict[str, int]:
             # assertion when the objective itself returned). Objective errors never get here (catch=Exception
             # makes them FAIL trials), so an exception with this trial already FAIL is that case: the retry owns
             # the work now; drop this attempt and take the next trial rather than let the worker die.
-            last = objective.last_trial
+            last = state.last_trial
             if last is None or study.get_trials(deepcopy=False)[last].state != TrialState.FAIL:
                 raise
             print(f"trial {last} was failed as stale by another worker while it ran here; its retry takes over "
                   f"[worker {spec.worker}]", file=sys.stderr, flush=True)
             continue
-        if objective.last_trial is None:
+        if state.last_trial is None:
             continue
-        trial = study.get_trials(deepcopy=False)[objective.last_trial]
+        trial = study.get_trials(deepcopy=False)[state.last_trial]
         outcomes[trial.state.name] = outcomes.get(trial.state.name, 0) + 1
         if trial.state == TrialState.FAIL:
             failures += 1
@@ -395,7 +446,7 @@ def prepare(cfg: Config, study_name: str, storage_url: str, tracking_uri: str, t
             parent = None  # the MLflow store was reset: start a new parent
     if not parent:
         run = client.create_run(exp_id, run_name=f"study:{study_name}",
-                                tags={"study": study_name, "kind": "study", **tracking.source_tags()})
+                                tags={tag_keys.STUDY: study_name, tag_keys.KIND: "study", **tracking.source_tags()})
         parent = run.info.run_id
         study.set_user_attr("mlflow_parent_run_id", parent)
         study.set_user_attr("mlflow_experiment_id", exp_id)

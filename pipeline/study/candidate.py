@@ -1,0 +1,177 @@
+"""A fitted network -> a registered candidate: the one path a training run and an ensemble both take.
+
+`make_candidate` runs these steps, on the validation split only (the test split belongs to the gate):
+1. `validate`: predictions with patient ids and subgroup fields, the shift battery (when asked), the operating
+   threshold (`decide_threshold`, the experiment's policy), the temperature (`fit_calibration`), then metrics
+   and subgroups on the calibrated scale with intervals clustered by patient;
+2. `log_validation`: metrics, tags, tables and figures to the active MLflow run;
+3. `log_model`: the serving pyfunc with the network inside, registered under a model name when given.
+Training (`pipeline.study.train`) calls it after `fit`; `pneumo promote --ensemble` (`pipeline.promote.ensemble`)
+after averaging its members, so both decide the threshold and the calibration the same way.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import mlflow
+import numpy as np
+
+from pipeline.artifact import tag_keys, tracking
+from pipeline.config import Config
+from pipeline.evaluate import metrics, plots, shift
+from pipeline.evaluate.scoring import predict_split
+from pipeline.net.calibration import apply_temperature, expected_calibration_error, fit_temperature, nll
+
+
+@dataclass
+class Validation:
+    """Everything decided and measured on validation for one network."""
+
+    labels: np.ndarray
+    raw: np.ndarray  # the network's probabilities
+    calibrated: np.ndarray  # after the temperature: the scale every stored number is on
+    info: dict  # per record: patient_id, view_position, sex, age, boxes
+    threshold: float  # on the calibrated scale (the `threshold` tag)
+    threshold_raw: float
+    threshold_policy: str  # how it was decided, in words (the `threshold_policy` tag)
+    temperature: float  # 1.0 when validation has one class (no finite optimum)
+    ece: tuple[float, float]  # before, after calibration (in-sample: fitted on this split)
+    metrics: dict
+    subgroups: dict
+    shifted: shift.ShiftResult | None = None
+    battery_s: float = 0.0  # the shift battery's cost, paid once per candidate
+
+    def shift_metrics(self) -> dict:
+        return self.shifted.metrics() if self.shifted is not None else {}
+
+
+@dataclass
+class LoggedCandidate:
+    validation: Validation
+    model_uri: str | None = None
+    version: str | None = None  # the registered version, when registered
+
+
+def single_replica(model):
+    """The network to score with. Under MirroredStrategy Keras 3.15's predict_on_batch runs the whole batch on
+    every replica and concatenates the results (2 replicas: twice the predictions); the same layers as a model
+    built outside the strategy predict each record once."""
+    strategy = getattr(model, "distribute_strategy", None)  # TensorFlow backend only
+    return tracking.inference_copy(model) if strategy and strategy.num_replicas_in_sync > 1 else model
+
+
+def shift_battery(model, cfg: Config, data_dir: str | Path) -> shift.ShiftResult:
+    """The model's AUC under the shift battery on validation's fixed subset (pipeline/evaluate/shift.py)."""
+    sample = shift.load_sample(data_dir, "val", cfg.train.shift_max_images, cfg.train.shift_seed,
+                               with_meta=cfg.model.metadata_inputs)
+    return shift.score_battery(model, sample, seed=cfg.train.shift_seed, batch_size=cfg.data.batch_size)
+
+
+def decide_threshold(cfg: Config, y, p, shifted: shift.ShiftResult | None) -> tuple[float, str]:
+    """THE place the stored operating threshold is decided, on validation only -> (threshold, how).
+
+    The threshold is on the model's raw probability scale; a calibration step that rescales probabilities must
+    move it with them (a monotone map keeps the same decisions)."""
+    policy = cfg.train.threshold_policy
+    if policy == "robust":
+        if shifted is None:
+            raise ValueError("train.threshold_policy = 'robust' needs the shift battery (train.shift_battery)")
+        conditions = [shifted.clean, *shifted.probabilities.values()]
+        threshold, worst_j = shift.robust_threshold(shifted.labels, conditions)
+        return threshold, f"robust (worst-case Youden J {worst_j:.3f} over clean + {len(conditions) - 1} shifts)"
+    if policy == "sensitivity":
+        return (metrics.choose_threshold(y, p, cfg.train.target_sensitivity),
+                f"sensitivity >= {cfg.train.target_sensitivity:g} on validation")
+    return metrics.choose_threshold(y, p), "youden (max J on validation)"
+
+
+def fit_calibration(y, p_raw) -> float:
+    """Temperature scaling on validation (pipeline.net.calibration); 1.0 when one class leaves no optimum."""
+    try:
+        return fit_temperature(y, p_raw)
+    except ValueError:
+        return 1.0
+
+
+def validate(model, cfg: Config, data_dir: str | Path, *, with_shift: bool) -> Validation:
+    """Step 1: score validation, decide threshold and temperature, measure (module docstring)."""
+    scorer = single_replica(model)
+    y, p_raw, info = predict_split(scorer, data_dir, "val", cfg.data.batch_size, with_meta=cfg.model.metadata_inputs)
+    t_shift = time.perf_counter()
+    shifted = shift_battery(scorer, cfg, data_dir) if with_shift else None
+    battery_s = time.perf_counter() - t_shift
+    threshold_raw, policy = decide_threshold(cfg, y, p_raw, shifted)
+    temperature = fit_calibration(y, p_raw)
+    # Everything below is on the calibrated scale, the one model_store.LoadedModel.probabilities reports.
+    # Temperature scaling is monotone: the moved threshold makes exactly the raw threshold's decisions.
+    p = apply_temperature(p_raw, temperature)
+    threshold = float(apply_temperature(threshold_raw, temperature))
+    clusters = info["patient_id"]
+    measured = metrics.compute_metrics(y, p, threshold, n_boot=cfg.train.bootstrap, seed=cfg.train.seed,
+                                       clusters=clusters)
+    # Plain binary cross-entropy of the network on the whole val split (no label smoothing, no class weights,
+    # before calibration: the temperature is fitted on this split, so its NLL would flatter it):
+    # `tune.metric = "val_loss"` and the promotion rank by it (logged as final_val_loss).
+    measured["loss"] = nll(y, p_raw)
+    groups = {"view_position": info["view_position"], "sex": info["sex"],
+              "age_band": [metrics.age_band(a) for a in info["age"]]}
+    subgroups = metrics.subgroup_metrics(y, p, threshold, groups, n_boot=200, seed=cfg.train.seed, clusters=clusters)
+    ece = (expected_calibration_error(y, p_raw), expected_calibration_error(y, p))
+    return Validation(labels=y, raw=p_raw, calibrated=p, info=info, threshold=threshold,
+                      threshold_raw=float(threshold_raw), threshold_policy=policy, temperature=temperature, ece=ece,
+                      metrics=measured, subgroups=subgroups, shifted=shifted, battery_s=battery_s if with_shift else 0.0)
+
+
+def _finite(values: dict) -> dict:
+    return {k: float(v) for k, v in values.items() if isinstance(v, int | float) and np.isfinite(v)}
+
+
+def log_validation(v: Validation, history: dict | None = None, title: str = "validation") -> None:
+    """Step 2: what `validate` decided and measured, to the active run."""
+    mlflow.log_metrics({**{f"final_val_{k}": val for k, val in _finite(v.metrics).items()},
+                        "threshold": v.threshold, "threshold_uncalibrated": v.threshold_raw,
+                        "temperature": v.temperature, "val_ece": v.ece[0], "val_ece_calibrated": v.ece[1]})
+    mlflow.set_tags({tag_keys.THRESHOLD: repr(float(v.threshold)),  # full precision: a case at it must not flip
+                     tag_keys.THRESHOLD_POLICY: v.threshold_policy,
+                     tag_keys.TEMPERATURE: repr(float(v.temperature))})
+    if v.shifted is not None:
+        mlflow.log_metrics({**_finite(v.shift_metrics()), "shift_battery_s": v.battery_s})
+        mlflow.log_text(shift.format_table(v.shifted), "evaluation/val_shift.txt")
+    mlflow.log_dict({"metrics": v.metrics, "subgroups": v.subgroups}, "evaluation/val.json")
+    mlflow.log_text(metrics.format_table(v.metrics, v.subgroups), "evaluation/val.txt")
+    y, p = v.labels, v.calibrated
+    figures = {
+        "val_roc.png": plots.plot_roc(y, p, title=f"ROC ({title})", threshold=v.threshold,
+                                      clusters=v.info["patient_id"]),
+        "val_pr.png": plots.plot_pr(y, p, title=f"Precision-recall ({title})"),
+        "val_confusion.png": plots.plot_confusion(y, p, v.threshold),
+        "val_calibration.png": plots.plot_calibration(y, v.raw, y_prob_calibrated=p, temperature=v.temperature),
+    }
+    if history is not None:
+        figures["history.png"] = plots.plot_history(history)
+    if v.shifted is not None:
+        figures["val_shift.png"] = shift.plot_shift(v.shifted)
+    for name, fig in figures.items():  # object-API figures (pipeline.evaluate.plots): no pyplot, nothing to close
+        mlflow.log_figure(fig, f"plots/{name}")
+
+
+def log_model(model, image_size: int, with_meta: bool, register_as: str | None) -> tuple[str, str | None]:
+    """Step 3: the serving pyfunc, registered as `register_as` when given -> (model URI, version or None)."""
+    info = tracking.log_keras_model(model, image_size, with_meta, registered_model_name=register_as)
+    version = getattr(info, "registered_model_version", None)
+    return info.model_uri, str(version) if version is not None else None
+
+
+def make_candidate(model, cfg: Config, data_dir: str | Path, image_size: int, *, with_shift: bool,
+                   history: dict | None = None, register_as: str | None = None, log_network: bool = True,
+                   title: str = "validation") -> LoggedCandidate:
+    """Steps 1-3 in the active MLflow run; `log_network=False` (`train.log_model = false`) stops after step 2."""
+    validation = validate(model, cfg, data_dir, with_shift=with_shift)
+    log_validation(validation, history, title)
+    if not log_network:
+        return LoggedCandidate(validation)
+    uri, version = log_model(model, image_size, cfg.model.metadata_inputs, register_as)
+    return LoggedCandidate(validation, model_uri=uri, version=version)
