@@ -169,16 +169,18 @@ def cmd_demo(a):
 
 def cmd_promote(a):
     _read_only(a)  # it moves an alias at most: a store without registered models cannot be promoted from
-    from pipeline.config import PromoteConfig, load_config
+    from pipeline.config import load_config
     from pipeline.promote.promotion import format_decision, promote, rule_of
 
     # Every argument is checked before anything is written: --ensemble registers a version.
     if a.set and not a.config:
         raise UsageError("--set needs --config (the experiment file whose [promote] section it overrides)")
-    cfg = load_config(a.config, a.set).promote if a.config else PromoteConfig()
-    rule_of(cfg)
+    cfg = load_config(a.config, a.set).promote if a.config else None  # None: the study's own rule
+    if cfg is not None:
+        rule_of(cfg)
     gate = dict(config=cfg, externals=a.external, dry_run=a.dry_run, version=a.version,
-                tracking_uri=a.tracking_uri, log_images=a.log_images)
+                tracking_uri=a.tracking_uri, log_images=a.log_images,
+                rule_source=f"--config {a.config}" + (f" with --set {' '.join(a.set)}" if a.set else ""))
     if a.ensemble is not None:  # build and register the ensemble, then gate it like any candidate
         from pipeline.promote.ensemble import promote_ensemble
 

@@ -135,9 +135,10 @@ class PromoteConfig:
     floor_auc: float = 0.7  # a first champion's AUC lower bound must exceed this (0.7: "acceptable")
     floor_accuracy_margin: float = 0.0  # ... and its accuracy's lower bound the majority baseline by this
     require_external: list = field(default_factory=list)  # external set names that must be non-inferior
-    holdout_budget: int = 20  # Thresholdout: test answers that may differ from validation before a new split
-    holdout_threshold: float = 0.02  # Thresholdout T on the AUC scale (about one SE of a test AUC)
-    holdout_sigma: float = 0.005  # Thresholdout noise scale (Laplace)
+    # Reads one test split may answer (promotions, dry runs, `evaluate --split test`) before a fresh split is
+    # needed; each decision is taken at level alpha / test_queries (pipeline/evaluate/holdout.py). Recorded by
+    # the split's first read. 0 = uncorrected (each decision at alpha): for tests and benchmarks, no guarantee.
+    test_queries: int = 20
     bootstrap: int = 2000  # resamples of the paired cluster bootstrap reported beside DeLong
 
 
@@ -237,9 +238,7 @@ BOUNDS: dict[str, tuple[float, float, bool]] = {
     "train.shift_max_images": (0, INF, False),
     "promote.alpha": (1e-12, 1, True),  # in (0, 1)
     "promote.margin": (0, INF, False),
-    "promote.holdout_budget": (0, INF, False),
-    "promote.holdout_threshold": (0, INF, False),
-    "promote.holdout_sigma": (0, INF, False),
+    "promote.test_queries": (0, INF, False),
     "promote.bootstrap": (0, INF, False),
 }
 
@@ -269,11 +268,18 @@ def _section_type(section: str) -> type:
     return get_type_hints(Config)[section]
 
 
+# Keys an older experiment file may still carry, and what replaced them (a plain "unknown key" would not say).
+REMOVED = {f"promote.holdout_{k}": "Thresholdout gave way to a budget of test queries; use promote.test_queries "
+           "(pipeline/evaluate/holdout.py)" for k in ("budget", "threshold", "sigma")}
+
+
 def _split_key(key: str) -> tuple[str, str]:
     section, _, name = key.partition(".")
     if section not in SECTIONS or not name:
         raise ConfigError(f"unknown config key {key!r} (sections: {', '.join(SECTIONS)})")
     known = {f.name for f in dataclasses.fields(_section_type(section))}
+    if key in REMOVED:
+        raise ConfigError(f"config key {key!r} was removed: {REMOVED[key]}")
     if name not in known:
         raise ConfigError(f"unknown config key {key!r} (known in [{section}]: {', '.join(sorted(known))})")
     return section, name

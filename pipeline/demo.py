@@ -70,14 +70,14 @@ def run_demo(workdir: str = ".", tracking_uri: str | None = None, n: int = 800, 
                     "every completed model registered as pneumonia-cnn)")
     run_tune(cfg, "demo", data_dir=str(data), tracking_uri=tracking_uri, storage=storage,
              config_file=str(config_file))
-    _promote_and_predict(data, new, tracking_uri, steps, cfg.promote)
+    _promote_and_predict(data, new, tracking_uri, steps)  # by the rule the study recorded (demo.toml's)
     from pipeline.stores import masked
 
     print(f"\ndemo finished in {time.perf_counter() - start:.0f} s. Browse it: pneumo ui --tracking-uri "
           f"{masked(tracking_uri)}  (http://127.0.0.1:5000)")
 
 
-def _promote_and_predict(data: Path, new: Path, tracking_uri: str | None, steps: int, rule=None) -> None:
+def _promote_and_predict(data: Path, new: Path, tracking_uri: str | None, steps: int) -> None:
     """The last two steps: the evaluation gate moves `champion`, then the champion scores unseen DICOMs."""
     import io
 
@@ -85,7 +85,7 @@ def _promote_and_predict(data: Path, new: Path, tracking_uri: str | None, steps:
     from pipeline.promote.promotion import champion_uri, format_decision, promote
 
     _step(steps - 1, steps, "promote: the study's best version vs the champion on the locked test split")
-    print(format_decision(promote(data_dir=data, study="demo", tracking_uri=tracking_uri, config=rule)))
+    print(format_decision(promote(data_dir=data, study="demo", tracking_uri=tracking_uri)))
 
     out = new.parent / "demo-predictions.csv"
     _step(steps, steps, f"predict: {new.name} (patients no model has seen) with {champion_uri()} -> {out}")

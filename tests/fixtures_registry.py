@@ -111,3 +111,28 @@ def registry_store(registry_base, tmp_path) -> Store:
     shutil.copy2(registry_base.root / "mlruns" / "mlflow.db", root / "mlruns" / "mlflow.db")
     return Store(root, f"sqlite:///{root}/mlruns/mlflow.db", registry_base.data, registry_base.raw,
                  registry_base.versions, registry_base.val_auc, registry_base.test_auc, registry_base.meta_version)
+
+
+@pytest.fixture(scope="session")
+def external_data(tmp_path_factory) -> Path:
+    """Another synthetic site: other patients (another seed), converted like synth_data."""
+    from pipeline.data.convert import convert_rsna
+    from pipeline.data.synth import make_synthetic_dataset
+
+    raw = tmp_path_factory.mktemp("site2-raw")
+    make_synthetic_dataset(raw, n=60, size=128, seed=11, workers=2, progress=False)
+    out = tmp_path_factory.mktemp("site2") / "data"
+    convert_rsna(raw / "stage_2_train_images", raw / "stage_2_train_labels.csv", out, image_size=64, workers=2,
+                 progress=False)
+    return out
+
+
+@pytest.fixture(scope="session")
+def same_patients_data(synth_raw, tmp_path_factory) -> Path:
+    """The training DICOMs converted again with another split seed: another digest, the same patients."""
+    from pipeline.data.convert import convert_rsna
+
+    out = tmp_path_factory.mktemp("resplit") / "data"
+    convert_rsna(synth_raw / "stage_2_train_images", synth_raw / "stage_2_train_labels.csv", out, image_size=64,
+                 workers=2, seed=1, progress=False)
+    return out

@@ -153,3 +153,22 @@ def test_logits_scaled_by_three_are_brought_back(registry_store):
     q3 = apply_temperature(p3, t3)
     assert q3 == pytest.approx(apply_temperature(p, t0), abs=2e-3)
     assert nll(y, q3) < nll(y, p3)
+
+
+def test_held_out_calibration_evidence_is_measured_on_patients_the_temperature_did_not_see():
+    """An over-confident scorer (logits x 4): temperature scaling helps on patients it was not fitted on (the
+    cross-fitted ECE far below the raw one), as it does in sample."""
+    from pipeline.net.calibration import apply_temperature, expected_calibration_error, fit_temperature
+    from pipeline.study.candidate import heldout_ece
+
+    rng = np.random.default_rng(3)
+    patients = np.repeat(np.arange(300), 2)
+    logit = rng.normal(-1.0, 2.0, patients.size)
+    y = (rng.random(patients.size) < 1 / (1 + np.exp(-logit))).astype(int)  # the true probability
+    p_raw = 1 / (1 + np.exp(-4 * logit))  # 4x over-confident
+    raw = expected_calibration_error(y, p_raw)
+    held = heldout_ece(y, p_raw, patients, seed=0)
+    in_sample = expected_calibration_error(y, apply_temperature(p_raw, fit_temperature(y, p_raw)))
+    assert held < 0.5 * raw and in_sample < 0.5 * raw  # (T minimises NLL, not ECE: either may be the lower)
+    assert held == heldout_ece(y, p_raw, patients, seed=0)  # the halves come from the seed
+    assert np.isnan(heldout_ece(y[:6], p_raw[:6], patients[:6]))  # 3 patients: no two halves to cross-fit

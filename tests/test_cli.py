@@ -14,6 +14,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.conftest import no_postgres
+
 REPO = Path(__file__).resolve().parents[1]
 SMOKE = REPO / "experiments" / "smoke.toml"
 
@@ -374,7 +376,7 @@ def test_postgres_code_paths_need_only_psycopg3(monkeypatch):
     try:
         psycopg.connect(url, connect_timeout=2).close()
     except psycopg.OperationalError as e:
-        pytest.skip(f"no PostgreSQL on 127.0.0.1:5432 ({e})")
+        no_postgres(f"no PostgreSQL on 127.0.0.1:5432 ({e})")
     monkeypatch.setitem(sys.modules, "psycopg2", None)  # `import psycopg2` now fails
     import sqlalchemy as sa
 

@@ -1,4 +1,4 @@
-"""The promotion rule (pipeline.promote.gate) and the reusable holdout (pipeline.evaluate.holdout) on constructed evidence."""
+"""The promotion rule (pipeline.promote.gate) and the test split's budget (pipeline.evaluate.holdout) on constructed evidence."""
 
 from __future__ import annotations
 
@@ -102,36 +102,63 @@ def test_required_external_sets():
     assert ok.outcome == "promoted"
 
 
-def test_thresholdout_answers_and_spends(tmp_path):
+def _a_fraction(text: str) -> bool:
+    try:
+        return 0 < float(text) < 1
+    except ValueError:
+        return False
+
+
+def _store(tmp_path):
     from pipeline.artifact import tracking
 
     uri = f"sqlite:///{tmp_path}/mlflow.db"
-    client = tracking.setup(uri)
-    t = holdout.Thresholdout(client, "d" * 64, budget=2, threshold=0.02, sigma=0.0)
-    close = t.query("1", 0.90, 0.905)  # within the threshold: the validation AUC is the answer
-    assert (close.answered, close.source, close.spent) == (0.90, "validation", False)
-    far = t.query("2", 0.90, 0.80)
-    assert far.spent and far.source == "test+noise" and far.answered == 0.80 and t.left == 1
-    holdout.record(client, uri, digest="d" * 64, split="test", command="promote", versions=["1", "2"],
-                   answered={}, data_dir="x", extra=t.ledger_tags())
-    again = holdout.Thresholdout(client, "d" * 64, budget=2, threshold=0.02, sigma=0.0)
-    assert again.used == 1 and again.left == 1
-    with_noise = holdout.Thresholdout(client, "e" * 64, budget=5, threshold=0.02, sigma=0.01,
-                                      rng=np.random.default_rng(0))
-    answers = [with_noise.query("1", 0.9, 0.7).answered for _ in range(3)]
-    assert all(a != 0.7 and abs(a - 0.7) < 0.2 for a in answers) and len(set(answers)) == 3
-    assert len(holdout.reads(client, "d" * 64)) == 1 and holdout.reads(client, "e" * 64) == []
+    return uri, tracking.setup(uri)
 
 
-def test_spent_budget_refuses_with_the_way_out(tmp_path):
-    from pipeline.artifact import tracking
+def _charge(client, uri, digest, queries, command="promote"):
+    return holdout.charge(client, uri, digest=digest, split="test", command=command, versions=["1"],
+                          data_dir="tfrecords/x", queries=queries)
 
-    uri = f"sqlite:///{tmp_path}/mlflow.db"
-    client = tracking.setup(uri)
-    t = holdout.Thresholdout(client, "f" * 64, budget=1, threshold=0.0, sigma=0.0)
-    t.require_budget("tfrecords/x")
-    assert t.query("1", 0.9, 0.8).spent and t.left == 0
-    assert math.isnan(t.query("2", 0.9, 0.8).answered)  # no budget left inside this decision: no answer
-    with pytest.raises(holdout.HoldoutSpent, match=r"tfrecords/x: the reusable-holdout budget .* spent .* "
-                                                   r"bring a fresh test split.*pneumo convert"):
-        t.require_budget("tfrecords/x")
+
+def test_every_read_is_one_query_and_a_spent_budget_refuses(tmp_path):
+    uri, client = _store(tmp_path)
+    first = _charge(client, uri, "d" * 64, queries=2)
+    assert (first.query, first.queries, first.left) == (1, 2, 1) and first.level(0.05) == pytest.approx(0.025)
+    second = _charge(client, uri, "d" * 64, queries=2, command="evaluate")
+    assert second.query == 2 and second.left == 0
+    with pytest.raises(holdout.BudgetSpent, match=r"tfrecords/x: the test split of dataset dddddddddddd has answered "
+                                                  r"all 2 of its queries.*bring a fresh test split.*pneumo convert"):
+        _charge(client, uri, "d" * 64, queries=2)
+    # The budget is the one the split's first read recorded: a later, larger one does not reopen it.
+    with pytest.raises(holdout.BudgetSpent):
+        _charge(client, uri, "d" * 64, queries=100)
+    assert len(holdout.reads(client, "d" * 64)) == 2  # the refused reads wrote nothing
+    # Another split has its own budget; the ledger holds outcomes in words, never a test number.
+    other = _charge(client, uri, "e" * 64, queries=5)
+    holdout.settle(client, other, "kept")
+    (entry,) = holdout.reads(client, "e" * 64)
+    assert entry.data.tags["outcome"] == "kept" and not entry.data.metrics
+    assert [v for v in entry.data.tags.values() if _a_fraction(v)] == []
+    # test_queries = 0: uncorrected, unlimited (tests and benchmarks only)
+    raw = [_charge(client, uri, "f" * 64, queries=0) for _ in range(3)]
+    assert [c.level(0.05) for c in raw] == [0.05] * 3 and raw[-1].left == math.inf
+    assert "UNCORRECTED" in raw[0].describe(0.05) and "query 1 of 2" in first.describe(0.05)
+
+
+def test_two_readers_racing_for_the_last_query_cannot_both_have_it(tmp_path, monkeypatch):
+    """Both checked the count before either wrote (the race); whoever the store orders later is refused."""
+    uri, client = _store(tmp_path)
+    real = holdout.record
+
+    def rival_writes_first(*args, **kwargs):  # the other reader's append lands just before ours
+        monkeypatch.setattr(holdout, "record", real)
+        real(*args, **{**kwargs, "command": "rival"})
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(holdout, "record", rival_writes_first)
+    with pytest.raises(holdout.BudgetSpent):
+        _charge(client, uri, "a" * 64, queries=1)
+    entries = holdout.reads(client, "a" * 64)
+    assert [e.data.tags["command"] for e in entries] == ["rival", "promote"]
+    assert entries[1].data.tags["outcome"].startswith("refused")

@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from pipeline.config import PromoteConfig
+from tests.conftest import no_postgres
 
 pytest_plugins = ["fixtures_registry"]
 MODEL, META_MODEL, STUDY = "pneumonia-cnn", "pneumonia-cnn-meta", "regstudy"  # as in fixtures_registry
@@ -25,9 +26,10 @@ REPO = Path(__file__).resolve().parents[1]
 N_BOOT = 100  # bootstrap resamples in the tests: the numbers are not the point here
 # The tiny models of fixtures_registry are trained for seconds on 48 test patients: none clears the clinical
 # floor, and their differences are rarely significant. Tests of the mechanics (recording, history, racing)
-# use a rule that decides on the point estimate (alpha close to 1: the interval shrinks to the estimate) and a
-# floor every model clears; the real rule is tested on a model trained longer below and in tests/test_gate.py.
-POINT = PromoteConfig(alpha=0.999, floor_auc=0.0, floor_accuracy_margin=-1.0, bootstrap=200, holdout_budget=1000)
+# use a rule that decides on the point estimate (alpha close to 1: the interval shrinks to the estimate, and
+# test_queries = 0: no correction for test reuse) and a floor every model clears; the real rule is tested on a
+# model trained longer below, on constructed evidence (the reuse correction decides), and in tests/test_gate.py.
+POINT = PromoteConfig(alpha=0.999, floor_auc=0.0, floor_accuracy_margin=-1.0, bootstrap=200, test_queries=0)
 
 
 def _client(uri):
@@ -118,7 +120,7 @@ def test_promote_picks_the_best_version_and_sets_champion(registry_store):
         f.path for f in c.list_artifacts(d.run_id, "model_card")}
     assert {"plots/auc_comparison.png", "model_card/model_card.md", "model_card/subgroups.png"} <= files
     assert run.data.params["policy"] == "superiority" and "rule" in run.data.tags
-    assert run.data.metrics["test_patients"] > 0 and "holdout_budget_left" in run.data.metrics
+    assert run.data.metrics["test_patients"] > 0 and run.data.metrics["test_query"] == 1
     # Grad-CAM of test images is opt-in: nothing under explanations/ on the training run
     assert not c.list_artifacts(d.candidate.run_id, "explanations")
 
@@ -134,21 +136,31 @@ def test_a_worse_candidate_is_not_promoted(registry_store, capsys, tmp_path):
                  "--config", _config_file(tmp_path, POINT)])
     out = capsys.readouterr().out
     assert code == 0  # a clear outcome, not an error
-    assert "NOT PROMOTED" in out and "not promoted: superiority" in out and f"champion v{best} unchanged" in out
-    assert "clustered DeLong, p=" in out and "paired cluster bootstrap" in out and "patients" in out
+    assert "NOT PROMOTED" in out and "kept: the candidate did not pass the rule" in out
+    assert f"champion v{best} unchanged" in out and "sealed" in out
+    # The candidate's test results are revealed nowhere: not printed, not logged, not tagged, not carded.
+    worst_auc = f"{s.test_auc[worst]:.3f}"
+    assert worst_auc not in out.replace(f"{s.test_auc[best]:.3f}", "")  # the champion's own figures may show
+    assert "clustered DeLong, p=" not in out and "NOT above" not in out and "AUC  " not in out
     after = snapshot(s.uri)
     assert after["aliases"] == before["aliases"] == {"champion": best}
     # no version's tags or aliases change (versions without a description get their short one)
     assert {v: (t, a) for v, (t, _, a) in after["versions"].items()} == \
         {v: (t, a) for v, (t, _, a) in before["versions"].items()}
+    worst_tags = next(tags for v, (tags, _, _) in after["versions"].items() if str(v) == worst)
+    assert not [key for key in worst_tags if "test" in key]
     new_runs = set(after["runs"]) - set(before["runs"])
     assert len(new_runs) == 2  # the decision is recorded all the same, and the read goes into the test ledger
-    # (the ledger's run is named `promote:test:<digest>`: pick the decision run by its exact name, not by the
-    # prefix both share, or the set's order decides which one is checked)
-    run = next(r for r in map(_client(s.uri).get_run, new_runs) if r.info.run_name == f"promote:{worst}")
-    assert run.data.tags["decision"] == "rejected" and run.data.metrics["auc_diff"] < 0
-    assert {f.path for f in _client(s.uri).list_artifacts(run.info.run_id, "evaluation")} >= {
-        "evaluation/candidate.json", "evaluation/champion.json", "evaluation/comparison.json"}
+    # (the ledger's run is named `promote --version:test:<digest>`: pick the decision run by its exact name)
+    c = _client(s.uri)
+    run = next(r for r in map(c.get_run, new_runs) if r.info.run_name == f"promote:{worst}")
+    assert run.data.tags["decision"] == "rejected"
+    assert not [k for k in run.data.metrics if k.startswith("candidate_test") or k.startswith("auc_diff")]
+    assert {f.path for f in c.list_artifacts(run.info.run_id, "evaluation")} == {
+        "evaluation/champion.json", "evaluation/decision.json"}
+    assert not c.list_artifacts(run.info.run_id, "plots")
+    ledger = next(r for r in map(c.get_run, new_runs) if r.info.run_id != run.info.run_id)
+    assert ledger.data.tags["outcome"] == "kept" and not ledger.data.metrics
 
 
 def test_non_inferiority_needs_a_better_study_metric_and_history_is_kept(registry_store):
@@ -157,7 +169,7 @@ def test_non_inferiority_needs_a_better_study_metric_and_history_is_kept(registr
     wide = replace(POINT, policy="non_inferiority", margin=1.0)
     _make_champion(s, high_val)
     d = _promote(s, version=low_val, config=wide)  # within any margin, but worse where the study looked
-    assert d.outcome == "rejected" and "study metric val_auc" in d.reason and "NOT better" in d.reason
+    assert d.outcome == "rejected" and d.sealed and d.checks == [] and d.reason.startswith("kept")
     _make_champion(s, low_val)
     d = _promote(s, version=high_val, config=wide)
     assert d.outcome == "promoted" and d.checks[1][1]
@@ -359,7 +371,7 @@ def test_promotion_lock_on_postgresql():
     try:
         psycopg.connect(url, connect_timeout=2).close()
     except psycopg.OperationalError as e:
-        pytest.skip(f"no PostgreSQL on 127.0.0.1:5432 ({e})")
+        no_postgres(f"no PostgreSQL on 127.0.0.1:5432 ({e})")
     from pipeline.promote.lock import promotion_lock
 
     spans = []
@@ -406,8 +418,7 @@ def test_a_version_against_itself_is_not_a_promotion(registry_store, policy):
     twin = _reregister(s, best)
     d = _promote(s, version=twin, config=PromoteConfig(policy=policy, bootstrap=200))
     assert d.outcome == "rejected" and _aliases(s) == {"champion": best}
-    assert d.comparison["diff"] == 0.0 and d.comparison["delong_ci_low"] == 0.0
-    assert ("NOT above 0" if policy == "superiority" else "NOT better") in d.reason
+    assert d.sealed and d.comparison is None and d.candidate_eval is None  # nothing to show for a kept one
 
 
 def test_a_clearly_better_model_is_promoted_and_its_artifact_is_guarded(registry_store, tmp_path, capsys):
@@ -445,8 +456,8 @@ def test_a_clearly_better_model_is_promoted_and_its_artifact_is_guarded(registry
                               "changed since promotion")
 
 
-# --- the ledger and the reusable holdout ----------------------------------------------------------------------
-def test_ledger_counts_test_reads_and_a_spent_budget_refuses(registry_store, tmp_path, capsys):
+# --- the test split's budget -------------------------------------------------------------------------------
+def test_every_test_read_is_charged_and_a_spent_budget_refuses(registry_store, tmp_path, capsys):
     from pipeline.cli import main
     from pipeline.evaluate import holdout
 
@@ -454,39 +465,136 @@ def test_ledger_counts_test_reads_and_a_spent_budget_refuses(registry_store, tmp
     digest = json.loads((s.data / "manifest.json").read_text())["digest"]
     worst, mid, best = s.by_test_auc
     _make_champion(s, worst)
-    # T = 0, no noise: any gap between validation and test AUC is answered from the test split and costs one unit
-    tight = replace(POINT, holdout_budget=2, holdout_threshold=0.0, holdout_sigma=0.0)
-    d = _promote(s, version=mid, config=tight)
-    assert len(holdout.reads(_client(s.uri), digest)) == 1
-    assert [a.source for a in d.holdout] == ["test+noise", "test+noise"] and d.holdout_left == 0
+    tight = _config_file(tmp_path, replace(POINT, test_queries=3))
+    assert main(["promote", "--dry-run", "--version", mid, "--tracking-uri", s.uri, "--config", tight]) == 0
+    assert "query 1 of 3 on this test split" in capsys.readouterr().out
     assert main(["evaluate", "--model", f"models:/{MODEL}/{best}", "--data", str(s.data), "--split", "test",
                  "--tracking-uri", s.uri]) == 0
+    assert main(["promote", "--version", mid, "--tracking-uri", s.uri, "--config", tight]) == 0
+    out = capsys.readouterr().out
+    assert "query 3 of 3" in out and "0 left" in out
     entries = holdout.reads(_client(s.uri), digest)
-    assert len(entries) == 2 and [e.data.tags["command"] for e in entries] == ["promote", "evaluate"]
-    assert entries[0].data.tags["versions"] == f"{mid},{worst}" and "test_auc_answered" in entries[0].data.tags["answered"]
-    capsys.readouterr()
+    assert [e.data.tags["command"] for e in entries] == ["promote --dry-run", "evaluate", "promote --version"]
+    assert entries[0].data.tags["versions"] == f"{mid},{worst}" and entries[0].data.tags["test_queries"] == "3"
+    assert entries[0].data.tags["outcome"] in ("would be promoted", "kept")
     before = snapshot(s.uri)
-    code = main(["promote", "--version", best, "--tracking-uri", s.uri, "--config", _config_file(tmp_path, tight)])
-    err = capsys.readouterr().err.strip().splitlines()[-1]
-    assert code == 2 and err.startswith(f"pneumo promote: error: {s.data}: the reusable-holdout budget")
-    assert "bring a fresh test split" in err
-    assert snapshot(s.uri) == before  # refused before reading the test split
+    for argv in (["promote", "--version", best, "--tracking-uri", s.uri, "--config", tight],
+                 ["promote", "--dry-run", "--version", best, "--tracking-uri", s.uri, "--config", tight],
+                 ["evaluate", "--model", f"models:/{MODEL}/{best}", "--data", str(s.data), "--split", "test",
+                  "--tracking-uri", s.uri]):
+        code = main(argv)
+        err = capsys.readouterr().err.strip().splitlines()[-1]
+        assert code == 2 and f"{s.data}: the test split of dataset {digest[:12]} has answered all 3" in err, err
+        assert "bring a fresh test split" in err
+    assert snapshot(s.uri) == before  # refused before anything was read or written
     # `pneumo evaluate` defaults to the validation split, which is not a read of the test split
     assert main(["evaluate", "--model", f"models:/{MODEL}/{best}", "--data", str(s.data),
                  "--tracking-uri", s.uri, "--out", str(tmp_path / "val.json")]) == 0
     assert json.loads((tmp_path / "val.json").read_text())["split"] == "val"
-    assert len(holdout.reads(_client(s.uri), digest)) == 2
-    # the ledger is kept by the evaluation itself, not by the CLI: a script calling it is counted too
+    # the charge is made by the evaluation itself, not by the CLI: a script calling it is refused too
     from pipeline.evaluate.scoring import evaluate_model
 
-    evaluate_model(f"models:/{MODEL}/{best}", s.data, "test", tracking_uri=s.uri, out=tmp_path / "t.json",
-                   n_boot=10, ledger="benchmarks/generalization.py")
-    entries = holdout.reads(_client(s.uri), digest)
-    assert [e.data.tags["command"] for e in entries] == ["promote", "evaluate", "benchmarks/generalization.py"]
+    with pytest.raises(holdout.BudgetSpent):
+        evaluate_model(f"models:/{MODEL}/{best}", s.data, "test", tracking_uri=s.uri, out=tmp_path / "t.json",
+                       n_boot=10, ledger="benchmarks/generalization.py")
+
+
+def test_concurrent_promotions_share_one_budget(registry_store):
+    """Two promotions at once on a split with one query left: the lock serialises them, and the second finds
+    the budget spent (it cannot read the count the first had not yet spent)."""
+    from pipeline.evaluate import holdout
+    from pipeline.promote.promotion import promote
+
+    s = registry_store
+    worst, mid, best = s.by_test_auc
+    _make_champion(s, worst)
+    one = replace(POINT, test_queries=1)
+    scored, release = threading.Event(), threading.Event()
+    result: dict = {}
+
+    def hold(decision):  # the first has scored and waits before taking the lock
+        scored.set()
+        release.wait(120)
+
+    def first():
+        try:
+            result["first"] = promote(MODEL, version=mid, tracking_uri=s.uri, n_boot=N_BOOT, config=one,
+                                      before_commit=hold)
+        except BaseException as e:  # noqa: BLE001 - inspected in the main thread
+            result["first"] = e
+
+    t = threading.Thread(target=first)
+    t.start()
+    assert scored.wait(120)
+    second = _promote(s, version=best, config=one)  # takes the last query while the first waits
+    release.set()
+    t.join(180)
+    assert second.outcome == "promoted" and second.charges[0].query == 1
+    assert isinstance(result["first"], holdout.BudgetSpent), result["first"]
+    assert _aliases(s)["champion"] == best
+
+
+@pytest.mark.parametrize("queries, outcome, level", [(20, "rejected", 0.0025), (0, "promoted", 0.05)])
+def test_the_decision_goes_through_the_reuse_correction(registry_store, monkeypatch, queries, outcome, level):
+    """Evidence that the raw gate (each decision at alpha, test_queries = 0) promotes and alpha / test_queries
+    does not: the same scores, two outcomes. Constructed scores stand in for the models' (each case on a store
+    of its own: a split keeps the budget its first read recorded)."""
+    import numpy as np
+
+    from pipeline.evaluate.metrics import compute_metrics, delong_test
+    from pipeline.promote import promotion
+    from pipeline.promote.gate import Evaluation
+
+    rng = np.random.default_rng(4)
+    n = 600
+    y = (rng.random(n) < 0.4).astype(int)
+    base = rng.normal(size=n) + 1.6 * y
+    champ_p = 1 / (1 + np.exp(-(base + rng.normal(0, 0.9, n))))
+    for lift in np.linspace(0.1, 1.0, 46):  # the smallest gain significant at 0.05 but not at 0.05 / 20
+        cand_p = 1 / (1 + np.exp(-(base + lift * y + rng.normal(0, 0.9, n))))
+        raw, corrected = (delong_test(y, cand_p, champ_p, alpha=a)["ci_low"] for a in (0.05, 0.05 / 20))
+        if raw > 0 > corrected:
+            break
+    else:
+        pytest.fail("no constructed gain falls between the two levels")
+    probs = {}
+    s = registry_store
+    worst, mid, _ = s.by_test_auc
+    probs[mid], probs[worst] = cand_p, champ_p
+
+    def evaluate_version(model, version, data_dir, tracking_uri, n_boot=1000, split="test"):
+        m = compute_metrics(y, probs[version], 0.5, n_boot=50)
+        return Evaluation(version=version, metrics=m, subgroups=[], threshold=0.5, threshold_source="t",
+                          labels=y, probabilities=probs[version], patient_id=list(range(n)), report={})
+
+    monkeypatch.setattr(promotion, "evaluate_version", evaluate_version)
+    _make_champion(s, worst)
+    d = _promote(s, version=mid, config=PromoteConfig(alpha=0.05, bootstrap=100, test_queries=queries))
+    assert d.outcome == outcome and d.level == pytest.approx(level) and d.sealed == (outcome == "rejected")
+    assert _aliases(s)["champion"] == (mid if outcome == "promoted" else worst)
+
+
+def test_promote_study_decides_by_the_rule_the_study_was_launched_with(registry_store, capsys):
+    """No --config: the study's recorded [promote] (pipeline.study.tune.prepare records it); --config wins."""
+    from pipeline.artifact import tag_keys
+    from pipeline.cli import main
+
+    s = registry_store
+    c = _client(s.uri)
+    (parent,) = c.search_runs([c.get_experiment_by_name(STUDY).experiment_id], "tags.kind = 'study'")
+    rule = {"promote": {**POINT.__dict__, "policy": "non_inferiority", "margin": 0.5, "floor_auc": 0.0},
+            "experiment_file": "/somewhere/experiments/kermany.toml", "experiment_sha256": "ab" * 32}
+    c.set_tag(parent.info.run_id, tag_keys.STUDY_RULE, json.dumps(rule))
+    assert main(["promote", "--study", STUDY, "--dry-run", "--tracking-uri", s.uri]) == 0
+    out = capsys.readouterr().out
+    assert "rule       non-inferiority" in out
+    assert f"rule from  /somewhere/experiments/kermany.toml ([promote] recorded by study '{STUDY}' at launch, " \
+           "sha256 abababababab)" in out
+    assert main(["promote", "--study", "nosuch-study", "--dry-run", "--tracking-uri", s.uri]) == 2  # no versions
 
 
 # --- external sets --------------------------------------------------------------------------------------------
-def test_external_sets_in_the_table_metrics_and_card(registry_store, capsys, tmp_path):
+def test_external_sets_in_the_table_metrics_and_card(registry_store, external_data, capsys, tmp_path):
     from pipeline.cli import main
 
     s = registry_store
@@ -495,14 +603,14 @@ def test_external_sets_in_the_table_metrics_and_card(registry_store, capsys, tmp
     cfg = _config_file(tmp_path, replace(POINT, require_external=["site2"]))
     assert main(["promote", "--version", best, "--tracking-uri", s.uri, "--config", cfg]) == 0
     out = capsys.readouterr().out
-    assert "NOT PROMOTED" in out and "--external site2=DATA" in out
+    assert "NOT PROMOTED" in out and "kept" in out
     assert main(["promote", "--version", best, "--tracking-uri", s.uri, "--config", cfg,
-                 "--external", f"site2={s.data}"]) == 0
+                 "--external", f"site2={external_data}"]) == 0
     out = capsys.readouterr().out
     assert "@ site2" in out and "AUC @ site2" in out and "PROMOTED" in out
     c = _client(s.uri)
     run = c.get_run(c.get_model_version(MODEL, best).tags["promotion_run_id"])
-    n_all = sum(sp["count"] for sp in json.loads((s.data / "manifest.json").read_text())["splits"].values())
+    n_all = sum(sp["count"] for sp in json.loads((external_data / "manifest.json").read_text())["splits"].values())
     for key in ("external_site2_auc", "external_site2_accuracy", "external_site2_sensitivity",
                 "external_site2_specificity", "external_site2_champion_auc"):
         assert key in run.data.metrics
@@ -513,6 +621,20 @@ def test_external_sets_in_the_table_metrics_and_card(registry_store, capsys, tmp
     assert "external `site2`" in card and "PASS external site2" in card
     assert main(["promote", "--tracking-uri", s.uri, "--external", "nonsense"]) == 2
     assert "expected NAME=DATA" in capsys.readouterr().err
+
+
+def test_an_external_set_must_be_external(registry_store, same_patients_data, capsys):
+    """The training dataset itself, or one sharing its patients, is refused with exit 2 before any read."""
+    from pipeline.cli import main
+
+    s = registry_store
+    before = snapshot(s.uri)
+    for data, why in ((s.data, "this is the training dataset itself"),
+                      (same_patients_data, "of its patients are in the training dataset")):
+        assert main(["promote", "--tracking-uri", s.uri, "--external", f"site2={data}"]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and f"--external site2={data}: " in err[0] and why in err[0], err
+    assert snapshot(s.uri) == before
 
 
 # --- the lock on a tracking server ------------------------------------------------------------------------------
@@ -581,7 +703,7 @@ def test_promote_never_prints_a_database_password(capsys):
     try:
         admin = psycopg.connect("postgresql://postgres@127.0.0.1:5432/postgres", connect_timeout=2, autocommit=True)
     except psycopg.OperationalError as e:
-        pytest.skip(f"no PostgreSQL on 127.0.0.1:5432 ({e})")
+        no_postgres(f"no PostgreSQL on 127.0.0.1:5432 ({e})")
     name = f"pneumo_test_mask_{uuid.uuid4().hex[:8]}"
     with admin.cursor() as cur:
         cur.execute(f'CREATE DATABASE "{name}"')

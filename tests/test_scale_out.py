@@ -25,7 +25,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import REPO, wait_for
+from tests.conftest import REPO, no_postgres, wait_for
 
 pytestmark = pytest.mark.slow
 
@@ -55,7 +55,7 @@ def _admin_connection():
             continue
         conn.autocommit = True  # CREATE/DROP DATABASE cannot run inside a transaction
         return conn, url.set(username=user, database=None)
-    pytest.skip(f"PostgreSQL not reachable at {PG_SERVER} (set PNEUMO_TEST_POSTGRES): {'; '.join(errors)}")
+    no_postgres(f"PostgreSQL not reachable at {PG_SERVER} (set PNEUMO_TEST_POSTGRES): {'; '.join(errors)}")
 
 
 @pytest.fixture()

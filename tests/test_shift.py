@@ -8,23 +8,22 @@ import os
 import subprocess
 import sys
 
+import keras  # noqa: F401  (hard dependencies, imported directly: a broken install fails, it does not skip)
 import numpy as np
 import pytest
+import tensorflow as tf
 from mlflow import MlflowClient
 
-tf = pytest.importorskip("tensorflow")
-keras = pytest.importorskip("keras")
-
-from pipeline.config import AugmentConfig, ConfigError, load_config  # noqa: E402
-from pipeline.evaluate import shift  # noqa: E402
-from pipeline.net.augment import (  # noqa: E402
+from pipeline.config import AugmentConfig, ConfigError, load_config
+from pipeline.evaluate import shift
+from pipeline.net.augment import (
     PerImageStandardization,
     RandomBlur,
     RandomGamma,
     RandomNoise,
     augmentation_block,
 )
-from tests.conftest import REPO  # noqa: E402
+from tests.conftest import REPO
 
 SMOKE = REPO / "experiments" / "smoke.toml"
 SIZE = 48

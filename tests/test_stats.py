@@ -149,3 +149,40 @@ def test_kermany_clustered_intervals_are_wider(tmp_path):
     _, cov_c = evaluation_metrics.auc_covariance(y, [p], pids)
     _, cov_n = evaluation_metrics.auc_covariance(y, [p])
     assert cov_c[0, 0] > 1.2 * cov_n[0, 0]
+
+
+def test_clustered_delong_with_patients_whose_images_carry_different_labels():
+    """A patient's images need not share a label (one lung read positive, a follow-up negative): Obuchowski's
+    form then puts one patient's placement values on both sides (V10 and V01 of one cluster, the S11 term). Over
+    600 simulated studies its SE matches the empirical spread of the AUC, paired and single, as the patient
+    bootstrap's does; the per-image DeLong understates it."""
+    rng = np.random.default_rng(12)
+
+    def study():
+        k, images = 80, 3
+        pid = np.repeat(np.arange(k), images)
+        risk = rng.random(k)  # each image positive with its patient's own probability: mixed labels
+        y = (rng.random(k * images) < risk[pid]).astype(int)
+        u = rng.normal(0, S_U, k)[pid]
+        a = D * y + u + rng.normal(0, S_E, y.size)
+        b = D * y + u + rng.normal(0, 2 * S_E, y.size) + rng.normal(0, 0.7, k)[pid]  # a second, weaker model
+        return y, a, b, pid
+
+    y, a, b, pid = study()
+    mixed = [p for p in range(80) if 0 < y[pid == p].sum() < 3]
+    assert len(mixed) > 30  # most patients have both labels
+    aucs, diffs, se_single, se_paired, se_naive = [], [], [], [], []
+    for _ in range(600):
+        y, a, b, pid = study()
+        (auc_a, auc_b), cov = evaluation_metrics.auc_covariance(y, [a, b], pid)
+        aucs.append(auc_a)
+        diffs.append(auc_a - auc_b)
+        se_single.append(math.sqrt(cov[0, 0]))
+        se_paired.append(evaluation_metrics.delong_test(y, a, b, clusters=pid)["se"])
+        se_naive.append(math.sqrt(evaluation_metrics.auc_covariance(y, [a], None)[1][0, 0]))
+    # the SD of 600 draws is known to about 3% (1 / sqrt(2 * 600)): 10% is a 3-sigma band
+    assert np.mean(se_single) == pytest.approx(np.std(aucs), rel=0.1)
+    assert np.mean(se_paired) == pytest.approx(np.std(diffs), rel=0.1)
+    assert np.mean(se_naive) < 0.85 * np.std(aucs)
+    boot = evaluation_metrics.paired_auc_difference(y, a, b, n=2000, clusters=pid)
+    assert boot["se"] == pytest.approx(se_paired[-1], rel=0.15)  # one study: DeLong vs the patient bootstrap

@@ -114,6 +114,27 @@ def test_the_recipes_median_pruner_prunes_a_bad_trial(synth_data, tmp_path):
     assert MlflowClient(uri, uri).search_model_versions("name='pneumonia-cnn'") == []
 
 
+def test_a_launch_records_the_study_promotion_rule(tmp_path):
+    """The launch records the experiment file (path, sha256) and its [promote] section on the study and its
+    parent run, where `pneumo promote --study` reads it (tests/test_registry.py uses it)."""
+    import json
+
+    from pipeline.artifact import tag_keys
+    from pipeline.files import sha256_file
+
+    kermany = SMOKE.parent / "kermany.toml"
+    uri, storage = f"sqlite:///{tmp_path}/mlflow.db", f"sqlite:///{tmp_path}/optuna.db"
+    cfg = load_config(kermany, [f"train.checkpoint_dir={tmp_path}/ckpt"])
+    tune.tracking.setup(uri)
+    parent, _ = tune.prepare(cfg, "ruled", storage, uri, trials=1, config_file=kermany)
+    recorded = json.loads(MlflowClient(uri).get_run(parent).data.tags[tag_keys.STUDY_RULE])
+    assert recorded["experiment_file"] == str(kermany.resolve())
+    assert recorded["experiment_sha256"] == sha256_file(kermany)
+    assert recorded["promote"]["policy"] == "non_inferiority" and recorded["promote"]["floor_auc"] == 0.9
+    study = optuna.load_study(study_name="ruled", storage=storage)
+    assert study.user_attrs[tag_keys.STUDY_RULE] == recorded
+
+
 @pytest.mark.parametrize("then", ["returns", "writes_to_the_trial"])
 def test_a_worker_whose_trial_a_peer_failed_as_stale_goes_on(tmp_path, monkeypatch, then):
     """Seen under load: a live worker's heartbeat came late, a peer failed its trial as stale and queued a

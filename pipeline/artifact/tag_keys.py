@@ -19,6 +19,7 @@ STUDY = "study"
 TRIAL_NUMBER = "trial_number"
 STUDY_METRIC = "study_metric"  # the name of the metric the study optimised (its value: a tag of that name)
 VAL_AUC = "val_auc"  # the validation AUC of the final model, on every version
+STUDY_RULE = "study_promotion_rule"  # on a study's parent run: its [promote] section and experiment file (JSON)
 
 # --- written by an ensemble (`pipeline.promote.ensemble`) -----------------------------------------------------
 ENSEMBLE_MEMBERS = "ensemble_members"  # "3,5,8": the versions averaged

@@ -60,8 +60,9 @@ def evaluate_model(uri: str, data_dir: str | Path, split: str = "val", *, tracki
                    shift_max_images: int = 0, shift_seed: int = 0, ledger: str | None = "evaluate") -> dict:
     """`pneumo evaluate`: metrics with patient-clustered CIs, the majority baseline and subgroups; written as
     JSON. `split="all"` scores every split (an external set that no model was trained on). A read of `test` or
-    `all` is an entry in the test ledger (pipeline/evaluate/holdout.py) named `ledger`, whoever the caller; only a caller
-    that records the read itself passes None (`pneumo promote`, whose entry carries its Thresholdout answers).
+    `all` is charged, before anything is scored, as one query of that split's budget (pipeline/evaluate/holdout.py:
+    refused when spent) and recorded in the test ledger as `ledger`; only a caller that charges the read itself
+    passes None (`pneumo promote`, which charges under its lock).
 
     `shift` adds the generalization report (`pneumo evaluate --shift`): the model's AUC on the same split under
     every perturbation of the shift battery (pipeline/evaluate/shift.py; `shift_max_images` caps it, 0 = the whole
@@ -77,6 +78,8 @@ def evaluate_model(uri: str, data_dir: str | Path, split: str = "val", *, tracki
     )
 
     lm = load(uri, tracking_uri, require_threshold=False)
+    if ledger and split in ("test", "all"):  # a read of a test split (or a whole external set): charged first
+        charge_read(uri, lm.version, data_dir, split, ledger, tracking_uri)
     threshold = lm.threshold
     threshold_source = "stored with the model (chosen on validation)"
     if threshold is None:
@@ -105,16 +108,21 @@ def evaluate_model(uri: str, data_dir: str | Path, split: str = "val", *, tracki
         payload["shift"] = {k: v for k, v in report.items() if k != "table"}
         table += "\n\n" + report["table"]
     write_json(path, payload)
-    if ledger and split in ("test", "all"):  # a read of a test split (or a whole external set): into the ledger
-        from pipeline.artifact import tracking
-        from pipeline.evaluate import holdout
-
-        resolved = tracking.resolve_tracking_uri(tracking_uri)
-        holdout.record(tracking.setup(resolved), resolved, digest=manifest["digest"], split=split, command=ledger,
-                       versions=[str(lm.version)], data_dir=str(data_dir),
-                       answered={"auc": metrics["auc"], "model": uri})
     return {**payload, "table": table, "path": str(path), "probabilities": p, "labels": y,
             "patient_id": patients}
+
+
+def charge_read(uri: str, version, data_dir: str | Path, split: str, command: str, tracking_uri: str | None) -> None:
+    """One query of the test split's budget for this read (the budget a split has, or the default one)."""
+    from pipeline.artifact import tracking
+    from pipeline.config import PromoteConfig
+    from pipeline.evaluate import holdout
+
+    resolved = tracking.resolve_tracking_uri(tracking_uri)
+    client = tracking.setup(resolved)
+    c = holdout.charge(client, resolved, digest=load_manifest(data_dir)["digest"], split=split, command=command,
+                       versions=[str(version)], data_dir=str(data_dir), queries=PromoteConfig().test_queries)
+    holdout.settle(client, c, f"evaluated {uri}")
 
 
 def shift_report(lm, data_dir: str | Path, split: str, y, raw, p_calibrated, *, max_images: int = 0,

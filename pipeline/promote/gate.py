@@ -25,8 +25,18 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from statistics import NormalDist
 
-from pipeline.evaluate.metrics import delong_test, fmt, fmt_difference, fmt_metric_ci, paired_auc_difference
+import numpy as np
+
+from pipeline.evaluate.metrics import (
+    auc_covariance,
+    clustered_proportion_ci,
+    delong_test,
+    fmt,
+    fmt_difference,
+    paired_auc_difference,
+)
 
 POLICIES = ("superiority", "non_inferiority")
 
@@ -82,16 +92,34 @@ def compare(candidate: Evaluation, champion: Evaluation, alpha: float = 0.05, n_
     return out
 
 
-def floor_check(metrics: dict, rule: Rule) -> tuple[bool, str]:
-    """A first champion's floor: AUC's lower bound above floor_auc, accuracy's lower bound above the baseline."""
-    low, acc_low = metrics.get("auc_ci_low"), metrics.get("accuracy_ci_low")
+def floor_bounds(e: Evaluation, alpha: float) -> tuple[float, float]:
+    """(AUC lower bound, accuracy lower bound) of one evaluation at level `alpha`, clustered by patient: the
+    AUC's from clustered DeLong (the variance the paired test uses), the accuracy's a Wilson interval at the
+    effective sample size (pipeline.evaluate.metrics). At the decision's level, not the report's 95%."""
+    y, p = np.asarray(e.labels), np.asarray(e.probabilities, dtype=np.float64)
+    if y.size == 0 or y.min() == y.max():
+        return math.nan, math.nan
+    aucs, cov = auc_covariance(y, [p], e.patient_id)
+    se = math.sqrt(max(float(cov[0, 0]), 0.0)) if math.isfinite(cov[0, 0]) else math.nan
+    auc_low = float(aucs[0]) - NormalDist().inv_cdf(1 - alpha / 2) * se
+    hits = (p >= e.threshold) == (y == 1)
+    acc_low, _ = clustered_proportion_ci(hits, e.patient_id, alpha)
+    return auc_low, acc_low
+
+
+def floor_check(e: Evaluation, rule: Rule) -> tuple[bool, str]:
+    """A first champion's floor: AUC's lower bound above floor_auc, accuracy's lower bound above the baseline,
+    both at the rule's level (`rule.alpha`: alpha / test_queries when the promotion decides)."""
+    metrics = e.metrics
+    low, acc_low = floor_bounds(e, rule.alpha)
     base = metrics.get("majority_baseline_accuracy")
-    ok_auc = low is not None and math.isfinite(low) and low > rule.floor_auc
+    ok_auc = math.isfinite(low) and low > rule.floor_auc
     bar = base + rule.floor_accuracy_margin if base is not None else None
-    ok_acc = acc_low is not None and math.isfinite(acc_low) and bar is not None and acc_low > bar
-    words = (f"AUC {fmt_metric_ci(metrics, 'auc')} (lower bound {'above' if ok_auc else 'NOT above'} the "
-             f"floor {rule.floor_auc:g}), accuracy {fmt_metric_ci(metrics, 'accuracy')} (lower bound "
-             f"{'above' if ok_acc else 'NOT above'} the majority baseline {fmt(base)}"
+    ok_acc = math.isfinite(acc_low) and bar is not None and acc_low > bar
+    level = f"{100 * (1 - rule.alpha):.4g}%"
+    words = (f"AUC {fmt(metrics.get('auc'))} (lower {level} bound {fmt(low)} {'above' if ok_auc else 'NOT above'} "
+             f"the floor {rule.floor_auc:g}), accuracy {fmt(metrics.get('accuracy'))} (lower {level} bound "
+             f"{fmt(acc_low)} {'above' if ok_acc else 'NOT above'} the majority baseline {fmt(base)}"
              + (f" {rule.floor_accuracy_margin:+g}" if rule.floor_accuracy_margin else "") + ")")
     return ok_auc and ok_acc, words
 
@@ -113,7 +141,7 @@ def decide(rule: Rule, candidate: Evaluation, champion: Evaluation | None, compa
         raise ValueError("the test split holds one class only: AUC is undefined, the gate cannot decide")
     checks = []
     if champion is None:
-        ok, words = floor_check(candidate.metrics, rule)
+        ok, words = floor_check(candidate, rule)
         checks.append(("floor (internal test)", ok, words))
     else:
         c = comparison
@@ -140,7 +168,7 @@ def decide(rule: Rule, candidate: Evaluation, champion: Evaluation | None, compa
             continue
         ce, he, cmp = externals[name]
         if he is None:
-            ok, words = floor_check(ce.metrics, rule)
+            ok, words = floor_check(ce, rule)
         else:
             low = cmp["delong_ci_low"]
             ok = math.isfinite(low) and low > -rule.margin

@@ -156,7 +156,11 @@ def _evidence_lines(metrics: dict, d) -> list[str]:
                     f"| {_ci(m, 'auc')} | {_ci(m, 'accuracy')} | {_f(m.get('majority_baseline_accuracy'))} "
                     f"| {_f(m.get('sensitivity'))} / {_f(m.get('specificity'))} |")
     temperature = run_metrics.get("temperature") or d.candidate.tags.get(tag_keys.TEMPERATURE)
-    calib = (f"temperature {_f(float(temperature), 3)} fitted on validation (probabilities are calibrated)"
+    heldout = run_metrics.get("val_ece_heldout")
+    evidence = (f"; expected calibration error {_f(float(heldout), 4)} on validation patients the temperature was "
+                "not fitted on (two-fold cross-fit)" if heldout is not None else
+                "; no held-out calibration evidence recorded for this version")
+    calib = (f"temperature {_f(float(temperature), 3)} fitted on validation{evidence}"
              if temperature not in (None, "") else "no temperature recorded: probabilities are the network's own")
     lines = ["## Evidence side by side",
              "| data | images / patients | AUC [95% CI] | accuracy [95% CI] | majority baseline | sens / spec |",

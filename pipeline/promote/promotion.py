@@ -8,14 +8,16 @@
    Ties go to the newer version. Only versions trained on the dataset in `--data` compete.
 2. Evidence: the candidate and the current champion are scored on the same locked test split
    (`scoring.evaluate_model`, what `pneumo evaluate --split test` runs), each at the threshold chosen on
-   validation, and on every `--external NAME=DATA` set (all of its splits). The champion must have been trained
-   on the same dataset (same digest), or the gate refuses: its training patients could sit in another
-   dataset's test split. Every read of the test split goes into the ledger, and the reusable holdout
-   (`pipeline.evaluate.holdout`, Thresholdout) must have budget left, or promote refuses.
-3. Decision: `pipeline.promote.gate.decide` applies the rule of `[promote]` (superiority or non-inferiority on the
-   patient-clustered paired AUC difference; a floor for a first champion; required external sets).
-4. Commit, under `pipeline.promote.lock`: just before moving the alias the champion is re-read; if it moved
-   since the evaluation, the gate runs again against the new champion (evaluations are cached).
+   validation, and on every `--external NAME=DATA` set (all of its splits; refused when it is the training
+   dataset or shares patients with it). The champion must have been trained on the same dataset (same digest),
+   or the gate refuses: its training patients could sit in another dataset's test split.
+3. Decision, under `pipeline.promote.lock`: the champion is re-read (if it moved since the scoring, the gate
+   runs again against the new one; scores are cached); one query is charged on every test split read
+   (`pipeline.evaluate.holdout`: refused when the split's budget is spent); `pipeline.promote.gate.decide`
+   applies the rule of `[promote]` at level alpha / test_queries; the alias moves if the candidate passed. Dry
+   runs and forced versions are queries like any other.
+4. Disclosure: a candidate that is not promoted (and any dry run) is sealed (`record.seal`): its test results
+   are dropped before anything is printed, logged, tagged or returned; "kept" is all the gate says about it.
 5. Record (`pipeline.promote.record`): the decision run, the version tags (with the artifact's sha256, which
    `pipeline.artifact.model_store` verifies at every load) and the model card. The Grad-CAM grid of test images is
    logged only with `log_images=True` (`--log-images`): test images may be real patients' X-rays.
@@ -31,7 +33,7 @@ import math
 import sys
 import tempfile
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from mlflow import MlflowClient
@@ -40,13 +42,13 @@ from mlflow.exceptions import MlflowException
 from pipeline.artifact import tag_keys, tracking
 from pipeline.artifact.model_store import CHAMPION, MODEL_NAME, champion_uri  # noqa: F401  (re-exported)
 from pipeline.config import PromoteConfig, check_section
-from pipeline.errors import InputError
+from pipeline.errors import InputError, one_line
 from pipeline.evaluate import holdout
 from pipeline.evaluate.metrics import lower_is_better
 from pipeline.promote import gate, model_card
 from pipeline.promote.gate import Evaluation, Rule
 from pipeline.promote.lock import promotion_lock
-from pipeline.promote.record import PREVIOUS, Candidate, Decision, External, format_decision  # noqa: F401
+from pipeline.promote.record import PREVIOUS, Candidate, Decision, External, format_decision, seal  # noqa: F401
 from pipeline.promote.record import commit as _commit
 from pipeline.promote.record import record as _record
 from pipeline.stores import masked
@@ -168,7 +170,7 @@ def evaluate_version(model: str, version: str, data_dir: str | Path, tracking_ur
     from pipeline.evaluate.scoring import evaluate_model
 
     with tempfile.TemporaryDirectory(prefix="pneumo-gate-") as tmp:
-        # ledger=None: promote records its test reads itself, one entry per decision with the holdout's answers
+        # ledger=None: promote charges its test reads itself, under the lock (pipeline/evaluate/holdout.py)
         r = evaluate_model(f"models:/{model}/{version}", data_dir, split, tracking_uri=tracking_uri,
                            out=Path(tmp) / "evaluation.json", n_boot=n_boot, ledger=None)
     m = r["metrics"]
@@ -272,51 +274,75 @@ def promote(model: str = MODEL_NAME, data_dir: str | Path | None = None, *, stud
             metric: str | None = None, config: PromoteConfig | None = None, externals: list[str] | dict | None = None,
             dry_run: bool = False, version: str | None = None, tracking_uri: str | None = None,
             n_boot: int = 1000, lock_timeout: float = 300.0, max_attempts: int = 5, log_images: bool = False,
-            before_commit: Callable[[Decision], None] | None = None) -> Decision:
+            before_commit: Callable[[Decision], None] | None = None, rule_source: str | None = None) -> Decision:
     """Pick the best candidate, gate it against the champion under the `[promote]` rule, and move `champion`
     if it passes (the steps: this module's docstring).
 
-    `version` forces the candidate. `before_commit(decision)` runs between the evaluation and the locked
-    commit (a test hook: a slow promotion is simulated by blocking there).
+    `config` None: the rule `study` was launched with, else the built-in one (`rule_source` says where a given
+    `config` came from). `version` forces the candidate. `before_commit(decision)` runs between the scoring
+    and the locked decision (a test hook: a slow promotion is simulated by blocking there).
     """
-    cfg = config or PromoteConfig()
     uri = tracking.resolve_tracking_uri(tracking_uri)
     client = tracking.setup(uri)
+    cfg, rule_source = (config, rule_source or "given in code") if config else study_rule(client, study)
+    rule_of(cfg)
     metric = metric or study_metric(versions(client, model), study)
     cand, data_dir, manifest, same, skipped = _candidates(client, model, metric, study, data_dir, version)
     ext_sets = parse_externals(externals)
-    reuse = holdout.Thresholdout(client, manifest["digest"], cfg.holdout_budget, cfg.holdout_threshold,
-                                 cfg.holdout_sigma)
-    reuse.require_budget(data_dir)
+    check_external(ext_sets, data_dir, manifest)
     g = _Gate(client, uri, model, cfg, rule_of(cfg), data_dir, n_boot)
     for attempt in range(1, max_attempts + 1):
         decision = Decision(outcome="unchanged", reason="", model=model, candidate=cand,
                             champion=champion_version(client, model), data_dir=data_dir, digest=manifest["digest"],
                             metric=metric, rule=g.rule, n_candidates=len(same), skipped=skipped, dry_run=dry_run,
-                            attempts=attempt, forced=str(version) if version is not None else None)
-        if decision.champion == cand.version:
+                            attempts=attempt, forced=str(version) if version is not None else None,
+                            rule_source=rule_source)
+        if decision.champion == cand.version:  # no query: the champion's results are public already
             decision.reason = f"version {cand.version} is already the champion: nothing to do"
             decision.candidate_eval = g.evaluation(cand.version)
-            _ledger(client, uri, decision, reuse, "promote")
             return decision
-        _gather_evidence(g, decision, ext_sets)
-        _decide(g, decision)
-        if dry_run:
-            _ledger(client, uri, decision, reuse, "promote --dry-run")
-            return decision
+        _score(g, decision, ext_sets)
         if before_commit:
             before_commit(decision)
-        if _commit_unless_moved(g, decision, lock_timeout):
+        if _decide_under_lock(g, decision, ext_sets, lock_timeout):
             break
     else:
         raise RegistryError(f"{model}: the champion changed {max_attempts} times during this promotion; "
                             "try again")
-    _ledger(client, uri, decision, reuse, "promote")
+    if decision.outcome != "promoted" or dry_run:
+        seal(decision)
+    if dry_run:  # changes nothing: the ledger holds the charged read and its outcome
+        return decision
     _record(client, uri, decision, manifest)
     _describe_versions(client, decision)
     if decision.outcome == "promoted" and log_images:
         _explain(client, uri, model, decision, data_dir)
     return decision
+
+
+def study_rule(client: MlflowClient, study: str | None) -> tuple[PromoteConfig, str]:
+    """The `[promote]` section `study` was launched with (recorded by pipeline.study.tune.prepare), and where it
+    came from; the built-in rule when there is no study or it recorded none (a study from before the record)."""
+    import json
+
+    exp = client.get_experiment_by_name(study) if study else None
+    runs = client.search_runs([exp.experiment_id], f"tags.{tag_keys.KIND} = 'study'", max_results=1,
+                              order_by=["attributes.start_time DESC"]) if exp else []
+    recorded = runs[0].data.tags.get(tag_keys.STUDY_RULE) if runs else None
+    if not recorded:
+        why = f"study {study!r} recorded no rule" if study else "no --study and no --config"
+        return PromoteConfig(), f"the built-in rule ({why})"
+    rule = json.loads(recorded)
+    values = dict(rule["promote"])
+    values["require_external"] = list(values.get("require_external") or [])
+    try:
+        cfg = PromoteConfig(**values)
+    except TypeError as e:  # a key this version no longer has
+        raise RegistryError(f"study {study!r}: its recorded [promote] rule does not fit this version ({e}); "
+                            "pass --config") from None
+    where = rule.get("experiment_file") or "the config it was launched with"
+    sha = f", sha256 {rule['experiment_sha256'][:12]}" if rule.get("experiment_sha256") else ""
+    return cfg, f"{where} ([promote] recorded by study {study!r} at launch{sha})"
 
 
 def _candidates(client: MlflowClient, model: str, metric: str, study: str | None, data_dir, version: str | None):
@@ -329,72 +355,107 @@ def _candidates(client: MlflowClient, model: str, metric: str, study: str | None
     return cand, data_dir, manifest, same, skipped
 
 
-def _gather_evidence(g: _Gate, d: Decision, ext_sets: dict) -> None:
-    """Step 2: candidate and champion on the locked test split and on every external set, paired."""
-    champ = d.champion
-    champ_cand = None
-    if champ is not None:
-        _check_champion_dataset(g.client, g.model, champ, d.digest, g.data_dir)
-        d.champion_eval = g.evaluation(champ)
-        champ_cand = _candidate(g.client.get_model_version(g.model, champ), d.metric, _Runs(g.client))
-    d.candidate_eval = g.evaluation(d.candidate.version)
-    d.champion_value = champ_cand.value if champ_cand else None
+def check_external(ext_sets: dict, data_dir: str, manifest: dict) -> None:
+    """An external set must be external: not the training dataset (same digest), and none of its patients in
+    the training dataset (any split: the model saw its training patients, the gate its test ones)."""
+    if not ext_sets:
+        return
+    own = _patients(data_dir)
+    for name, (where, ext_manifest) in ext_sets.items():
+        if ext_manifest["digest"] == manifest["digest"]:
+            raise RegistryError(f"--external {name}={where}: this is the training dataset itself (digest "
+                                f"{manifest['digest'][:12]}): an external set must come from other patients")
+        shared = own & _patients(where)
+        if shared:
+            raise RegistryError(f"--external {name}={where}: {len(shared)} of its patients are in the training "
+                                f"dataset {data_dir} (e.g. {sorted(shared)[0]}): an external set must come from "
+                                "other patients")
+
+
+def _patients(data_dir: str | Path) -> set[str]:
+    """The patient ids of a converted dataset (its splits.csv, every split)."""
+    import csv
+
+    path = Path(data_dir) / "splits.csv"
     try:
-        d.comparison = (gate.compare(d.candidate_eval, d.champion_eval, g.rule.alpha, g.cfg.bootstrap)
+        with path.open(newline="") as f:
+            return {row["patient_id"] for row in csv.DictReader(f)}
+    except (OSError, KeyError) as e:
+        raise RegistryError(f"{path}: cannot read the dataset's patients ({one_line(e)})") from None
+
+
+def _score(g: _Gate, d: Decision, ext_sets: dict) -> None:
+    """Step 2a, before the lock: candidate and champion scored on the test split and every external set. The
+    scores stay in this process (cached in the _Gate); nothing is revealed or decided yet."""
+    d.candidate_eval = g.evaluation(d.candidate.version)
+    if d.champion is not None:
+        _check_champion_dataset(g.client, g.model, d.champion, d.digest, g.data_dir)
+        d.champion_eval = g.evaluation(d.champion)
+        d.champion_value = _candidate(g.client.get_model_version(g.model, d.champion), d.metric,
+                                      _Runs(g.client)).value
+    for where, _ in ext_sets.values():
+        g.evaluation(d.candidate.version, where, "all")
+        if d.champion is not None:
+            g.evaluation(d.champion, where, "all")
+
+
+def _decide_under_lock(g: _Gate, d: Decision, ext_sets: dict, lock_timeout: float) -> bool:
+    """Steps 2b-4, under the lock: False when another promotion moved the champion since the scoring (the gate
+    runs again against the new one). Else: one query charged on every test split read (refused when a budget
+    is spent: pipeline/evaluate/holdout.py), the evidence and the decision at the level the charge allows, the
+    alias moved if the candidate passed (not on a dry run), and the ledger told the outcome."""
+    with promotion_lock(g.uri, g.model, client=g.client, timeout=lock_timeout):
+        if champion_version(g.client, g.model) != d.champion:
+            return False
+        d.charges = _charge(g, d, ext_sets)
+        d.level = d.charges[0].level(g.rule.alpha)
+        _gather_evidence(g, d, ext_sets, d.level)
+        _decide(g, d)
+        if d.outcome == "promoted" and not d.dry_run:
+            d.promoted_at = _now()
+            d.model_sha256 = model_sha256(g.model, d.candidate.version)
+            _commit(g.client, d)
+        bit = ("would be promoted" if d.dry_run else "promoted") if d.outcome == "promoted" else "kept"
+        for c in d.charges:
+            holdout.settle(g.client, c, bit)
+    return True
+
+
+def _charge(g: _Gate, d: Decision, ext_sets: dict) -> list[holdout.Charge]:
+    command = "promote --dry-run" if d.dry_run else "promote" + (" --version" if d.forced else "")
+    versions = [d.candidate.version] + ([d.champion] if d.champion else [])
+    reads = [(d.digest, "test", g.data_dir, command)] + [
+        (m["digest"], "all", where, f"{command} --external {name}") for name, (where, m) in ext_sets.items()]
+    return [holdout.charge(g.client, g.uri, digest=digest, split=split, command=cmd, versions=versions,
+                           data_dir=where, queries=g.cfg.test_queries) for digest, split, where, cmd in reads]
+
+
+def _gather_evidence(g: _Gate, d: Decision, ext_sets: dict, level: float) -> None:
+    """Step 2b: the paired comparisons at `level`, on the test split and every external set (scores cached)."""
+    try:
+        d.comparison = (gate.compare(d.candidate_eval, d.champion_eval, level, g.cfg.bootstrap)
                         if d.champion_eval else None)
     except ValueError as e:
         raise RegistryError(str(e)) from None
     d.externals = []
     for name, (where, ext_manifest) in ext_sets.items():
         x = External(name, where, ext_manifest["digest"], g.evaluation(d.candidate.version, where, "all"))
-        if champ is not None:
-            x.champion = g.evaluation(champ, where, "all")
-            x.comparison = gate.compare(x.candidate, x.champion, g.rule.alpha, g.cfg.bootstrap)
+        if d.champion is not None:
+            x.champion = g.evaluation(d.champion, where, "all")
+            x.comparison = gate.compare(x.candidate, x.champion, level, g.cfg.bootstrap)
         d.externals.append(x)
 
 
 def _decide(g: _Gate, d: Decision) -> None:
-    """Step 3: the rule of `[promote]` on the evidence (pipeline.promote.gate.decide)."""
+    """Step 3: the rule of `[promote]`, at the level of this query, on the evidence (pipeline.promote.gate)."""
     try:
-        verdict = gate.decide(g.rule, d.candidate_eval, d.champion_eval, d.comparison, study_metric=d.metric,
-                              candidate_value=d.candidate.value, champion_value=d.champion_value,
-                              lower_is_better=lower_is_better(d.metric),
+        verdict = gate.decide(replace(g.rule, alpha=d.level), d.candidate_eval, d.champion_eval, d.comparison,
+                              study_metric=d.metric, candidate_value=d.candidate.value,
+                              champion_value=d.champion_value, lower_is_better=lower_is_better(d.metric),
                               externals={x.name: (x.candidate, x.champion, x.comparison) for x in d.externals})
     except ValueError as e:
         raise RegistryError(str(e)) from None
     d.outcome, d.reason, d.checks = verdict.outcome, verdict.reason, verdict.checks
-
-
-def _commit_unless_moved(g: _Gate, d: Decision, lock_timeout: float) -> bool:
-    """Step 4, under the lock: False when another promotion moved the champion since the evidence was gathered
-    (the gate runs again against the new one); else the alias moves if the candidate passed, and True."""
-    with promotion_lock(g.uri, g.model, client=g.client, timeout=lock_timeout):
-        if champion_version(g.client, g.model) != d.champion:
-            return False
-        if d.outcome == "promoted":
-            d.promoted_at = _now()
-            d.model_sha256 = model_sha256(g.model, d.candidate.version)
-            _commit(g.client, d)
-    return True
-
-
-def _ledger(client: MlflowClient, uri: str, d: Decision, reuse: holdout.Thresholdout, command: str) -> None:
-    """Thresholdout answers for the versions the gate looked at, then one ledger entry per dataset read."""
-    looked = [(d.candidate.version, d.candidate.val_auc, d.candidate_eval)]
-    if d.champion_eval is not None:
-        champ_val = _candidate(client.get_model_version(d.model, d.champion), "val_auc", _Runs(client)).val_auc
-        looked.append((d.champion, champ_val, d.champion_eval))
-    d.holdout = [reuse.query(v, val, e.metrics["auc"]) for v, val, e in looked]
-    d.holdout_left, d.holdout_budget = reuse.left, reuse.budget
-    answered = {f"v{a.version}": {"test_auc_answered": a.answered, "source": a.source} for a in d.holdout}
-    answered["outcome"] = d.outcome
-    versions = [v for v, _, _ in looked]
-    holdout.record(client, uri, digest=d.digest, split="test", command=command, versions=versions,
-                   answered=answered, data_dir=d.data_dir, extra={"model": d.model, **reuse.ledger_tags()})
-    for x in d.externals:
-        holdout.record(client, uri, digest=x.digest, split="all", command=f"{command} --external {x.name}",
-                       versions=versions, answered={"outcome": d.outcome, "candidate_auc": x.candidate.metrics["auc"]},
-                       data_dir=x.data_dir, extra={"model": d.model})
 
 
 def _explain(client: MlflowClient, uri: str, model: str, d: Decision, data_dir: str | Path) -> None:

@@ -35,7 +35,7 @@ class Candidate:
     tags: dict = field(default_factory=dict)
     run_name: str | None = None
     description: str | None = None
-    val_auc: float = math.nan  # the validation AUC (Thresholdout compares the test AUC with it)
+    val_auc: float = math.nan  # the validation AUC (reported beside the study metric)
     run_metrics: dict = field(default_factory=dict)  # the training run's metrics (shift battery, final_val_*)
 
 
@@ -67,9 +67,11 @@ class Decision:
     comparison: dict | None = None
     checks: list = field(default_factory=list)
     externals: list = field(default_factory=list)  # [External]
-    holdout: list = field(default_factory=list)  # [holdout.Answer]
-    holdout_left: int | None = None
-    holdout_budget: int | None = None
+    charges: list = field(default_factory=list)  # [holdout.Charge]: the test split's first, then external sets
+    level: float | None = None  # the level the decision was taken at (alpha / test_queries)
+    sealed: bool = False  # the candidate's test results were dropped (not promoted, or a dry run)
+    test_size: dict = field(default_factory=dict)  # images, patients, positives of the test split (public)
+    rule_source: str | None = None  # where the rule came from: --config FILE, the study's record, built in
     dry_run: bool = False
     attempts: int = 1
     promoted_at: str | None = None
@@ -101,12 +103,37 @@ def commit(client, d: Decision) -> None:
     client.set_registered_model_alias(d.model, CHAMPION, v)
 
 
+def seal(d: Decision) -> None:
+    """Drop what the gate may not reveal about a candidate it does not promote (pipeline/evaluate/holdout.py):
+    its test metrics, the paired differences and which check failed. The champion's results stay (public since
+    its own promotion); a dry run says only what it would do."""
+    if d.candidate_eval is not None:
+        m = d.candidate_eval.metrics
+        d.test_size = {"images": m["n"], "patients": m["patients"], "positives": m["positives"]}
+    passed = d.outcome == "promoted"
+    d.candidate_eval, d.comparison, d.checks, d.sealed = None, None, [], True
+    for x in d.externals:
+        x.candidate, x.comparison = None, None
+    charge = d.charges[0] if d.charges else None
+    where = f"{charge.describe(d.rule.alpha)}" if charge else "no query charged"
+    if d.dry_run:
+        d.reason = (f"a dry run: the candidate {'would pass' if passed else 'would not pass'} the rule ({where}); "
+                    "its test results stay sealed")
+    else:
+        d.reason = (f"kept: the candidate did not pass the rule ({where}); the gate reveals nothing more about a "
+                    "candidate it does not promote")
+
+
 # --- the decision run --------------------------------------------------------------------------------------
 def decision_metrics(d: Decision) -> dict:
     ce, he = d.candidate_eval, d.champion_eval
-    out = {f"candidate_test_{k}": ce.metrics[k] for k in HEADLINE}
-    out.update(candidate_val_metric=d.candidate.value, majority_baseline_accuracy=ce.metrics["majority_baseline_accuracy"],
-               test_images=ce.metrics["n"], test_patients=ce.metrics["patients"])
+    out = {"candidate_val_metric": d.candidate.value}
+    if ce is not None:  # sealed decisions carry none of the candidate's test numbers
+        out.update({f"candidate_test_{k}": ce.metrics[k] for k in HEADLINE})
+        out.update(majority_baseline_accuracy=ce.metrics["majority_baseline_accuracy"], test_images=ce.metrics["n"],
+                   test_patients=ce.metrics["patients"])
+    else:
+        out.update(test_images=d.test_size.get("images"), test_patients=d.test_size.get("patients"))
     if he is not None:
         out.update({f"champion_test_{k}": he.metrics[k] for k in HEADLINE})
     if d.comparison:
@@ -116,17 +143,16 @@ def decision_metrics(d: Decision) -> dict:
                    p_delong=c["delong_p"])
     for x in d.externals:
         for k in ("auc", "auc_ci_low", "auc_ci_high", "accuracy", "sensitivity", "specificity"):
-            out[f"external_{x.name}_{k}"] = x.candidate.metrics[k]
+            if x.candidate is not None:
+                out[f"external_{x.name}_{k}"] = x.candidate.metrics[k]
             if x.champion is not None:
                 out[f"external_{x.name}_champion_{k}"] = x.champion.metrics[k]
         if x.comparison:
             out[f"external_{x.name}_auc_diff"] = x.comparison["diff"]
             out[f"external_{x.name}_auc_diff_ci_low"] = x.comparison["delong_ci_low"]
-    for a in d.holdout:
-        who = "candidate" if a.version == d.candidate.version else "champion"
-        out[f"{who}_test_auc_answered"] = a.answered
-    if d.holdout_left is not None:
-        out["holdout_budget_left"] = d.holdout_left
+    if d.charges:
+        c = d.charges[0]
+        out.update(test_query=c.query, test_queries=c.queries, decision_level=d.level)
     return {k: float(v) for k, v in out.items() if v is not None and math.isfinite(v)}
 
 
@@ -139,7 +165,8 @@ def record(client, uri: str, d: Decision, manifest: dict) -> None:
     run = client.create_run(exp_id, run_name=f"promote:{v}", tags={
         "model": d.model, "decision": d.outcome, "candidate_version": v, "champion_version": d.champion or "",
         tag_keys.DATASET_DIGEST: d.digest, "rule": d.rule.describe(), "reason": d.reason[:4000],
-        "mlflow.note.content": f"**{d.outcome.upper()}** {d.model} v{v}: {d.reason}\n\nRule: {d.rule.describe()}"})
+        "mlflow.note.content": f"**{'DRY RUN ' if d.dry_run else ''}{d.outcome.upper()}** {d.model} v{v}: "
+                               f"{d.reason}\n\nRule: {d.rule.describe()}"})
     rid = d.run_id = run.info.run_id
     try:
         params = {"model": d.model, "candidate_version": v, "champion_version": d.champion or "none",
@@ -151,40 +178,50 @@ def record(client, uri: str, d: Decision, manifest: dict) -> None:
             client.log_param(rid, key, value)
         for key, value in decision_metrics(d).items():
             client.log_metric(rid, key, value)
-        client.log_dict(rid, jsonable(ce.report), "evaluation/candidate.json")
         client.log_dict(rid, jsonable({"rule": d.rule.describe(), "outcome": d.outcome, "reason": d.reason,
-                                          "checks": [{"check": n, "passed": ok, "numbers": w}
-                                                     for n, ok, w in d.checks]}), "evaluation/decision.json")
-        results = {f"candidate v{v}": ce.metrics}
+                                       "level": d.level, "sealed": d.sealed,
+                                       "checks": [{"check": n, "passed": ok, "numbers": w}
+                                                  for n, ok, w in d.checks]}), "evaluation/decision.json")
+        client.log_text(rid, format_decision(d) + "\n", "decision.txt")
         if he is not None:
             client.log_dict(rid, jsonable(he.report), "evaluation/champion.json")
-            client.log_dict(rid, jsonable(d.comparison), "evaluation/comparison.json")
-            results[f"champion v{d.champion}"] = he.metrics
-        for x in d.externals:
-            client.log_dict(rid, jsonable({"candidate": x.candidate.report, "comparison": x.comparison,
-                                              "champion": x.champion.report if x.champion else None}),
-                            f"evaluation/external_{x.name}.json")
-            results[f"candidate v{v} on {x.name}"] = x.candidate.metrics
-            if x.champion is not None:
-                results[f"champion v{d.champion} on {x.name}"] = x.champion.metrics
-        client.log_text(rid, format_decision(d) + "\n", "decision.txt")
-        figure = plots.plot_auc_comparison(results)
-        if d.comparison:
-            k = d.comparison
-            figure.axes[0].set_title(f"Test AUC: difference {fmt_ci(k['diff'], k['delong_ci_low'], k['delong_ci_high'], sign=True)}, DeLong p={fmt(k['delong_p'])}")
-        client.log_figure(rid, figure, "plots/auc_comparison.png")
-        client.log_figure(rid, plots.plot_roc(ce.labels, ce.probabilities, f"ROC, test: candidate v{v}",
-                                              threshold=ce.threshold, clusters=ce.patient_id), "plots/roc_candidate.png")
-        if he is not None:
-            client.log_figure(rid, plots.plot_roc(he.labels, he.probabilities, f"ROC, test: champion v{d.champion}",
-                                                  threshold=he.threshold, clusters=he.patient_id),
-                              "plots/roc_champion.png")
-        if d.outcome == "promoted":
+        if ce is not None:  # a sealed decision logs nothing of the candidate's test results
+            _log_evidence(client, rid, d)
+        if d.outcome == "promoted" and not d.dry_run:
             publish_card(client, d, manifest)
         client.set_terminated(rid, "FINISHED")
     except BaseException:
         client.set_terminated(rid, "FAILED")
         raise
+
+
+def _log_evidence(client, rid: str, d: Decision) -> None:
+    """The promoted candidate's test evidence: reports, the comparison, the figures."""
+    v, ce, he = d.candidate.version, d.candidate_eval, d.champion_eval
+    client.log_dict(rid, jsonable(ce.report), "evaluation/candidate.json")
+    results = {f"candidate v{v}": ce.metrics}
+    if he is not None:
+        client.log_dict(rid, jsonable(d.comparison), "evaluation/comparison.json")
+        results[f"champion v{d.champion}"] = he.metrics
+    for x in d.externals:
+        client.log_dict(rid, jsonable({"candidate": x.candidate.report, "comparison": x.comparison,
+                                       "champion": x.champion.report if x.champion else None}),
+                        f"evaluation/external_{x.name}.json")
+        results[f"candidate v{v} on {x.name}"] = x.candidate.metrics
+        if x.champion is not None:
+            results[f"champion v{d.champion} on {x.name}"] = x.champion.metrics
+    figure = plots.plot_auc_comparison(results)
+    if d.comparison:
+        k = d.comparison
+        diff = fmt_ci(k["diff"], k["delong_ci_low"], k["delong_ci_high"], sign=True)
+        figure.axes[0].set_title(f"Test AUC: difference {diff}, DeLong p={fmt(k['delong_p'])}")
+    client.log_figure(rid, figure, "plots/auc_comparison.png")
+    client.log_figure(rid, plots.plot_roc(ce.labels, ce.probabilities, f"ROC, test: candidate v{v}",
+                                          threshold=ce.threshold, clusters=ce.patient_id), "plots/roc_candidate.png")
+    if he is not None:
+        client.log_figure(rid, plots.plot_roc(he.labels, he.probabilities, f"ROC, test: champion v{d.champion}",
+                                              threshold=he.threshold, clusters=he.patient_id),
+                          "plots/roc_champion.png")
 
 
 def publish_card(client, d: Decision, manifest: dict) -> None:
@@ -237,20 +274,29 @@ def format_decision(d: Decision) -> str:
              "champion   " + (f"v{d.champion}" if d.champion else "none yet"),
              f"dataset    {d.data_dir} (digest {d.digest[:12]})",
              f"rule       {d.rule.describe()}"]
+    if d.rule_source:
+        lines.append(f"rule from  {d.rule_source}")
     if d.skipped:
         lines.append("not candidates: " + "; ".join(f"v{v}: {why}" for v, why in d.skipped[:5])
                      + (f"; ... {len(d.skipped) - 5} more" if len(d.skipped) > 5 else ""))
-    if d.candidate_eval is not None:
-        m = d.candidate_eval.metrics
-        lines += ["", f"test split: {m['n']} images of {m['patients']} patients, {m['positives']} positive images "
-                      "(intervals resample patients)",
-                  f"{'':<28}{'AUC [95% CI]':<24}{'accuracy':>9}{'baseline':>9}{'sens':>7}{'spec':>7}{'images':>7}"
-                  f"{'patients':>9}{'threshold':>10}",
-                  _row("candidate v" + c.version, d.candidate_eval)]
+    shown = d.candidate_eval or d.champion_eval
+    if shown is not None or d.test_size:
+        size = ({"images": shown.metrics["n"], "patients": shown.metrics["patients"],
+                 "positives": shown.metrics["positives"]} if shown is not None else d.test_size)
+        lines += ["", f"test split: {size['images']} images of {size['patients']} patients, {size['positives']} "
+                      "positive images (intervals resample patients)"]
+    if shown is not None:
+        lines += [f"{'':<28}{'AUC [95% CI]':<24}{'accuracy':>9}{'baseline':>9}{'sens':>7}{'spec':>7}"
+                  f"{'images':>7}{'patients':>9}{'threshold':>10}"]
+        if d.candidate_eval is not None:
+            lines.append(_row("candidate v" + c.version, d.candidate_eval))
+        else:
+            lines.append(f"{'candidate v' + c.version:<28}sealed: a candidate that is not promoted shows no test result")
         if d.champion_eval is not None:
             lines.append(_row(f"champion v{d.champion}", d.champion_eval))
         for x in d.externals:
-            lines.append(_row(f"cand. v{c.version} @ {x.name}", x.candidate))
+            if x.candidate is not None:
+                lines.append(_row(f"cand. v{c.version} @ {x.name}", x.candidate))
             if x.champion is not None:
                 lines.append(_row(f"champ. v{d.champion} @ {x.name}", x.champion))
     if d.comparison:
@@ -260,9 +306,8 @@ def format_decision(d: Decision) -> str:
         if x.comparison:
             k = x.comparison
             lines.append(f"{'AUC @ ' + x.name:<28}{fmt_difference(k)}")
-    if d.holdout:
-        answers = "; ".join(f"v{a.version} test AUC answered {f(a.answered)} ({a.source})" for a in d.holdout)
-        lines.append(f"holdout    Thresholdout: {answers}; budget left {d.holdout_left} of {d.holdout_budget}")
+    if d.charges:
+        lines.append(f"test reuse {d.charges[0].describe(d.rule.alpha)}")
     lines.append("")
     verdict = {"promoted": f"PROMOTED v{c.version} to {CHAMPION}" + (
                    f"; v{d.champion} is now {PREVIOUS}" if d.champion else ""),

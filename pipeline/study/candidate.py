@@ -39,6 +39,7 @@ class Validation:
     threshold_policy: str  # how it was decided, in words (the `threshold_policy` tag)
     temperature: float  # 1.0 when validation has one class (no finite optimum)
     ece: tuple[float, float]  # before, after calibration (in-sample: fitted on this split)
+    ece_heldout: float  # after calibration, on validation patients the temperature was not fitted on
     metrics: dict
     subgroups: dict
     shifted: shift.ShiftResult | None = None
@@ -96,6 +97,22 @@ def fit_calibration(y, p_raw) -> float:
         return 1.0
 
 
+def heldout_ece(y, p_raw, patients, seed: int = 0) -> float:
+    """ECE of temperature scaling on patients it was not fitted on: validation's patients in two random halves,
+    a temperature fitted on each half and the ECE measured on the other, pooled (two-fold cross-fitting).
+    The stored temperature is fitted on all of validation; this is the held-out evidence beside it, since the
+    in-sample ECE after calibration flatters it (it is measured on the data the temperature was fitted on)."""
+    y, p_raw, patients = np.asarray(y), np.asarray(p_raw, dtype=np.float64), np.asarray(patients)
+    ids = np.unique(patients)
+    if len(ids) < 4:
+        return float("nan")
+    half = np.isin(patients, np.random.default_rng(seed).permutation(ids)[: len(ids) // 2])
+    calibrated = np.empty_like(p_raw)
+    for fit_on in (half, ~half):
+        calibrated[~fit_on] = apply_temperature(p_raw[~fit_on], fit_calibration(y[fit_on], p_raw[fit_on]))
+    return expected_calibration_error(y, calibrated)
+
+
 def validate(model, cfg: Config, data_dir: str | Path, *, with_shift: bool) -> Validation:
     """Step 1: score validation, decide threshold and temperature, measure (module docstring)."""
     scorer = single_replica(model)
@@ -122,6 +139,7 @@ def validate(model, cfg: Config, data_dir: str | Path, *, with_shift: bool) -> V
     ece = (expected_calibration_error(y, p_raw), expected_calibration_error(y, p))
     return Validation(labels=y, raw=p_raw, calibrated=p, info=info, threshold=threshold,
                       threshold_raw=float(threshold_raw), threshold_policy=policy, temperature=temperature, ece=ece,
+                      ece_heldout=heldout_ece(y, p_raw, clusters, cfg.train.seed),
                       metrics=measured, subgroups=subgroups, shifted=shifted, battery_s=battery_s if with_shift else 0.0)
 
 
@@ -133,7 +151,8 @@ def log_validation(v: Validation, history: dict | None = None, title: str = "val
     """Step 2: what `validate` decided and measured, to the active run."""
     mlflow.log_metrics({**{f"final_val_{k}": val for k, val in _finite(v.metrics).items()},
                         "threshold": v.threshold, "threshold_uncalibrated": v.threshold_raw,
-                        "temperature": v.temperature, "val_ece": v.ece[0], "val_ece_calibrated": v.ece[1]})
+                        "temperature": v.temperature, "val_ece": v.ece[0], "val_ece_calibrated": v.ece[1],
+                        **_finite({"val_ece_heldout": v.ece_heldout})})
     mlflow.set_tags({tag_keys.THRESHOLD: repr(float(v.threshold)),  # full precision: a case at it must not flip
                      tag_keys.THRESHOLD_POLICY: v.threshold_policy,
                      tag_keys.TEMPERATURE: repr(float(v.temperature))})

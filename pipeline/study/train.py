@@ -52,7 +52,8 @@ class TrainResult:
     precision: str = "float32"
     temperature: float = 1.0  # fitted on validation (tag `temperature`); 1.0 = uncalibrated
     val_ece: float = float("nan")  # before calibration
-    val_ece_calibrated: float = float("nan")
+    val_ece_calibrated: float = float("nan")  # in-sample: on the split the temperature was fitted on
+    val_ece_heldout: float = float("nan")  # on validation patients the temperature was not fitted on
 
     shift_metrics: dict = field(default_factory=dict)  # val_auc_shift_mean/_min/<name> (empty when off)
 
@@ -352,6 +353,7 @@ def _result(setup: Setup, run_id: str, history: dict, stats: EpochStats, candida
                        model=setup.model, model_uri=candidate.model_uri, model_version=candidate.version,
                        jit_compile=bool(getattr(setup.model, "jit_compile", False)), precision=setup.precision,
                        temperature=v.temperature, val_ece=v.ece[0], val_ece_calibrated=v.ece[1],
+                       val_ece_heldout=v.ece_heldout,
                        shift_metrics=v.shift_metrics())
 
 
@@ -373,7 +375,8 @@ def summary_table(result: TrainResult) -> str:
         ("XLA (effective)", str(result.jit_compile)),
         ("threshold (validation)", f"{result.threshold:.3f} (on calibrated probabilities)"),
         ("temperature (validation)", f"{result.temperature:.3f}"),
-        ("ECE (validation)", f"{result.val_ece:.4f} -> {result.val_ece_calibrated:.4f} calibrated"),
+        ("ECE (validation)", f"{result.val_ece:.4f} -> {result.val_ece_calibrated:.4f} calibrated (in-sample), "
+                             f"{result.val_ece_heldout:.4f} held out (cross-fit over patients)"),
         *([("val AUC under shift: mean / worst", f"{result.shift_metrics['val_auc_shift_mean']:.4f} / "
                                                  f"{result.shift_metrics['val_auc_shift_min']:.4f}")]
           if result.shift_metrics else []),

@@ -430,8 +430,10 @@ def work(spec: WorkerSpec) -> dict[str, int]:
 
 
 # --- the launcher ----------------------------------------------------------------------------------------
-def prepare(cfg: Config, study_name: str, storage_url: str, tracking_uri: str, trials: int) -> tuple[str, int]:
-    """Create the shared state once: MLflow experiment + parent run, Optuna study, queued trials."""
+def prepare(cfg: Config, study_name: str, storage_url: str, tracking_uri: str, trials: int,
+            config_file: str | Path | None = None) -> tuple[str, int]:
+    """Create the shared state once: MLflow experiment + parent run, Optuna study, queued trials; record the
+    study's promotion rule (`promotion_rule`)."""
     from mlflow import MlflowClient
 
     exp_id = tracking.ensure_experiment(study_name, tracking_uri)
@@ -451,10 +453,25 @@ def prepare(cfg: Config, study_name: str, storage_url: str, tracking_uri: str, t
         study.set_user_attr("mlflow_parent_run_id", parent)
         study.set_user_attr("mlflow_experiment_id", exp_id)
         client.log_dict(parent, config_to_json(cfg), "study/config.json")
+    rule = promotion_rule(cfg, config_file)
+    study.set_user_attr(tag_keys.STUDY_RULE, rule)
+    client.set_tag(parent, tag_keys.STUDY_RULE, json.dumps(rule))  # what `pneumo promote --study` reads
     waiting_before = len(study.get_trials(deepcopy=False, states=(TrialState.WAITING,)))
     for _ in range(trials):
         study.enqueue_trial({})
     return parent, waiting_before
+
+
+def promotion_rule(cfg: Config, config_file: str | Path | None) -> dict:
+    """The `[promote]` section a study was launched with, and the file it came from (path and sha256): so
+    `pneumo promote --study` decides by the study's own rule when no --config is given. The latest launch's."""
+    import dataclasses
+
+    from pipeline.files import sha256_file
+
+    path = Path(config_file).resolve() if config_file else None
+    return {"promote": dataclasses.asdict(cfg.promote), "experiment_file": str(path) if path else None,
+            "experiment_sha256": sha256_file(path) if path and path.is_file() else None}
 
 
 def run_tune(cfg: Config, study_name: str, *, data_dir: str | None = None, trials: int | None = None,
@@ -476,7 +493,7 @@ def run_tune(cfg: Config, study_name: str, *, data_dir: str | None = None, trial
     make_storage(storage_url, cfg)  # a storage that does not answer fails before any MLflow store is made
     uri = tracking.resolve_tracking_uri(tracking_uri)
     tracking.setup(uri)
-    parent, waiting = prepare(cfg, study_name, storage_url, uri, trials)
+    parent, waiting = prepare(cfg, study_name, storage_url, uri, trials, config_file)
     print(f"study {study_name}: {trials} trials queued" + (f" (+{waiting} left by an earlier launch)" if waiting else "")
           + f"; {workers} worker(s); storage {masked(storage_url)}; MLflow {masked(uri)} parent run {parent}",
           flush=True)
