@@ -93,9 +93,15 @@ class TrainConfig:
     lr_plateau_patience: int = 2  # epochs before LR halves on a val AUC plateau; 0 = off
     target_sensitivity: float = 0.0  # the sensitivity `threshold_policy = "sensitivity"` aims at on validation
     # How the stored operating threshold is chosen, on validation only: youden (max J on the clean split),
-    # sensitivity (the highest threshold reaching target_sensitivity), robust (max worst-case J over the clean
+    # sensitivity (the highest threshold reaching target_sensitivity), robust (max tail-average J over the clean
     # split and the shift battery; needs shift_battery = true). pipeline/study/candidate.py:decide_threshold.
     threshold_policy: str = "youden"
+    # The robust policy (pipeline/evaluate/shift.py:robust_threshold): perturbations with an AUC below the floor
+    # are left out; the objective is the mean of the worst `robust_tail` fraction of the conditions' J (1 = the
+    # mean); thresholds below the clean-sensitivity floor are not eligible.
+    robust_auc_floor: float = 0.6
+    robust_tail: float = 0.25
+    robust_min_sensitivity: float = 0.0
     label_smoothing: float = 0.0  # binary cross-entropy label smoothing, in [0, 0.5)
     lr_schedule: str = "constant"  # constant (ReduceLROnPlateau may halve it) | cosine (decay to 0 over epochs)
     # The shift battery (pipeline/evaluate/shift.py) after training, on a fixed subset of validation: val_auc_shift_*.
@@ -236,6 +242,9 @@ BOUNDS: dict[str, tuple[float, float, bool]] = {
     "augment.blur": (0, 1, True),  # blur/sharpen weight; 1 = a full box blur
     "train.label_smoothing": (0, 0.5, True),  # 0.5 would make every label 0.5
     "train.shift_max_images": (0, INF, False),
+    "train.robust_auc_floor": (0, 1, False),
+    "train.robust_tail": (1e-9, 1, False),  # > 0
+    "train.robust_min_sensitivity": (0, 1, False),
     "promote.alpha": (1e-12, 1, True),  # in (0, 1)
     "promote.margin": (0, INF, False),
     "promote.test_queries": (0, INF, False),

@@ -107,24 +107,61 @@ def _youden(y, p, t):
     return (p[y] >= t).mean() - (p[~y] >= t).mean()
 
 
-def test_robust_threshold_maximises_the_worst_case_youden():
+def test_robust_threshold_at_the_smallest_tail_is_the_fitting_halfs_minimax():
     rng = np.random.default_rng(0)
     y = np.r_[np.zeros(300, int), np.ones(300, int)]
     clean = np.r_[rng.uniform(0.0, 0.5, 300), rng.uniform(0.45, 1.0, 300)]
     brighter = np.clip(clean + 0.25, 0, 1)  # a shift moves every score up
-    conditions = [clean, brighter]
-    t, worst = shift.robust_threshold(y, conditions)
-    # The exhaustive answer: every distinct score as a threshold.
+    chosen = shift.robust_threshold(y, clean, {"brighter": brighter}, auc_floor=0.0, tail=1e-9)
+    fit = shift.fitting_half(y.astype(bool), 0)
+    conditions = [clean[fit], brighter[fit]]
+    # The exhaustive answer on the fitting half: every distinct score as a threshold.
     grid = np.unique(np.concatenate(conditions))
-    best = max(min(_youden(y, c, g) for c in conditions) for g in grid)
-    assert worst == pytest.approx(best, abs=0.01)
-    assert min(_youden(y, c, t) for c in conditions) == pytest.approx(worst, abs=1e-9)
+    best = max(min(_youden(y[fit], c, g) for c in conditions) for g in grid)
+    assert chosen.objective == pytest.approx(best, abs=0.01)
+    assert min(_youden(y[fit], c, chosen.threshold) for c in conditions) == pytest.approx(chosen.objective, abs=1e-9)
     # The clean split's own Youden threshold does worse on the worst case.
     from pipeline.evaluate.metrics import choose_threshold
 
-    t_clean = choose_threshold(y, clean)
-    assert min(_youden(y, c, t_clean) for c in conditions) < worst - 0.1
-    assert t > t_clean  # it moved up, towards where the shifted negatives no longer reach
+    t_clean = choose_threshold(y[fit], clean[fit])
+    assert min(_youden(y[fit], c, t_clean) for c in conditions) < chosen.objective - 0.1
+    assert chosen.threshold > t_clean  # it moved up, towards where the shifted negatives no longer reach
+    # Reported on the other half, not on the images it was chosen on.
+    assert chosen.report["clean_j"] == pytest.approx(_youden(y[~fit], clean[~fit], chosen.threshold))
+
+
+def test_one_uninformative_condition_cannot_hijack_the_threshold():
+    """The review's case: 27 mild perturbations and one that carries no ranking (AUC ~0.5). The minimax
+    threshold over all of them follows the bad one (clean specificity collapses); with the AUC floor it is left
+    out, logged as such, and the tail average keeps the threshold where the mild ones put it."""
+    rng = np.random.default_rng(1)
+    n = 600
+    y = (rng.random(n) < 0.4).astype(int)
+    logit = 2.2 * (2 * y - 1) + rng.normal(0, 1.0, n)
+    clean = 1 / (1 + np.exp(-logit))
+    mild = {f"mild{i}": 1 / (1 + np.exp(-(logit + rng.normal(0, 0.4, n) + rng.normal(0, 0.2)))) for i in range(27)}
+    broken = {"broken": 1 / (1 + np.exp(-rng.normal(-2.0, 1.0, n)))}  # low scores for everyone, no ranking
+    guarded = shift.robust_threshold(y, clean, {**mild, **broken}, auc_floor=0.6, tail=0.25)
+    without = shift.robust_threshold(y, clean, mild, auc_floor=0.6, tail=0.25)
+    hijacked = shift.robust_threshold(y, clean, {**mild, **broken}, auc_floor=0.0, tail=1e-9)
+    assert list(guarded.dropped) == ["broken"] and guarded.dropped["broken"] < 0.6 and len(guarded.kept) == 27
+    assert guarded.threshold == without.threshold
+    assert guarded.report["clean_specificity"] > 0.85
+    assert hijacked.report["clean_specificity"] < guarded.report["clean_specificity"] - 0.3
+    assert "1 left out below the AUC floor" in guarded.describe() and "held-out half" in guarded.describe()
+
+
+def test_the_robust_threshold_honours_the_clean_sensitivity_floor():
+    rng = np.random.default_rng(2)
+    y = (rng.random(800) < 0.3).astype(int)
+    clean = 1 / (1 + np.exp(-(1.2 * (2 * y - 1) + rng.normal(0, 1.2, 800))))
+    shifted = {"up": np.clip(clean + 0.1, 0, 1), "down": np.clip(clean - 0.1, 0, 1)}
+    free = shift.robust_threshold(y, clean, shifted, min_sensitivity=0.0)
+    floor = shift.robust_threshold(y, clean, shifted, min_sensitivity=0.95)
+    fit = shift.fitting_half(y.astype(bool), 0)
+    assert (clean[fit & (y == 1)] >= floor.threshold).mean() >= 0.95
+    assert (clean[fit & (y == 1)] >= free.threshold).mean() < 0.95  # the floor binds here
+    assert floor.threshold < free.threshold
 
 
 # --- a training run logs the battery; threshold policies ---------------------------------------------------
@@ -148,16 +185,26 @@ def test_training_logs_the_shift_metrics_and_plot(robust_run):
     assert metrics["val_auc_shift_mean"] == pytest.approx(np.mean(list(per.values())))
     assert metrics["val_auc_shift_min"] == pytest.approx(min(per.values()))
     assert "plots/val_shift.png" in {a.path for a in MlflowClient(uri).list_artifacts(result.run_id, "plots")}
+    # the robust threshold's evidence: its held-out half's rates, and what was left out below the AUC floor
+    evidence = MlflowClient(uri).download_artifacts(result.run_id, "evaluation/robust_threshold.json")
+    import json
+
+    logged = json.loads(open(evidence).read())
+    assert set(logged["kept"]) | set(logged["left_out_below_auc_floor"]) == {k.removeprefix("val_auc_shift/") for k in per}
+    assert metrics["robust_left_out"] == len(logged["left_out_below_auc_floor"])
+    assert metrics["robust_heldout_clean_sensitivity"] == pytest.approx(logged["held_out_half"]["clean_sensitivity"])
 
 
 def test_robust_threshold_is_the_batterys(robust_run, synth_data):
-    """Recomputed from scratch (same seed -> same images): the stored threshold is the minimax one."""
+    """Recomputed from scratch (same seed -> same images): the stored threshold is the battery's robust one."""
     cfg, result, uri = robust_run
     run = MlflowClient(uri).get_run(result.run_id)
     assert run.data.tags["threshold_policy"].startswith("robust")
     sample = shift.load_sample(synth_data, "val", 40, cfg.train.shift_seed)
     again = shift.score_battery(result.model, sample, seed=cfg.train.shift_seed)
-    t, _ = shift.robust_threshold(again.labels, [again.clean, *again.probabilities.values()])
+    t = shift.robust_threshold(again.labels, again.clean, again.probabilities, auc_floor=cfg.train.robust_auc_floor,
+                               tail=cfg.train.robust_tail, min_sensitivity=cfg.train.robust_min_sensitivity,
+                               seed=cfg.train.shift_seed).threshold
     # the stored threshold is the minimax one moved onto the calibrated scale (the same decisions)
     from pipeline.net.calibration import apply_temperature
 

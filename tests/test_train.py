@@ -139,8 +139,9 @@ def test_rsna_recipe_with_metadata_inputs_runs_small(synth_data, tmp_path, track
     a = pyfunc.predict({"image": images, "meta": ap_male_80y})["probability"].to_numpy(float)
     b = pyfunc.predict({"image": images, "meta": pa_female_20y})["probability"].to_numpy(float)
     # A model that ignored `meta` would give the same numbers to float precision (~1e-7): every image moves,
-    # and at least one clearly (a few training steps give small effects; calibration compresses them).
-    assert a.shape == (4,) and np.abs(a - b).min() > 1e-6 and np.abs(a - b).max() > 1e-3, (a, b)
+    # and at least one by 1e-4, a thousand times that (one epoch gives small effects: seen 2.5e-4 to 9e-4 under
+    # load, where CPU thread scheduling changes the few training steps; 1e-3 failed one suite run in three).
+    assert a.shape == (4,) and np.abs(a - b).min() > 1e-6 and np.abs(a - b).max() > 1e-4, (a, b)
     from pipeline.net.calibration import apply_temperature
 
     keras_out = result.model.predict({"image": images, "meta": ap_male_80y}, verbose=0).reshape(-1)

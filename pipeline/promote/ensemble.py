@@ -129,7 +129,8 @@ def members_recipe(client, run_id: str):
 
     params = client.get_run(run_id).data.params
     cast = {"train.threshold_policy": str, "train.target_sensitivity": float, "train.shift_max_images": int,
-            "train.shift_seed": int, "model.metadata_inputs": lambda v: v == "True"}
+            "train.shift_seed": int, "train.robust_auc_floor": float, "train.robust_tail": float,
+            "train.robust_min_sensitivity": float, "model.metadata_inputs": lambda v: v == "True"}
     return Config().with_values({key: f(params[key]) for key, f in cast.items() if key in params})
 
 

@@ -44,6 +44,7 @@ class Validation:
     subgroups: dict
     shifted: shift.ShiftResult | None = None
     battery_s: float = 0.0  # the shift battery's cost, paid once per candidate
+    robust: dict | None = None  # the robust threshold's evidence (kept / left-out conditions, held-out half)
 
     def shift_metrics(self) -> dict:
         return self.shifted.metrics() if self.shifted is not None else {}
@@ -71,8 +72,9 @@ def shift_battery(model, cfg: Config, data_dir: str | Path) -> shift.ShiftResult
     return shift.score_battery(model, sample, seed=cfg.train.shift_seed, batch_size=cfg.data.batch_size)
 
 
-def decide_threshold(cfg: Config, y, p, shifted: shift.ShiftResult | None) -> tuple[float, str]:
-    """THE place the stored operating threshold is decided, on validation only -> (threshold, how).
+def decide_threshold(cfg: Config, y, p, shifted: shift.ShiftResult | None) -> tuple[float, str, dict | None]:
+    """THE place the stored operating threshold is decided, on validation only -> (threshold, how, the robust
+    policy's evidence or None).
 
     The threshold is on the model's raw probability scale; a calibration step that rescales probabilities must
     move it with them (a monotone map keeps the same decisions)."""
@@ -80,13 +82,18 @@ def decide_threshold(cfg: Config, y, p, shifted: shift.ShiftResult | None) -> tu
     if policy == "robust":
         if shifted is None:
             raise ValueError("train.threshold_policy = 'robust' needs the shift battery (train.shift_battery)")
-        conditions = [shifted.clean, *shifted.probabilities.values()]
-        threshold, worst_j = shift.robust_threshold(shifted.labels, conditions)
-        return threshold, f"robust (worst-case Youden J {worst_j:.3f} over clean + {len(conditions) - 1} shifts)"
+        t = cfg.train
+        chosen = shift.robust_threshold(shifted.labels, shifted.clean, shifted.probabilities,
+                                        auc_floor=t.robust_auc_floor, tail=t.robust_tail,
+                                        min_sensitivity=t.robust_min_sensitivity, seed=t.shift_seed)
+        evidence = {"kept": chosen.kept, "left_out_below_auc_floor": chosen.dropped, "objective": chosen.objective,
+                    "held_out_half": chosen.report, "auc_floor": t.robust_auc_floor, "tail": t.robust_tail,
+                    "min_sensitivity": t.robust_min_sensitivity}
+        return chosen.threshold, chosen.describe(), evidence
     if policy == "sensitivity":
         return (metrics.choose_threshold(y, p, cfg.train.target_sensitivity),
-                f"sensitivity >= {cfg.train.target_sensitivity:g} on validation")
-    return metrics.choose_threshold(y, p), "youden (max J on validation)"
+                f"sensitivity >= {cfg.train.target_sensitivity:g} on validation", None)
+    return metrics.choose_threshold(y, p), "youden (max J on validation)", None
 
 
 def fit_calibration(y, p_raw) -> float:
@@ -120,7 +127,7 @@ def validate(model, cfg: Config, data_dir: str | Path, *, with_shift: bool) -> V
     t_shift = time.perf_counter()
     shifted = shift_battery(scorer, cfg, data_dir) if with_shift else None
     battery_s = time.perf_counter() - t_shift
-    threshold_raw, policy = decide_threshold(cfg, y, p_raw, shifted)
+    threshold_raw, policy, robust = decide_threshold(cfg, y, p_raw, shifted)
     temperature = fit_calibration(y, p_raw)
     # Everything below is on the calibrated scale, the one model_store.LoadedModel.probabilities reports.
     # Temperature scaling is monotone: the moved threshold makes exactly the raw threshold's decisions.
@@ -140,7 +147,8 @@ def validate(model, cfg: Config, data_dir: str | Path, *, with_shift: bool) -> V
     return Validation(labels=y, raw=p_raw, calibrated=p, info=info, threshold=threshold,
                       threshold_raw=float(threshold_raw), threshold_policy=policy, temperature=temperature, ece=ece,
                       ece_heldout=heldout_ece(y, p_raw, clusters, cfg.train.seed),
-                      metrics=measured, subgroups=subgroups, shifted=shifted, battery_s=battery_s if with_shift else 0.0)
+                      metrics=measured, subgroups=subgroups, shifted=shifted, battery_s=battery_s if with_shift else 0.0,
+                      robust=robust)
 
 
 def _finite(values: dict) -> dict:
@@ -159,6 +167,10 @@ def log_validation(v: Validation, history: dict | None = None, title: str = "val
     if v.shifted is not None:
         mlflow.log_metrics({**_finite(v.shift_metrics()), "shift_battery_s": v.battery_s})
         mlflow.log_text(shift.format_table(v.shifted), "evaluation/val_shift.txt")
+    if v.robust is not None:
+        mlflow.log_dict(v.robust, "evaluation/robust_threshold.json")
+        mlflow.log_metrics({f"robust_heldout_{k}": val for k, val in _finite(v.robust["held_out_half"]).items()}
+                           | {"robust_left_out": float(len(v.robust["left_out_below_auc_floor"]))})
     mlflow.log_dict({"metrics": v.metrics, "subgroups": v.subgroups}, "evaluation/val.json")
     mlflow.log_text(metrics.format_table(v.metrics, v.subgroups), "evaluation/val.txt")
     y, p = v.labels, v.calibrated
