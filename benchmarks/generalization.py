@@ -2,6 +2,8 @@
 
     .venv/bin/python benchmarks/generalization.py                        # the champion on tfrecords/kermany-128
     .venv/bin/python benchmarks/generalization.py --model models:/pneumonia-cnn/3 --data tfrecords/kermany-128
+    .venv/bin/python benchmarks/generalization.py --study kermany-s0      # which selection metric predicts
+                                                                          # the held-out battery families
 
 What it prints (the same as `pneumo evaluate --shift`, pipeline/evaluate/scoring.py): the internal split's AUC and
 accuracy with 95% CIs beside the majority baseline; the AUC under every perturbation of the shift battery
@@ -10,6 +12,10 @@ temperature. The internal split is in-distribution (a patient-level split of one
 is the part of this report that speaks to other hospitals and devices, and even it only simulates them.
 Ends with one line: auc_shift_min=<worst AUC> internal_auc=<AUC> (no target: a report, not a race).
 ~1-2 min for the 1,049-image Kermany test split at 128 px on 2 CPU cores.
+
+`--study NAME` reads no images: over the study's completed trials (trained with `train.shift_held_out`), the
+rank correlation of each candidate selection metric with the AUC on the held-out battery families
+(pipeline/study/proxy.py), best predictor first. Ends with: proxy_choice=<metric> spearman=<rho>.
 """
 
 from __future__ import annotations
@@ -35,7 +41,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--shift-max-images", type=int, default=0, help="0 = the whole split")
     ap.add_argument("--tracking-uri", default=None)
     ap.add_argument("--out", default=None, help="JSON report (default: <data>/generalization-<split>.json)")
+    ap.add_argument("--study", default=None, help="report the selection metrics' rank correlation with the "
+                    "held-out battery families over this study's trials (no images read)")
     a = ap.parse_args(argv)
+    if a.study:
+        return study_proxy(a.study, a.tracking_uri)
     if not (Path(a.data) / "manifest.json").exists():
         print(f"error: {a.data}/manifest.json not found: convert the data first (README, Kermany section)",
               file=sys.stderr)
@@ -54,6 +64,21 @@ def main(argv: list[str] | None = None) -> int:
     print(report["table"])
     print(f"wrote {report['path']} in {time.perf_counter() - t0:.0f} s")
     print(f"auc_shift_min={report['shift']['worst']:.4f} internal_auc={report['metrics']['auc']:.4f}")
+    return 0
+
+
+def study_proxy(study: str, tracking_uri: str | None) -> int:
+    from pipeline.artifact import tracking
+    from pipeline.study import proxy
+
+    trials = proxy.trial_metrics(tracking.setup(tracking.resolve_tracking_uri(tracking_uri)), study)
+    if len(trials) < 4:
+        print(f"error: study {study!r} has {len(trials)} completed trial(s) with {proxy.TARGET}: it needs at least "
+              "4, trained with train.shift_held_out (experiments/kermany.toml sets it)", file=sys.stderr)
+        return 2
+    rows = proxy.correlations(trials)
+    print(proxy.format_table(rows, study))
+    print(f"proxy_choice={rows[0].metric} spearman={rows[0].rho:.3f}")
     return 0
 
 

@@ -108,6 +108,11 @@ class TrainConfig:
     shift_battery: bool = True
     shift_max_images: int = 512  # the subset's cap (class-stratified, fixed by shift_seed); 0 = whole split
     shift_seed: int = 0  # fixes the subset and the perturbations' draws: the same images for every trial
+    # Battery families held out of selection (pipeline/evaluate/shift.py:FAMILIES): scored and logged as
+    # val_auc_heldout_mean/_min, but in no study metric and not in the robust threshold: a simulated second
+    # site that nothing was tuned on (benchmarks/generalization.py --study measures what predicts it). Names
+    # are checked against the battery by pipeline/evaluate/shift.py:check_held_out, before training starts.
+    shift_held_out: list = field(default_factory=list)
     bootstrap: int = 1000  # bootstrap resamples for confidence intervals
     seed: int = 0
     log_model: bool = True
@@ -192,7 +197,7 @@ CHOICES = {
     "train.lr_scale": ("linear", "sqrt", "none"),
     "train.threshold_policy": ("youden", "sensitivity", "robust"),
     "train.lr_schedule": ("constant", "cosine"),
-    "tune.metric": ("val_auc", "val_auc_shift_mean", "val_auc_shift_min", "val_loss"),
+    "tune.metric": ("val_auc", "val_auc_shift_mean", "val_auc_shift_min", "val_auc_shift_tail", "val_loss"),
     "tune.sampler": ("tpe", "random", "cmaes", "qmc"),
     "tune.pruner": ("median", "hyperband", "none"),
     "promote.policy": ("superiority", "non_inferiority"),

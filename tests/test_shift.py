@@ -4,9 +4,11 @@ robust recipe's augmentation layers (eager, in tf.data, in a model, and under th
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import keras  # noqa: F401  (hard dependencies, imported directly: a broken install fails, it does not skip)
 import numpy as np
@@ -172,7 +174,7 @@ def robust_run(synth_data, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("robust")
     uri = f"sqlite:///{tmp}/mlflow.db"
     cfg = load_config(SMOKE, [f"train.checkpoint_dir={tmp}/ckpt", "train.threshold_policy=robust",
-                              "train.shift_max_images=40"])
+                              "train.shift_max_images=40", 'train.shift_held_out=["jpeg", "gamma"]'])
     return cfg, train(cfg, synth_data, tracking_uri=uri, verbose=0), uri
 
 
@@ -181,16 +183,26 @@ def test_training_logs_the_shift_metrics_and_plot(robust_run):
     run = MlflowClient(uri).get_run(result.run_id)
     metrics = run.data.metrics
     per = {k: v for k, v in metrics.items() if k.startswith("val_auc_shift/")}
-    assert len(per) == len(shift.battery(64))
-    assert metrics["val_auc_shift_mean"] == pytest.approx(np.mean(list(per.values())))
-    assert metrics["val_auc_shift_min"] == pytest.approx(min(per.values()))
+    assert len(per) == len(shift.battery(64))  # every perturbation is scored and logged ...
+    held = {k: v for k, v in per.items() if shift.family(k.removeprefix("val_auc_shift/")) in ("jpeg", "gamma")}
+    chosen = {k: v for k, v in per.items() if k not in held}
+    assert len(held) == 4
+    # ... but the held-out families are in no selection metric, only in their own
+    assert metrics["val_auc_shift_mean"] == pytest.approx(np.mean(list(chosen.values())))
+    assert metrics["val_auc_shift_min"] == pytest.approx(min(chosen.values()))
+    worst_quarter = sorted(chosen.values())[: math.ceil(len(chosen) / 4)]
+    assert metrics["val_auc_shift_tail"] == pytest.approx(np.mean(worst_quarter))
+    assert metrics["val_auc_heldout_mean"] == pytest.approx(np.mean(list(held.values())))
+    assert metrics["val_auc_heldout_min"] == pytest.approx(min(held.values()))
     assert "plots/val_shift.png" in {a.path for a in MlflowClient(uri).list_artifacts(result.run_id, "plots")}
     # the robust threshold's evidence: its held-out half's rates, and what was left out below the AUC floor
     evidence = MlflowClient(uri).download_artifacts(result.run_id, "evaluation/robust_threshold.json")
     import json
 
     logged = json.loads(open(evidence).read())
-    assert set(logged["kept"]) | set(logged["left_out_below_auc_floor"]) == {k.removeprefix("val_auc_shift/") for k in per}
+    # the threshold is fitted over the selection families only: the held-out ones decide nothing
+    assert set(logged["kept"]) | set(logged["left_out_below_auc_floor"]) == {
+        k.removeprefix("val_auc_shift/") for k in chosen}
     assert metrics["robust_left_out"] == len(logged["left_out_below_auc_floor"])
     assert metrics["robust_heldout_clean_sensitivity"] == pytest.approx(logged["held_out_half"]["clean_sensitivity"])
 
@@ -202,7 +214,8 @@ def test_robust_threshold_is_the_batterys(robust_run, synth_data):
     assert run.data.tags["threshold_policy"].startswith("robust")
     sample = shift.load_sample(synth_data, "val", 40, cfg.train.shift_seed)
     again = shift.score_battery(result.model, sample, seed=cfg.train.shift_seed)
-    t = shift.robust_threshold(again.labels, again.clean, again.probabilities, auc_floor=cfg.train.robust_auc_floor,
+    selection = {k: v for k, v in again.probabilities.items() if shift.family(k) not in ("jpeg", "gamma")}
+    t = shift.robust_threshold(again.labels, again.clean, selection, auc_floor=cfg.train.robust_auc_floor,
                                tail=cfg.train.robust_tail, min_sensitivity=cfg.train.robust_min_sensitivity,
                                seed=cfg.train.shift_seed).threshold
     # the stored threshold is the minimax one moved onto the calibrated scale (the same decisions)
@@ -211,7 +224,8 @@ def test_robust_threshold_is_the_batterys(robust_run, synth_data):
     assert run.data.metrics["threshold_uncalibrated"] == pytest.approx(t, abs=1e-6)
     temperature = float(run.data.tags["temperature"])
     assert float(run.data.tags["threshold"]) == pytest.approx(float(apply_temperature(t, temperature)), abs=1e-9)
-    assert again.metrics()["val_auc_shift_min"] == pytest.approx(run.data.metrics["val_auc_shift_min"], abs=1e-9)
+    assert again.metrics()["val_auc_shift/jpeg_10"] == pytest.approx(run.data.metrics["val_auc_shift/jpeg_10"],
+                                                                     abs=1e-9)
 
 
 def test_evaluate_shift_reports_battery_and_ece(robust_run, synth_data, tmp_path):
@@ -389,3 +403,64 @@ def test_robust_recipe_model_runs_under_jax():
     env = {**os.environ, "KERAS_BACKEND": "jax", "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
     run = subprocess.run([sys.executable, "-c", JAX_SCRIPT], capture_output=True, text=True, env=env, timeout=300)
     assert run.returncode == 0 and "jax ok" in run.stdout, run.stderr[-3000:]
+
+
+def test_held_out_families_are_checked_before_training():
+    from pipeline.config import ConfigError
+
+    shift.check_held_out(["jpeg", "zoom_out"])
+    with pytest.raises(ConfigError, match=r"unknown family 'jpg' \(known: exposure, gamma"):
+        shift.check_held_out(["jpg"])
+    with pytest.raises(ConfigError, match="nothing would be left to select on"):
+        shift.check_held_out(list(shift.FAMILIES))
+    assert shift.family("zoom_out_0.85") == "zoom_out" and "zoom_out" in shift.FAMILIES
+
+
+def test_the_proxy_ranks_selection_metrics_by_how_they_predict_the_held_out_families():
+    """Constructed trials: the battery mean tracks the held-out AUC, validation AUC does not."""
+    from pipeline.study import proxy
+
+    rng = np.random.default_rng(0)
+    held = rng.uniform(0.85, 0.95, 12)
+    trials = [{"val_auc_heldout_mean": h, "val_auc_shift_mean": h + rng.normal(0, 0.004),
+               "final_val_auc": 0.99 + rng.normal(0, 0.003), "final_val_loss": 1.0 - h + rng.normal(0, 0.02)}
+              for h in held]
+    rows = proxy.correlations(trials)
+    by = {r.metric: r for r in rows}
+    assert rows[0].metric == "val_auc_shift_mean" and by["val_auc_shift_mean"].rho > 0.9
+    assert by["val_auc_shift_mean"].low > 0.5 and by["val_auc_shift_mean"].n == 12
+    assert abs(by["val_auc"].rho) < 0.7 and by["val_auc"].low < 0 < by["val_auc"].high
+    assert by["val_loss"].rho > 0  # lower loss with higher held-out AUC: signed so that higher is better
+    assert by["val_auc_shift_min"].n == 0 and math.isnan(by["val_auc_shift_min"].rho)  # not logged: no number
+    from scipy.stats import spearmanr
+
+    assert by["val_auc"].rho == pytest.approx(spearmanr([t["final_val_auc"] for t in trials], held)[0])
+
+
+def test_generalization_study_mode_reads_the_trials_and_names_its_choice(tmp_path, capsys):
+    """`benchmarks/generalization.py --study NAME` on a store holding a study's trial runs (no images read)."""
+    import importlib.util
+
+    from pipeline.artifact import tag_keys, tracking
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    client = tracking.setup(uri)
+    exp = tracking.ensure_experiment("s", uri)
+    rng = np.random.default_rng(1)
+    for i, held in enumerate(rng.uniform(0.8, 0.95, 6)):
+        run = client.create_run(exp, tags={tag_keys.TRIAL_NUMBER: str(i), "state": "COMPLETE"})
+        for key, value in {"val_auc_heldout_mean": held, "val_auc_shift_mean": held + 0.001 * rng.random(),
+                           "final_val_auc": 0.99 - 0.001 * i}.items():
+            client.log_metric(run.info.run_id, key, float(value))
+    pruned = client.create_run(exp, tags={tag_keys.TRIAL_NUMBER: "9", "state": "PRUNED"})
+    client.log_metric(pruned.info.run_id, "val_auc_heldout_mean", 0.5)  # not a finished trial: left out
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "generalization.py"
+    spec = importlib.util.spec_from_file_location("generalization", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    assert module.main(["--study", "s", "--tracking-uri", uri]) == 0
+    out = capsys.readouterr().out.strip().splitlines()
+    assert out[-1].startswith("proxy_choice=val_auc_shift_mean spearman=")
+    assert any(line.startswith("val_auc ") and line.rstrip().endswith("6") for line in out)
+    assert module.main(["--study", "nosuch", "--tracking-uri", uri]) == 2
+    assert "needs at least 4" in capsys.readouterr().err

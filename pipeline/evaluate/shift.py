@@ -262,26 +262,62 @@ class ShiftResult:
     probabilities: dict[str, np.ndarray]  # perturbation name -> probabilities
     auc: dict[str, float] = field(default_factory=dict)
     clean_auc: float = math.nan
+    # Families kept out of selection (`train.shift_held_out`): scored and logged, but not in the mean, the
+    # worst or the tail, so a study cannot select on them: they stand in for a site nobody tuned for.
+    held_out: tuple[str, ...] = ()
+
+    def _selection(self) -> list[float]:
+        return [v for k, v in self.auc.items() if family(k) not in self.held_out]
 
     @property
     def mean(self) -> float:
-        return float(np.mean(list(self.auc.values())))
+        return float(np.mean(self._selection()))
 
     @property
     def worst(self) -> float:
-        return float(np.min(list(self.auc.values())))
+        return float(np.min(self._selection()))
+
+    @property
+    def tail(self) -> float:
+        """The mean AUC of the worst quarter of the selection perturbations (CVaR at 25%)."""
+        values = np.sort(self._selection())
+        return float(values[: max(1, math.ceil(0.25 * len(values)))].mean())
 
     @property
     def worst_name(self) -> str:
-        return min(self.auc, key=self.auc.get)
+        return min((k for k in self.auc if family(k) not in self.held_out), key=self.auc.get)
 
     def metrics(self) -> dict[str, float]:
-        """The MLflow metrics: val_auc_shift_mean, val_auc_shift_min, val_auc_shift/<name>, and the subset's
-        clean AUC (the reference the drops are read against)."""
-        out = {"val_auc_shift_mean": self.mean, "val_auc_shift_min": self.worst,
+        """The MLflow metrics: val_auc_shift_mean, _min and _tail over the selection perturbations,
+        val_auc_shift/<name> for every one, the subset's clean AUC (the reference the drops are read against),
+        and, with held-out families, val_auc_heldout_mean and _min over them."""
+        out = {"val_auc_shift_mean": self.mean, "val_auc_shift_min": self.worst, "val_auc_shift_tail": self.tail,
                "val_auc_shift_clean": self.clean_auc}
         out.update({f"val_auc_shift/{k}": v for k, v in self.auc.items()})
+        held = [v for k, v in self.auc.items() if family(k) in self.held_out]
+        if held:
+            out.update(val_auc_heldout_mean=float(np.mean(held)), val_auc_heldout_min=float(np.min(held)))
         return out
+
+
+def family(name: str) -> str:
+    """A perturbation's family from its name (`zoom_out_0.85` -> `zoom_out`)."""
+    return name.rsplit("_", 1)[0]
+
+
+FAMILIES = tuple(dict.fromkeys(p.kind for p in battery(128)))  # in battery order
+
+
+def check_held_out(families) -> None:
+    """`train.shift_held_out` must name battery families and leave some to select on (ConfigError otherwise)."""
+    from pipeline.config import ConfigError
+
+    unknown = [f for f in families if f not in FAMILIES]
+    if unknown:
+        raise ConfigError(f"train.shift_held_out: unknown famil{'y' if len(unknown) == 1 else 'ies'} "
+                          f"{', '.join(map(repr, unknown))} (known: {', '.join(FAMILIES)})")
+    if set(families) >= set(FAMILIES):
+        raise ConfigError("train.shift_held_out holds every family: nothing would be left to select on")
 
 
 def _predict(predict_fn, images, meta, batch_size: int) -> np.ndarray:
@@ -295,7 +331,7 @@ def _predict(predict_fn, images, meta, batch_size: int) -> np.ndarray:
 
 
 def score_battery(model_or_fn, sample: SplitSample, *, seed: int = 0, batch_size: int = 64,
-                  perturbations: list[Perturbation] | None = None) -> ShiftResult:
+                  perturbations: list[Perturbation] | None = None, held_out: tuple[str, ...] = ()) -> ShiftResult:
     """AUC of the model on the clean subset and under every perturbation. `model_or_fn` is a Keras model or
     a callable taking the model's input dict and returning probabilities."""
     from sklearn.metrics import roc_auc_score
@@ -315,7 +351,7 @@ def score_battery(model_or_fn, sample: SplitSample, *, seed: int = 0, batch_size
         probs[p.name] = _predict(fn, np.concatenate(batches), sample.meta, batch_size)
     return ShiftResult(labels=y, clean=clean, probabilities=probs,
                        auc={k: float(roc_auc_score(y, v)) for k, v in probs.items()},
-                       clean_auc=float(roc_auc_score(y, clean)))
+                       clean_auc=float(roc_auc_score(y, clean)), held_out=tuple(held_out))
 
 
 @dataclass

@@ -112,7 +112,7 @@ def select_members(client, model: str, study: str, k: int, metric: str) -> tuple
 
 
 # study metrics the ensemble's own value is computed for (the shift ones by the same battery training runs)
-METRICS_HERE = ("val_auc", "val_auc_pr", "val_loss", "val_auc_shift_mean", "val_auc_shift_min")
+METRICS_HERE = ("val_auc", "val_auc_pr", "val_loss", "val_auc_shift_mean", "val_auc_shift_min", "val_auc_shift_tail")
 
 
 def _metric_value(metric: str, v) -> float | None:
@@ -125,12 +125,15 @@ def _metric_value(metric: str, v) -> float | None:
 def members_recipe(client, run_id: str):
     """The threshold policy of a member's training run (its logged `train.*` params) as a Config, so the
     ensemble decides its operating threshold the way its members were trained to (pipeline.study.candidate)."""
+    import ast
+
     from pipeline.config import Config
 
     params = client.get_run(run_id).data.params
     cast = {"train.threshold_policy": str, "train.target_sensitivity": float, "train.shift_max_images": int,
             "train.shift_seed": int, "train.robust_auc_floor": float, "train.robust_tail": float,
-            "train.robust_min_sensitivity": float, "model.metadata_inputs": lambda v: v == "True"}
+            "train.robust_min_sensitivity": float, "train.shift_held_out": ast.literal_eval,
+            "model.metadata_inputs": lambda v: v == "True"}
     return Config().with_values({key: f(params[key]) for key, f in cast.items() if key in params})
 
 

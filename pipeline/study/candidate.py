@@ -69,7 +69,8 @@ def shift_battery(model, cfg: Config, data_dir: str | Path) -> shift.ShiftResult
     """The model's AUC under the shift battery on validation's fixed subset (pipeline/evaluate/shift.py)."""
     sample = shift.load_sample(data_dir, "val", cfg.train.shift_max_images, cfg.train.shift_seed,
                                with_meta=cfg.model.metadata_inputs)
-    return shift.score_battery(model, sample, seed=cfg.train.shift_seed, batch_size=cfg.data.batch_size)
+    return shift.score_battery(model, sample, seed=cfg.train.shift_seed, batch_size=cfg.data.batch_size,
+                               held_out=tuple(cfg.train.shift_held_out))
 
 
 def decide_threshold(cfg: Config, y, p, shifted: shift.ShiftResult | None) -> tuple[float, str, dict | None]:
@@ -83,7 +84,8 @@ def decide_threshold(cfg: Config, y, p, shifted: shift.ShiftResult | None) -> tu
         if shifted is None:
             raise ValueError("train.threshold_policy = 'robust' needs the shift battery (train.shift_battery)")
         t = cfg.train
-        chosen = shift.robust_threshold(shifted.labels, shifted.clean, shifted.probabilities,
+        selection = {k: v for k, v in shifted.probabilities.items() if shift.family(k) not in shifted.held_out}
+        chosen = shift.robust_threshold(shifted.labels, shifted.clean, selection,
                                         auc_floor=t.robust_auc_floor, tail=t.robust_tail,
                                         min_sensitivity=t.robust_min_sensitivity, seed=t.shift_seed)
         evidence = {"kept": chosen.kept, "left_out_below_auc_floor": chosen.dropped, "objective": chosen.objective,

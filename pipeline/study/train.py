@@ -28,7 +28,7 @@ import tensorflow as tf
 from pipeline.artifact import tracking
 from pipeline.config import Config, check_consistency
 from pipeline.data.tfdata import eval_dataset, load_manifest, train_dataset
-from pipeline.evaluate import metrics
+from pipeline.evaluate import metrics, shift
 from pipeline.net.devices import configure_gpus, resolve_jit
 from pipeline.net.model import apply_precision, build_model
 from pipeline.study.candidate import LoggedCandidate, make_candidate
@@ -238,6 +238,7 @@ def prepare(cfg: Config, data_dir: str | Path | None) -> Setup:
     data_dir = Path(data_dir or cfg.data.dir)
     cfg = cfg.with_values({"data.dir": str(data_dir)})  # the resolved config names the data really used
     check_consistency(cfg)  # a trial's sampled values too, not only the experiment file
+    shift.check_held_out(cfg.train.shift_held_out)
     manifest = load_manifest(data_dir)
     tcfg = cfg.train
     configure_gpus()  # before TensorFlow's first op: memory growth, so workers can share a GPU

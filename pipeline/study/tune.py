@@ -483,6 +483,9 @@ def run_tune(cfg: Config, study_name: str, *, data_dir: str | None = None, trial
         raise ConfigError("[tune.space] is empty: nothing to search")
     data_dir = str(data_dir or cfg.data.dir)
     load_manifest(data_dir)  # DataError (exit 2) naming the folder when it holds no converted data
+    from pipeline.evaluate.shift import check_held_out
+
+    check_held_out(cfg.train.shift_held_out)  # before any worker starts, not in every trial
     gpus = devices.visible_gpus()
     workers = devices.default_workers(workers_per_gpu) if workers is None else workers
     devices.check_placement(workers, gpus, workers_per_gpu)

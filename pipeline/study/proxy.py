@@ -1,0 +1,83 @@
+"""Which selection metric predicts "travels"? Rank correlations over a study's finished trials.
+
+The proxy for a site nobody tuned on: battery families held out of selection (`train.shift_held_out`;
+pipeline/evaluate/shift.py), scored on the same validation subset, logged as `val_auc_heldout_mean`. For each
+candidate selection metric (validation AUC, the battery's mean, worst and tail over the selection families,
+validation loss), Spearman's rank correlation with the held-out AUC over the study's trials says how well
+selecting on it would have picked the trials that hold up there. A simulation of other sites, not one: the
+held-out families are transformations of this hospital's images, on its validation patients.
+
+Read by `benchmarks/generalization.py --study NAME`. Spearman's rho and its p-value from scipy.stats.spearmanr;
+a 95% interval from the Fisher z transform with the Bonett & Wright (Psychometrika 2000) variance
+(1 + rho^2 / 2) / (n - 3), the usual one for Spearman's coefficient.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from statistics import NormalDist
+
+from pipeline.artifact import tag_keys
+
+TARGET = "val_auc_heldout_mean"
+# candidate selection metric -> the run metric it is logged as (val_loss: lower is better, so its sign flips)
+CANDIDATES = {"val_auc": "final_val_auc", "val_auc_shift_mean": "val_auc_shift_mean",
+              "val_auc_shift_min": "val_auc_shift_min", "val_auc_shift_tail": "val_auc_shift_tail",
+              "val_loss": "final_val_loss"}
+
+
+@dataclass(frozen=True)
+class Correlation:
+    metric: str
+    rho: float  # Spearman, signed so that higher means "selecting on it picks trials that travel"
+    low: float
+    high: float
+    p: float
+    n: int
+
+
+def spearman(xs: list[float], ys: list[float], alpha: float = 0.05) -> tuple[float, float, float, float]:
+    """(rho, CI low, CI high, p) of Spearman's rank correlation (module docstring for the interval)."""
+    from scipy.stats import spearmanr
+
+    n = len(xs)
+    if n < 4:
+        return (math.nan,) * 4
+    rho, p = spearmanr(xs, ys)
+    rho = float(rho)
+    if not math.isfinite(rho):
+        return (math.nan,) * 4
+    z, half = math.atanh(max(min(rho, 0.999999), -0.999999)), NormalDist().inv_cdf(1 - alpha / 2) * math.sqrt(
+        (1 + rho**2 / 2) / (n - 3))
+    return rho, math.tanh(z - half), math.tanh(z + half), float(p)
+
+
+def trial_metrics(client, study: str) -> list[dict]:
+    """The run metrics of every COMPLETE trial of `study` that logged the held-out target."""
+    exp = client.get_experiment_by_name(study)
+    if exp is None:
+        return []
+    runs = client.search_runs([exp.experiment_id], "tags.state = 'COMPLETE'", max_results=10000)
+    return [dict(r.data.metrics) for r in runs
+            if tag_keys.TRIAL_NUMBER in r.data.tags and TARGET in r.data.metrics]
+
+
+def correlations(trials: list[dict]) -> list[Correlation]:
+    """Each candidate metric against the held-out AUC, best predictor first."""
+    out = []
+    for name, key in CANDIDATES.items():
+        pairs = [(t[key], t[TARGET]) for t in trials if key in t and math.isfinite(t[key])]
+        sign = -1.0 if name == "val_loss" else 1.0
+        rho, low, high, p = spearman([sign * x for x, _ in pairs], [y for _, y in pairs])
+        out.append(Correlation(name, rho, low, high, p, len(pairs)))
+    return sorted(out, key=lambda c: -c.rho if math.isfinite(c.rho) else math.inf)
+
+
+def format_table(rows: list[Correlation], study: str) -> str:
+    lines = [f"study {study}: Spearman rank correlation of each selection metric with {TARGET} "
+             f"(battery families held out of selection), over its completed trials",
+             f"{'selection metric':<22}{'rho [95% CI]':<26}{'p':>8}{'trials':>8}"]
+    for c in rows:
+        lines.append(f"{c.metric:<22}{f'{c.rho:+.3f} [{c.low:+.3f}, {c.high:+.3f}]':<26}{c.p:>8.3f}{c.n:>8}")
+    return "\n".join(lines)
