@@ -12,8 +12,18 @@ import sys
 
 from pipeline.errors import InputError, one_line
 
-# TensorFlow's C++ start-up chatter (CPU feature notes, CUDA probes) drowns the useful output.
+# TensorFlow's C++ start-up chatter (CPU feature notes, CUDA probes) drowns the useful output: the level below
+# quiets its logging, and the commands that load TensorFlow import it with stderr held back
+# (pipeline/net/devices.py:import_tensorflow_quietly; PNEUMO_VERBOSE=1 shows all of it).
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+
+def _load_tensorflow() -> None:
+    """TensorFlow imported with its start-up log held back, once a command's cheap checks have passed (a typo
+    still answers before TensorFlow loads) and KERAS_BACKEND is set (importing TensorFlow imports Keras)."""
+    from pipeline.net.devices import import_tensorflow_quietly
+
+    import_tensorflow_quietly()
 
 
 def _add_tracking(p: argparse.ArgumentParser) -> None:
@@ -103,6 +113,7 @@ def _use_backend(cfg) -> None:
     """Keras reads KERAS_BACKEND once, when it is first imported: set it from `train.backend` before any stage
     that imports Keras (tune workers inherit it with the environment)."""
     os.environ["KERAS_BACKEND"] = cfg.train.backend
+    _load_tensorflow()
 
 
 def cmd_train(a):
@@ -138,6 +149,7 @@ def cmd_tune(a):
 
 
 def cmd_doctor(a):
+    _load_tensorflow()
     from pipeline.doctor import run_doctor
 
     run_doctor(a.tracking_uri, a.storage)
@@ -149,6 +161,7 @@ def _read_only(a, uri: str | None = None) -> None:
 
     if uri is None or uri.startswith(("models:/", "runs:/")):  # a local model folder needs no store
         require_store(resolve_tracking_uri(a.tracking_uri), a.command)
+    _load_tensorflow()  # every read-only command scores or loads a model
 
 
 def cmd_evaluate(a):
@@ -162,6 +175,7 @@ def cmd_evaluate(a):
 
 
 def cmd_demo(a):
+    _load_tensorflow()
     from pipeline.demo import run_demo
 
     run_demo(workdir=a.workdir, tracking_uri=a.tracking_uri, n=a.n, quiet=a.quiet)

@@ -80,6 +80,11 @@ class TrainConfig:
     steps_per_epoch: int = 0  # 0 = one pass over the train split
     learning_rate: float = 1e-3
     weight_decay: float = 0.0
+    # Weight averaging: "ema" keeps an exponential moving average of the weights (Polyak & Juditsky 1992; Keras
+    # optimizers' use_ema) and writes it into the model at the end of every epoch, so validation, early
+    # stopping and the saved model all see the averaged weights. "none": the last step's weights.
+    weight_averaging: str = "none"
+    ema_momentum: float = 0.99
     class_weight: str = "balanced"  # balanced (loss weights) | oversample (50/50 batches) | none
     precision: str = "auto"  # auto | float32 | mixed_float16 | mixed_bfloat16
     # auto | true | false (TOML booleans too): auto = XLA on a GPU, off on the CPU (pipeline/net/devices.py);
@@ -196,6 +201,7 @@ CHOICES = {
     "train.backend": ("tensorflow", "jax"),
     "train.lr_scale": ("linear", "sqrt", "none"),
     "train.threshold_policy": ("youden", "sensitivity", "robust"),
+    "train.weight_averaging": ("none", "ema"),
     "train.lr_schedule": ("constant", "cosine"),
     "tune.metric": ("val_auc", "val_auc_shift_mean", "val_auc_shift_min", "val_auc_shift_tail", "val_loss"),
     "tune.sampler": ("tpe", "random", "cmaes", "qmc"),
@@ -231,6 +237,7 @@ BOUNDS: dict[str, tuple[float, float, bool]] = {
     "train.steps_per_epoch": (0, INF, False),
     "train.learning_rate": (1e-12, INF, False),  # > 0
     "train.weight_decay": (0, INF, False),
+    "train.ema_momentum": (0, 1, True),
     "train.early_stopping_patience": (0, INF, False),
     "train.lr_plateau_patience": (0, INF, False),
     "train.target_sensitivity": (0, 1, False),

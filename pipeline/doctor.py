@@ -99,6 +99,11 @@ def report(tracking_uri: str | None = None, storage: str | None = None) -> tuple
         precision, jit = "float32", False
     lines.append(f"GPUs          {names}; CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES', '(unset)')}; "
                  f"tune --workers default {devices.default_workers()}")
+    try:
+        cuda = devices.cuda_build()
+    except Exception as e:  # noqa: BLE001 (a broken install still gets the rest of the report)
+        cuda = f"unknown ({type(e).__name__}: {str(e)[:120]})"
+    lines.append(f"CUDA          {cuda}; {devices.nvidia_driver()}")
     lines.append(f"precision     auto -> {precision}")
     lines.append(f"XLA           auto -> {'on' if jit else 'off'}"
                  + (" (with augment.xla_safe = true for rotation/zoom/translation)" if jit else ""))

@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import errno
 import os
+import re
 import subprocess
 import sys
 import tomllib
@@ -365,7 +366,9 @@ def test_psycopg3_is_the_one_postgres_driver():
     deps = " ".join(pyproject["dependencies"])
     assert "psycopg" not in deps  # PostgreSQL is opt-in
     assert pyproject["optional-dependencies"]["postgres"] == ["psycopg[binary]>=3.2"]
-    assert "pneumo[postgres]" in pyproject["optional-dependencies"]["dev"]
+    composed = [set(m.group(1).split(",")) for d in pyproject["optional-dependencies"]["dev"]
+                if (m := re.fullmatch(r"pneumo\[([a-z,-]+)\]", d))]
+    assert any("postgres" in extras for extras in composed)  # the dev extra composes it, not repeats it
     assert "psycopg2" not in (REPO / "pyproject.toml").read_text()
 
 
@@ -420,3 +423,19 @@ def test_the_wheel_ships_the_experiment_files():
     assert "pipeline.experiments" in setuptools["packages"]
     assert setuptools["package-dir"]["pipeline.experiments"] == "experiments"
     assert setuptools["package-data"]["pipeline.experiments"] == ["*.toml"]
+
+
+def test_commands_start_without_tensorflows_start_up_log(tmp_path):
+    """`pneumo doctor` loads TensorFlow: its absl start-up lines (oneDNN, CUDA probes) stay off stderr unless
+    PNEUMO_VERBOSE=1 asks for them (on a host where TensorFlow logs nothing there, both runs are clean)."""
+    args = ("doctor", "--tracking-uri", f"sqlite:///{tmp_path}/m.db", "--storage", f"sqlite:///{tmp_path}/o.db")
+    quiet = _pneumo(*args, cwd=tmp_path)
+    assert quiet.returncode == 0 and "precision     auto ->" in quiet.stdout
+    assert "absl::InitializeLog" not in quiet.stderr and "oneDNN" not in quiet.stderr, quiet.stderr
+    verbose = _pneumo(*args, cwd=tmp_path, env={**os.environ, "PNEUMO_VERBOSE": "1"})
+    assert verbose.returncode == 0
+    # Asked for, the held-back lines are there (this machine's CUDA-build wheel logs them on every start; the
+    # check above only means something where it does, which this line confirms).
+    if sys.platform == "linux" and "absl::InitializeLog" not in verbose.stderr:
+        pytest.skip("this TensorFlow logs nothing at start-up: nothing to hold back")
+    assert "absl::InitializeLog" in verbose.stderr

@@ -27,6 +27,9 @@ def fake_gpus(monkeypatch):
                         lambda gpu, on: calls.append(("growth", gpu.name, on)))
     monkeypatch.setattr(tf.config, "set_logical_device_configuration",
                         lambda gpu, cfgs: calls.append(("limit", gpu.name, cfgs[0].memory_limit)))
+    # Turing cards (T4: compute capability 7.5), as TensorFlow's device details describe them
+    monkeypatch.setattr(tf.config.experimental, "get_device_details",
+                        lambda gpu: {"device_name": "Tesla T4", "compute_capability": (7, 5)})
     return calls
 
 
@@ -194,3 +197,44 @@ def test_doctor_asks_jax_for_the_gpu_under_the_jax_backend(tmp_path, monkeypatch
     monkeypatch.setattr(jax, "devices", lambda *a, **k: [Gpu()])  # TensorFlow still sees no GPU on this host
     text = "\n".join(report(f"sqlite:///{tmp_path}/m.db", f"sqlite:///{tmp_path}/o.db")[0])
     assert "precision     auto -> mixed_float16" in text and "XLA           auto -> on" in text
+
+
+@pytest.mark.parametrize("details, expected", [
+    ([{"compute_capability": (9, 0)}, {"compute_capability": (9, 0)}], "mixed_bfloat16"),  # H100 / H200
+    ([{"compute_capability": (8, 0)}, {"compute_capability": (8, 6)}], "mixed_bfloat16"),  # A100, A40
+    ([{"compute_capability": (8, 0)}, {"compute_capability": (7, 0)}], "mixed_float16"),  # the oldest decides
+    ([{"compute_capability": (7, 5)}, {"compute_capability": (7, 5)}], "mixed_float16"),  # T4
+    ([{}, {}], "mixed_float16"),  # no capability reported: float16 runs on every CUDA GPU
+])
+def test_auto_precision_follows_the_compute_capability(fake_gpus, monkeypatch, details, expected):
+    import tensorflow as tf
+
+    by_name = {f"/physical_device:GPU:{i}": d for i, d in enumerate(details)}
+    monkeypatch.setattr(tf.config.experimental, "get_device_details", lambda gpu: by_name[gpu.name])
+    assert devices.auto_precision() == expected
+    assert devices.precision_for([]) == "float32"
+
+
+def test_doctor_reports_the_cuda_build_and_the_driver(tmp_path, monkeypatch):
+    """Faked descriptions: a CPU build says so with the install line; a CUDA build names CUDA, cuDNN and the
+    driver nvidia-smi reports."""
+    import subprocess
+
+    import tensorflow as tf
+
+    from pipeline.doctor import report
+
+    def text():
+        return "\n".join(report(f"sqlite:///{tmp_path}/m.db", f"sqlite:///{tmp_path}/o.db")[0])
+
+    monkeypatch.setattr(tf.sysconfig, "get_build_info", lambda: {"is_cuda_build": False})
+    monkeypatch.setattr(devices.shutil, "which", lambda name: None)
+    cpu = text()
+    assert "TensorFlow is a CPU build: it will use no GPU (the CUDA build: pip install 'pneumo[gpu]')" in cpu
+    assert "no NVIDIA driver (nvidia-smi not found)" in cpu
+    monkeypatch.setattr(tf.sysconfig, "get_build_info", lambda: {
+        "is_cuda_build": True, "cuda_version": "12.5.1", "cudnn_version": "9", "cuda_compute_capabilities": ["sm_80"]})
+    monkeypatch.setattr(devices.shutil, "which", lambda name: "/usr/bin/nvidia-smi")
+    monkeypatch.setattr(devices.subprocess, "run", lambda *a, **k: subprocess.CompletedProcess(
+        a[0], 0, stdout="550.54.15\n550.54.15\n", stderr=""))
+    assert "TensorFlow CUDA build: CUDA 12.5.1, cuDNN 9, kernels for sm_80; NVIDIA driver 550.54.15" in text()

@@ -123,9 +123,10 @@ def test_rsna_recipe_with_metadata_inputs_runs_small(synth_data, tmp_path, track
     ])
     assert cfg.model.metadata_inputs and cfg.model.residual
     result = train(cfg, synth_data, tracking_uri=tracking_uri, verbose=0)
-    import tensorflow as tf
 
-    assert result.precision == ("mixed_float16" if tf.config.list_physical_devices("GPU") else "float32")  # auto
+    from pipeline.net.devices import auto_precision
+
+    assert result.precision == auto_precision()  # auto: float32 here, a mixed policy on a GPU host
     assert {t.name.split(":")[0] for t in result.model.inputs} == {"image", "meta"}
     assert np.isfinite(result.history["loss"]).all()
     # The logged model takes the side inputs too, through the same signature, and they count: the same images
@@ -146,3 +147,28 @@ def test_rsna_recipe_with_metadata_inputs_runs_small(synth_data, tmp_path, track
 
     keras_out = result.model.predict({"image": images, "meta": ap_male_80y}, verbose=0).reshape(-1)
     np.testing.assert_allclose(a, apply_temperature(keras_out, result.temperature), atol=1e-6)  # the trained one
+
+
+def test_ema_weight_averaging_leaves_the_averaged_weights_in_the_model(synth_data, smoke_config, tracking_uri):
+    """`train.weight_averaging = "ema"`: the optimizer keeps the moving average and writes it into the model
+    every epoch, so the model that is validated, early-stopped and logged holds the averaged weights."""
+    captured = {}
+
+    class Snapshot(keras.callbacks.Callback):  # what the model holds when an epoch ends (after the overwrite)
+        def on_epoch_end(self, epoch, logs=None):
+            averages = self.model.optimizer._model_variables_moving_average
+            captured[epoch] = [(np.array(v), np.array(a)) for v, a in zip(self.model.trainable_variables, averages,
+                                                                          strict=True)]
+
+    cfg = smoke_config("train.weight_averaging=ema", "train.ema_momentum=0.9", "train.epochs=2",
+                       "train.early_stopping_patience=0")
+    result = train(cfg, synth_data, tracking_uri=tracking_uri, callbacks=[Snapshot()], verbose=0)
+    opt = result.model.optimizer
+    assert opt.use_ema and opt.ema_momentum == pytest.approx(0.9)
+    run = MlflowClient(tracking_uri).get_run(result.run_id)
+    assert run.data.params["train.weight_averaging"] == "ema"
+    for v, a in captured[1]:
+        np.testing.assert_allclose(v, a, rtol=0, atol=1e-6)  # the model holds the average at each epoch's end
+    plain = train(smoke_config("train.epochs=2", "train.early_stopping_patience=0"), synth_data,
+                  tracking_uri=tracking_uri, verbose=0)
+    assert not plain.model.optimizer.use_ema

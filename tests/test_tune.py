@@ -114,6 +114,26 @@ def test_the_recipes_median_pruner_prunes_a_bad_trial(synth_data, tmp_path):
     assert MlflowClient(uri, uri).search_model_versions("name='pneumonia-cnn'") == []
 
 
+def test_the_private_queue_claim_still_behaves(tmp_path):
+    """tune.claim_queued_trial holds the one private Optuna call (Study._pop_waiting_trial_id): it must claim
+    WAITING trials one at a time, oldest first, mark each RUNNING, and answer None on an empty queue. An Optuna
+    that renames or changes it fails here, not in a study."""
+    import inspect
+
+    assert list(inspect.signature(optuna.Study._pop_waiting_trial_id).parameters) == ["self"]
+    study = optuna.create_study(study_name="q", storage=f"sqlite:///{tmp_path}/o.db")
+    study.enqueue_trial({"x": 1.0})
+    study.enqueue_trial({"x": 2.0})
+    first, second = tune.claim_queued_trial(study), tune.claim_queued_trial(study)
+    trials = study.get_trials(deepcopy=False)
+    assert [t._trial_id for t in trials] == [first, second]
+    assert [t.state for t in trials] == [TrialState.RUNNING, TrialState.RUNNING]
+    assert tune.claim_queued_trial(study) is None and len(study.get_trials(deepcopy=False)) == 2
+    tune.queue_only(study)
+    with pytest.raises(tune.QueueEmpty):
+        study.ask()
+
+
 def test_a_launch_records_the_study_promotion_rule(tmp_path):
     """The launch records the experiment file (path, sha256) and its [promote] section on the study and its
     parent run, where `pneumo promote --study` reads it (tests/test_registry.py uses it)."""

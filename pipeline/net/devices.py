@@ -8,7 +8,8 @@
   `CUDA_VISIBLE_DEVICES` list when it is set (ids or UUIDs, kept as written), else what `nvidia-smi -L` lists.
   `worker_gpu()` places worker w on one entry of that list (never `w % n` as a bare index, which would
   ignore the user's list), `workers_per_gpu` workers on each.
-- `auto_precision()` / `auto_jit()`: mixed_float16 and XLA with a GPU, float32 and no XLA on the CPU.
+- `auto_precision()` / `auto_jit()`: mixed_bfloat16 (compute capability >= 8.0) or mixed_float16 and XLA with a
+  GPU, float32 and no XLA on the CPU.
 
 Light at import (no TensorFlow): the launcher and `pneumo doctor` use it before deciding to import anything.
 """
@@ -19,6 +20,7 @@ import functools
 import os
 import shutil
 import subprocess
+import sys
 
 MEMORY_ENV = "PNEUMO_GPU_MEMORY_MB"
 
@@ -71,10 +73,38 @@ def configure_gpus() -> str:
     return f"{len(gpus)} GPU(s), {what}"
 
 
+def gpu_compute_capabilities() -> list[tuple[int, int]]:
+    """(major, minor) of every GPU the Keras backend sees (JAX's devices under KERAS_BACKEND=jax, TensorFlow's
+    otherwise); GPUs that do not report one are left out."""
+    if os.environ.get("KERAS_BACKEND") == "jax":
+        import jax
+
+        found = [str(getattr(d, "compute_capability", "") or "") for d in jax.devices() if d.platform == "gpu"]
+        return [tuple(int(x) for x in cc.split(".")[:2]) for cc in found if cc]
+    tf = _tf()
+    out = []
+    for gpu in physical_gpus():
+        cc = tf.config.experimental.get_device_details(gpu).get("compute_capability")
+        if cc:
+            out.append((int(cc[0]), int(cc[1])))
+    return out
+
+
+def precision_for(capabilities: list[tuple[int, int]]) -> str:
+    """The mixed policy for these GPUs: bfloat16 from compute capability 8.0 (A100, H100, H200: bfloat16 tensor
+    cores, and float32's exponent range, so no loss scaling), float16 below (Volta, Turing), float32 with none.
+    The oldest GPU decides: one policy runs on all of them."""
+    if not capabilities:
+        return "float32"
+    return "mixed_bfloat16" if min(capabilities) >= (8, 0) else "mixed_float16"
+
+
 def auto_precision() -> str:
-    """What `train.precision = "auto"` picks: mixed_float16 with a GPU, float32 without (mixed_bfloat16 is ~10x
-    slower on this CPU)."""
-    return "mixed_float16" if has_gpu() else "float32"
+    """What `train.precision = "auto"` picks: `precision_for` the GPUs, float32 without one (mixed_bfloat16 is
+    ~10x slower on this CPU); mixed_float16 on a GPU that reports no compute capability (it runs on any)."""
+    if not has_gpu():
+        return "float32"
+    return precision_for(gpu_compute_capabilities()) if gpu_compute_capabilities() else "mixed_float16"
 
 
 def auto_jit() -> bool:
@@ -88,6 +118,58 @@ def resolve_jit(setting: str) -> bool:
     if setting == "auto":
         return auto_jit()
     return setting == "true"
+
+
+def import_tensorflow_quietly() -> None:
+    """Import TensorFlow with its C++ start-up log kept off the terminal: absl lines written before logging is
+    set up (oneDNN notes, "Could not find cuda drivers", a cuInit error on a CPU host), which
+    TF_CPP_MIN_LOG_LEVEL does not reach in TensorFlow 2.21, and which users read as faults. Stderr (fd 2) goes
+    to a temporary file for the import and the first device query; it is replayed if the import fails, and
+    nothing is hidden when PNEUMO_VERBOSE=1 (or TensorFlow is already imported)."""
+    if "tensorflow" in sys.modules or os.environ.get("PNEUMO_VERBOSE") == "1":
+        return
+    import tempfile
+
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as log:
+        os.dup2(log.fileno(), 2)
+        try:
+            import tensorflow as tf
+
+            tf.config.list_physical_devices("GPU")  # where the CUDA probe logs
+        except BaseException:
+            os.dup2(saved, 2)
+            log.seek(0)
+            os.write(2, log.read())  # a failed import keeps every word of why
+            raise
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+
+
+def cuda_build() -> str:
+    """Whether TensorFlow is a CUDA build, and which CUDA and cuDNN it was built against (one line): a CPU build
+    on a GPU host is the usual reason for "no GPUs" (a forgotten `[gpu]` extra)."""
+    info = dict(_tf().sysconfig.get_build_info())
+    if not info.get("is_cuda_build"):
+        return "TensorFlow is a CPU build: it will use no GPU (the CUDA build: pip install 'pneumo[gpu]')"
+    return (f"TensorFlow CUDA build: CUDA {info.get('cuda_version', '?')}, cuDNN {info.get('cudnn_version', '?')}"
+            f", kernels for {', '.join(info.get('cuda_compute_capabilities', [])) or '?'}")
+
+
+def nvidia_driver() -> str:
+    """The NVIDIA driver version nvidia-smi reports, or why there is none."""
+    if shutil.which("nvidia-smi") is None:
+        return "no NVIDIA driver (nvidia-smi not found)"
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                             capture_output=True, text=True, timeout=20)
+    except (OSError, subprocess.SubprocessError) as e:
+        return f"nvidia-smi failed: {e}"
+    versions = sorted({line.strip() for line in out.stdout.splitlines() if line.strip()})
+    return f"NVIDIA driver {', '.join(versions)}" if out.returncode == 0 and versions else \
+        f"nvidia-smi answered no driver ({(out.stderr or out.stdout).strip()[:120]})"
 
 
 @functools.cache

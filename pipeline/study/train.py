@@ -155,12 +155,16 @@ def run_key(cfg: Config, digest: str, run_name: str | None) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
-def compile_model(model: keras.Model, cfg: Config, lr: float, total_steps: int = 0) -> None:
+def compile_model(model: keras.Model, cfg: Config, lr: float, total_steps: int = 0, steps_per_epoch: int = 1) -> None:
     if cfg.train.lr_schedule == "cosine":
         # Cosine decay to 0 over the whole run (Loshchilov & Hutter, "SGDR", ICLR 2017, without restarts).
         lr = keras.optimizers.schedules.CosineDecay(lr, decay_steps=max(1, total_steps))
-    optimizer = (keras.optimizers.AdamW(lr, weight_decay=cfg.train.weight_decay) if cfg.train.weight_decay
-                 else keras.optimizers.Adam(lr))
+    # EMA written into the model once per epoch: without the overwrite Keras swaps it in only when fit ends,
+    # after validation and EarlyStopping's restore_best_weights have worked on the raw weights.
+    ema = {"use_ema": True, "ema_momentum": cfg.train.ema_momentum,
+           "ema_overwrite_frequency": max(1, steps_per_epoch)} if cfg.train.weight_averaging == "ema" else {}
+    optimizer = (keras.optimizers.AdamW(lr, weight_decay=cfg.train.weight_decay, **ema) if cfg.train.weight_decay
+                 else keras.optimizers.Adam(lr, **ema))
     model.compile(
         optimizer=optimizer,
         # Label smoothing pulls the targets to eps/2 and 1 - eps/2: a penalty on over-confident logits
@@ -264,7 +268,7 @@ def prepare(cfg: Config, data_dir: str | Path | None) -> Setup:
     steps = tcfg.steps_per_epoch or max(1, manifest["splits"]["train"]["count"] // global_batch)
     with strategy.scope():
         model = build_model(cfg.model, cfg.augment, manifest["image_size"], seed=tcfg.seed)
-        compile_model(model, cfg, lr, total_steps=steps * tcfg.epochs)
+        compile_model(model, cfg, lr, total_steps=steps * tcfg.epochs, steps_per_epoch=steps)
     return Setup(cfg=cfg, data_dir=data_dir, manifest=manifest, model=model, train_ds=train_ds, val_ds=val_ds,
                  steps=steps, global_batch=global_batch, replicas=replicas, learning_rate=lr, precision=precision)
 

@@ -16,6 +16,7 @@ How a launch works:
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import json
 import os
@@ -42,7 +43,16 @@ from pipeline.net import devices
 from pipeline.stores import masked, resolve_optuna_storage, sqlite_path
 from pipeline.study import study_report
 
-warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+
+@contextlib.contextmanager
+def experimental_optuna():
+    """Optuna's heartbeat and stale-trial retry are marked experimental (since 2.8); the project relies on them
+    knowingly, so their warning is silenced where they are used, not globally."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+        yield
+
+
 optuna.logging.set_verbosity(optuna.logging.WARNING)  # one line per trial is printed by the worker loop
 
 
@@ -83,7 +93,8 @@ class StaleTrialSweeper:
     """Runs when a worker finds a trial whose heartbeat stopped: close its MLflow run, then queue a retry."""
 
     def __init__(self, max_retry: int):
-        self.retry = optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=max_retry)
+        with experimental_optuna():
+            self.retry = optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=max_retry)
 
     def __call__(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
         run_id = trial.user_attrs.get("mlflow_run_id")
@@ -194,13 +205,14 @@ def make_storage(url: str, cfg: Config) -> optuna.storages.RDBStorage:
 
     engine_kwargs = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {"pool_pre_ping": True}
     try:
-        return ResilientRDBStorage(
-            url,
-            engine_kwargs=engine_kwargs,
-            heartbeat_interval=cfg.tune.heartbeat_interval,
-            grace_period=2 * cfg.tune.heartbeat_interval,
-            heartbeat_stale_trial_callback=StaleTrialSweeper(cfg.tune.max_retries),
-        )
+        with experimental_optuna():  # heartbeats
+            return ResilientRDBStorage(
+                url,
+                engine_kwargs=engine_kwargs,
+                heartbeat_interval=cfg.tune.heartbeat_interval,
+                grace_period=2 * cfg.tune.heartbeat_interval,
+                heartbeat_stale_trial_callback=StaleTrialSweeper(cfg.tune.max_retries),
+            )
     except sqlalchemy.exc.OperationalError as e:  # refused, unknown host, bad password, full disk: run time
         reason = str(e.orig if e.orig is not None else e).strip().splitlines()[0]
         raise TuneError(f"Optuna storage {masked(url)} does not answer: {reason}") from None
@@ -271,17 +283,26 @@ def open_study(name: str, storage_url: str, cfg: Config, worker: int = 0) -> opt
     return study
 
 
+def claim_queued_trial(study: optuna.Study) -> int | None:
+    """Atomically move one WAITING trial to RUNNING -> its id (None when the queue is empty).
+
+    The project's one private Optuna call (optuna is pinned <6): Optuna's public `ask` makes a new trial when
+    the queue is empty, and a check-then-ask races with other workers (two see one waiting trial, one of them
+    creates an extra). `tests/test_tune.py::test_the_private_queue_claim_still_behaves` fails when Optuna
+    changes it."""
+    study._thread_local.cached_all_trials = None  # the claim must see other workers' trials
+    return study._pop_waiting_trial_id()
+
+
 def queue_only(study: optuna.Study) -> None:
     """Make `study.optimize` run queued trials only, raising QueueEmpty instead of creating new ones.
 
     Optuna's `ask` creates a fresh trial when the queue is empty; with several workers that overshoots the
     launch's trial count. This replaces `ask` on this one study object with the same steps minus the
-    creation (uses Optuna's `_pop_waiting_trial_id`, the atomic WAITING -> RUNNING claim; optuna is pinned <6).
-    """
+    creation (`claim_queued_trial`)."""
 
     def ask(fixed_distributions=None):
-        study._thread_local.cached_all_trials = None
-        trial_id = study._pop_waiting_trial_id()
+        trial_id = claim_queued_trial(study)
         if trial_id is None:
             raise QueueEmpty
         return optuna.Trial(study, trial_id)
@@ -338,7 +359,8 @@ def make_objective(spec: WorkerSpec, cfg: Config, state: WorkerState):
         tags = {tag_keys.STUDY: spec.study, tag_keys.TRIAL_NUMBER: str(trial.number), "state": "RUNNING",
                 "worker": worker}
         frozen = trial.study.get_trials(deepcopy=False)[trial.number]
-        retried = optuna.storages.RetryHeartbeatStaleTrialCallback.retried_trial_number(frozen)
+        with experimental_optuna():
+            retried = optuna.storages.RetryHeartbeatStaleTrialCallback.retried_trial_number(frozen)
         if retried is not None:
             tags["retry_of_trial"] = str(retried)
         try:
@@ -576,6 +598,7 @@ def worker_main(spec_path: str) -> int:
     spec = WorkerSpec(**json.loads(Path(spec_path).read_text()))
     # A worker process imports Keras only in its first trial: the config's backend is still ours to pick.
     os.environ["KERAS_BACKEND"] = config_from_json(spec.config).train.backend
+    devices.import_tensorflow_quietly()  # the launcher's output stays readable with K workers
     try:
         work(spec)
     except KeyboardInterrupt:
