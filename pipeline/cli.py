@@ -431,9 +431,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args.func(args)
         return 0
-    except KeyboardInterrupt:
-        print(f"pneumo {args.command}: interrupted", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as e:  # Ctrl-C, or SIGTERM/SIGINT during `pneumo tune` (pipeline.study.tune)
+        how = f" ({e})" if str(e) else ""
+        print(f"pneumo {args.command}: interrupted{how}", file=sys.stderr)
+        return getattr(e, "exit_code", 130)
     except PneumoError as e:
         code, reason = e.exit_code, one_line(e)
     except (FileNotFoundError, NotADirectoryError, IsADirectoryError) as e:

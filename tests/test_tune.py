@@ -243,3 +243,59 @@ def test_two_workers_share_a_fresh_store_and_survive_a_sigkill(synth_data, tmp_p
     assert not [r for r in runs if r.info.status == "RUNNING"]
     versions = MlflowClient(uri, uri).search_model_versions("name='pneumonia-cnn'")
     assert len(versions) == len(study.get_trials(states=(TrialState.COMPLETE,)))
+
+
+@pytest.mark.parametrize("how", ["sigterm", "sigint_ignored_at_start"])
+def test_a_stopped_launch_closes_its_runs_and_the_same_command_resumes(synth_data, tmp_path, how):
+    """The signal a scheduler sends on preemption (SIGTERM), or SIGINT to a launcher started with SIGINT
+    ignored (`nohup ... &`): the trial in progress is failed and queued again, its run and the parent run are
+    closed KILLED, the launcher exits 128 + signal within a bounded time, and the same command run again
+    finishes the study with no run left RUNNING."""
+    uri, storage = f"sqlite:///{tmp_path}/mlflow.db", f"sqlite:///{tmp_path}/optuna.db"
+    cmd = [sys.executable, "-m", "pipeline.cli", "tune", "--config", str(SMOKE), "--study", "stop",
+           "--data", str(synth_data), "--trials", "2", "--storage", storage, "--tracking-uri", uri,
+           "--set", f"train.checkpoint_dir={tmp_path}/ckpt", "--set", "train.epochs=6"]
+    sig = signal.SIGTERM if how == "sigterm" else signal.SIGINT
+
+    def ignore_sigint():
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+    log = open(tmp_path / "launch.log", "w")
+    launcher = subprocess.Popen(cmd, cwd=tmp_path, stdout=log, stderr=subprocess.STDOUT, text=True,
+                                start_new_session=True, preexec_fn=ignore_sigint if how != "sigterm" else None)
+    try:
+        wait_for(lambda: "trials queued" in (tmp_path / "launch.log").read_text(), 120, "the launch")
+
+        def running_trial():
+            study = optuna.load_study(study_name="stop", storage=storage)
+            live = [t for t in study.get_trials(states=(TrialState.RUNNING,))
+                    if "mlflow_run_id" in t.user_attrs and t.intermediate_values]
+            return live[0] if live else None
+
+        victim = wait_for(running_trial, 300, "a trial past its first epoch", launcher, tmp_path / "launch.log")
+        launcher.send_signal(sig)
+        launcher.wait(timeout=120)  # bounded: a stop must not wait for the study to finish
+    finally:
+        try:
+            os.killpg(launcher.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        launcher.wait(timeout=60)
+        log.close()
+    out = (tmp_path / "launch.log").read_text()
+    assert launcher.returncode == 128 + sig, out
+    assert f"interrupted ({signal.Signals(sig).name})" in out and "queued again for the next launch" in out, out
+    study = optuna.load_study(study_name="stop", storage=storage)
+    assert study.trials[victim.number].state == TrialState.FAIL
+    waiting = study.get_trials(states=(TrialState.WAITING,))
+    assert any(t.user_attrs.get("replaces_interrupted_trial") == victim.number for t in waiting)
+    runs = _runs(uri, "stop")
+    assert not [r for r in runs if r.info.status == "RUNNING"], [(r.info.run_name, r.info.status) for r in runs]
+    assert {r.info.run_name: r.info.status for r in runs}[f"trial-{victim.number:03d}"] == "KILLED"
+    assert [r.info.status for r in runs if r.data.tags.get("kind") == "study"] == ["KILLED"]
+    # the same command again: the interrupted trial's replacement runs too, and everything ends closed
+    again = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stdout + again.stderr
+    study = optuna.load_study(study_name="stop", storage=storage)
+    assert not study.get_trials(states=(TrialState.WAITING, TrialState.RUNNING))
+    assert not [r for r in _runs(uri, "stop") if r.info.status == "RUNNING"]

@@ -60,6 +60,32 @@ class QueueEmpty(Exception):
     """No queued trial is left for this launch."""
 
 
+class StopRequested(KeyboardInterrupt):
+    """SIGTERM or SIGINT arrived: stop the launch cleanly. A KeyboardInterrupt, so every path that closes a
+    run on Ctrl-C (a training run ends KILLED, pipeline/study/train.py) closes it on preemption too."""
+
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+        self.exit_code = 128 + signum  # what a shell reports for a process ended by that signal
+
+
+@contextlib.contextmanager
+def stop_on_signals():
+    """SIGTERM (systemd, Kubernetes, `docker stop`, Slurm and other batch schedulers on preemption) and SIGINT
+    raise StopRequested in the main thread while the body runs. SIGINT is handled even when this process was
+    started with it ignored (`nohup ... &` makes a background launch ignore Ctrl-C and `kill -INT`)."""
+    def handler(signum, frame):
+        raise StopRequested(signum)
+
+    previous = {s: signal.signal(s, handler) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
+
+
 class TuneError(PneumoError):
     """A one-line reason the study cannot run."""
 
@@ -414,6 +440,14 @@ def work(spec: WorkerSpec) -> dict[str, int]:
         t0 = time.perf_counter()
         try:
             study.optimize(objective, n_trials=1, catch=(Exception,), gc_after_trial=True)
+        except StopRequested:
+            # Optuna failed the interrupted trial (its run is closed KILLED): queue its replacement, so the same
+            # command run again does the work this launch could not finish.
+            if state.last_trial is not None:
+                study.enqueue_trial({}, user_attrs={"replaces_interrupted_trial": state.last_trial})
+                print(f"trial {state.last_trial} interrupted; queued again for the next launch [worker "
+                      f"{spec.worker}]", file=sys.stderr, flush=True)
+            raise
         except QueueEmpty:
             if not study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
                 break
@@ -528,11 +562,16 @@ def run_tune(cfg: Config, study_name: str, *, data_dir: str | None = None, trial
                       config=config_to_json(cfg), parent_run_id=parent,
                       deadline=time.time() + timeout if timeout else None,
                       config_file=str(config_file) if config_file else None)
+    status = "FINISHED"
     try:
-        if workers <= 1:
-            work(spec)
-        else:
-            crashed = _run_worker_processes(spec, workers, gpus, workers_per_gpu)
+        with stop_on_signals():
+            if workers <= 1:
+                work(spec)
+            else:
+                crashed = _run_worker_processes(spec, workers, gpus, workers_per_gpu)
+    except KeyboardInterrupt:
+        status = "KILLED"  # stopped: the trials already finished stay; the same command resumes the queue
+        raise
     finally:
         from mlflow import MlflowClient
 
@@ -541,7 +580,7 @@ def run_tune(cfg: Config, study_name: str, *, data_dir: str | None = None, trial
             study_report.refresh(study, parent)
         except Exception as e:
             print(f"warning: study summary not refreshed: {e}", file=sys.stderr)
-        MlflowClient().set_terminated(parent, "FINISHED")
+        MlflowClient().set_terminated(parent, status)
     print(study_report.summary_table(study))
     problem = launch_problem(study, launched, crashed)
     if problem:
@@ -574,6 +613,9 @@ def worker_env(worker: int, gpus: list[str], workers_per_gpu: int, environ: dict
     return env
 
 
+STOP_GRACE_S = 60  # after a stop, how long a worker may take to close its trial before it is killed
+
+
 def _run_worker_processes(spec: WorkerSpec, workers: int, gpus: list[str], workers_per_gpu: int = 1) -> list[int]:
     with tempfile.TemporaryDirectory(prefix="pneumo-tune-") as tmp:
         procs = []
@@ -585,11 +627,21 @@ def _run_worker_processes(spec: WorkerSpec, workers: int, gpus: list[str], worke
             time.sleep(1.0)  # stagger start-up: the first trials' TF imports compete for the same 2 cores
         try:
             codes = [p.wait() for p in procs]
-        except KeyboardInterrupt:
-            for p in procs:  # the terminal sent SIGINT to the whole group; give workers time to close runs
-                p.send_signal(signal.SIGINT)
+        except KeyboardInterrupt as e:
+            # Forward the stop (a terminal's Ctrl-C reaches the whole group, a scheduler's SIGTERM often only
+            # this process), give each worker STOP_GRACE_S to close its trial, then kill what is left: the
+            # launcher must exit within a bounded time.
+            sig = getattr(e, "signum", signal.SIGINT)
             for p in procs:
-                p.wait(timeout=120)
+                if p.poll() is None:
+                    p.send_signal(sig)
+            deadline = time.monotonic() + STOP_GRACE_S
+            for p in procs:
+                try:
+                    p.wait(timeout=max(0.1, deadline - time.monotonic()))
+                except subprocess.TimeoutExpired:
+                    p.kill()
+                    p.wait()
             raise
     return [c for c in codes if c != 0]  # the caller reports them and exits non-zero
 
@@ -600,9 +652,10 @@ def worker_main(spec_path: str) -> int:
     os.environ["KERAS_BACKEND"] = config_from_json(spec.config).train.backend
     devices.import_tensorflow_quietly()  # the launcher's output stays readable with K workers
     try:
-        work(spec)
-    except KeyboardInterrupt:
-        return 130
+        with stop_on_signals():
+            work(spec)
+    except KeyboardInterrupt as e:
+        return getattr(e, "exit_code", 130)
     except Exception:
         traceback.print_exc()
         return 1
