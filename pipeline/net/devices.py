@@ -84,7 +84,10 @@ def gpu_compute_capabilities() -> list[tuple[int, int]]:
     tf = _tf()
     out = []
     for gpu in physical_gpus():
-        cc = tf.config.experimental.get_device_details(gpu).get("compute_capability")
+        try:
+            cc = tf.config.experimental.get_device_details(gpu).get("compute_capability")
+        except (ValueError, RuntimeError):  # a device TensorFlow cannot describe: no capability known
+            cc = None
         if cc:
             out.append((int(cc[0]), int(cc[1])))
     return out
