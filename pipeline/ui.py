@@ -33,7 +33,7 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-from pipeline.errors import InputError
+from pipeline.errors import InputError, one_line
 from pipeline.stores import (
     artifact_root,
     masked,
@@ -284,7 +284,7 @@ def _interrupt(signum, frame):
     raise KeyboardInterrupt
 
 
-def _serve(server: ManagedServer, what: str) -> None:
+def _serve(server: ManagedServer, what: str, more=None) -> None:
     """Start, print the URL, and keep serving until Ctrl-C (or SIGTERM); the group is always stopped.
 
     SIGINT gets the handler explicitly: a process started from a non-interactive shell's background job (nohup,
@@ -294,6 +294,11 @@ def _serve(server: ManagedServer, what: str) -> None:
     try:
         with server:
             print(f"{what}: {server.url}  (Ctrl-C stops it; log: {server.log_path})", flush=True)
+            if more is not None:  # what to open first (read from the store: a failure here is only a hint lost)
+                try:
+                    print("\n".join(more()), flush=True)
+                except Exception as e:  # noqa: BLE001
+                    print(f"  (no links: {one_line(e)})", flush=True)
             code = server.wait()
             if code:
                 raise UiError(f"{server.name} stopped with exit code {code}: {server.log_tail()}")
@@ -316,6 +321,23 @@ def remote_warning(host: str, auth: bool) -> str:
             "MLFLOW_AUTH_ADMIN_PASSWORD) and put TLS in front (a reverse proxy, docs/scale-out.md)")
 
 
+GENAI_TOGGLE_NOTE = ("MLflow's sidebar may open in its GenAI view (a browser setting; upstream mlflow/mlflow#24498): "
+                     "if you land on Traces or Prompts, switch the toggle at its top to Model training")
+
+
+def landing_lines(uri: str, base_url: str, limit: int = 5) -> list[str]:
+    """Where a model trainer wants to land: each experiment's "Training runs" page (newest first) and the
+    registered models, as URLs of the UI at `base_url`, then the GenAI-view note."""
+    from mlflow import MlflowClient
+
+    experiments = MlflowClient(uri, uri).search_experiments(order_by=["last_update_time DESC"], max_results=limit)
+    lines = [f"  training runs of {e.name!r}: {base_url}/#/experiments/{e.experiment_id}/runs" for e in experiments
+             if e.name != "Default"]
+    lines.append(f"  registered models: {base_url}/#/models")
+    lines.append(f"  ({GENAI_TOGGLE_NOTE})")
+    return lines
+
+
 def run_ui(tracking_uri: str | None = None, port: int = 5000, host: str = "127.0.0.1", auth: bool = False) -> None:
     """`pneumo ui`: the MLflow UI over the project's stores (the embedded SQLite store by default).
 
@@ -332,8 +354,9 @@ def run_ui(tracking_uri: str | None = None, port: int = 5000, host: str = "127.0
     warning = remote_warning(host, auth)
     if warning:
         print(warning, file=sys.stderr, flush=True)
-    _serve(MlflowServer(uri, artifacts, port=port, host=host, auth=auth,
-                        log_file=artifacts.parent / "mlflow-server.log"), "MLflow UI")
+    server = MlflowServer(uri, artifacts, port=port, host=host, auth=auth,
+                          log_file=artifacts.parent / "mlflow-server.log")
+    _serve(server, "MLflow UI", lambda: landing_lines(uri, server.url.rstrip("/")))
 
 
 def run_dashboard(storage: str | None = None, port: int = 8080) -> None:

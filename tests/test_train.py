@@ -172,3 +172,26 @@ def test_ema_weight_averaging_leaves_the_averaged_weights_in_the_model(synth_dat
     plain = train(smoke_config("train.epochs=2", "train.early_stopping_patience=0"), synth_data,
                   tracking_uri=tracking_uri, verbose=0)
     assert not plain.model.optimizer.use_ema
+
+
+def test_the_logged_model_carries_its_params_and_validation_metrics(synth_data, smoke_config, tracking_uri):
+    """MLflow 3's model view: the logged model has the run's configuration and validation decisions as params,
+    and its validation metrics are logged against it and the validation split, so the Models tab compares them."""
+    import warnings
+
+    with warnings.catch_warnings():
+        # the dataset source resolves without MLflow's "interpreted in multiple ways" warning
+        warnings.filterwarnings("error", message=".*dataset source can be interpreted in multiple ways")
+        result = train(smoke_config(), synth_data, tracking_uri=tracking_uri, verbose=0)
+    client = MlflowClient(tracking_uri)
+    model_id = result.model_uri.removeprefix("models:/")
+    logged = client.get_logged_model(model_id)
+    assert float(logged.params["threshold"]) == pytest.approx(result.threshold)
+    assert float(logged.params["temperature"]) == pytest.approx(result.temperature)
+    assert logged.params["model.blocks"] == "2"
+    metrics = {m.key: m for m in logged.metrics}
+    assert metrics["final_val_auc"].value == pytest.approx(result.val_metrics["auc"])
+    assert metrics["final_val_auc"].dataset_name == f"{synth_data.name}-val"
+    assert metrics["final_val_auc"].model_id == model_id and "temperature" in metrics
+    # logged once: the run's own history holds one value, not a second copy for the model
+    assert len(client.get_metric_history(result.run_id, "final_val_auc")) == 1

@@ -154,3 +154,19 @@ def test_a_port_that_cannot_be_bound_says_why():
             _check_port(port, "127.0.0.1")
     with pytest.raises(UiError, match=r"^cannot serve on 192\.0\.2\.1:5000: .*assign requested address"):
         _check_port(5000, "192.0.2.1")  # TEST-NET-1 (RFC 5737): never an address of this host
+
+
+def test_the_ui_points_at_the_training_runs_and_the_models(tmp_path):
+    """`pneumo ui` prints each experiment's "Training runs" page and the registered models (MLflow's sidebar
+    may open in its GenAI view: the note says how to switch)."""
+    from mlflow import MlflowClient
+
+    from pipeline.ui import GENAI_TOGGLE_NOTE, landing_lines
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    client = MlflowClient(uri, uri)
+    study = client.create_experiment("kermany-s0")
+    lines = landing_lines(uri, "http://127.0.0.1:5000")
+    assert lines[0] == f"  training runs of 'kermany-s0': http://127.0.0.1:5000/#/experiments/{study}/runs"
+    assert lines[-2] == "  registered models: http://127.0.0.1:5000/#/models"
+    assert GENAI_TOGGLE_NOTE in lines[-1] and not any("'Default'" in line for line in lines)

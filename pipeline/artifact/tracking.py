@@ -171,14 +171,22 @@ def ensure_experiment(name: str, uri: str | None = None) -> str:
         return exp.experiment_id
 
 
-def log_dataset(manifest: dict, data_dir: str | Path, context: str = "training") -> None:
-    """The converter's manifest digest as the run's dataset input: the dataset's identity."""
-    from mlflow.data.dataset_source_registry import resolve_dataset_source
+def dataset_entity(manifest: dict, data_dir: str | Path, split: str | None = None):
+    """The converted dataset (or one of its splits) as an MLflow dataset: its manifest digest is its identity.
+    The source is resolved among the local-folder kind only: resolved among every registered kind, two matched
+    and MLflow warned on every run that the source "can be interpreted in multiple ways"."""
+    from mlflow.data.dataset_source_registry import get_registered_sources, resolve_dataset_source
     from mlflow.data.meta_dataset import MetaDataset
 
-    source = resolve_dataset_source(Path(data_dir).resolve().as_uri())
-    name = Path(data_dir).name or "dataset"
-    mlflow.log_input(MetaDataset(source, name=name, digest=manifest["digest"][:36]), context=context)
+    local = [s for s in get_registered_sources() if s._get_source_type() == "local"][:1]  # one candidate
+    source = resolve_dataset_source(Path(data_dir).resolve().as_uri(), candidate_sources=local or None)
+    name = (Path(data_dir).name or "dataset") + (f"-{split}" if split else "")
+    return MetaDataset(source, name=name, digest=manifest["digest"][:36])
+
+
+def log_dataset(manifest: dict, data_dir: str | Path, context: str = "training") -> None:
+    """The converter's manifest digest as the run's dataset input: the dataset's identity."""
+    mlflow.log_input(dataset_entity(manifest, data_dir), context=context)
     mlflow.set_tag(tag_keys.DATASET_DIGEST, manifest["digest"])
 
 
@@ -202,7 +210,8 @@ def inference_copy(model):
     return keras.Model(inputs=model.input, outputs=model.output, name=model.name)
 
 
-def log_keras_model(model, image_size: int, with_meta: bool, registered_model_name: str | None = None):
+def log_keras_model(model, image_size: int, with_meta: bool, registered_model_name: str | None = None,
+                    params: dict | None = None):
     """Log the model as the serving pyfunc (`pipeline.artifact.serving.PneumoniaModel`) with the Keras network inside as
     the artifact `keras_model`; register it as `registered_model_name` when given; -> ModelInfo.
 
@@ -229,4 +238,5 @@ def log_keras_model(model, image_size: int, with_meta: bool, registered_model_na
             model_config=serving.model_config(registered_model_name),
             pip_requirements=[*pip_requirements(), "pydicom", "pillow", "pylibjpeg", "pylibjpeg-openjpeg"],
             registered_model_name=registered_model_name,
+            params={k: str(v) for k, v in (params or {}).items()},  # MLflow 3's model view compares models by them
         )

@@ -4,8 +4,9 @@
 1. `validate`: predictions with patient ids and subgroup fields, the shift battery (when asked), the operating
    threshold (`decide_threshold`, the experiment's policy), the temperature (`fit_calibration`), then metrics
    and subgroups on the calibrated scale with intervals clustered by patient;
-2. `log_validation`: metrics, tags, tables and figures to the active MLflow run;
-3. `log_model`: the serving pyfunc with the network inside, registered under a model name when given.
+2. `log_model`: the serving pyfunc with the network inside, registered under a model name when given;
+3. `log_validation`: metrics (linked to the logged model and the validation split), tags, tables and figures
+   to the active MLflow run.
 Training (`pipeline.study.train`) calls it after `fit`; `pneumo promote --ensemble` (`pipeline.promote.ensemble`)
 after averaging its members, so both decide the threshold and the calibration the same way.
 """
@@ -157,17 +158,20 @@ def _finite(values: dict) -> dict:
     return {k: float(v) for k, v in values.items() if isinstance(v, int | float) and np.isfinite(v)}
 
 
-def log_validation(v: Validation, history: dict | None = None, title: str = "validation") -> None:
-    """Step 2: what `validate` decided and measured, to the active run."""
+def log_validation(v: Validation, history: dict | None = None, title: str = "validation", *,
+                   model_id: str | None = None, dataset=None) -> None:
+    """Step 3: what `validate` decided and measured, to the active run; with `model_id` (and the validation
+    split as `dataset`) the metrics are linked to the logged model too: MLflow 3's Models tab compares them."""
     mlflow.log_metrics({**{f"final_val_{k}": val for k, val in _finite(v.metrics).items()},
                         "threshold": v.threshold, "threshold_uncalibrated": v.threshold_raw,
                         "temperature": v.temperature, "val_ece": v.ece[0], "val_ece_calibrated": v.ece[1],
-                        **_finite({"val_ece_heldout": v.ece_heldout})})
+                        **_finite({"val_ece_heldout": v.ece_heldout})}, model_id=model_id, dataset=dataset)
     mlflow.set_tags({tag_keys.THRESHOLD: repr(float(v.threshold)),  # full precision: a case at it must not flip
                      tag_keys.THRESHOLD_POLICY: v.threshold_policy,
                      tag_keys.TEMPERATURE: repr(float(v.temperature))})
     if v.shifted is not None:
-        mlflow.log_metrics({**_finite(v.shift_metrics()), "shift_battery_s": v.battery_s})
+        mlflow.log_metrics({**_finite(v.shift_metrics()), "shift_battery_s": v.battery_s}, model_id=model_id,
+                           dataset=dataset)
         mlflow.log_text(shift.format_table(v.shifted), "evaluation/val_shift.txt")
     if v.robust is not None:
         mlflow.log_dict(v.robust, "evaluation/robust_threshold.json")
@@ -191,20 +195,30 @@ def log_validation(v: Validation, history: dict | None = None, title: str = "val
         mlflow.log_figure(fig, f"plots/{name}")
 
 
-def log_model(model, image_size: int, with_meta: bool, register_as: str | None) -> tuple[str, str | None]:
-    """Step 3: the serving pyfunc, registered as `register_as` when given -> (model URI, version or None)."""
-    info = tracking.log_keras_model(model, image_size, with_meta, registered_model_name=register_as)
+def log_model(model, image_size: int, cfg: Config, v: Validation,
+              register_as: str | None) -> tuple[str, str | None, str]:
+    """Step 2: the serving pyfunc, registered as `register_as` when given -> (model URI, version or None,
+    logged-model id). MLflow 3's model view: the model carries the run's configuration and what validation
+    decided as its params."""
+    params = {**cfg.flat(), "threshold": v.threshold, "temperature": v.temperature,
+              "threshold_policy": v.threshold_policy[:250]}
+    info = tracking.log_keras_model(model, image_size, cfg.model.metadata_inputs, registered_model_name=register_as,
+                                    params=params)
     version = getattr(info, "registered_model_version", None)
-    return info.model_uri, str(version) if version is not None else None
+    return info.model_uri, str(version) if version is not None else None, info.model_id
 
 
 def make_candidate(model, cfg: Config, data_dir: str | Path, image_size: int, *, with_shift: bool,
                    history: dict | None = None, register_as: str | None = None, log_network: bool = True,
                    title: str = "validation") -> LoggedCandidate:
-    """Steps 1-3 in the active MLflow run; `log_network=False` (`train.log_model = false`) stops after step 2."""
+    """Steps 1-3 in the active MLflow run; `log_network=False` (`train.log_model = false`) skips step 2."""
+    from pipeline.data.manifest import load_manifest
+
     validation = validate(model, cfg, data_dir, with_shift=with_shift)
-    log_validation(validation, history, title)
     if not log_network:
+        log_validation(validation, history, title)
         return LoggedCandidate(validation)
-    uri, version = log_model(model, image_size, cfg.model.metadata_inputs, register_as)
+    uri, version, model_id = log_model(model, image_size, cfg, validation, register_as)
+    log_validation(validation, history, title, model_id=model_id,
+                   dataset=tracking.dataset_entity(load_manifest(data_dir), data_dir, "val"))
     return LoggedCandidate(validation, model_uri=uri, version=version)
