@@ -192,6 +192,24 @@ def test_unknown_space_keys_are_refused(tmp_path):
     assert run.returncode == 2 and "model.filterz" in run.stderr and run.stderr.count("\n") == 1
 
 
+def _running_trial(study_name: str, storage: str):
+    """A trial mid-way, by state rather than by a fixed sleep: its run exists and its first epoch has reported."""
+    study = optuna.load_study(study_name=study_name, storage=storage)
+    live = [t for t in study.get_trials(states=(TrialState.RUNNING,))
+            if "mlflow_run_id" in t.user_attrs and t.intermediate_values]
+    return live[0] if live else None
+
+
+def _kill_group(launcher: subprocess.Popen, log) -> None:
+    """The launcher and any worker still alive (one process group): a failed test leaves nothing training."""
+    try:
+        os.killpg(launcher.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    launcher.wait(timeout=60)
+    log.close()
+
+
 def test_two_workers_share_a_fresh_store_and_survive_a_sigkill(synth_data, tmp_path):
     uri, storage = f"sqlite:///{tmp_path}/mlflow.db", f"sqlite:///{tmp_path}/optuna.db"
     cmd = [sys.executable, "-m", "pipeline.cli", "tune", "--config", str(SMOKE), "--study", "crash",
@@ -207,25 +225,13 @@ def test_two_workers_share_a_fresh_store_and_survive_a_sigkill(synth_data, tmp_p
     try:
         # Touch neither store before the launcher has created both (concurrent schema creation crashes).
         wait_for(lambda: "trials queued" in (tmp_path / "launch.log").read_text(), 120, "the launch")
-
-        def running_trial():
-            # Mid-trial, by state rather than by a fixed sleep: the run exists and epoch 1 of 4 has reported.
-            study = optuna.load_study(study_name="crash", storage=storage)
-            live = [t for t in study.get_trials(states=(TrialState.RUNNING,))
-                    if "mlflow_run_id" in t.user_attrs and t.intermediate_values]
-            return live[0] if live else None
-
-        victim = wait_for(running_trial, 300, "a trial past its first epoch", launcher, tmp_path / "launch.log")
+        victim = wait_for(lambda: _running_trial("crash", storage), 300, "a trial past its first epoch", launcher,
+                          tmp_path / "launch.log")
         pid = int(victim.user_attrs["worker"].rsplit(":", 1)[1])
         os.kill(pid, signal.SIGKILL)
         launcher.wait(timeout=400)
     finally:
-        try:
-            os.killpg(launcher.pid, signal.SIGKILL)  # the launcher and any worker still alive
-        except ProcessLookupError:
-            pass
-        launcher.wait(timeout=60)
-        log.close()
+        _kill_group(launcher, log)
     out = (tmp_path / "launch.log").read_text()
     assert launcher.returncode == 1, out  # the killed worker fails the launch (the study still completes)
     assert "1 worker(s) crashed (exit codes -9)" in out.strip().splitlines()[-1], out
@@ -265,23 +271,12 @@ def test_a_stopped_launch_closes_its_runs_and_the_same_command_resumes(synth_dat
                                 start_new_session=True, preexec_fn=ignore_sigint if how != "sigterm" else None)
     try:
         wait_for(lambda: "trials queued" in (tmp_path / "launch.log").read_text(), 120, "the launch")
-
-        def running_trial():
-            study = optuna.load_study(study_name="stop", storage=storage)
-            live = [t for t in study.get_trials(states=(TrialState.RUNNING,))
-                    if "mlflow_run_id" in t.user_attrs and t.intermediate_values]
-            return live[0] if live else None
-
-        victim = wait_for(running_trial, 300, "a trial past its first epoch", launcher, tmp_path / "launch.log")
+        victim = wait_for(lambda: _running_trial("stop", storage), 300, "a trial past its first epoch", launcher,
+                          tmp_path / "launch.log")
         launcher.send_signal(sig)
         launcher.wait(timeout=120)  # bounded: a stop must not wait for the study to finish
     finally:
-        try:
-            os.killpg(launcher.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        launcher.wait(timeout=60)
-        log.close()
+        _kill_group(launcher, log)
     out = (tmp_path / "launch.log").read_text()
     assert launcher.returncode == 128 + sig, out
     assert f"interrupted ({signal.Signals(sig).name})" in out and "queued again for the next launch" in out, out

@@ -78,8 +78,9 @@ def evaluate_model(uri: str, data_dir: str | Path, split: str = "val", *, tracki
     )
 
     lm = load(uri, tracking_uri, require_threshold=False)
+    manifest = load_manifest(data_dir)
     if ledger and split in ("test", "all"):  # a read of a test split (or a whole external set): charged first
-        charge_read(uri, lm.version, data_dir, split, ledger, tracking_uri)
+        charge_read(uri, lm.version, data_dir, manifest["digest"], split, ledger, tracking_uri)
     threshold = lm.threshold
     threshold_source = "stored with the model (chosen on validation)"
     if threshold is None:
@@ -98,7 +99,6 @@ def evaluate_model(uri: str, data_dir: str | Path, split: str = "val", *, tracki
     groups = {"view_position": info["view_position"], "sex": info["sex"],
               "age_band": [age_band(a) for a in info["age"]]}
     subgroups = subgroup_metrics(y, p, threshold, groups, clusters=patients)
-    manifest = load_manifest(data_dir)
     path = Path(out) if out else Path(data_dir) / f"evaluation-{split}.json"
     payload = {"model": uri, "version": lm.version, "split": split, "dataset_digest": manifest["digest"],
                "threshold_source": threshold_source, "metrics": metrics, "subgroups": subgroups}
@@ -112,7 +112,8 @@ def evaluate_model(uri: str, data_dir: str | Path, split: str = "val", *, tracki
             "patient_id": patients}
 
 
-def charge_read(uri: str, version, data_dir: str | Path, split: str, command: str, tracking_uri: str | None) -> None:
+def charge_read(uri: str, version, data_dir: str | Path, digest: str, split: str, command: str,
+                tracking_uri: str | None) -> None:
     """One query of the test split's budget for this read (the budget a split has, or the default one)."""
     from pipeline.artifact import tracking
     from pipeline.config import PromoteConfig
@@ -120,7 +121,7 @@ def charge_read(uri: str, version, data_dir: str | Path, split: str, command: st
 
     resolved = tracking.resolve_tracking_uri(tracking_uri)
     client = tracking.setup(resolved)
-    c = holdout.charge(client, resolved, digest=load_manifest(data_dir)["digest"], split=split, command=command,
+    c = holdout.charge(client, resolved, digest=digest, split=split, command=command,
                        versions=[str(version)], data_dir=str(data_dir), queries=PromoteConfig().test_queries)
     holdout.settle(client, c, f"evaluated {uri}")
 

@@ -107,7 +107,8 @@ def auto_precision() -> str:
     ~10x slower on this CPU); mixed_float16 on a GPU that reports no compute capability (it runs on any)."""
     if not has_gpu():
         return "float32"
-    return precision_for(gpu_compute_capabilities()) if gpu_compute_capabilities() else "mixed_float16"
+    capabilities = gpu_compute_capabilities()
+    return precision_for(capabilities) if capabilities else "mixed_float16"
 
 
 def auto_jit() -> bool:

@@ -191,7 +191,7 @@ def build_ensemble(model: str, study: str | None, k: int, *, metric: str | None 
         tracking.log_dataset(manifest, data_dir)
         mlflow.log_params({"data.dir": data_dir, "ensemble.k": k, "ensemble.metric": metric,
                            "ensemble.members": members_tag, "ensemble.averaging": "raw probabilities, then T"})
-        candidate = make_candidate(network, recipe, data_dir, manifest["image_size"], with_shift=needs_shift,
+        candidate = make_candidate(network, recipe, data_dir, manifest, with_shift=needs_shift,
                                    register_as=model, title="validation, ensemble")
         v, value = candidate.validation, _metric_value(metric, candidate.validation)
         log_members(chosen, metric, value)

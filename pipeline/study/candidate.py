@@ -208,17 +208,15 @@ def log_model(model, image_size: int, cfg: Config, v: Validation,
     return info.model_uri, str(version) if version is not None else None, info.model_id
 
 
-def make_candidate(model, cfg: Config, data_dir: str | Path, image_size: int, *, with_shift: bool,
+def make_candidate(model, cfg: Config, data_dir: str | Path, manifest: dict, *, with_shift: bool,
                    history: dict | None = None, register_as: str | None = None, log_network: bool = True,
                    title: str = "validation") -> LoggedCandidate:
     """Steps 1-3 in the active MLflow run; `log_network=False` (`train.log_model = false`) skips step 2."""
-    from pipeline.data.manifest import load_manifest
-
     validation = validate(model, cfg, data_dir, with_shift=with_shift)
     if not log_network:
         log_validation(validation, history, title)
         return LoggedCandidate(validation)
-    uri, version, model_id = log_model(model, image_size, cfg, validation, register_as)
+    uri, version, model_id = log_model(model, manifest["image_size"], cfg, validation, register_as)
     log_validation(validation, history, title, model_id=model_id,
-                   dataset=tracking.dataset_entity(load_manifest(data_dir), data_dir, "val"))
+                   dataset=tracking.dataset_entity(manifest, data_dir, "val"))
     return LoggedCandidate(validation, model_uri=uri, version=version)

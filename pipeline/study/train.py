@@ -231,7 +231,7 @@ def train(cfg: Config, data_dir: str | Path | None = None, *, tracking_uri: str 
         if not opened.resumed:
             log_inputs(setup, config_file)
         history, stats = fit(setup, opened, callbacks, verbose)
-        candidate = make_candidate(setup.model, setup.cfg, setup.data_dir, setup.manifest["image_size"],
+        candidate = make_candidate(setup.model, setup.cfg, setup.data_dir, setup.manifest,
                                    with_shift=setup.cfg.train.shift_battery, history=history,
                                    register_as=register_as, log_network=setup.cfg.train.log_model)
         return _result(setup, opened.run_id, history, stats, candidate)
