@@ -220,6 +220,15 @@ def cmd_explain(a):
     run_explain(a.paths, a.model, a.out, tracking_uri=a.tracking_uri)
 
 
+def cmd_serve(a):
+    from pipeline.serve import serve
+
+    _load_tensorflow()
+    serve(a.model, host=a.host, port=a.port, tracking_uri=a.tracking_uri, max_body=a.max_body,
+          max_in_flight=a.max_in_flight)
+    return 0
+
+
 def cmd_ui(a):
     from pipeline.ui import run_ui
 
@@ -364,6 +373,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default=None, help="model URI (default: models:/pneumonia-cnn@champion)")
     p.add_argument("--out", default="explanations", help="folder for <stem>.png")
     p.set_defaults(func=cmd_explain)
+
+    from pipeline import serve as serve_defaults  # light: the heavy imports are inside serve()
+
+    p = sub.add_parser("serve", help="serve a verified registered version (default: the champion) over HTTP")
+    p.add_argument("--model", default=None, help="registered model URI (default: models:/pneumonia-cnn@champion)")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: loopback only)")
+    p.add_argument("--port", type=port_number, default=5001, help="port to listen on")
+    p.add_argument("--max-body", type=positive_int, default=serve_defaults.MAX_BODY_BYTES, metavar="BYTES",
+                   help="largest request body accepted (413 above it; default: %(default)s)")
+    p.add_argument("--max-in-flight", type=positive_int, default=serve_defaults.MAX_IN_FLIGHT, metavar="N",
+                   help="requests decoded and scored at once (503 beyond; default: %(default)s)")
+    p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("ui", help="the MLflow UI on 127.0.0.1 over the project's stores")
     p.add_argument("--port", type=port_number, default=5000, help="port to listen on")

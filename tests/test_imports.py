@@ -25,7 +25,7 @@ LAYERS: list[tuple[str, frozenset[str] | None]] = [
     ("evaluate", None),  # pipeline/evaluate/: metrics, plots, the shift battery, scoring, Grad-CAM, ledger
     ("study", None),  # pipeline/study/: one training run, Optuna studies, their report
     ("promote", None),  # pipeline/promote/: the gate, the lock, the record, the model card, ensembles
-    ("entry", frozenset({"cli", "predict", "ui", "doctor", "demo", "serving"})),  # serving: a legacy shim
+    ("entry", frozenset({"cli", "predict", "serve", "ui", "doctor", "demo", "serving"})),  # serving: a legacy shim
 ]
 
 

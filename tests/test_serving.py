@@ -1,5 +1,6 @@
-"""The served champion (pipeline/artifact/serving.py): DICOM / PNG rows in, one answer per row out, in-process and through
-a real `mlflow models serve` process; the same probabilities as `pneumo predict`."""
+"""The served champion (pipeline/artifact/serving.py, pipeline/serve.py): DICOM / PNG rows in, one answer per row
+out, in-process, in a Python where the project is not installed, through `mlflow models serve` and through
+`pneumo serve`, which verifies every file before it loads any; the same probabilities as `pneumo predict`."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import os
 import shutil
 import sys
 import urllib.request
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -20,7 +22,6 @@ from conftest import SHARED_DATA
 pytest_plugins = ["fixtures_registry"]
 MODEL = "pneumonia-cnn"
 pytestmark = pytest.mark.slow
-TEMPERATURE = 1.7  # a version tag the pyfunc must apply (not 1.0, so a skipped calibration shows)
 
 
 def _real_dicom(store):
@@ -39,14 +40,17 @@ def _b64(data: bytes) -> str:
 
 @pytest.fixture()
 def champion(registry_store):
-    """The store with @champion on version 3, carrying a threshold and a temperature tag as promotion sets."""
+    """The store with @champion on version 3 and the artifact hash promotion records on it."""
     from mlflow import MlflowClient
+
+    from pipeline.artifact import tag_keys
+    from pipeline.promote.promotion import model_sha256
 
     s = registry_store
     client = MlflowClient(s.uri, s.uri)
     v = s.versions[2]
     client.set_registered_model_alias(MODEL, "champion", v)
-    client.set_model_version_tag(MODEL, v, "temperature", str(TEMPERATURE))
+    client.set_model_version_tag(MODEL, v, tag_keys.MODEL_SHA256, model_sha256(MODEL, v))
     return s, v
 
 
@@ -76,7 +80,9 @@ def rows(champion, tmp_path):
 
 
 def _expected(uri: str, tracking_uri: str, real, png):
-    """Probabilities computed the long way: the Keras model, the converter's decoder, the version's tags."""
+    """Probabilities computed the long way: the Keras model, the converter's decoder, the run's temperature."""
+    from mlflow import MlflowClient
+
     from pipeline.artifact.model_store import load
     from pipeline.data.dicom import load_image_file, read_dicom
     from pipeline.net.calibration import apply_temperature
@@ -85,7 +91,9 @@ def _expected(uri: str, tracking_uri: str, real, png):
     size = lm.image_size
     images = np.stack([read_dicom(real, size).pixels, load_image_file(png, size)])[..., None]
     raw = np.asarray(lm.model.predict_on_batch({"image": images})).reshape(-1)
-    return lm, apply_temperature(raw, TEMPERATURE)
+    temperature = float(MlflowClient(tracking_uri).get_run(lm.run_id).data.tags["temperature"])
+    assert temperature != 1.0 and lm.temperature == temperature  # a skipped calibration would show
+    return lm, apply_temperature(raw, temperature)
 
 
 def test_pyfunc_answers_every_row(champion, rows):
@@ -106,19 +114,118 @@ def test_pyfunc_answers_every_row(champion, rows):
     assert out.loc[[1, 2, 3], "probability"].isna().all() and out.loc[[1, 2, 3], "prediction"].isna().all()
 
     lm, want = _expected(uri, s.uri, rows["real"], rows["png"])
-    assert lm.temperature == TEMPERATURE  # the version's tag, as the pyfunc read it
     np.testing.assert_allclose(out.loc[[0, 4], "probability"].to_numpy(float), want, rtol=1e-5, atol=1e-6)
     assert list(out.loc[[0, 4], "prediction"]) == [int(p >= lm.threshold) for p in want]
 
-    # Raw tensors for callers that preprocess themselves: the same calibrated answer.
+    # Preprocessed images as `pixels` (integers 0..255 at the model's size): the same calibrated answer; a wrong
+    # size or floats are refused per row (floats in [0, 1] were once cast to black images answered `ok`).
     from pipeline.data.dicom import read_dicom
 
-    pixels = read_dicom(rows["real"], lm.image_size).pixels[None, :, :, None]
-    tensor = served.predict({"image": pixels})
-    assert list(tensor["status"]) == ["ok"]
+    pixels = read_dicom(rows["real"], lm.image_size).pixels
+    tensor = served.predict(pd.DataFrame({"pixels": [pixels, np.zeros((32, 32), np.uint8)]}))
+    assert list(tensor["status"]) == ["ok", "error"]
     assert tensor.loc[0, "probability"] == pytest.approx(out.loc[0, "probability"], rel=1e-5)
-    with pytest.raises(Exception, match=r"must be \(B, 64, 64, 1\)"):
-        served.predict({"image": np.zeros((1, 32, 32, 1), np.uint8)})
+    assert tensor.loc[1, "error"] == "pixels: pixels must be 64 x 64 integers 0..255, got shape (32, 32)"
+    raw = served._model_impl  # the Scorer behind the pyfunc, without MLflow's schema check in front
+    wrong = raw.predict(pd.DataFrame({"pixels": [np.full((64, 64), 300, np.int64)]}))
+    assert wrong.loc[0, "error"] == "pixels: pixels must be integers 0..255, got values 300..300"
+
+
+def test_a_request_past_its_limits_is_refused_whole_and_other_formats_are_not_opened(champion, rows, tmp_path):
+    """More rows than Limits.max_rows or a row over max_row_bytes: the request is refused with one line. The
+    `image` column opens PNG and JPEG only: a TIFF (which Pillow reads) is refused per row."""
+    import mlflow
+    from PIL import Image
+
+    from pipeline.artifact import tracking
+    from pipeline.artifact.serving import Limits, RequestError
+
+    s, _ = champion
+    tracking.setup(s.uri)
+    scorer = mlflow.pyfunc.load_model(f"models:/{MODEL}@champion")._model_impl
+    one = rows["records"][0]
+    with pytest.raises(RequestError, match=r"^65 rows in one request, over the limit of 64"):
+        scorer.predict(pd.DataFrame([one] * 65))
+    scorer.limits = Limits(max_row_bytes=1000)
+    with pytest.raises(RequestError, match=r"over the per-row limit of 1000 bytes"):
+        scorer.predict(pd.DataFrame([one]))
+    scorer.limits = Limits()
+    tiff = io.BytesIO()
+    Image.fromarray(np.zeros((40, 40), np.uint8)).save(tiff, format="TIFF")
+    out = scorer.predict(pd.DataFrame([{"image": _b64(tiff.getvalue())}, one]))
+    assert list(out["status"]) == ["error", "ok"] and out.loc[0, "error"] == "image: not a PNG or JPEG file"
+
+
+def test_the_logged_model_has_a_signature_and_an_input_example_it_answers(champion):
+    import mlflow
+    from mlflow.models import Model
+    from mlflow.types import DataType
+
+    from pipeline.artifact import tracking
+
+    s, v = champion
+    tracking.setup(s.uri)
+    local = mlflow.artifacts.download_artifacts(f"models:/{MODEL}/{v}")
+    meta = Model.load(local)
+    cols = {c.name: c for c in meta.signature.inputs.inputs}
+    assert set(cols) == {"dicom", "image", "pixels", "meta"} and not any(c.required for c in cols.values())
+    assert cols["dicom"].type == DataType.string and cols["image"].type == DataType.string
+    assert meta.flavors["python_function"]["loader_module"] == "pipeline.artifact.serving"
+    assert not list(Path(local).rglob("*.pkl"))  # no pickled object anywhere in the artifact
+    example = meta.load_input_example(local)
+    answer = mlflow.pyfunc.load_model(local).predict(example)
+    assert list(answer["status"]) == ["ok"] and 0.0 < answer.loc[0, "probability"] < 1.0
+
+
+# The child interpreter with the project's package made unimportable: the editable install's finder dropped and
+# the checkout off the path. It must fail to import `pipeline` first; then the model brings its own copy.
+NO_PROJECT = """
+import json, sys
+sys.meta_path[:] = [f for f in sys.meta_path if not getattr(f, "__module__", "").startswith("__editable__")]
+sys.path[:] = [p for p in sys.path if p not in ("", {repo!r}) and "__editable__" not in p]  # its path hook too
+def main():
+    try:
+        import pipeline
+        print("RESULT " + json.dumps({{"importable": pipeline.__file__}}))
+        return
+    except ModuleNotFoundError:
+        pass
+    import mlflow.pyfunc, pandas as pd
+    model = mlflow.pyfunc.load_model(sys.argv[1])
+    import pipeline
+    out = model.predict(pd.DataFrame([{{"dicom": open(sys.argv[2]).read()}}]))
+    print("RESULT " + json.dumps({{"pipeline": pipeline.__file__, "rows": out.to_dict("records")}}))
+if __name__ == "__main__":
+    main()
+"""
+
+
+def test_the_model_loads_and_answers_a_dicom_where_the_project_is_not_installed(champion, rows, tmp_path):
+    import subprocess
+
+    import mlflow
+
+    from pipeline.artifact import tracking
+
+    s, v = champion
+    tracking.setup(s.uri)
+    local = Path(mlflow.artifacts.download_artifacts(f"models:/{MODEL}/{v}", dst_path=str(tmp_path)))
+    script = tmp_path / "child.py"
+    script.write_text(NO_PROJECT.format(repo=str(Path(__file__).resolve().parents[1])))
+    env = {"PATH": "/usr/bin:/bin", "HOME": str(tmp_path), "TF_CPP_MIN_LOG_LEVEL": "3", "CUDA_VISIBLE_DEVICES": "",
+           "KERAS_BACKEND": "tensorflow", "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path}/elsewhere.db"}
+    request = tmp_path / "row.b64"
+    request.write_text(rows["records"][0]["dicom"])
+    proc = subprocess.run([sys.executable, str(script), str(local), str(request)],
+                          capture_output=True, text=True, timeout=300, cwd=tmp_path, env=env)
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
+    assert proc.returncode == 0 and lines, proc.stdout[-2000:] + proc.stderr[-3000:]
+    result = json.loads(lines[-1].removeprefix("RESULT "))
+    assert "importable" not in result, f"the project is importable in the child: {result}"
+    assert Path(result["pipeline"]).is_relative_to(local / "code")  # the model's own copy of the package
+    served = mlflow.pyfunc.load_model(f"models:/{MODEL}/{v}").predict(pd.DataFrame([rows["records"][0]]))
+    assert result["rows"][0]["status"] == "ok"
+    assert result["rows"][0]["probability"] == pytest.approx(served.loc[0, "probability"], rel=1e-6)
 
 
 def test_load_keras_returns_the_inner_network(registry_store):
@@ -196,26 +303,3 @@ def test_mlflow_models_serve_answers_a_dicom_post_like_pneumo_predict(champion, 
     cli = pd.read_csv(csv)
     assert cli.loc[0, "probability"] == pytest.approx(answers[0]["probability"], abs=2e-6)  # CSV keeps 6 digits
     assert int(cli.loc[0, "prediction"]) == answers[0]["prediction"]
-
-
-def test_the_served_model_refuses_an_artifact_that_is_not_the_promoted_one(champion):
-    """The tamper check predict/evaluate/explain get from model_store also guards the server: with the sha256
-    promotion recorded, the pyfunc loads; with another one (the files changed since), it refuses to load."""
-    import mlflow
-    from mlflow import MlflowClient
-
-    from pipeline.artifact import tag_keys, tracking
-    from pipeline.artifact.integrity import ModelIntegrityError
-    from pipeline.promote.promotion import model_sha256
-
-    s, v = champion
-    tracking.setup(s.uri)
-    client = MlflowClient(s.uri, s.uri)
-    client.set_model_version_tag(MODEL, v, tag_keys.MODEL_SHA256, model_sha256(MODEL, v))  # as promotion records it
-    served = mlflow.pyfunc.load_model(f"models:/{MODEL}@champion")
-    assert list(served.predict({"image": np.zeros((1, 64, 64, 1), np.uint8)})["status"]) == ["ok"]
-    # The shared artifacts stay untouched (other tests read them): a recorded hash that no longer matches the
-    # files is the same situation as files changed after promotion.
-    client.set_model_version_tag(MODEL, v, tag_keys.MODEL_SHA256, "0" * 64)
-    with pytest.raises(ModelIntegrityError, match="changed since promotion"):
-        mlflow.pyfunc.load_model(f"models:/{MODEL}@champion")

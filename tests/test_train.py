@@ -3,6 +3,7 @@
 import keras
 import mlflow
 import numpy as np
+import pandas as pd
 import pytest
 from mlflow import MlflowClient
 
@@ -41,7 +42,8 @@ def test_smoke_run_is_fully_tracked(synth_data, smoke_config, tracking_uri):
     batch = np.random.default_rng(0).integers(0, 256, (4, 64, 64, 1), dtype=np.uint8)
     pyfunc = mlflow.pyfunc.load_model(result.model_uri)
     expected = result.model.predict({"image": batch}, verbose=0)
-    served = pyfunc.predict({"image": batch})  # the serving pyfunc (pipeline/artifact/serving.py): one row per image
+    # The serving pyfunc (pipeline/artifact/serving.py): one row per image, preprocessed images as `pixels`.
+    served = pyfunc.predict(pd.DataFrame({"pixels": list(batch[..., 0])}))
     # ... calibrated with the temperature the run fitted on validation (pipeline/net/calibration.py)
     from pipeline.net.calibration import apply_temperature
 
@@ -137,8 +139,9 @@ def test_rsna_recipe_with_metadata_inputs_runs_small(synth_data, tmp_path, track
     ap_male_80y = np.array([[1, 0, 1, 0, 0.8, 1]] * 4, np.float32)
     pa_female_20y = np.array([[0, 1, 0, 1, 0.2, 1]] * 4, np.float32)
     # (the serving pyfunc answers one row per image: its `probability` column, calibrated)
-    a = pyfunc.predict({"image": images, "meta": ap_male_80y})["probability"].to_numpy(float)
-    b = pyfunc.predict({"image": images, "meta": pa_female_20y})["probability"].to_numpy(float)
+    a = pyfunc.predict(pd.DataFrame({"pixels": list(images[..., 0]), "meta": list(ap_male_80y.astype(float))}))
+    b = pyfunc.predict(pd.DataFrame({"pixels": list(images[..., 0]), "meta": list(pa_female_20y.astype(float))}))
+    a, b = a["probability"].to_numpy(float), b["probability"].to_numpy(float)
     # A model that ignored `meta` would give the same numbers to float precision (~1e-7): every image moves,
     # and at least one by 1e-4, a thousand times that (one epoch gives small effects: seen 2.5e-4 to 9e-4 under
     # load, where CPU thread scheduling changes the few training steps; 1e-3 failed one suite run in three).

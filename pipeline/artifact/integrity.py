@@ -23,8 +23,11 @@ def artifact_sha256(folder) -> str:
     """One sha256 over a model folder: each file's relative path and content hash, in sorted order."""
     root = Path(folder)
     # MLflow itself writes `registered_model_meta` (name, version) into the folder when a models:/ URI is
-    # loaded: bookkeeping, not the model, so it is left out.
-    files = sorted(p for p in root.rglob("*") if p.is_file() and p.name != "registered_model_meta")
+    # loaded, and Python writes `__pycache__` when `mlflow models serve` imports the model's code in place:
+    # bookkeeping, not the model, so both are left out. The verified copy `pneumo serve` loads deletes any
+    # `__pycache__` before loading (pipeline/artifact/model_store.py: verified_copy), so no unhashed byte runs.
+    files = sorted(p for p in root.rglob("*") if p.is_file() and p.name != "registered_model_meta"
+                   and "__pycache__" not in p.relative_to(root).parts)
     lines = "".join(f"{p.relative_to(root).as_posix()}\t{sha256_file(p)}\n" for p in files)
     return hashlib.sha256(lines.encode()).hexdigest()
 

@@ -57,7 +57,7 @@ def load_keras(uri: str, found=None):
 
     import pipeline.net.augment  # noqa: F401  (registers RandomAffine, should the model use it)
     from pipeline.artifact import version_tags
-    from pipeline.artifact.serving import KERAS_ARTIFACT
+    from pipeline.artifact.serving import KERAS_ARTIFACT, KERAS_FILE, data_dir_of
     from pipeline.net.model import load_network
 
     found = found or version_tags.of_uri(uri)
@@ -66,11 +66,33 @@ def load_keras(uri: str, found=None):
     flavors = Model.load(local / "MLmodel").flavors
     if "keras" in flavors:
         return mlflow.keras.load_model(str(local))
+    data = data_dir_of(local)
+    if data is not None:  # the loader_module form (pipeline/artifact/serving.py)
+        return load_network(str(data / KERAS_FILE))
     artifacts = flavors.get("python_function", {}).get("artifacts", {})
     if KERAS_ARTIFACT not in artifacts:
         raise ModelError(f"model {uri} has neither a Keras flavour nor a `{KERAS_ARTIFACT}` artifact: "
                          "not a pneumo model")
     return load_network(str(local / artifacts[KERAS_ARTIFACT]["path"]))
+
+
+def artifact_decision(uri: str, found, local: str | Path | None = None) -> tuple[float | None, float | None]:
+    """(threshold, temperature) a model of the loader_module form carries in its files (None, None for older
+    forms, whose decision lives only in tags). The served model answers with these; a version tag that
+    disagrees was edited after the model was logged, and is refused rather than silently obeyed."""
+    from pipeline.artifact.serving import TEMPERATURE_KEY, THRESHOLD_KEY, settings_of
+
+    settings = settings_of(local or local_artifacts(found.uri or uri))
+    if settings is None:
+        return None, None
+    out = []
+    for key in (THRESHOLD_KEY, TEMPERATURE_KEY):
+        carried, tagged = settings.get(key), found.get(key)
+        if carried is not None and tagged not in (None, "") and float(tagged) != float(carried):
+            raise ModelIntegrityError(f"model {uri}: tag {key}={tagged} differs from the {carried!r} its artifact "
+                                      "carries (the tag was edited after logging): refusing it")
+        out.append(None if carried is None else float(carried))
+    return out[0], out[1]
 
 
 def model_uses_meta(model) -> bool:
@@ -132,15 +154,93 @@ def load(uri: str, tracking_uri: str | None = None, threshold: float | None = No
         hint = f" ({FILLED_BY['tracking']} registers models)" if missing else ""
         raise error(f"model {uri} in store {tracking.masked(resolved)}: "
                     f"{' '.join(str(e.message).split())[:300]}{hint}") from None
+    carried_threshold, carried_temperature = artifact_decision(uri, found)
     if threshold is None:
         stored = found.get(tag_keys.THRESHOLD)
-        threshold = float(stored) if stored is not None else None
+        threshold = carried_threshold if carried_threshold is not None else (
+            float(stored) if stored is not None else None)
     if threshold is None and require_threshold:
         raise ModelError(f"model {uri} has no stored threshold (tag `threshold` on its version or run): "
                          "pass --threshold")
-    temperature = float(found.get(tag_keys.TEMPERATURE) or 1.0)
+    temperature = (carried_temperature if carried_temperature is not None
+                   else float(found.get(tag_keys.TEMPERATURE) or 1.0))
     run_id = found.run_id
     return LoadedModel(model=model, uri=uri, version=found.version or (f"run:{run_id}" if run_id else uri),
                        threshold=threshold, temperature=temperature, digest=found.get(tag_keys.DATASET_DIGEST) or "",
                        image_size=int(model.inputs[0].shape[1]), uses_meta=model_uses_meta(model),
                        run_id=run_id, tags=found.tags)
+
+
+@dataclass
+class VerifiedModel:
+    """A registered version downloaded into a private folder and checked, file by file, before any of it is
+    read: what `pneumo serve` loads (pipeline/serve.py). `close()` deletes the folder."""
+    uri: str  # models:/<name>/<version>: the alias resolved once
+    name: str
+    version: str
+    folder: Path
+    threshold: float
+    temperature: float
+    _tmp: object = None
+
+    def close(self) -> None:
+        if self._tmp is not None:
+            self._tmp.cleanup()
+            self._tmp = None
+
+
+def verified_copy(uri: str, tracking_uri: str | None = None) -> VerifiedModel:
+    """Resolve `uri` to one registered version, download it into a fresh 0700 folder, and refuse it (fail
+    closed) unless: its tags could be read; promotion recorded its `model_sha256`; the files hash to it (the
+    code, the network and the settings.json holding the threshold and temperature alike); it is in the
+    loader_module form (no pickle); its threshold is in (0, 1) and temperature finite and > 0; and no version
+    tag contradicts them. ModelError (exit 2) or ModelIntegrityError / ModelStoreError (exit 1), one line."""
+    import shutil
+    import tempfile
+
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    from pipeline.artifact import tracking, version_tags
+    from pipeline.artifact.serving import check_settings, settings_of
+
+    resolved = tracking.resolve_tracking_uri(tracking_uri)
+    tracking.setup(tracking_uri)
+    if not uri.startswith("models:/") or uri.startswith("models:/m-"):
+        raise ModelError(f"pneumo serve serves a registered version (models:/<name>@<alias> or "
+                         f"models:/<name>/<version>), not {uri}")
+    try:
+        found = version_tags.of_uri(uri)
+    except MlflowException as e:
+        missing = e.error_code in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE")
+        raise (ModelError if missing else ModelStoreError)(
+            f"model {uri} in store {tracking.masked(resolved)}: its version and tags could not be read "
+            f"({' '.join(str(e.message).split())[:200]}): refusing to serve") from None
+    except Exception as e:  # the store unreachable: nothing can be checked, so nothing is served
+        raise ModelStoreError(f"model {uri} in store {tracking.masked(resolved)}: tags not readable "
+                              f"({type(e).__name__}: {str(e)[:200]}): refusing to serve") from None
+    expected = found.own.get(tag_keys.MODEL_SHA256)
+    if not expected:
+        raise ModelIntegrityError(f"model {found.uri}: no `{tag_keys.MODEL_SHA256}` recorded on the version (it "
+                                  "was never promoted): refusing to serve an artifact nothing can verify")
+    tmp = tempfile.TemporaryDirectory(prefix="pneumo-serve-")  # mkdtemp: mode 0700, this user only
+    try:
+        local = Path(mlflow.artifacts.download_artifacts(artifact_uri=found.uri, dst_path=tmp.name))
+        for cache in sorted(local.rglob("__pycache__"), reverse=True):  # never run bytecode the hash skips
+            shutil.rmtree(cache)
+        verify(found.uri, str(local), expected)
+        settings = settings_of(local)
+        if settings is None or any(local.rglob("*.pkl")):
+            raise ModelIntegrityError(f"model {found.uri} is not in the loader_module form (a pickled pyfunc, "
+                                      "logged before it): pneumo serve refuses pickles; register it anew")
+        try:
+            threshold, temperature = check_settings(settings, f"model {found.uri}")
+        except ValueError as e:
+            raise ModelIntegrityError(str(e)) from None
+        artifact_decision(found.uri, found, local)
+    except BaseException:
+        tmp.cleanup()
+        raise
+    name = found.uri.removeprefix("models:/").rsplit("/", 1)[0]
+    return VerifiedModel(uri=found.uri, name=name, version=str(found.version), folder=local, threshold=threshold,
+                         temperature=temperature, _tmp=tmp)

@@ -211,15 +211,19 @@ def inference_copy(model):
 
 
 def log_keras_model(model, image_size: int, with_meta: bool, registered_model_name: str | None = None,
-                    params: dict | None = None):
-    """Log the model as the serving pyfunc (`pipeline.artifact.serving.PneumoniaModel`) with the Keras network inside as
-    the artifact `keras_model`; register it as `registered_model_name` when given; -> ModelInfo.
+                    params: dict | None = None, threshold: float | None = None, temperature: float | None = None):
+    """Log the model as the serving pyfunc (pipeline/artifact/serving.py) in MLflow's `loader_module` form: the
+    network and its decision (`threshold` and `temperature`, else the active run's tags of those names) as data, the project's
+    package as `code_paths`, so the model loads where the project is not installed; with its signature and a
+    tiny synthetic DICOM as the input example; registered as `registered_model_name` when given -> ModelInfo.
 
-    The pyfunc decodes DICOM/PNG rows and applies the scope guard, calibration and threshold; it has no fixed
-    signature because it takes both such rows and raw tensors (pipeline/artifact/serving.py). `image_size` and
-    `with_meta` are read back from the network's own inputs at load, so they only check the caller here."""
+    No pickled object goes into the artifact: `pneumo serve` hashes every file before any is read. `image_size`
+    and `with_meta` are read back from the network's own inputs at load, so they only check the caller here."""
     import tempfile
 
+    import pandas as pd
+
+    import pipeline
     from pipeline.artifact import serving
     from pipeline.net.model import uses_meta as model_uses_meta
 
@@ -228,14 +232,21 @@ def log_keras_model(model, image_size: int, with_meta: bool, registered_model_na
         raise ValueError(f"log_keras_model: the network takes {network.inputs[0].shape} images"
                          f"{' and metadata' if model_uses_meta(network) else ''}, not {image_size} px "
                          f"{'with' if with_meta else 'without'} metadata")
+    settings = serving.settings_for_run(registered_model_name)
+    settings.update({k: float(x) for k, x in ((serving.THRESHOLD_KEY, threshold), (serving.TEMPERATURE_KEY, temperature))
+                     if x is not None})
+    # A model logged without a decision (no threshold on its run) cannot be served, so its example would not
+    # answer: MLflow validates an input example by loading the model and predicting it.
+    servable = serving.TEMPERATURE_KEY in settings and serving.THRESHOLD_KEY in settings
     with tempfile.TemporaryDirectory(prefix="pneumo-model-") as tmp:
-        path = os.path.join(tmp, serving.KERAS_FILE)
-        network.save(path)
+        data = serving.write_data(Path(tmp), network, settings)
         return mlflow.pyfunc.log_model(
             name="model",
-            python_model=serving.PneumoniaModel(),
-            artifacts={serving.KERAS_ARTIFACT: path},
-            model_config=serving.model_config(registered_model_name),
+            loader_module=serving.LOADER_MODULE,
+            data_path=str(data),
+            code_paths=[os.path.dirname(pipeline.__file__)],  # the package travels with the model (no __pycache__)
+            signature=serving.signature(),
+            input_example=pd.DataFrame(serving.input_example()) if servable else None,
             pip_requirements=[*pip_requirements(), "pydicom", "pillow", "pylibjpeg", "pylibjpeg-openjpeg"],
             registered_model_name=registered_model_name,
             params={k: str(v) for k, v in (params or {}).items()},  # MLflow 3's model view compares models by them

@@ -39,7 +39,6 @@ import os
 import signal
 import stat
 import sys
-import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -47,6 +46,7 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.data.dicom import DicomError, load_image_file, read_dicom
+from pipeline.data.isolation import TimeLimitExceeded, time_limit
 from pipeline.data.records import SCHEMA_VERSION, Record, encode_example, frame_record
 from pipeline.errors import InputError, PneumoError, one_line
 from pipeline.files import atomic_write_text, fsync_dir, sha256_file
@@ -79,14 +79,6 @@ class Item:
 
 
 # --- decode worker (runs in the pool) -----------------------------------------------------------------
-class DecodeTimeout(Exception):
-    """Raised by the SIGALRM handler inside a decode that ran past its time limit."""
-
-
-def _on_alarm(signum, frame):
-    raise DecodeTimeout
-
-
 def decode_item(task: tuple) -> tuple[str, bytes | str, int]:
     """-> ("ok", framed TFRecord bytes, label) or ("rejected", reason, label). Never raises for bad inputs.
 
@@ -104,18 +96,11 @@ def decode_item(task: tuple) -> tuple[str, bytes | str, int]:
                 else "a socket" if stat.S_ISSOCK(mode) else "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode)
                 else "special")
         return "rejected", f"not a regular file ({what}): skipped", item.label
-    timed = bool(timeout) and threading.current_thread() is threading.main_thread()
-    if timed:
-        previous = signal.signal(signal.SIGALRM, _on_alarm)
-        signal.setitimer(signal.ITIMER_REAL, timeout)
     try:
-        return _decode(item, kind, size)
-    except DecodeTimeout:
+        with time_limit(timeout):
+            return _decode(item, kind, size)
+    except TimeLimitExceeded:
         return "rejected", f"decode took longer than {timeout:g} s (decode timeout): skipped", item.label
-    finally:
-        if timed:
-            signal.setitimer(signal.ITIMER_REAL, 0)
-            signal.signal(signal.SIGALRM, previous)
 
 
 def _decode(item: Item, kind: str, size: int) -> tuple[str, bytes | str, int]:

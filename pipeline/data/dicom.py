@@ -51,7 +51,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import pydicom
-from PIL import Image, ImageOps
+from PIL import Image, ImageOps, UnidentifiedImageError
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.encaps import get_frame
 from pydicom.errors import InvalidDicomError
@@ -198,14 +198,16 @@ def _draft_request(width: int, height: int, size: int) -> tuple[int, int]:
 # ----------------------------------------------------------------------------------------------- DICOM
 
 
-def read_dicom(path: str | os.PathLike, size: int, *, fast_path: bool = True) -> DicomImage:
+def read_dicom(path: str | os.PathLike, size: int, *, fast_path: bool = True,
+               max_pixels: int = MAX_PIXELS) -> DicomImage:
     """Read one single-frame DICOM and return its image letterboxed to (size, size) uint8 plus metadata.
 
-    Raises DicomError (one line, no path) for any input that cannot be turned into an image.
+    Raises DicomError (one line, no path) for any input that cannot be turned into an image. `max_pixels`
+    lowers the decompression-bomb guard (the served model uses a lower one than the converter).
     """
     size = _check_size(size)
     try:
-        return _read_dicom(path, size, fast_path)
+        return _read_dicom(path, size, fast_path, max_pixels)
     except DicomError:
         raise
     except MemoryError:
@@ -214,10 +216,10 @@ def read_dicom(path: str | os.PathLike, size: int, *, fast_path: bool = True) ->
         raise DicomError(f"unexpected {type(e).__name__}: {_one_line(e, path)}") from e
 
 
-def _read_dicom(path: str | os.PathLike, size: int, fast_path: bool) -> DicomImage:
-    ds = _dcmread(path)
+def _read_dicom(path: str | os.PathLike, size: int, fast_path: bool, max_pixels: int) -> DicomImage:
+    ds = _dcmread(path, max_pixels)
     try:
-        rows, cols = _check_pixel_module(ds)
+        rows, cols = _check_pixel_module(ds, max_pixels)
     except DicomError:
         raise
     except Exception as e:  # pydicom parses elements lazily: a corrupt one fails on first access
@@ -231,9 +233,9 @@ def _read_dicom(path: str | os.PathLike, size: int, fast_path: bool) -> DicomIma
     return DicomImage(pixels=pixels, **meta)
 
 
-def _dcmread(path: str | os.PathLike) -> Dataset:
+def _dcmread(path: str | os.PathLike, max_pixels: int = MAX_PIXELS) -> Dataset:
     try:
-        deflated = _read_deflated(path)
+        deflated = _read_deflated(path, min(MAX_INFLATED_BYTES, 2 * max_pixels + 8 * 2**20))
     except DicomError:
         raise
     except Exception:  # not a DICOM with a readable file meta: the paths below say why
@@ -263,7 +265,7 @@ def _dcmread(path: str | os.PathLike) -> Dataset:
     return ds
 
 
-def _read_deflated(path: str | os.PathLike) -> Dataset | None:
+def _read_deflated(path: str | os.PathLike, limit: int) -> Dataset | None:
     """A Deflated Explicit VR Little Endian file, inflated incrementally under MAX_INFLATED_BYTES; None when
     the file is not deflated (the caller reads it with pydicom as usual)."""
     import zlib
@@ -288,8 +290,8 @@ def _read_deflated(path: str | os.PathLike) -> Dataset | None:
                 inflated += inflater.decompress(block, _INFLATE_STEP)
             except zlib.error as e:
                 raise DicomError(f"corrupt deflated data set: {e}") from None
-            if len(inflated) > MAX_INFLATED_BYTES:
-                raise DicomError(f"deflated data set inflates past MAX_INFLATED_BYTES={MAX_INFLATED_BYTES} "
+            if len(inflated) > limit:
+                raise DicomError(f"deflated data set inflates past MAX_INFLATED_BYTES={limit} "
                                  "(decompression-bomb guard): refused")
             if inflater.eof:
                 break
@@ -298,7 +300,7 @@ def _read_deflated(path: str | os.PathLike) -> Dataset | None:
                        is_little_endian=True)
 
 
-def _check_pixel_module(ds: Dataset) -> tuple[int, int]:
+def _check_pixel_module(ds: Dataset, max_pixels: int = MAX_PIXELS) -> tuple[int, int]:
     """Cheap header checks done before any pixel is decoded; returns (Rows, Columns)."""
     if not any(k in ds for k in _PIXEL_KEYWORDS):
         sop = UID(str(ds.get("SOPClassUID") or ""))
@@ -310,9 +312,9 @@ def _check_pixel_module(ds: Dataset) -> tuple[int, int]:
     rows, cols = _int_element(ds, "Rows"), _int_element(ds, "Columns")
     if rows <= 0 or cols <= 0:
         raise DicomError(f"empty image: Rows x Columns = {rows} x {cols}")
-    if rows * cols > MAX_PIXELS:
+    if rows * cols > max_pixels:
         raise DicomError(
-            f"image too large: {rows} x {cols} = {rows * cols} pixels exceeds MAX_PIXELS={MAX_PIXELS} "
+            f"image too large: {rows} x {cols} = {rows * cols} pixels exceeds MAX_PIXELS={max_pixels} "
             "(decompression-bomb guard)"
         )
     frames = _number_of_frames(ds)
@@ -663,12 +665,12 @@ class Screened:
     error: str = ""  # why it could not be read at all ("" when it could)
 
 
-def screen_dicom(path: str | os.PathLike, size: int) -> Screened:
+def screen_dicom(path: str | os.PathLike, size: int, max_pixels: int = MAX_PIXELS) -> Screened:
     """read_dicom, then the scope check: a multi-frame file is out of scope (no image); a header that is not a
     chest radiograph is out of scope with its image (`pneumo predict --force` still scores it); a file that
     cannot be decoded is an error. Never raises DicomError."""
     try:
-        img = read_dicom(path, size)
+        img = read_dicom(path, size, max_pixels=max_pixels)
     except MultiFrameError as e:
         return Screened(None, out_of_scope=f"not a single 2-D frame: {e}")
     except DicomError as e:
@@ -676,17 +678,19 @@ def screen_dicom(path: str | os.PathLike, size: int) -> Screened:
     return Screened(img, out_of_scope=scope_warning(img))
 
 
-def load_image_file(path: str | os.PathLike, size: int) -> np.ndarray:
+def load_image_file(path: str | os.PathLike, size: int, *, max_pixels: int = MAX_PIXELS,
+                    formats: tuple[str, ...] | None = None) -> np.ndarray:
     """A PNG/JPEG (any mode, RGB included) -> grey uint8 (size, size) through the same geometry policy.
 
-    Raises ImageError (one line, no path) when the file cannot be read.
+    Raises ImageError (one line, no path) when the file cannot be read. `formats` (Pillow's names, e.g.
+    ("PNG", "JPEG")) restricts the decoders tried: the served model opens no other format.
     """
     size = _check_size(size)
     try:
-        with Image.open(path) as img:
+        with Image.open(path, formats=list(formats) if formats else None) as img:
             w, h = img.size
-            if w * h > MAX_PIXELS:
-                raise ImageError(f"image too large: {h} x {w} exceeds MAX_PIXELS={MAX_PIXELS}")
+            if w * h > max_pixels:
+                raise ImageError(f"image too large: {h} x {w} exceeds MAX_PIXELS={max_pixels}")
             if w == 0 or h == 0:
                 raise ImageError(f"empty image: {h} x {w}")
             # JPEG: decode straight to luma at reduced DCT scale (no-op for other formats)
@@ -695,7 +699,10 @@ def load_image_file(path: str | os.PathLike, size: int) -> np.ndarray:
             grey = _pil_to_grey(img)
     except ImageError:
         raise
-    except OSError as e:  # includes PIL.UnidentifiedImageError and truncated files
+    except UnidentifiedImageError:
+        raise ImageError(f"not a {' or '.join(formats)} file" if formats else "cannot read image: not an image "
+                         "file Pillow can identify") from None
+    except OSError as e:  # truncated files and the like
         reason = e.strerror if e.filename is not None and e.strerror else _one_line(e, path)
         raise ImageError(f"cannot read image: {reason}") from None
     except MemoryError:

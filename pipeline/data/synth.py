@@ -278,6 +278,13 @@ def _dicom_bytes(pixels: np.ndarray, patient_id: str, seed: int, i: int, view: s
     return out.getvalue()
 
 
+def example_dicom_bytes(size: int = 64) -> bytes:
+    """One small synthetic chest radiograph as a DICOM (the served model's input example): fixed bytes."""
+    rng = np.random.default_rng([0, 0])
+    pixels, _ = _draw_image(rng, False, size)
+    return _dicom_bytes(pixels, "example-patient", 0, 0, "PA", "F", 50)
+
+
 def _patient_id(rng: np.random.Generator) -> str:
     """A uuid4-shaped id from the seeded RNG (uuid.uuid4() would break determinism)."""
     return str(uuid.UUID(bytes=rng.bytes(16), version=4))

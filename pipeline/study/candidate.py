@@ -203,7 +203,7 @@ def log_model(model, image_size: int, cfg: Config, v: Validation,
     params = {**cfg.flat(), "threshold": v.threshold, "temperature": v.temperature,
               "threshold_policy": v.threshold_policy[:250]}
     info = tracking.log_keras_model(model, image_size, cfg.model.metadata_inputs, registered_model_name=register_as,
-                                    params=params)
+                                    params=params, threshold=v.threshold, temperature=v.temperature)
     version = getattr(info, "registered_model_version", None)
     return info.model_uri, str(version) if version is not None else None, info.model_id
 
