@@ -404,7 +404,7 @@ def _decide_under_lock(g: _Gate, d: Decision, ext_sets: dict, lock_timeout: floa
     runs again against the new one). Else: one query charged on every test split read (refused when a budget
     is spent: pipeline/evaluate/holdout.py), the evidence and the decision at the level the charge allows, the
     alias moved if the candidate passed (not on a dry run), and the ledger told the outcome."""
-    with promotion_lock(g.uri, g.model, client=g.client, timeout=lock_timeout):
+    with promotion_lock(g.uri, g.model, client=g.client, timeout=lock_timeout) as fence:
         if champion_version(g.client, g.model) != d.champion:
             return False
         d.charges = _charge(g, d, ext_sets)
@@ -414,7 +414,7 @@ def _decide_under_lock(g: _Gate, d: Decision, ext_sets: dict, lock_timeout: floa
         if d.outcome == "promoted" and not d.dry_run:
             d.promoted_at = _now()
             d.model_sha256 = model_sha256(g.model, d.candidate.version)
-            _commit(g.client, d)
+            _commit(g.client, d, fence)
         bit = ("would be promoted" if d.dry_run else "promoted") if d.outcome == "promoted" else "kept"
         for c in d.charges:
             holdout.settle(g.client, c, bit)

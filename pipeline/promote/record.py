@@ -82,9 +82,11 @@ class Decision:
 
 
 # --- the promoted version ----------------------------------------------------------------------------------
-def commit(client, d: Decision) -> None:
+def commit(client, d: Decision, fence=None) -> None:
     """Under the lock: the candidate's facts first, then the history, and the champion alias last (the commit
-    point: a crash before it leaves the old champion in place)."""
+    point: a crash before it leaves the old champion in place). `fence` (pipeline/promote/lock.py) is checked
+    before each alias write: a promotion that lost its lock stops there."""
+    check = fence.check if fence is not None else (lambda: None)
     m, v = d.candidate_eval.metrics, d.candidate.version
     tags = {f"test_{k}": m[k] for k in ("auc", "auc_ci_low", "auc_ci_high", "accuracy", "sensitivity",
                                         "specificity", "majority_baseline_accuracy", "n", "patients", "positives")}
@@ -97,9 +99,11 @@ def commit(client, d: Decision) -> None:
         value = f"{value:.6f}" if isinstance(value, float) else str(value)
         client.set_model_version_tag(d.model, v, key, value)
     if d.champion is not None:
+        check()
         client.set_registered_model_alias(d.model, PREVIOUS, d.champion)
         client.set_model_version_tag(d.model, d.champion, tag_keys.REPLACED_AT, d.promoted_at)
         client.set_model_version_tag(d.model, d.champion, tag_keys.REPLACED_BY, v)
+    check()
     client.set_registered_model_alias(d.model, CHAMPION, v)
 
 
