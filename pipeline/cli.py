@@ -378,7 +378,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("serve", help="serve a verified registered version (default: the champion) over HTTP")
     p.add_argument("--model", default=None, help="registered model URI (default: models:/pneumonia-cnn@champion)")
-    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: loopback only)")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: %(default)s, loopback only)")
     p.add_argument("--port", type=port_number, default=5001, help="port to listen on")
     p.add_argument("--max-body", type=positive_int, default=serve_defaults.MAX_BODY_BYTES, metavar="BYTES",
                    help="largest request body accepted (413 above it; default: %(default)s)")

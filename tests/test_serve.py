@@ -19,8 +19,12 @@ pytestmark = pytest.mark.slow
 
 
 @pytest.fixture()
-def promoted(registry_store):
-    """@champion on version 3 with the artifact hash promotion records, and the version's store folder."""
+def promoted(registry_store, tmp_path):
+    """@champion on version 3 with the artifact hash promotion records, and the version's store folder. The
+    per-test store copies share their artifact files with every other test: a test that tampers with them gets
+    them restored afterwards."""
+    import shutil
+
     import mlflow
     from mlflow import MlflowClient
 
@@ -34,7 +38,13 @@ def promoted(registry_store):
     client.set_registered_model_alias(MODEL, "champion", v)
     client.set_model_version_tag(MODEL, v, tag_keys.MODEL_SHA256, model_sha256(MODEL, v))
     folder = Path(mlflow.artifacts.download_artifacts(f"models:/{MODEL}/{v}"))  # the store's own folder
-    return s, v, client, folder
+    backup = tmp_path / "artifact-backup"
+    shutil.copytree(folder, backup)
+    try:
+        yield s, v, client, folder
+    finally:
+        shutil.rmtree(folder)
+        shutil.copytree(backup, folder)
 
 
 def test_a_promoted_version_is_verified_into_a_private_folder_and_cleaned_up(promoted):
@@ -186,3 +196,25 @@ def test_pneumo_serve_refuses_to_start_on_an_unpromoted_version(registry_store, 
     code = main(["serve", "--model", f"models:/{MODEL}/{s.versions[0]}", "--tracking-uri", s.uri])
     err = capsys.readouterr().err
     assert code == 1 and "never promoted" in err and "Traceback" not in err
+
+
+def test_generate_dockerfile_packs_the_champion_as_promoted(promoted, tmp_path):
+    """`mlflow models generate-dockerfile` on the champion: a Dockerfile that serves the pyfunc, and the model
+    folder it copies into the image hashes to what promotion recorded (the image holds the promoted files)."""
+    import subprocess
+
+    from pipeline.artifact import tag_keys
+    from pipeline.artifact.integrity import artifact_sha256
+
+    s, v, client, _ = promoted
+    out = tmp_path / "image"
+    env = {**os.environ, "MLFLOW_TRACKING_URI": s.uri, "MLFLOW_REGISTRY_URI": s.uri}
+    proc = subprocess.run([os.path.join(os.path.dirname(sys.executable), "mlflow"), "models", "generate-dockerfile",
+                           "-m", f"models:/{MODEL}@champion", "-d", str(out)], capture_output=True, text=True,
+                          timeout=300, env=env)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    dockerfile = (out / "Dockerfile").read_text()
+    assert "COPY model_dir /opt/ml/model" in dockerfile and "_serve(" in dockerfile
+    recorded = client.get_model_version(MODEL, v).tags[tag_keys.MODEL_SHA256]
+    assert artifact_sha256(out / "model_dir") == recorded
+    assert (out / "model_dir" / "code" / "pipeline" / "artifact" / "serving.py").is_file()
