@@ -78,11 +78,27 @@ def predict_files(files: list[Path], lm: LoadedModel, *, force: bool = False, ba
     return df
 
 
+# A spreadsheet runs a cell that starts with one of these as a formula (CSV injection, OWASP): a PatientID or
+# a file name from outside is text, so it is written with a leading apostrophe, which spreadsheets hide.
+FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
+
+
+def csv_text(df) -> str:
+    """The predictions as CSV with every text cell that could start a formula escaped (numbers untouched)."""
+    import pandas as pd
+
+    safe = df.copy()
+    for col in safe.columns:
+        if safe[col].dtype == object or pd.api.types.is_string_dtype(safe[col]):
+            safe[col] = safe[col].map(lambda v: f"'{v}" if isinstance(v, str) and v.startswith(FORMULA_STARTS) else v)
+    return safe.to_csv(index=False, float_format="%.6f")
+
+
 def write_csv(df, path: str | Path) -> None:
     """Atomic (temp file + rename, via evaluate.atomic_write): a reader never sees half a CSV."""
     from pipeline.files import atomic_write
 
-    atomic_write(path, lambda fh: fh.write(df.to_csv(index=False, float_format="%.6f").encode("utf-8")))
+    atomic_write(path, lambda fh: fh.write(csv_text(df).encode("utf-8")))
 
 
 def format_table(df, limit: int = 20) -> str:
@@ -139,7 +155,7 @@ def run_predict(paths: list[str], model_uri: str | None = None, out: str | None 
     elif tty:
         print(format_table(df, limit=len(df)), file=stdout)
     else:
-        df.to_csv(stdout, index=False, float_format="%.6f")
+        stdout.write(csv_text(df))
     line = summary(df, lm, out)
     print(line, file=sys.stderr)
     failed = int((df["status"] == "error").sum())

@@ -105,15 +105,31 @@ def require_store(url: str, command: str, kind: str = "tracking") -> None:
                            f"(or pass {flag}, or set PNEUMO_HOME to the folder holding mlruns/)")
 
 
-def masked(url: str) -> str:
-    """The URL with any password replaced by ***: `postgresql://pneumo:***@db:5432/optuna`.
+# Query parameters that carry a secret in database and server URLs (libpq's `password`, `sslpassword`; tokens).
+SECRET_PARAMETERS = frozenset({"password", "passwd", "pwd", "sslpassword", "secret", "token", "access_token",
+                               "api_key", "apikey"})
 
-    The credentials end at the authority's last '@' (an unescaped '@' in a password must not leak its tail)."""
+
+def masked(url: str) -> str:
+    """The URL with every password replaced by ***: `postgresql://pneumo:***@db:5432/optuna`, and the value of
+    any secret query parameter too (`?password=...`).
+
+    The credentials end at the URL's last '@': a password may hold any character, '/', '?', '#' and '@'
+    included, so nothing after the scheme is trusted to end it sooner. A URL whose path or query holds an '@'
+    is masked further than needed; a password is never shown."""
+    from urllib.parse import parse_qsl, urlencode
+
     scheme, sep, rest = url.partition("://")
     if not sep:
         return url
-    authority, slash, path = rest.partition("/")
-    userinfo, at, host = authority.rpartition("@")
-    if not at or ":" not in userinfo:
-        return url
-    return f"{scheme}://{userinfo.split(':', 1)[0]}:***@{host}{slash}{path}"
+    userinfo, at, tail = rest.rpartition("@")
+    if at and ":" in userinfo:
+        rest = f"{userinfo.split(':', 1)[0]}:***@{tail}"
+    elif at:
+        rest = f"{userinfo}@{tail}"
+    head, q, query = rest.partition("?")
+    if q:
+        pairs = parse_qsl(query, keep_blank_values=True)
+        if any(k.lower() in SECRET_PARAMETERS for k, _ in pairs):
+            query = urlencode([(k, "***" if k.lower() in SECRET_PARAMETERS else v) for k, v in pairs], safe="*:/@")
+    return f"{scheme}://{head}{q}{query}"

@@ -270,8 +270,19 @@ class DashboardServer(ManagedServer):
         super().__init__(port, **kwargs)
         self.storage = _absolute_sqlite(storage)
 
+    # The storage URL (its password included) goes through the environment, readable by this user only
+    # (/proc/<pid>/environ is 0400), not the command line every local user can read in /proc/<pid>/cmdline.
+    STORAGE_ENV = "PNEUMO_DASHBOARD_STORAGE"
+
     def command(self) -> list[str]:
-        return [_executable("optuna-dashboard"), self.storage, "--host", self.host, "--port", str(self.port)]
+        return [sys.executable, "-c", "import os, optuna_dashboard; optuna_dashboard.run_server("
+                f"os.environ[{self.STORAGE_ENV!r}], host={self.host!r}, port={self.port})"]
+
+    def env(self) -> dict[str, str]:
+        return {**os.environ, self.STORAGE_ENV: self.storage}
+
+    def secrets(self) -> list[str]:
+        return [self.storage] if masked(self.storage) != self.storage else []
 
 
 def _absolute_sqlite(uri: str) -> str:

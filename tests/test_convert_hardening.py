@@ -380,3 +380,17 @@ def test_synth_image_size_alias_and_quiet(tmp_path):
         first = next((out / "stage_2_train_images").glob("*.dcm"))
         assert pydicom.dcmread(first).Rows == 40
         assert ("synth" in run.stderr) is (not quiet)  # the progress bar is drawn unless --quiet
+
+
+# --- files on disk ----------------------------------------------------------------------------------------
+def test_shards_are_private_and_a_second_convert_on_one_out_is_refused(raw, tmp_path):
+    """Shards hold patient ids: 0600 like their sidecars and splits.csv. Two converts on one --out once deleted
+    each other's temp files; the second now stops at once with one line while the first holds the folder."""
+    out = tmp_path / "out"
+    _convert(raw, out, workers=1)
+    for path in [*out.glob("*.tfrecord"), out / "splits.csv", *out.glob(".parts/*.json")]:
+        assert oct(path.stat().st_mode & 0o777) == "0o600", path
+    with convert.exclusive(out):  # another convert is running on this folder
+        with pytest.raises(ConvertError, match=r"another `pneumo convert` is writing to this folder"):
+            _convert(raw, out, workers=1)
+    assert _convert(raw, out, workers=1)["splits"]  # and once it is done, the folder is free again

@@ -157,3 +157,22 @@ def test_csv_to_stdout_when_piped(registry_store, capsys):
     out = capsys.readouterr().out
     assert out.splitlines()[0].startswith("path,probability,prediction")  # no PatientID unless asked
     assert len(out.splitlines()) == 4
+
+
+def test_a_patient_id_that_looks_like_a_formula_is_written_as_text(registry_store, tmp_path):
+    """CSV injection: a PatientID from outside starting with =, +, - or @ would run as a formula in a spreadsheet;
+    the CSV cell starts with an apostrophe instead (numbers are untouched)."""
+    from pipeline.cli import main
+
+    s = registry_store
+    pid = sorted(p.stem for p in (s.raw / "stage_2_train_images").glob("*.dcm"))[0]
+    ds = pydicom.dcmread(_dicom(s, pid))
+    ds.PatientID = '=HYPERLINK("http://example.invalid","x")'
+    folder = tmp_path / "in"
+    folder.mkdir()
+    ds.save_as(folder / "f.dcm")
+    out = tmp_path / "p.csv"
+    assert main(["predict", str(folder), "--model", f"models:/{MODEL}/{s.versions[0]}", "--out", str(out),
+                 "--tracking-uri", s.uri, "--with-patient-id"]) == 0
+    row = next(csv.DictReader(out.open()))
+    assert row["patient_id"] == "'" + ds.PatientID and float(row["probability"]) > 0

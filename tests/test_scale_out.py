@@ -303,6 +303,13 @@ def test_postgres_urls_work_as_written_and_logs_hide_passwords():
         "postgresql+psycopg2://pneumo:***@db:5432/optuna"
     assert "s3cret" not in shown_url("http://user:s3cret@mlflow:5000")
     assert shown_url("http://127.0.0.1:5000") == "http://127.0.0.1:5000"
+    # A password with '/', '?', '#' or '@' in it, and one given as a query parameter, are hidden too.
+    for url, shown in [("postgresql://u:pa/ss@db:5432/x", "postgresql://u:***@db:5432/x"),
+                       ("postgresql://u:p?w#d@db/x", "postgresql://u:***@db/x"),
+                       ("postgresql://u:p@ss@db/x", "postgresql://u:***@db/x"),
+                       ("postgresql://db/x?user=u&password=s3cret", "postgresql://db/x?user=u&password=***"),
+                       ("postgresql://db/x?sslmode=require", "postgresql://db/x?sslmode=require")]:
+        assert shown_url(url) == shown, url
 
 
 def _terminate_backends(database: str) -> int:

@@ -218,3 +218,19 @@ def test_generate_dockerfile_packs_the_champion_as_promoted(promoted, tmp_path):
     recorded = client.get_model_version(MODEL, v).tags[tag_keys.MODEL_SHA256]
     assert artifact_sha256(out / "model_dir") == recorded
     assert (out / "model_dir" / "code" / "pipeline" / "artifact" / "serving.py").is_file()
+
+
+def test_loading_a_model_leaves_no_copy_in_the_temporary_folder(registry_store, tmp_path, monkeypatch):
+    """predict, evaluate and explain load through model_store.load: the download is deleted once the network is
+    in memory (every load once left a copy of the model in the system temporary folder)."""
+    import tempfile
+
+    from pipeline.artifact.model_store import load
+
+    s = registry_store
+    private = tmp_path / "tmp"
+    private.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(private))
+    lm = load(f"models:/{MODEL}/{s.versions[0]}", s.uri)
+    assert lm.model.inputs[0].shape[1] == 64
+    assert not [p.name for p in private.iterdir() if p.name.startswith("pneumo-model-")]

@@ -184,6 +184,42 @@ def test_a_worker_whose_trial_a_peer_failed_as_stale_goes_on(tmp_path, monkeypat
     assert [t.state for t in study.trials] == [TrialState.FAIL, TrialState.COMPLETE]
 
 
+def test_a_running_trial_with_no_heartbeat_at_all_cannot_hang_the_workers(tmp_path, monkeypatch):
+    """A retried storage write whose first commit had landed left a RUNNING trial that never had a heartbeat:
+    Optuna never marks such a trial stale, and every worker waited on it forever. The worker gives each trial
+    it waits on one heartbeat, so the orphan goes stale a grace period later, is failed and retried, and the
+    launch ends (a stand-in objective: no training)."""
+    import threading
+
+    uri, storage = f"sqlite:///{tmp_path}/mlflow.db", f"sqlite:///{tmp_path}/optuna.db"
+    cfg = load_config(SMOKE, [f"train.checkpoint_dir={tmp_path}/ckpt", "tune.heartbeat_interval=1"])
+    tune.tracking.setup(uri)
+    parent, _ = tune.prepare(cfg, "orphan", storage, uri, trials=1)
+    study = optuna.load_study(study_name="orphan", storage=storage)
+    backend = optuna.storages.RDBStorage(storage)
+    orphan = backend.create_new_trial(backend.get_study_id_from_name("orphan"),
+                                      template_trial=optuna.trial.create_trial(state=TrialState.RUNNING))
+
+    def make_objective(spec, cfg, state):
+        def objective(trial):
+            state.last_trial = trial.number
+            return 0.5
+
+        return objective
+
+    monkeypatch.setattr(tune, "make_objective", make_objective)
+    spec = tune.WorkerSpec(study="orphan", storage=storage, tracking_uri=uri, data_dir=str(tmp_path),
+                           config=tune.config_to_json(cfg), parent_run_id=parent)
+    worker = threading.Thread(target=tune.work, args=(spec,), daemon=True)
+    worker.start()
+    worker.join(120)  # it hung forever before; a few grace periods (2 s each) now
+    assert not worker.is_alive(), "the worker still waits on the heartbeat-less trial"
+    states = {t._trial_id: t.state for t in optuna.load_study(study_name="orphan", storage=storage).trials}
+    assert states.pop(orphan) == TrialState.FAIL and set(states.values()) == {TrialState.COMPLETE}
+    assert len(states) == 2  # the queued trial and the orphan's retry
+    del study
+
+
 def test_unknown_space_keys_are_refused(tmp_path):
     bad = tmp_path / "bad.toml"
     bad.write_text('[tune.space]\n"model.filterz" = { type = "int", low = 4, high = 8 }\n')

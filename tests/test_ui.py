@@ -137,6 +137,9 @@ def test_dashboard_serves_a_study(tmp_path):
         pgid = server.proc.pid
         studies = _get(server.url + "/api/studies")
         assert any(st["study_name"] == "dash" for st in studies["study_summaries"])
+        # The storage URL (a password, on a real server) is not on its command line, which any user can read.
+        cmdline = Path(f"/proc/{pgid}/cmdline").read_bytes().decode()
+        assert storage not in cmdline and "optuna.db" not in cmdline
     assert not group_alive(pgid)
 
 

@@ -14,6 +14,7 @@ Imports MLflow and Keras lazily: the CLI's `--help` and the converter never pay 
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -41,13 +42,26 @@ def champion_uri(model: str = MODEL_NAME) -> str:
 
 
 def local_artifacts(uri: str) -> str:
-    """The model's files on this machine (a local artifact store answers with its own folder, not a copy)."""
+    """The model's files on this machine (a local artifact store answers with its own folder, not a copy; a
+    remote one downloads into a new temporary folder that the caller owns: prefer `downloaded`)."""
     import mlflow
 
     return mlflow.artifacts.download_artifacts(artifact_uri=uri)
 
 
-def load_keras(uri: str, found=None):
+@contextlib.contextmanager
+def downloaded(uri: str):
+    """The model's files in a private temporary folder, deleted on exit (every load once left a copy of the
+    model behind in the system's temporary folder)."""
+    import tempfile
+
+    import mlflow
+
+    with tempfile.TemporaryDirectory(prefix="pneumo-model-") as tmp:
+        yield Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=tmp))
+
+
+def load_keras(uri: str, found=None, local: Path | None = None):
     """The Keras model behind an MLflow URI: the `keras_model` artifact inside the serving pyfunc
     (`pipeline.artifact.serving`), or a model logged with MLflow's Keras flavour before the pyfunc existed; its files
     verified against the version's `model_sha256` tag (recorded at promotion) when it has one. `found` (a
@@ -61,7 +75,9 @@ def load_keras(uri: str, found=None):
     from pipeline.net.model import load_network
 
     found = found or version_tags.of_uri(uri)
-    local = Path(local_artifacts(found.uri or uri))  # the version found, even if the alias has moved since
+    if local is None:  # the version found, even if the alias has moved since
+        with downloaded(found.uri or uri) as folder:
+            return load_keras(uri, found, folder)
     verify(uri, str(local), found.own.get(tag_keys.MODEL_SHA256))
     flavors = Model.load(local / "MLmodel").flavors
     if "keras" in flavors:
@@ -145,7 +161,9 @@ def load(uri: str, tracking_uri: str | None = None, threshold: float | None = No
     tracking.setup(tracking_uri)
     try:
         found = version_tags.of_uri(uri)  # once: the network, threshold and temperature of one version
-        model = load_keras(uri, found)
+        with downloaded(found.uri or uri) as local:
+            model = load_keras(uri, found, local)
+            carried_threshold, carried_temperature = artifact_decision(uri, found, local)
     except MlflowException as e:
         # No such model, version or alias (MLflow answers RESOURCE_DOES_NOT_EXIST, or INVALID_PARAMETER_VALUE
         # for an unknown alias) is the caller's choice of URI; anything else is the store failing.
@@ -154,7 +172,6 @@ def load(uri: str, tracking_uri: str | None = None, threshold: float | None = No
         hint = f" ({FILLED_BY['tracking']} registers models)" if missing else ""
         raise error(f"model {uri} in store {tracking.masked(resolved)}: "
                     f"{' '.join(str(e.message).split())[:300]}{hint}") from None
-    carried_threshold, carried_temperature = artifact_decision(uri, found)
     if threshold is None:
         stored = found.get(tag_keys.THRESHOLD)
         threshold = carried_threshold if carried_threshold is not None else (

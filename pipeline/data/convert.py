@@ -29,7 +29,9 @@ from __future__ import annotations
 
 import collections
 import concurrent.futures
+import contextlib
 import csv
+import fcntl
 import hashlib
 import io
 import json
@@ -276,7 +278,8 @@ def write_shards(out: Path, items: list[Item], kind: str, image_size: int, plan:
             tmp = parts / f"{name}.tmp-{os.getpid()}"
             digest, count, positives, rejected = hashlib.sha256(), 0, 0, []
             try:
-                with open(tmp, "wb") as f:
+                # 0600 like the sidecars and splits.csv: a shard holds patient ids (atomic_write's mkstemp mode)
+                with os.fdopen(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "wb") as f:
                     for i in indices:
                         status, payload, label = next(results)
                         if status == "ok":
@@ -360,8 +363,6 @@ def run_conversion(items: list[Item], source: dict, out: str | Path, image_size:
     """Split by patient, plan, decode and write; returns the manifest (with a `seconds` figure beside it).
 
     `root` is the input folder: the manifest names rejected and unlabelled files relative to it."""
-    from pipeline.data.labels import split_patients
-
     if not items:
         raise ConvertError("no labelled inputs to convert")
     if not 16 <= image_size <= 4096:
@@ -378,8 +379,34 @@ def run_conversion(items: list[Item], source: dict, out: str | Path, image_size:
     start = time.perf_counter()
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
+    with exclusive(out):
+        return _convert_locked(items, source, out, image_size, seed, test_frac, val_frac, workers, progress,
+                               unlabelled, unmatched, root, decode_timeout, warnings, start)
+
+
+@contextlib.contextmanager
+def exclusive(out: Path):
+    """One converter per --out at a time: an flock on `out/.convert.lock`, held for the whole run. A second
+    convert on the same folder stops at once with one line (they once deleted each other's temp files: each
+    run's start-up clears the temp files a dead run left, which is only safe while no other run writes)."""
+    fd = os.open(out / ".convert.lock", os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise ConvertError(f"{out}: another `pneumo convert` is writing to this folder; wait for it to "
+                               "finish (or use another --out)") from None
+        yield
+    finally:
+        os.close(fd)  # releases the lock
+
+
+def _convert_locked(items, source, out: Path, image_size, seed, test_frac, val_frac, workers, progress,
+                    unlabelled, unmatched, root, decode_timeout, warnings, start) -> dict:
     for stale in [*out.glob(".*.tmp-*"), *out.glob(".parts/*.tmp-*"), *out.glob(".parts/.*.tmp")]:
-        stale.unlink()  # half-written files of a run that died (killed, power loss)
+        stale.unlink()  # half-written files of a run that died (killed, power loss): no other run is writing
+    from pipeline.data.labels import split_patients
+
     patient_labels = {it.patient_id: it.label for it in items}
     split_of = split_patients(patient_labels, test_frac, val_frac, seed)
     identity = {

@@ -29,7 +29,7 @@ import threading
 import time
 import traceback
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import optuna
@@ -298,8 +298,8 @@ def objective_value(result, metric: str) -> float:
     return float(result.shift_metrics[metric])
 
 
-def open_study(name: str, storage_url: str, cfg: Config, worker: int = 0) -> optuna.Study:
-    study = optuna.create_study(study_name=name, storage=make_storage(storage_url, cfg),
+def open_study(name: str, storage_url: str, cfg: Config, worker: int = 0, storage=None) -> optuna.Study:
+    study = optuna.create_study(study_name=name, storage=storage or make_storage(storage_url, cfg),
                                 direction=direction(cfg.tune.metric), sampler=make_sampler(cfg, worker),
                                 pruner=make_pruner(cfg), load_if_exists=True)
     stored = study.user_attrs.get("metric")
@@ -318,6 +318,21 @@ def claim_queued_trial(study: optuna.Study) -> int | None:
     changes it."""
     study._thread_local.cached_all_trials = None  # the claim must see other workers' trials
     return study._pop_waiting_trial_id()
+
+
+def seed_heartbeats(storage, study_id: int, running: list, seeded: set[int]) -> None:
+    """Record one heartbeat, once, for every RUNNING trial this worker waits on, so none can be waited on
+    forever. Optuna fails a trial as stale only when it has a heartbeat older than the grace period: a trial
+    with none at all (a retried storage write whose first commit had landed made one RUNNING, and its worker
+    never beat for it) stayed RUNNING for good, and every worker waited on it. After one seeded beat, a dead
+    or heartbeat-less trial is stale one grace period later and the next `optimize` fails it (and the sweeper
+    queues its retry); a live trial's own heartbeat thread keeps it fresh, so the extra beat changes nothing.
+    Once per trial only: seeding again would keep refreshing a dead trial. Public storage API only
+    (`BaseHeartbeat.record_heartbeat`)."""
+    for t in running:
+        if t.number not in seeded:
+            seeded.add(t.number)
+            storage.record_heartbeat(storage.get_trial_id_from_study_id_trial_number(study_id, t.number))
 
 
 def queue_only(study: optuna.Study) -> None:
@@ -358,6 +373,7 @@ class WorkerState:
     can read how that trial ended, or find that a peer failed it as stale while it ran here."""
 
     last_trial: int | None = None
+    seeded: set = field(default_factory=set)  # trial numbers given one heartbeat while waited on (seed_heartbeats)
 
 
 def make_objective(spec: WorkerSpec, cfg: Config, state: WorkerState):
@@ -429,9 +445,11 @@ def work(spec: WorkerSpec) -> dict[str, int]:
     """Pop queued trials until none is left and none is running anywhere; -> outcome counts of this worker."""
     tracking.setup(spec.tracking_uri)
     cfg = config_from_json(spec.config)
-    study = open_study(spec.study, spec.storage, cfg, spec.worker)
+    storage = make_storage(spec.storage, cfg)
+    study = open_study(spec.study, spec.storage, cfg, spec.worker, storage=storage)
     queue_only(study)
     state = WorkerState()
+    study_id = storage.get_study_id_from_name(spec.study)
     objective = make_objective(spec, cfg, state)
     outcomes = {"COMPLETE": 0, "PRUNED": 0, "FAIL": 0}
     failures = 0
@@ -449,8 +467,10 @@ def work(spec: WorkerSpec) -> dict[str, int]:
                       f"{spec.worker}]", file=sys.stderr, flush=True)
             raise
         except QueueEmpty:
-            if not study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+            running = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+            if not running:
                 break
+            seed_heartbeats(storage, study_id, running, state.seeded)
             time.sleep(cfg.tune.heartbeat_interval)  # a running trial may be a dead worker's: ask again soon
             continue
         except Exception:
