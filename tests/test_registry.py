@@ -818,3 +818,94 @@ def test_promote_never_prints_a_database_password(capsys):
         with admin.cursor() as cur:
             cur.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
         admin.close()
+
+
+# --- promotions that finish or repair ---------------------------------------------------------------------------
+class _Killed(BaseException):
+    """Stands in for SIGKILL in-process: nothing in promote catches a BaseException, so the store is left as a
+    killed process leaves it (one real SIGKILL below shows the hook itself)."""
+
+
+def _promotion_runs(uri: str) -> list:
+    c = _client(uri)
+    exp = c.get_experiment_by_name("promotions")
+    return c.search_runs([exp.experiment_id]) if exp else []
+
+
+def _check_completed(s, v: str, old: str) -> None:
+    """What a finished promotion of `v` over `old` leaves, whichever way it got there."""
+    from pipeline.artifact import tag_keys
+    from pipeline.promote.record import STATE_TAG
+
+    c = _client(s.uri)
+    aliases = {k: str(x) for k, x in c.get_registered_model(MODEL).aliases.items()}
+    assert aliases["champion"] == v and aliases["previous-champion"] == old
+    runs = _promotion_runs(s.uri)
+    assert not [r for r in runs if r.data.tags.get(STATE_TAG) == "pending"]
+    complete = [r for r in runs if r.data.tags.get(STATE_TAG) == "complete"]
+    assert len(complete) == 1 and complete[0].info.status == "FINISHED"
+    mv = c.get_model_version(MODEL, v)
+    assert mv.tags[tag_keys.PROMOTION_RUN_ID] == complete[0].info.run_id and mv.tags[tag_keys.MODEL_SHA256]
+    assert mv.description.startswith("# Model card")
+    assert c.get_model_version(MODEL, old).tags[tag_keys.REPLACED_BY] == v
+    ledger = c.get_experiment_by_name("test-ledger")
+    outcomes = [r.data.tags.get("outcome") for r in c.search_runs([ledger.experiment_id])]
+    assert "pending" not in outcomes and "promoted" in outcomes
+
+
+@pytest.mark.parametrize("step", ["pending-written", "tags-written", "alias-moved"])
+def test_a_promotion_killed_at_any_step_is_completed_or_rolled_back_by_the_rerun(registry_store, monkeypatch, step):
+    from pipeline.artifact import tag_keys
+    from pipeline.promote import record
+    from pipeline.promote.record import STATE_TAG, repair
+
+    s = registry_store
+    worst, _, best = s.by_test_auc
+    _make_champion(s, worst)
+
+    def kill_at(where):
+        if where == step:
+            raise _Killed(where)
+
+    monkeypatch.setattr(record, "kill_point", kill_at)
+    monkeypatch.setattr("pipeline.promote.promotion.kill_point", kill_at)
+    with pytest.raises(_Killed):
+        _promote(s, version=best)
+    monkeypatch.undo()
+    c = _client(s.uri)
+    [pending] = [r for r in _promotion_runs(s.uri) if r.data.tags.get(STATE_TAG) == "pending"]
+    assert pending.info.status == "RUNNING"
+    moved = str(c.get_registered_model(MODEL).aliases["champion"]) == best
+    assert moved == (step == "alias-moved")
+    if not moved:
+        # Before the alias: the rerun's repair undoes what the dead promotion wrote, and the gate runs again.
+        [line] = repair(c, s.uri, MODEL)
+        assert "rolled back" in line
+        tags = c.get_model_version(MODEL, best).tags
+        assert not {tag_keys.PROMOTED_AT, tag_keys.MODEL_SHA256, tag_keys.PROMOTION_RUN_ID} & set(tags)
+        assert tag_keys.REPLACED_BY not in c.get_model_version(MODEL, worst).tags
+        assert "previous-champion" not in c.get_registered_model(MODEL).aliases
+        assert c.get_run(pending.info.run_id).data.tags[STATE_TAG] == "rolled_back"
+    d = _promote(s, version=best)  # the same command again
+    assert d.outcome == "promoted" if not moved else "already the champion" in d.reason
+    _check_completed(s, best, worst)
+
+
+def test_a_real_sigkill_after_the_alias_moved_is_completed_by_the_rerun(registry_store, tmp_path):
+    """The hook for real: `pneumo promote` SIGKILLed right after the alias moved (no card, ledger unsettled);
+    the same command run again completes the record and says so."""
+    s = registry_store
+    worst, _, best = s.by_test_auc
+    _make_champion(s, worst)
+    cmd = [sys.executable, "-m", "pipeline.cli", "promote", "--version", best, "--tracking-uri", s.uri,
+           "--data", str(s.data), "--config", _config_file(tmp_path, POINT)]
+    env = {**os.environ, "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+           "TF_CPP_MIN_LOG_LEVEL": "2"}
+    killed = subprocess.run(cmd, env={**env, "PNEUMO_KILL_AT": "alias-moved"}, capture_output=True, text=True,
+                            timeout=600)
+    assert killed.returncode == -9, killed.stderr[-2000:]
+    assert str(_client(s.uri).get_registered_model(MODEL).aliases["champion"]) == best
+    again = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert f"completed the interrupted promotion of version {best}" in again.stderr
+    _check_completed(s, best, worst)

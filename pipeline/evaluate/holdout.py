@@ -134,4 +134,9 @@ def charge(client, uri: str, *, digest: str, split: str, command: str, versions:
 
 def settle(client, c: Charge, outcome: str) -> None:
     """What the charged read decided, in words with no test numbers ("kept", "promoted", "evaluated")."""
-    client.set_tag(c.run_id, "outcome", outcome)
+    settle_entry(client, c.run_id, outcome)
+
+
+def settle_entry(client, run_id: str, outcome: str) -> None:
+    """`settle` by the ledger entry's run id (a rerun completing an interrupted promotion knows only that)."""
+    client.set_tag(run_id, "outcome", outcome)

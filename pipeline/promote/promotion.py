@@ -48,7 +48,18 @@ from pipeline.evaluate.metrics import lower_is_better
 from pipeline.promote import gate, model_card
 from pipeline.promote.gate import Evaluation, Rule
 from pipeline.promote.lock import promotion_lock
-from pipeline.promote.record import PREVIOUS, Candidate, Decision, External, format_decision, seal  # noqa: F401
+from pipeline.promote.record import (  # noqa: F401
+    PREVIOUS,
+    Candidate,
+    Decision,
+    External,
+    complete,
+    format_decision,
+    kill_point,
+    pending_promotions,
+    repair,
+    seal,
+)
 from pipeline.promote.record import commit as _commit
 from pipeline.promote.record import record as _record
 from pipeline.stores import masked
@@ -284,6 +295,10 @@ def promote(model: str = MODEL_NAME, data_dir: str | Path | None = None, *, stud
     """
     uri = tracking.resolve_tracking_uri(tracking_uri)
     client = tracking.setup(uri)
+    if not dry_run and pending_promotions(client, uri, model):  # an earlier promotion died half-way
+        with promotion_lock(uri, model, client=client, timeout=lock_timeout):
+            for line in repair(client, uri, model):
+                print(f"pneumo promote: {line}", file=sys.stderr, flush=True)
     cfg, rule_source = (config, rule_source or "given in code") if config else study_rule(client, study)
     rule_of(cfg)
     metric = metric or study_metric(versions(client, model), study)
@@ -304,7 +319,7 @@ def promote(model: str = MODEL_NAME, data_dir: str | Path | None = None, *, stud
         _score(g, decision, ext_sets)
         if before_commit:
             before_commit(decision)
-        if _decide_under_lock(g, decision, ext_sets, lock_timeout):
+        if _decide_under_lock(g, decision, ext_sets, lock_timeout, manifest):
             break
     else:
         raise RegistryError(f"{model}: the champion changed {max_attempts} times during this promotion; "
@@ -313,7 +328,8 @@ def promote(model: str = MODEL_NAME, data_dir: str | Path | None = None, *, stud
         seal(decision)
     if dry_run:  # changes nothing: the ledger holds the charged read and its outcome
         return decision
-    _record(client, uri, decision, manifest)
+    if decision.outcome != "promoted":  # a promotion's record was written, and completed, under the lock
+        _record(client, uri, decision, manifest)
     _describe_versions(client, decision)
     if decision.outcome == "promoted" and log_images:
         _explain(client, uri, model, decision, data_dir)
@@ -399,7 +415,7 @@ def _score(g: _Gate, d: Decision, ext_sets: dict) -> None:
             g.evaluation(d.champion, where, "all")
 
 
-def _decide_under_lock(g: _Gate, d: Decision, ext_sets: dict, lock_timeout: float) -> bool:
+def _decide_under_lock(g: _Gate, d: Decision, ext_sets: dict, lock_timeout: float, manifest: dict) -> bool:
     """Steps 2b-4, under the lock: False when another promotion moved the champion since the scoring (the gate
     runs again against the new one). Else: one query charged on every test split read (refused when a budget
     is spent: pipeline/evaluate/holdout.py), the evidence and the decision at the level the charge allows, the
@@ -412,10 +428,17 @@ def _decide_under_lock(g: _Gate, d: Decision, ext_sets: dict, lock_timeout: floa
         _gather_evidence(g, d, ext_sets, d.level)
         _decide(g, d)
         if d.outcome == "promoted" and not d.dry_run:
+            # Finish or repair: the whole record first, as pending (a rerun completes or undoes it, whichever
+            # side of the alias move the process died on), then the version's tags, the alias, the completion.
             d.promoted_at = _now()
             d.model_sha256 = model_sha256(g.model, d.candidate.version)
+            _record(g.client, g.uri, d, manifest, pending=True)
+            kill_point("pending-written")
             _commit(g.client, d, fence)
-        bit = ("would be promoted" if d.dry_run else "promoted") if d.outcome == "promoted" else "kept"
+            kill_point("alias-moved")
+            complete(g.client, g.model, g.client.get_run(d.run_id))
+            return True
+        bit = "would be promoted" if d.outcome == "promoted" else "kept"
         for c in d.charges:
             holdout.settle(g.client, c, bit)
     return True

@@ -92,12 +92,13 @@ def commit(client, d: Decision, fence=None) -> None:
                                         "specificity", "majority_baseline_accuracy", "n", "patients", "positives")}
     tags.update({tag_keys.THRESHOLD: repr(float(d.candidate_eval.threshold)), tag_keys.DATASET_DIGEST: d.digest,
                  tag_keys.PROMOTED_AT: d.promoted_at, tag_keys.PROMOTED_OVER: d.champion or "",
-                 tag_keys.PROMOTION_RULE: d.rule.policy})
+                 tag_keys.PROMOTION_RULE: d.rule.policy, tag_keys.PROMOTION_RUN_ID: d.run_id or ""})
     if d.model_sha256:
         tags[tag_keys.MODEL_SHA256] = d.model_sha256
     for key, value in tags.items():
         value = f"{value:.6f}" if isinstance(value, float) else str(value)
         client.set_model_version_tag(d.model, v, key, value)
+    kill_point("tags-written")
     if d.champion is not None:
         check()
         client.set_registered_model_alias(d.model, PREVIOUS, d.champion)
@@ -160,17 +161,34 @@ def decision_metrics(d: Decision) -> dict:
     return {k: float(v) for k, v in out.items() if v is not None and math.isfinite(v)}
 
 
-def record(client, uri: str, d: Decision, manifest: dict) -> None:
-    """The decision as an MLflow run `promote:<version>`; on promotion, the model card and descriptions."""
+def kill_point(step: str) -> None:
+    """A test hook: `PNEUMO_KILL_AT=<step>` SIGKILLs this process there (tests/test_registry.py kills a promotion
+    at each step and checks that the rerun completes or rolls it back). Steps: pending-written, tags-written,
+    alias-moved."""
+    import os
+    import signal
+
+    if os.environ.get("PNEUMO_KILL_AT") == step:
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def record(client, uri: str, d: Decision, manifest: dict, *, pending: bool = False) -> None:
+    """The decision as an MLflow run `promote:<version>`, with the model card of a promotion. `pending`: written
+    before the alias moves (state `pending`, the run left RUNNING, with what a rerun needs to complete or undo
+    it: the ledger entries, the previous `previous-champion`); `complete` finishes it after the alias moved."""
     from pipeline.artifact import tracking
 
     exp_id = tracking.ensure_experiment(EXPERIMENT, uri)
     v, ce, he = d.candidate.version, d.candidate_eval, d.champion_eval
-    run = client.create_run(exp_id, run_name=f"promote:{v}", tags={
-        "model": d.model, "decision": d.outcome, "candidate_version": v, "champion_version": d.champion or "",
-        tag_keys.DATASET_DIGEST: d.digest, "rule": d.rule.describe(), "reason": d.reason[:4000],
-        "mlflow.note.content": f"**{'DRY RUN ' if d.dry_run else ''}{d.outcome.upper()}** {d.model} v{v}: "
-                               f"{d.reason}\n\nRule: {d.rule.describe()}"})
+    tags = {"model": d.model, "decision": d.outcome, "candidate_version": v, "champion_version": d.champion or "",
+            tag_keys.DATASET_DIGEST: d.digest, "rule": d.rule.describe(), "reason": d.reason[:4000],
+            "mlflow.note.content": f"**{'DRY RUN ' if d.dry_run else ''}{d.outcome.upper()}** {d.model} v{v}: "
+                                   f"{d.reason}\n\nRule: {d.rule.describe()}"}
+    if pending:
+        previous = _alias(client, d.model, PREVIOUS)
+        tags.update({STATE_TAG: "pending", tag_keys.PROMOTED_AT: d.promoted_at or "",
+                     LEDGER_RUNS_TAG: ",".join(c.run_id for c in d.charges), PREVIOUS_BEFORE_TAG: previous or ""})
+    run = client.create_run(exp_id, run_name=f"promote:{v}", tags=tags)
     rid = d.run_id = run.info.run_id
     try:
         params = {"model": d.model, "candidate_version": v, "champion_version": d.champion or "none",
@@ -192,11 +210,114 @@ def record(client, uri: str, d: Decision, manifest: dict) -> None:
         if ce is not None:  # a sealed decision logs nothing of the candidate's test results
             _log_evidence(client, rid, d)
         if d.outcome == "promoted" and not d.dry_run:
-            publish_card(client, d, manifest)
-        client.set_terminated(rid, "FINISHED")
+            log_card(client, d, manifest)
+        if not pending:
+            client.set_terminated(rid, "FINISHED")
     except BaseException:
         client.set_terminated(rid, "FAILED")
         raise
+
+
+# --- a promotion's state: pending until the alias moved and the record is complete -------------------------
+STATE_TAG = "promotion_state"  # pending | complete | rolled_back (on the decision run of a promotion)
+LEDGER_RUNS_TAG = "ledger_runs"  # the test-split reads the decision charged (pipeline/evaluate/holdout.py)
+PREVIOUS_BEFORE_TAG = "previous_champion_before"  # `previous-champion` before this promotion ("" for none)
+CARD = "model_card/model_card.md"
+
+
+def _alias(client, model: str, alias: str) -> str | None:
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return str(client.get_model_version_by_alias(model, alias).version)
+    except MlflowException:
+        return None
+
+
+def complete(client, model: str, run) -> None:
+    """After the alias moved: the card becomes the version's description, the replaced champion's description
+    says so, the ledger entries say "promoted", and the run is complete. Reads only what the run holds, so a
+    rerun completes a promotion whose process died after the alias moved."""
+    import mlflow
+
+    from pipeline.evaluate import holdout
+
+    tags, rid = run.data.tags, run.info.run_id
+    v, old = tags["candidate_version"], tags.get("champion_version") or None
+    for ledger_run in filter(None, tags.get(LEDGER_RUNS_TAG, "").split(",")):
+        holdout.settle_entry(client, ledger_run, "promoted")
+    card = mlflow.artifacts.load_text(f"runs:/{rid}/{CARD}")
+    client.update_model_version(model, v, description=card)
+    promoted_at = tags.get(tag_keys.PROMOTED_AT, "")
+    if old is not None:  # the replaced champion's card stays, headed by when and by whom it was replaced
+        before = client.get_model_version(model, old).description or ""
+        note = f"> Replaced as `{CHAMPION}` by version {v} on {promoted_at} (now `{PREVIOUS}` until the next " \
+               "promotion).\n\n"
+        if not before.startswith(note):
+            client.update_model_version(model, old, description=note + before)
+    version_tags = client.get_model_version(model, v).tags
+    metrics = {k.removeprefix("test_"): float(x) for k, x in version_tags.items() if k.startswith("test_")}
+    client.update_registered_model(model, description=model_card.model_description(
+        model, v, metrics, tags.get(tag_keys.DATASET_DIGEST, ""), promoted_at))
+    client.set_tag(rid, STATE_TAG, "complete")
+    client.set_terminated(rid, "FINISHED")
+
+
+# The version tags a promotion writes (commit), removed again when it is rolled back before its alias moved.
+PROMOTION_VERSION_TAGS = (tag_keys.PROMOTED_AT, tag_keys.PROMOTED_OVER, tag_keys.PROMOTION_RULE,
+                          tag_keys.PROMOTION_RUN_ID, tag_keys.MODEL_SHA256)
+
+
+def roll_back(client, model: str, run) -> None:
+    """Before the alias moved: undo what the promotion wrote (its version tags, the replaced champion's
+    `replaced_*` tags and `previous-champion`), the ledger entries say so (the reads stay charged), and the
+    run is marked rolled back. The candidate stays a candidate: the rerun gates it afresh."""
+    from pipeline.evaluate import holdout
+
+    tags, rid = run.data.tags, run.info.run_id
+    v, old = tags["candidate_version"], tags.get("champion_version") or None
+    mine = client.get_model_version(model, v).tags
+    if mine.get(tag_keys.PROMOTION_RUN_ID) == rid:
+        for key in [*PROMOTION_VERSION_TAGS, *(k for k in mine if k.startswith("test_"))]:
+            if key in mine:
+                client.delete_model_version_tag(model, v, key)
+    if old is not None and client.get_model_version(model, old).tags.get(tag_keys.REPLACED_BY) == v:
+        for key in (tag_keys.REPLACED_AT, tag_keys.REPLACED_BY):
+            client.delete_model_version_tag(model, old, key)
+        before = tags.get(PREVIOUS_BEFORE_TAG) or None
+        if before:
+            client.set_registered_model_alias(model, PREVIOUS, before)
+        elif _alias(client, model, PREVIOUS) == old:
+            client.delete_registered_model_alias(model, PREVIOUS)
+    for ledger_run in filter(None, tags.get(LEDGER_RUNS_TAG, "").split(",")):
+        holdout.settle_entry(client, ledger_run, "kept: the promotion was interrupted before the alias moved")
+    client.set_tag(rid, STATE_TAG, "rolled_back")
+    client.set_terminated(rid, "FAILED")
+
+
+def pending_promotions(client, uri: str, model: str) -> list:
+    """The decision runs of `model` left pending by a promotion that did not finish."""
+    exp = client.get_experiment_by_name(EXPERIMENT)
+    if exp is None:
+        return []
+    return client.search_runs([exp.experiment_id], f"tags.{STATE_TAG} = 'pending' and tags.model = '{model}'")
+
+
+def repair(client, uri: str, model: str) -> list[str]:
+    """Complete or roll back every pending promotion of `model` (call under the promotion lock) -> what was
+    done, one line each. The alias is the commit point: a champion that is the pending candidate is completed,
+    anything else is undone."""
+    done = []
+    for run in pending_promotions(client, uri, model):
+        v = run.data.tags["candidate_version"]
+        if _alias(client, model, CHAMPION) == v:
+            complete(client, model, run)
+            done.append(f"completed the interrupted promotion of version {v} (run {run.info.run_id})")
+        else:
+            roll_back(client, model, run)
+            done.append(f"rolled back the interrupted promotion of version {v}: it died before the alias moved "
+                        f"(run {run.info.run_id})")
+    return done
 
 
 def _log_evidence(client, rid: str, d: Decision) -> None:
@@ -228,7 +349,9 @@ def _log_evidence(client, rid: str, d: Decision) -> None:
                           "plots/roc_champion.png")
 
 
-def publish_card(client, d: Decision, manifest: dict) -> None:
+def log_card(client, d: Decision, manifest: dict) -> None:
+    """The model card as artifacts of the decision run (and of the training run): `complete` makes it the
+    version's description once the alias moved."""
     from mlflow.exceptions import MlflowException
 
     v, ce = d.candidate.version, d.candidate_eval
@@ -244,22 +367,13 @@ def publish_card(client, d: Decision, manifest: dict) -> None:
                              champion=d.champion, promoted_at=d.promoted_at, decision=d)
     figure = model_card.subgroup_figure([r for r in ce.subgroups if r["group"] in ("view_position", "sex",
                                                                                      "age_band")])
-    client.log_text(d.run_id, card, "model_card/model_card.md")
+    client.log_text(d.run_id, card, CARD)
     client.log_figure(d.run_id, figure, "model_card/subgroups.png")
     try:  # the training run keeps the card beside the model it describes
-        client.log_text(d.candidate.run_id, card, "model_card/model_card.md")
+        client.log_text(d.candidate.run_id, card, CARD)
         client.log_figure(d.candidate.run_id, figure, "model_card/subgroups.png")
     except (MlflowException, OSError):
         pass  # a deleted training run: the version description and the promotion run still hold the card
-    client.set_model_version_tag(d.model, v, tag_keys.PROMOTION_RUN_ID, d.run_id)
-    client.update_model_version(d.model, v, description=card)
-    if d.champion is not None:  # the replaced champion's card stays, headed by when and by whom it was replaced
-        old = client.get_model_version(d.model, d.champion).description or ""
-        note = f"> Replaced as `{CHAMPION}` by version {v} on {d.promoted_at} (now `{PREVIOUS}` until the next " \
-               "promotion).\n\n"
-        client.update_model_version(d.model, d.champion, description=note + old)
-    client.update_registered_model(d.model, description=model_card.model_description(
-        d.model, v, ce.metrics, d.digest, d.promoted_at))
 
 
 # --- report ----------------------------------------------------------------------------------------------
