@@ -909,3 +909,22 @@ def test_a_real_sigkill_after_the_alias_moved_is_completed_by_the_rerun(registry
     assert again.returncode == 0, again.stderr[-2000:]
     assert f"completed the interrupted promotion of version {best}" in again.stderr
     _check_completed(s, best, worst)
+
+
+def test_a_promotion_logs_the_revealed_test_figures_against_the_model_and_the_test_dataset(registry_store):
+    """MLflow 3's model view: the promoted candidate's test AUC is a metric of its logged model, on the test
+    split as a dataset input with the `test` context (what the gate revealed, nothing of a sealed candidate)."""
+    s = registry_store
+    worst, _, best = s.by_test_auc
+    _make_champion(s, worst)
+    d = _promote(s, version=best)
+    assert d.outcome == "promoted"
+    c = _client(s.uri)
+    run = c.get_run(d.run_id)
+    [test_input] = [i for i in run.inputs.dataset_inputs
+                    if {t.key: t.value for t in i.tags}.get("mlflow.data.context") == "test"]
+    model_id = c.get_model_version(MODEL, best).source.removeprefix("models:/")
+    logged = c.get_logged_model(model_id)
+    auc = [m for m in logged.metrics if m.key == "test_auc"]
+    assert auc and auc[0].value == pytest.approx(d.candidate_eval.metrics["auc"])
+    assert auc[0].dataset_digest == test_input.dataset.digest and auc[0].dataset_name == test_input.dataset.name

@@ -209,6 +209,7 @@ def record(client, uri: str, d: Decision, manifest: dict, *, pending: bool = Fal
             client.log_dict(rid, jsonable(he.report), "evaluation/champion.json")
         if ce is not None:  # a sealed decision logs nothing of the candidate's test results
             _log_evidence(client, rid, d)
+            _log_test_view(client, rid, d, manifest)
         if d.outcome == "promoted" and not d.dry_run:
             log_card(client, d, manifest)
         if not pending:
@@ -318,6 +319,26 @@ def repair(client, uri: str, model: str) -> list[str]:
             done.append(f"rolled back the interrupted promotion of version {v}: it died before the alias moved "
                         f"(run {run.info.run_id})")
     return done
+
+
+def _log_test_view(client, rid: str, d: Decision, manifest: dict) -> None:
+    """MLflow 3's model view of what the gate revealed (a promoted candidate only: issue 20's mechanism seals the
+    rest): its test metrics logged against its logged model and the test split as a dataset input with the
+    `test` context, so the Models tab shows them beside the validation figures training logged."""
+    from mlflow.entities import DatasetInput, InputTag, LoggedModelInput
+
+    from pipeline.artifact import tracking
+
+    entity = tracking.dataset_entity(manifest, d.data_dir, "test")._to_mlflow_entity()
+    source = client.get_model_version(d.model, d.candidate.version).source or ""
+    model_id = source.removeprefix("models:/") if source.startswith("models:/m-") else None  # MLflow 3 models
+    client.log_inputs(rid, datasets=[DatasetInput(entity, tags=[InputTag("mlflow.data.context", "test")])],
+                      models=[LoggedModelInput(model_id)] if model_id else None)
+    for key in HEADLINE:
+        value = d.candidate_eval.metrics.get(key)
+        if value is not None and math.isfinite(value):
+            client.log_metric(rid, f"test_{key}", float(value), model_id=model_id, dataset_name=entity.name,
+                              dataset_digest=entity.digest)
 
 
 def _log_evidence(client, rid: str, d: Decision) -> None:
