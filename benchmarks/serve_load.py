@@ -14,7 +14,8 @@ its hash recorded as promotion records it), starts `pneumo serve` on a free loop
 7. 8 concurrent normal requests with `--max-in-flight 2`: some answered 503 instead of queueing.
 For each: the HTTP status, the first answer's status or message, the latency, and the peak resident memory of
 the server's whole process tree (server plus decode workers, sampled every 20 ms) above its idle level.
-The last line is `peak_rss_over_idle_mib=<max over all crafted requests> baseline_mib=<normal requests'>`.
+The last line is `peak_rss_over_idle_mib=<max over all crafted requests> target=2048`: the address-space cap
+of one decode worker (`pipeline.artifact.serving.Limits.decode_memory_bytes`), which no request may exceed.
 """
 
 from __future__ import annotations
@@ -183,6 +184,7 @@ def main(argv=None) -> int:
     parser.add_argument("--repeats", type=int, default=3, help="normal requests for the baseline")
     args = parser.parse_args(argv)
 
+    from pipeline.artifact.serving import Limits
     from pipeline.data.synth import example_dicom_bytes
     from pipeline.ui import ManagedServer
 
@@ -232,7 +234,8 @@ def main(argv=None) -> int:
               f"{took:>6.2f} {(mem.peak - idle) / 2**20:>14.0f}")
     baseline = max(over for name, _, _, over in results if name.startswith("normal"))
     crafted_peak = max(over for name, _, _, over in results if not name.startswith("normal"))
-    print(f"peak_rss_over_idle_mib={crafted_peak:.0f} baseline_mib={baseline:.0f}")
+    print(f"normal requests' peak over idle: {baseline:.0f} MiB")
+    print(f"peak_rss_over_idle_mib={crafted_peak:.0f} target={Limits().decode_memory_bytes // 2**20}")
     return 0
 
 
