@@ -43,10 +43,11 @@ def champion(registry_store):
     """The store with @champion on version 3 and the artifact hash promotion records on it."""
     from mlflow import MlflowClient
 
-    from pipeline.artifact import tag_keys
+    from pipeline.artifact import tag_keys, tracking
     from pipeline.promote.promotion import model_sha256
 
     s = registry_store
+    tracking.setup(s.uri)  # model_sha256 reads the store MLflow is pointed at
     client = MlflowClient(s.uri, s.uri)
     v = s.versions[2]
     client.set_registered_model_alias(MODEL, "champion", v)

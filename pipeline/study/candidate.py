@@ -196,27 +196,41 @@ def log_validation(v: Validation, history: dict | None = None, title: str = "val
 
 
 def log_model(model, image_size: int, cfg: Config, v: Validation,
-              register_as: str | None) -> tuple[str, str | None, str]:
-    """Step 2: the serving pyfunc, registered as `register_as` when given -> (model URI, version or None,
-    logged-model id). MLflow 3's model view: the model carries the run's configuration and what validation
-    decided as its params."""
+              register_as: str | None) -> tuple[str, str]:
+    """Step 2: the serving pyfunc -> (model URI, logged-model id). MLflow 3's model view: the model carries the
+    run's configuration and what validation decided as its params. Registered later (`register`), with its
+    tags, so no version ever exists without them."""
     params = {**cfg.flat(), "threshold": v.threshold, "temperature": v.temperature,
               "threshold_policy": v.threshold_policy[:250]}
-    info = tracking.log_keras_model(model, image_size, cfg.model.metadata_inputs, registered_model_name=register_as,
+    info = tracking.log_keras_model(model, image_size, cfg.model.metadata_inputs, registered_model_name=None,
                                     params=params, threshold=v.threshold, temperature=v.temperature)
-    version = getattr(info, "registered_model_version", None)
-    return info.model_uri, str(version) if version is not None else None, info.model_id
+    return info.model_uri, info.model_id
+
+
+def register(uri: str, name: str, v: Validation, manifest: dict, extra: dict | None = None) -> str:
+    """Step 4: the logged model as a new version of `name`, its tags given at creation: a process killed while
+    logging leaves no version at all, never one without its study, trial, threshold or digest (a SIGKILLed
+    trial once left an untagged version behind). -> the version."""
+    run = mlflow.active_run()
+    tags = {tag_keys.THRESHOLD: repr(float(v.threshold)), tag_keys.TEMPERATURE: repr(float(v.temperature)),
+            tag_keys.THRESHOLD_POLICY: v.threshold_policy[:250], tag_keys.DATASET_DIGEST: manifest["digest"],
+            **({tag_keys.RUN_ID: run.info.run_id} if run else {}), **(extra or {})}
+    return str(mlflow.register_model(uri, name, tags={k: str(x) for k, x in tags.items()}).version)
 
 
 def make_candidate(model, cfg: Config, data_dir: str | Path, manifest: dict, *, with_shift: bool,
                    history: dict | None = None, register_as: str | None = None, log_network: bool = True,
-                   title: str = "validation") -> LoggedCandidate:
-    """Steps 1-3 in the active MLflow run; `log_network=False` (`train.log_model = false`) skips step 2."""
+                   title: str = "validation", version_tags=None) -> LoggedCandidate:
+    """Steps 1-4 in the active MLflow run; `log_network=False` (`train.log_model = false`) skips steps 2 and 4.
+    `version_tags(validation) -> dict`: more tags the registered version is created with (a study's trial)."""
     validation = validate(model, cfg, data_dir, with_shift=with_shift)
     if not log_network:
         log_validation(validation, history, title)
         return LoggedCandidate(validation)
-    uri, version, model_id = log_model(model, manifest["image_size"], cfg, validation, register_as)
+    uri, model_id = log_model(model, manifest["image_size"], cfg, validation, register_as)
     log_validation(validation, history, title, model_id=model_id,
                    dataset=tracking.dataset_entity(manifest, data_dir, "val"))
+    version = None
+    if register_as:
+        version = register(uri, register_as, validation, manifest, version_tags(validation) if version_tags else None)
     return LoggedCandidate(validation, model_uri=uri, version=version)

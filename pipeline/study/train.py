@@ -194,6 +194,7 @@ class RunSpec:
     tags: dict = field(default_factory=dict)
     on_started: Callable[[str], None] | None = None
     stop_exceptions: tuple[type[BaseException], ...] = ()
+    version_tags: Callable | None = None  # validation -> more tags the registered version is created with
 
 
 @dataclass
@@ -233,7 +234,8 @@ def train(cfg: Config, data_dir: str | Path | None = None, *, tracking_uri: str 
         history, stats = fit(setup, opened, callbacks, verbose)
         candidate = make_candidate(setup.model, setup.cfg, setup.data_dir, setup.manifest,
                                    with_shift=setup.cfg.train.shift_battery, history=history,
-                                   register_as=register_as, log_network=setup.cfg.train.log_model)
+                                   register_as=register_as, log_network=setup.cfg.train.log_model,
+                                   version_tags=run.version_tags)
         return _result(setup, opened.run_id, history, stats, candidate)
 
 

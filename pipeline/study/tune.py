@@ -37,7 +37,7 @@ from optuna.trial import TrialState
 
 from pipeline.artifact import tag_keys, tracking
 from pipeline.config import Config, ConfigError
-from pipeline.data.manifest import dataset_digest, load_manifest
+from pipeline.data.manifest import load_manifest
 from pipeline.errors import PneumoError, one_line
 from pipeline.net import devices
 from pipeline.stores import masked, resolve_optuna_storage, sqlite_path
@@ -288,14 +288,28 @@ def pruning_monitor(metric: str) -> str:
 def objective_value(result, metric: str) -> float:
     """The study's value of a finished trial: computed once, on the final (restored-best) model over the
     whole validation split (val_auc, val_loss) or the battery's fixed subset (the shift metrics)."""
+    return metric_value(result.val_metrics, result.shift_metrics, metric)
+
+
+def metric_value(val_metrics: dict, shift_metrics: dict, metric: str) -> float:
     if metric == "val_auc":
-        return float(result.val_metrics["auc"])
+        return float(val_metrics["auc"])
     if metric == "val_loss":
-        return float(result.val_metrics["loss"])
-    if metric not in result.shift_metrics:
+        return float(val_metrics["loss"])
+    if metric not in shift_metrics:
         raise TuneError(f"tune.metric = {metric!r} but the trial logged no shift metrics "
                         "(train.shift_battery is off)")
-    return float(result.shift_metrics[metric])
+    return float(shift_metrics[metric])
+
+
+def trial_version_tags(study: str, trial_number: int, metric: str):
+    """validation -> the tags a trial's version is created with: `pneumo promote --study` ranks by them."""
+    def tags(v) -> dict:
+        return {tag_keys.STUDY: study, tag_keys.TRIAL_NUMBER: str(trial_number),
+                tag_keys.VAL_AUC: f"{float(v.metrics['auc']):.6f}", tag_keys.STUDY_METRIC: metric,
+                metric: f"{metric_value(v.metrics, v.shift_metrics(), metric):.6f}"}
+
+    return tags
 
 
 def open_study(name: str, storage_url: str, cfg: Config, worker: int = 0, storage=None) -> optuna.Study:
@@ -408,7 +422,8 @@ def make_objective(spec: WorkerSpec, cfg: Config, state: WorkerState):
         try:
             run_spec = RunSpec(experiment=spec.study, name=f"trial-{trial.number:03d}",
                                parent_run_id=spec.parent_run_id, tags=tags, on_started=started,
-                               stop_exceptions=(optuna.TrialPruned,))
+                               stop_exceptions=(optuna.TrialPruned,),
+                               version_tags=trial_version_tags(spec.study, trial.number, cfg.tune.metric))
             result = train(trial_cfg, spec.data_dir, tracking_uri=spec.tracking_uri, run=run_spec,
                            callbacks=callbacks, register_as=cfg.tune.model_name, verbose=0,
                            config_file=spec.config_file)
@@ -425,15 +440,8 @@ def make_objective(spec: WorkerSpec, cfg: Config, state: WorkerState):
         value = objective_value(result, metric)
         client.set_tag(result.run_id, "state", "COMPLETE")
         if result.model_version:
-            # The version carries the study's value under the metric's own name plus `study_metric`, so
-            # `pneumo promote --study` ranks by what the study optimised (pipeline/promote/promotion.py).
-            tags = {tag_keys.STUDY: spec.study, tag_keys.TRIAL_NUMBER: str(trial.number),
-                    tag_keys.VAL_AUC: f"{float(result.val_metrics['auc']):.6f}", metric: f"{value:.6f}",
-                    tag_keys.STUDY_METRIC: metric, tag_keys.DATASET_DIGEST: dataset_digest(spec.data_dir),
-                    tag_keys.THRESHOLD: f"{result.threshold!r}", tag_keys.TEMPERATURE: f"{result.temperature!r}",
-                    tag_keys.RUN_ID: result.run_id}
-            for key, val in tags.items():
-                client.set_model_version_tag(cfg.tune.model_name, result.model_version, key, val)
+            # The version was created with the study's value under the metric's own name plus `study_metric`
+            # (trial_version_tags), so `pneumo promote --study` ranks by what the study optimised.
             trial.set_user_attr("model_version", result.model_version)
         trial.set_user_attr("threshold", result.threshold)
         return value
