@@ -180,6 +180,9 @@ def _report(name: str, figures: dict) -> None:
 
 # --- the tests ---------------------------------------------------------------------------------------------
 def test_three_workers_share_a_postgres_study_and_survive_a_sigkill(synth_data, tmp_path, postgres):
+    import optuna
+    from optuna.trial import TrialState
+
     from pipeline.ui import MlflowServer
 
     storage, backend = postgres("optuna"), postgres("mlflow")
@@ -190,10 +193,14 @@ def test_three_workers_share_a_postgres_study_and_survive_a_sigkill(synth_data, 
         try:
             # Touch the study only once the launcher has created it.
             wait_for(lambda: _queued(log), 120, "the launch", launcher, log)
-            victim = wait_for(lambda: _running_trial("load", storage), 300, "a running trial", launcher, log)
-            pid = int(victim.user_attrs["worker"].rsplit(":", 1)[1])
-            time.sleep(1.0)  # mid-trial: the run exists, training has started
-            os.kill(pid, signal.SIGKILL)
+            seen = wait_for(lambda: _running_trial("load", storage), 300, "a running trial", launcher, log)
+            worker = seen.user_attrs["worker"]
+            os.kill(int(worker.rsplit(":", 1)[1]), signal.SIGKILL)  # mid-trial: its run exists, training has started
+            # The victim is the trial that worker was running when it died, read after the kill (a fixed sleep
+            # before it once let the worker finish `seen` and start another, which then was the one to fail).
+            running = optuna.load_study(study_name="load", storage=_storage(storage)).get_trials(
+                states=(TrialState.RUNNING,))
+            [victim] = [t for t in running if t.user_attrs.get("worker") == worker]
             launcher.wait(timeout=420)
         finally:
             if launcher.poll() is None:
@@ -203,8 +210,6 @@ def test_three_workers_share_a_postgres_study_and_survive_a_sigkill(synth_data, 
         assert launcher.returncode == 1, out  # a crashed worker fails the launch, even though its trial was retried
         got = _check_study_and_runs("load", storage, server.url, target=6)
         server_log = server.log_path.read_text(errors="replace")
-
-    from optuna.trial import TrialState
 
     study = got["study"]
     failed = study.get_trials(states=(TrialState.FAIL,))

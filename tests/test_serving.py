@@ -173,6 +173,9 @@ def test_the_logged_model_has_a_signature_and_an_input_example_it_answers(champi
     assert cols["dicom"].type == DataType.string and cols["image"].type == DataType.string
     assert meta.flavors["python_function"]["loader_module"] == "pipeline.artifact.serving"
     assert not list(Path(local).rglob("*.pkl"))  # no pickled object anywhere in the artifact
+    pins = (Path(local) / "requirements.txt").read_text().split()
+    assert {p.split("==")[0] for p in pins if "==" in p} >= {"mlflow", "tensorflow", "keras", "pydicom", "pillow",
+                                                             "pylibjpeg", "pylibjpeg-openjpeg"}
     example = meta.load_input_example(local)
     answer = mlflow.pyfunc.load_model(local).predict(example)
     assert list(answer["status"]) == ["ok"] and 0.0 < answer.loc[0, "probability"] < 1.0

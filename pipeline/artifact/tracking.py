@@ -193,12 +193,20 @@ def log_dataset(manifest: dict, data_dir: str | Path, context: str = "training")
 @functools.cache
 def pip_requirements() -> tuple[str, ...]:
     """Computed once per process: letting MLflow infer them costs ~9 s per log_model call here."""
+    from importlib.metadata import version
+
     import keras
     import numpy as np
     import tensorflow as tf
 
+    # The served model's decoders too: a clean environment (a Docker image, `--env-manager virtualenv`) gets
+    # the versions it was validated with, not whatever the index serves that day.
+    decoders = [f"{name}=={version(name)}" for name in SERVING_DECODERS]
     return (f"mlflow=={mlflow.__version__}", f"keras=={keras.__version__}", f"tensorflow=={tf.__version__}",
-            f"numpy=={np.__version__}")
+            f"numpy=={np.__version__}", *decoders)
+
+
+SERVING_DECODERS = ("pydicom", "pillow", "pylibjpeg", "pylibjpeg-openjpeg")
 
 
 def inference_copy(model):
@@ -247,7 +255,7 @@ def log_keras_model(model, image_size: int, with_meta: bool, registered_model_na
             code_paths=[os.path.dirname(pipeline.__file__)],  # the package travels with the model (no __pycache__)
             signature=serving.signature(),
             input_example=pd.DataFrame(serving.input_example()) if servable else None,
-            pip_requirements=[*pip_requirements(), "pydicom", "pillow", "pylibjpeg", "pylibjpeg-openjpeg"],
+            pip_requirements=list(pip_requirements()),
             registered_model_name=registered_model_name,
             params={k: str(v) for k, v in (params or {}).items()},  # MLflow 3's model view compares models by them
         )
