@@ -92,13 +92,13 @@ def load_keras(uri: str, found=None, local: Path | None = None):
     return load_network(str(local / artifacts[KERAS_ARTIFACT]["path"]))
 
 
-def artifact_decision(uri: str, found, local: str | Path | None = None) -> tuple[float | None, float | None]:
+def artifact_decision(uri: str, found, local: str | Path) -> tuple[float | None, float | None]:
     """(threshold, temperature) a model of the loader_module form carries in its files (None, None for older
     forms, whose decision lives only in tags). The served model answers with these; a version tag that
     disagrees was edited after the model was logged, and is refused rather than silently obeyed."""
     from pipeline.artifact.serving import TEMPERATURE_KEY, THRESHOLD_KEY, settings_of
 
-    settings = settings_of(local or local_artifacts(found.uri or uri))
+    settings = settings_of(local)
     if settings is None:
         return None, None
     out = []

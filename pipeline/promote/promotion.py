@@ -214,9 +214,10 @@ def parse_externals(specs: list[str] | dict | None) -> dict[str, tuple[str, dict
 
 def model_sha256(model: str, version: str) -> str:
     """The sha256 of a version's artifact files, recorded at promotion (`pipeline.artifact.model_store.verify`)."""
-    from pipeline.artifact.model_store import artifact_sha256, local_artifacts
+    from pipeline.artifact.model_store import artifact_sha256, downloaded
 
-    return artifact_sha256(local_artifacts(f"models:/{model}/{version}"))
+    with downloaded(f"models:/{model}/{version}") as local:  # a private copy, deleted after hashing
+        return artifact_sha256(local)
 
 
 def _manifest(data_dir: str | Path) -> dict:
