@@ -37,6 +37,18 @@ class ModelStoreError(PneumoError):
     """The store holding the model failed (unreachable, broken artifact): exit 1."""
 
 
+def store_error(e, uri: str, resolved: str, after: str = ""):
+    """MLflow's exception -> ours, one line ending with `after`: no such model, version or alias
+    (RESOURCE_DOES_NOT_EXIST, or INVALID_PARAMETER_VALUE for an unknown alias) is the caller's choice of URI
+    (ModelError); anything else is the store failing (ModelStoreError)."""
+    from pipeline.artifact import tracking
+
+    missing = e.error_code in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE")
+    after = after or (f" ({FILLED_BY['tracking']} registers models)" if missing else "")
+    return (ModelError if missing else ModelStoreError)(
+        f"model {uri} in store {tracking.masked(resolved)}: {' '.join(str(e.message).split())[:300]}{after}")
+
+
 def champion_uri(model: str = MODEL_NAME) -> str:
     return f"models:/{model}@{CHAMPION}"
 
@@ -165,13 +177,7 @@ def load(uri: str, tracking_uri: str | None = None, threshold: float | None = No
             model = load_keras(uri, found, local)
             carried_threshold, carried_temperature = artifact_decision(uri, found, local)
     except MlflowException as e:
-        # No such model, version or alias (MLflow answers RESOURCE_DOES_NOT_EXIST, or INVALID_PARAMETER_VALUE
-        # for an unknown alias) is the caller's choice of URI; anything else is the store failing.
-        missing = e.error_code in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE")
-        error = ModelError if missing else ModelStoreError
-        hint = f" ({FILLED_BY['tracking']} registers models)" if missing else ""
-        raise error(f"model {uri} in store {tracking.masked(resolved)}: "
-                    f"{' '.join(str(e.message).split())[:300]}{hint}") from None
+        raise store_error(e, uri, resolved) from None
     if threshold is None:
         stored = found.get(tag_keys.THRESHOLD)
         threshold = carried_threshold if carried_threshold is not None else (
@@ -229,10 +235,7 @@ def verified_copy(uri: str, tracking_uri: str | None = None) -> VerifiedModel:
     try:
         found = version_tags.of_uri(uri)
     except MlflowException as e:
-        missing = e.error_code in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE")
-        raise (ModelError if missing else ModelStoreError)(
-            f"model {uri} in store {tracking.masked(resolved)}: its version and tags could not be read "
-            f"({' '.join(str(e.message).split())[:200]}): refusing to serve") from None
+        raise store_error(e, uri, resolved, "; its version and tags could not be read: refusing to serve") from None
     except Exception as e:  # the store unreachable: nothing can be checked, so nothing is served
         raise ModelStoreError(f"model {uri} in store {tracking.masked(resolved)}: tags not readable "
                               f"({type(e).__name__}: {str(e)[:200]}): refusing to serve") from None

@@ -355,19 +355,16 @@ def input_example() -> dict:
     return {"dicom": [base64.b64encode(example_dicom_bytes()).decode("ascii")]}
 
 
-def settings_for_run(registered_model_name: str | None) -> dict:
-    """The decision the active run holds (its threshold and temperature tags), with where it came from."""
+def settings_for(threshold: float | None, temperature: float | None) -> dict:
+    """What `settings.json` holds: the decision, and the run the model was logged from (for `model_version`
+    when the model is served without its registry metadata)."""
     import mlflow
 
     run = mlflow.active_run()
-    out: dict = {"registered_model_name": registered_model_name or ""}
-    if run is None:
-        return out
-    tags = mlflow.MlflowClient().get_run(run.info.run_id).data.tags
-    out["run_id"] = run.info.run_id
-    for key in (tag_keys.THRESHOLD, tag_keys.TEMPERATURE):  # the settings' keys have the tags' names
-        if key in tags:
-            out[key] = float(tags[key])
+    out: dict = {"run_id": run.info.run_id} if run else {}
+    for key, value in ((THRESHOLD_KEY, threshold), (TEMPERATURE_KEY, temperature)):
+        if value is not None:
+            out[key] = float(value)
     return out
 
 

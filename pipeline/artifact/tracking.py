@@ -221,7 +221,7 @@ def inference_copy(model):
 def log_keras_model(model, image_size: int, with_meta: bool, registered_model_name: str | None = None,
                     params: dict | None = None, threshold: float | None = None, temperature: float | None = None):
     """Log the model as the serving pyfunc (pipeline/artifact/serving.py) in MLflow's `loader_module` form: the
-    network and its decision (`threshold` and `temperature`, else the active run's tags of those names) as data, the project's
+    network and its decision (`threshold`, `temperature`) as data, the project's
     package as `code_paths`, so the model loads where the project is not installed; with its signature and a
     tiny synthetic DICOM as the input example; registered as `registered_model_name` when given -> ModelInfo.
 
@@ -240,11 +240,9 @@ def log_keras_model(model, image_size: int, with_meta: bool, registered_model_na
         raise ValueError(f"log_keras_model: the network takes {network.inputs[0].shape} images"
                          f"{' and metadata' if model_uses_meta(network) else ''}, not {image_size} px "
                          f"{'with' if with_meta else 'without'} metadata")
-    settings = serving.settings_for_run(registered_model_name)
-    settings.update({k: float(x) for k, x in ((serving.THRESHOLD_KEY, threshold), (serving.TEMPERATURE_KEY, temperature))
-                     if x is not None})
-    # A model logged without a decision (no threshold on its run) cannot be served, so its example would not
-    # answer: MLflow validates an input example by loading the model and predicting it.
+    settings = serving.settings_for(threshold, temperature)
+    # A model logged without a decision (no threshold given) cannot be served, so its example would not answer:
+    # MLflow validates an input example by loading the model and predicting it.
     servable = serving.TEMPERATURE_KEY in settings and serving.THRESHOLD_KEY in settings
     with tempfile.TemporaryDirectory(prefix="pneumo-model-") as tmp:
         data = serving.write_data(Path(tmp), network, settings)

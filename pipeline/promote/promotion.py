@@ -53,6 +53,7 @@ from pipeline.promote.record import (  # noqa: F401
     Candidate,
     Decision,
     External,
+    alias_version,
     complete,
     format_decision,
     kill_point,
@@ -169,9 +170,7 @@ def rank_candidates(client: MlflowClient, model: str, metric: str | None = None,
 
 
 def champion_version(client: MlflowClient, model: str) -> str | None:
-    aliases = client.get_registered_model(model).aliases or {}
-    value = aliases.get(CHAMPION)
-    return str(value) if value is not None else None
+    return alias_version(client, model, CHAMPION)
 
 
 # --- evidence ------------------------------------------------------------------------------------------------

@@ -185,7 +185,7 @@ def record(client, uri: str, d: Decision, manifest: dict, *, pending: bool = Fal
             "mlflow.note.content": f"**{'DRY RUN ' if d.dry_run else ''}{d.outcome.upper()}** {d.model} v{v}: "
                                    f"{d.reason}\n\nRule: {d.rule.describe()}"}
     if pending:
-        previous = _alias(client, d.model, PREVIOUS)
+        previous = alias_version(client, d.model, PREVIOUS)
         tags.update({STATE_TAG: "pending", tag_keys.PROMOTED_AT: d.promoted_at or "",
                      LEDGER_RUNS_TAG: ",".join(c.run_id for c in d.charges), PREVIOUS_BEFORE_TAG: previous or ""})
     run = client.create_run(exp_id, run_name=f"promote:{v}", tags=tags)
@@ -226,13 +226,10 @@ PREVIOUS_BEFORE_TAG = "previous_champion_before"  # `previous-champion` before t
 CARD = "model_card/model_card.md"
 
 
-def _alias(client, model: str, alias: str) -> str | None:
-    from mlflow.exceptions import MlflowException
-
-    try:
-        return str(client.get_model_version_by_alias(model, alias).version)
-    except MlflowException:
-        return None
+def alias_version(client, model: str, alias: str) -> str | None:
+    """The version `alias` points at, None when it is not set."""
+    value = (client.get_registered_model(model).aliases or {}).get(alias)
+    return str(value) if value is not None else None
 
 
 def complete(client, model: str, run) -> None:
@@ -288,7 +285,7 @@ def roll_back(client, model: str, run) -> None:
         before = tags.get(PREVIOUS_BEFORE_TAG) or None
         if before:
             client.set_registered_model_alias(model, PREVIOUS, before)
-        elif _alias(client, model, PREVIOUS) == old:
+        elif alias_version(client, model, PREVIOUS) == old:
             client.delete_registered_model_alias(model, PREVIOUS)
     for ledger_run in filter(None, tags.get(LEDGER_RUNS_TAG, "").split(",")):
         holdout.settle_entry(client, ledger_run, "kept: the promotion was interrupted before the alias moved")
@@ -311,7 +308,7 @@ def repair(client, uri: str, model: str) -> list[str]:
     done = []
     for run in pending_promotions(client, uri, model):
         v = run.data.tags["candidate_version"]
-        if _alias(client, model, CHAMPION) == v:
+        if alias_version(client, model, CHAMPION) == v:
             complete(client, model, run)
             done.append(f"completed the interrupted promotion of version {v} (run {run.info.run_id})")
         else:
