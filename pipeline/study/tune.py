@@ -210,8 +210,7 @@ def _retrying(name: str):
                     wait = min(0.5 * 2**attempt, 10.0)
                     print(f"optuna storage: connection lost in {name} ({type(e).__name__}); "
                           f"retry {attempt + 1}/{STORAGE_RETRIES} in {wait:.1f} s", file=sys.stderr, flush=True)
-                    if hasattr(self, "scoped_session"):  # (__init__ may fail before it made one)
-                        self.scoped_session.remove()  # drop the session bound to the dead connection
+                    self.scoped_session.remove()  # drop the session bound to the dead connection
                     time.sleep(wait)
         finally:
             _retry_depth.inside = False
@@ -225,9 +224,6 @@ class ResilientRDBStorage(optuna.storages.RDBStorage):
 
 for _name in retried_calls():
     setattr(ResilientRDBStorage, _name, _retrying(_name))
-# The constructor too: it checks the schema in a transaction of its own, and a worker starting while the
-# database drops its connections crashed there (seen once in tests/test_scale_out.py's connection cut).
-ResilientRDBStorage.__init__ = _retrying("__init__")
 
 
 def make_storage(url: str, cfg: Config) -> optuna.storages.RDBStorage:
