@@ -330,6 +330,32 @@ def _terminate_backends(database: str) -> int:
         conn.close()
 
 
+def test_a_terminated_session_counts_as_dropped_and_a_refused_one_does_not(postgres):
+    """The classifier behind the storage constructor's retry, on the errors PostgreSQL really gives: a session
+    the server terminates (as a restart does) is a dropped connection; a port nobody listens on is not."""
+    import sqlalchemy
+    import sqlalchemy.exc
+    from sqlalchemy.engine import make_url
+
+    from pipeline.stores import postgres_driver
+    from pipeline.study.tune import dropped_connection
+
+    url = postgres("drop")
+    engine = sqlalchemy.create_engine(postgres_driver(url), poolclass=sqlalchemy.pool.NullPool)
+    try:
+        with engine.connect() as conn:
+            _terminate_backends(make_url(url).database)
+            with pytest.raises(sqlalchemy.exc.OperationalError) as cut:
+                conn.execute(sqlalchemy.text("SELECT 1"))
+        assert dropped_connection(cut.value), cut.value
+    finally:
+        engine.dispose()
+    refused = sqlalchemy.create_engine(postgres_driver(make_url(url).set(port=1).render_as_string(False)))
+    with pytest.raises(sqlalchemy.exc.OperationalError) as never:
+        refused.connect()
+    assert not dropped_connection(never.value), never.value
+
+
 def test_a_study_rides_out_postgres_dropping_every_connection(synth_data, tmp_path, postgres):
     """Every connection of the study's database is killed twice mid-study (as a PostgreSQL restart does):
     the workers reconnect, the study completes, no trial is lost, failed or run twice."""

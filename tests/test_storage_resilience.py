@@ -107,3 +107,36 @@ def test_a_retried_call_inside_a_retried_call_is_not_retried_twice(storage, monk
     with pytest.raises(sqlalchemy.exc.OperationalError):
         storage.create_new_trial(storage.get_study_id_from_name("s"))
     assert len(calls) == 3  # 1 + STORAGE_RETRIES, not (1 + STORAGE_RETRIES) ** 2
+
+
+def test_opening_the_storage_retries_a_dropped_connection_only(tmp_path, monkeypatch, capsys, smoke_config):
+    """The constructor checks the schema in its own transactions: a worker starting while the server drops its
+    connections retries it; a connection never accepted (refused) fails at once, in one TuneError."""
+    monkeypatch.setattr(tune.time, "sleep", lambda s: None)
+    real = optuna.storages.RDBStorage.__init__
+    calls = []
+
+    def flaky(self, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == 1:
+            raise _lost()
+        real(self, *args, **kwargs)
+
+    monkeypatch.setattr(optuna.storages.RDBStorage, "__init__", flaky)
+    st = tune.make_storage(f"sqlite:///{tmp_path}/o.db", smoke_config())
+    assert len(calls) == 2 and isinstance(st, tune.ResilientRDBStorage)
+    assert "connection lost while opening sqlite:///" in capsys.readouterr().err
+
+    refused = sqlalchemy.exc.OperationalError(
+        "connect", {}, Exception('connection failed: connection to server at "127.0.0.1", port 1 failed: '
+                                 "Connection refused"))
+
+    def never(self, *args, **kwargs):
+        calls.append(1)
+        raise refused
+
+    calls.clear()
+    monkeypatch.setattr(optuna.storages.RDBStorage, "__init__", never)
+    with pytest.raises(tune.TuneError, match="does not answer: connection failed"):
+        tune.make_storage(f"sqlite:///{tmp_path}/o.db", smoke_config())
+    assert len(calls) == 1

@@ -226,22 +226,57 @@ for _name in retried_calls():
     setattr(ResilientRDBStorage, _name, _retrying(_name))
 
 
+# A connection the server accepted and then dropped (pg_terminate_backend, a restart, a crash: SQLSTATE class
+# 57P, or the socket closed under a query), as opposed to one it never accepted (refused, unknown host, bad
+# password). Only the first kind is worth retrying when the storage is made: a refused connection is a wrong URL
+# or a server that is down, and the user hears it at once (tests/test_cli.py), not after ~30 s of retries.
+_DROPPED_SQLSTATES = {"57P01", "57P02", "57P03"}  # admin_shutdown, crash_shutdown, cannot_connect_now
+_DROPPED_MESSAGES = ("server closed the connection unexpectedly", "consuming input failed",
+                     "terminating connection", "connection is lost", "connection already closed")
+
+
+def dropped_connection(e: BaseException) -> bool:
+    """Whether `e` (an SQLAlchemy error) is a connection the server had accepted and then lost."""
+    import sqlalchemy.exc
+
+    if isinstance(e, sqlalchemy.exc.DBAPIError) and e.connection_invalidated:
+        return True
+    orig = getattr(e, "orig", None)
+    if getattr(orig, "sqlstate", None) in _DROPPED_SQLSTATES:
+        return True
+    text = str(orig if orig is not None else e).lower()
+    return any(m in text for m in _DROPPED_MESSAGES)
+
+
 def make_storage(url: str, cfg: Config) -> optuna.storages.RDBStorage:
     import sqlalchemy.exc
 
     engine_kwargs = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {"pool_pre_ping": True}
-    try:
-        with experimental_optuna():  # heartbeats
-            return ResilientRDBStorage(
-                url,
-                engine_kwargs=engine_kwargs,
-                heartbeat_interval=cfg.tune.heartbeat_interval,
-                grace_period=2 * cfg.tune.heartbeat_interval,
-                heartbeat_stale_trial_callback=StaleTrialSweeper(cfg.tune.max_retries),
-            )
-    except sqlalchemy.exc.OperationalError as e:  # refused, unknown host, bad password, full disk: run time
-        reason = str(e.orig if e.orig is not None else e).strip().splitlines()[0]
-        raise TuneError(f"Optuna storage {masked(url)} does not answer: {reason}") from None
+    # The constructor checks the schema in transactions of its own: a worker that starts while the server drops
+    # its connections (tests/test_scale_out.py cuts them mid-study) retries it like any storage call.
+    for attempt in range(STORAGE_RETRIES + 1):
+        try:
+            with experimental_optuna():  # heartbeats
+                return ResilientRDBStorage(
+                    url,
+                    engine_kwargs=engine_kwargs,
+                    heartbeat_interval=cfg.tune.heartbeat_interval,
+                    grace_period=2 * cfg.tune.heartbeat_interval,
+                    heartbeat_stale_trial_callback=StaleTrialSweeper(cfg.tune.max_retries),
+                )
+        except sqlalchemy.exc.SQLAlchemyError as e:
+            if attempt < STORAGE_RETRIES and dropped_connection(e):
+                wait = min(0.5 * 2**attempt, 10.0)
+                print(f"optuna storage: connection lost while opening {masked(url)} ({type(e).__name__}); "
+                      f"retry {attempt + 1}/{STORAGE_RETRIES} in {wait:.1f} s", file=sys.stderr, flush=True)
+                time.sleep(wait)
+                continue
+            if not isinstance(e, sqlalchemy.exc.OperationalError):
+                raise
+            # refused, unknown host, bad password, full disk, or still dropped after the retries: run time
+            reason = str(e.orig if e.orig is not None else e).strip().splitlines()[0]
+            raise TuneError(f"Optuna storage {masked(url)} does not answer: {reason}") from None
+    raise AssertionError("unreachable: the last attempt returns or raises")
 
 
 def make_sampler(cfg: Config, worker: int) -> optuna.samplers.BaseSampler:
