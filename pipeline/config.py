@@ -54,6 +54,11 @@ class ModelConfig:
     # Per-image standardisation (zero mean, unit variance per image) instead of the fixed [-1, 1] map: removes
     # a film's overall exposure and contrast before the first conv (pipeline/net/model.py).
     standardize: bool = False
+    # A keras.applications network in place of the stem and blocks (pipeline/net/backbone.py): none |
+    # densenet121 | efficientnetb0. Its weights come from a local file the user downloads once (Keras' ImageNet
+    # "notop" .h5: hospitals are often offline, so nothing is fetched at training time); "" = random weights.
+    backbone: str = "none"
+    backbone_weights: str = ""
 
 
 @dataclass(frozen=True)
@@ -194,6 +199,7 @@ CHOICES = {
     "data.cache": None,  # free-form (path prefix allowed)
     "model.pooling": ("gap", "flatten"),
     "model.padding": ("same", "valid"),
+    "model.backbone": ("none", "densenet121", "efficientnetb0"),
     "train.class_weight": ("balanced", "oversample", "none"),
     "train.precision": ("auto", "float32", "mixed_float16", "mixed_bfloat16"),
     "train.devices": ("one", "all"),
@@ -351,6 +357,12 @@ def check_model(m: ModelConfig) -> None:
     check_section("model", m)
     if m.residual and m.padding != "same":
         raise ConfigError("model.residual needs model.padding = 'same' (the shortcut must match the conv output)")
+    if m.backbone_weights and m.backbone == "none":
+        raise ConfigError(f"model.backbone_weights = {m.backbone_weights!r} is only read with a model.backbone "
+                          f"(it is 'none')")
+    if m.backbone != "none" and m.standardize:
+        raise ConfigError(f"model.standardize applies to the project's own CNN; model.backbone = {m.backbone!r} "
+                          f"takes its ImageNet input normalisation")
 
 
 def check_consistency(cfg: Config) -> None:

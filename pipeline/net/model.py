@@ -18,6 +18,9 @@ ConvNeXt's stride-4 "patchify" stem but overlapping), three BN blocks of 32/64/1
 pooling, Dense(64); 113,313 parameters. At an equal wall-clock budget on the Kermany folder at 128 px it ran
 2.9x the seed's images/s (3.1x per CPU-second) and reached an equal or better validation AUC (0.994 vs 0.990;
 benchmarks/train_step.py, README).
+
+`model.backbone` replaces the stem and blocks by a keras.applications network (pipeline/net/backbone.py); the
+head (pooling, dropout, metadata, dense, sigmoid) is the same.
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ from pipeline.data.records import (
     META_DIM,  # the side-input vector's width, defined beside the code that builds it
 )
 from pipeline.net.augment import PerImageStandardization, augmentation_block
+from pipeline.net.backbone import backbone_features
 
 PRECISIONS = ("auto", "float32", "mixed_float16", "mixed_bfloat16")
 META_UNITS = 16  # the small Dense the metadata passes through before it meets the image features
@@ -121,6 +125,8 @@ def _validate(cfg: ModelConfig, image_size: int) -> None:
     """The section's own checks (pipeline/config.py: one table of ranges and choices), then the one that needs
     the image size: each block's convs (valid padding) and pool must leave at least one pixel."""
     check_model(cfg)
+    if cfg.backbone != "none":
+        return  # the stem and blocks are not built (pipeline.net.backbone checks its own minimum size)
     size = -(-image_size // cfg.stem_stride) if cfg.stem_filters else image_size
     for _ in range(cfg.blocks):
         if cfg.padding == "valid":
@@ -159,14 +165,16 @@ def build_model(model: ModelConfig, augment: AugmentConfig, image_size: int, *, 
     aug = augmentation_block(augment, seed)
     if aug is not None:
         x = aug(x)
-    if cfg.standardize:
+    if cfg.backbone != "none":
+        x = backbone_features(cfg, x, image_size)
+    elif cfg.standardize:
         x = PerImageStandardization(name="standardize")(x)
     else:
         x = layers.Rescaling(2.0, offset=-1.0, name="center")(x)  # [0, 1] -> [-1, 1]: zero-centred input
-    if cfg.stem_filters:
+    if cfg.stem_filters and cfg.backbone == "none":
         # Kernel 2*stride+1 so neighbouring windows overlap and every pixel is seen.
         x = conv_relu(x, cfg.stem_filters, 2 * cfg.stem_stride + 1, cfg.stem_stride, "stem_conv")
-    for b, filters in enumerate(block_filters(cfg), start=1):
+    for b, filters in enumerate(block_filters(cfg) if cfg.backbone == "none" else [], start=1):
         shortcut = x
         for c in range(1, cfg.convs_per_block + 1):
             name = f"block{b}_conv{c}"
