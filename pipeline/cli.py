@@ -195,13 +195,39 @@ def cmd_promote(a):
     gate = dict(config=cfg, externals=a.external, dry_run=a.dry_run, version=a.version,
                 tracking_uri=a.tracking_uri, log_images=a.log_images,
                 rule_source=f"--config {a.config}" + (f" with --set {' '.join(a.set)}" if a.set else ""))
-    if a.ensemble is not None:  # build and register the ensemble, then gate it like any candidate
+    k, tta = candidate_recipe(a, cfg)
+    if k >= 2 or tta != "none":  # build and register the ensemble, then gate it like any candidate
         from pipeline.promote.ensemble import promote_ensemble
 
-        decision = promote_ensemble(a.model_name, a.study, a.ensemble, data_dir=a.data, metric=a.metric, **gate)
+        decision = promote_ensemble(a.model_name, a.study, k, data_dir=a.data, tta=tta, metric=a.metric, **gate)
     else:
         decision = promote(a.model_name, a.data, study=a.study, metric=a.metric, **gate)
     print(format_decision(decision))
+
+
+def candidate_recipe(a, cfg) -> tuple[int, str]:
+    """How the candidate is built -> (K, test-time views): each of --ensemble and --tta, else `[promote] ensemble`
+    and `tta` (the --config file's, else the rule the study recorded at launch); (0, "none") is the best single
+    version as it is. A forced --version or a --dry-run gates a single version as it is (an ensemble registers a
+    new version), and says so when the rule asked for more."""
+    rule = None
+    if a.study and (a.ensemble is None or a.tta is None):
+        if cfg is None:
+            from pipeline.artifact import tracking
+            from pipeline.promote.promotion import study_rule
+
+            cfg, _ = study_rule(tracking.setup(tracking.resolve_tracking_uri(a.tracking_uri)), a.study)
+        rule = cfg
+    k = a.ensemble if a.ensemble is not None else (rule.ensemble if rule else 0)
+    tta = a.tta if a.tta is not None else (rule.tta if rule else "none")
+    if tta != "none":
+        k = max(k, 1)  # the best version under the views
+    if (k >= 2 or tta != "none") and a.ensemble is None and a.tta is None and (a.version or a.dry_run):
+        flag = "--version" if a.version else "--dry-run"
+        print(f"pneumo promote: [promote] ensemble = {rule.ensemble}, tta = {rule.tta!r} is not built with {flag} "
+              "(it registers a new version): gating a single version as it is", file=sys.stderr)
+        return 0, "none"
+    return k, tta
 
 
 def cmd_predict(a):
@@ -351,8 +377,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--version", default=None,
                    help="gate this version instead of the best-ranked one (default: the best-ranked)")
     p.add_argument("--dry-run", action="store_true", help="print the decision, change nothing")
-    p.add_argument("--ensemble", type=int, default=None, metavar="K",
-                   help="gate one new version averaging the top K versions of --study (by --metric)")
+    p.add_argument("--ensemble", type=non_negative_int, default=None, metavar="K",
+                   help="gate one new version averaging the top K versions of --study (by --metric); 1: the "
+                        "best single version (default: [promote] ensemble of --config, else of the study's rule)")
+    p.add_argument("--tta", choices=("none", "mild"), default=None,
+                   help="average the candidate over test-time views (pipeline/net/tta.py; with no --ensemble: the "
+                        "best version under the views) (default: [promote] tta of --config, else of the study's rule)")
     p.set_defaults(func=cmd_promote)
 
     p = sub.add_parser("predict", help="DICOM files or folders -> probabilities CSV")

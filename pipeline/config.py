@@ -161,6 +161,13 @@ class PromoteConfig:
     # the split's first read. 0 = uncorrected (each decision at alpha): for tests and benchmarks, no guarantee.
     test_queries: int = 20
     bootstrap: int = 2000  # resamples of the paired cluster bootstrap reported beside DeLong
+    # K >= 2: `pneumo promote --study` builds one version averaging the study's top K (pipeline/promote/ensemble.py)
+    # and gates it; 0 or 1: the best single version. `--ensemble K` on the command line overrides it.
+    ensemble: int = 0
+    # Test-time augmentation of the promoted candidate: "mild" builds it as the mean over the image and four
+    # fixed mild views (pipeline/net/tta.py), with K = 1 too (the best version under the views); its threshold
+    # and temperature are fitted on the averaged output, and evaluate, predict and serving score the same views.
+    tta: str = "none"
 
 
 @dataclass(frozen=True)
@@ -213,6 +220,7 @@ CHOICES = {
     "tune.sampler": ("tpe", "random", "cmaes", "qmc"),
     "tune.pruner": ("median", "hyperband", "none"),
     "promote.policy": ("superiority", "non_inferiority"),
+    "promote.tta": ("none", "mild"),
 }
 
 INF = float("inf")
@@ -267,6 +275,7 @@ BOUNDS: dict[str, tuple[float, float, bool]] = {
     "promote.margin": (0, INF, False),
     "promote.test_queries": (0, INF, False),
     "promote.bootstrap": (0, INF, False),
+    "promote.ensemble": (0, INF, False),
 }
 
 

@@ -153,8 +153,7 @@ def test_promote_ensemble_refusals(registry_store, capsys):
     s = registry_store
     cases = [
         (["--study", STUDY, "--ensemble", "4"], "--ensemble 4: study 'regstudy' has only 3 ranked version(s)"),
-        (["--ensemble", "2"], "--ensemble needs --study"),
-        (["--study", STUDY, "--ensemble", "1"], "an ensemble needs K >= 2 members"),
+        (["--ensemble", "2"], "--ensemble and --tta need --study"),
         (["--study", STUDY, "--ensemble", "2", "--dry-run"], "cannot go with --dry-run"),
         # checked before the ensemble is built and registered, not after
         (["--study", STUDY, "--ensemble", "2", "--config", "no-such.toml"], "no-such.toml: experiment file not found"),
@@ -165,6 +164,82 @@ def test_promote_ensemble_refusals(registry_store, capsys):
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and err[0].startswith("pneumo promote: error: ") and reason in err[0], err
     assert len(_client(s.uri).search_model_versions(f"name='{MODEL}'")) == 3  # nothing was registered
+
+
+def test_the_experiment_file_sets_the_ensemble_and_the_command_line_overrides_it(registry_store, tmp_path, capsys):
+    """`[promote] ensemble = 2`: a plain `promote --study` builds and gates the top-2 ensemble; `--ensemble 1`
+    gates the best single version; a dry run gates a single version and says the ensemble was not built."""
+    from pipeline.cli import main
+
+    s = registry_store
+    client = _client(s.uri)
+    rule = tmp_path / "promote.toml"
+    rule.write_text("[promote]\nalpha = 0.999\nfloor_auc = 0.0\nfloor_accuracy_margin = -1.0\nbootstrap = 200\n"
+                    "ensemble = 2\n")
+    args = ["promote", "--study", STUDY, "--tracking-uri", s.uri, "--config", str(rule)]
+
+    def versions() -> set[str]:
+        return {mv.version for mv in client.search_model_versions(f"name='{MODEL}'")}
+
+    before = versions()
+    assert main([*args, "--dry-run"]) == 0
+    captured = capsys.readouterr()
+    assert "[promote] ensemble = 2, tta = 'none' is not built with --dry-run" in captured.err and versions() == before
+    assert main([*args, "--ensemble", "1"]) == 0
+    assert versions() == before and "ensemble   v" not in capsys.readouterr().out  # the best single version
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    (new,) = versions() - before
+    assert client.get_model_version(MODEL, new).tags["ensemble_members"].count(",") == 1  # two members
+    assert f"ensemble   v{new}: mean probability of" in out and f"candidate  {MODEL} v{new}" in out
+
+
+def test_test_time_views_wrap_the_candidate_that_predict_and_serving_score(registry_store, tmp_path, capsys):
+    """`--tta mild`: alone, the best version under the views (K = 1); with `--ensemble 2`, the views around the
+    members' mean. The registered model is that wrapper, calibrated on its own averaged validation output, and
+    `pneumo predict` and the served pyfunc answer its probabilities."""
+    import mlflow
+    import pandas as pd
+
+    from pipeline.artifact.model_store import load_keras
+    from pipeline.cli import main
+    from pipeline.net.calibration import apply_temperature
+    from pipeline.net.tta import VIEWS, with_views
+    from pipeline.promote.ensemble import build_model
+    from pipeline.study.candidate import fit_calibration
+
+    s = registry_store
+    client = _client(s.uri)
+    rule = tmp_path / "promote.toml"
+    rule.write_text("[promote]\nalpha = 0.999\nfloor_auc = 0.0\nfloor_accuracy_margin = -1.0\nbootstrap = 200\n")
+    images, _ = _val_images(s.data, 12)
+    mlflow.set_tracking_uri(s.uri)
+    for extra, k in (([], 1), (["--ensemble", "2"], 2)):
+        before = {mv.version for mv in client.search_model_versions(f"name='{MODEL}'")}
+        code = main(["promote", "--study", STUDY, "--tta", "mild", *extra, "--tracking-uri", s.uri,
+                     "--config", str(rule)])
+        assert code == 0, capsys.readouterr()
+        assert "over the 'mild' test-time views" in capsys.readouterr().out
+        (new,) = {mv.version for mv in client.search_model_versions(f"name='{MODEL}'")} - before
+        tags = client.get_model_version(MODEL, new).tags
+        members = tags["ensemble_members"].split(",")
+        assert len(members) == k
+        plain = [load_keras(f"models:/{MODEL}/{v}") for v in members]
+        expected = with_views(build_model(plain) if k > 1 else plain[0], "mild")
+        logged = load_keras(f"models:/{MODEL}/{new}")
+        assert sum(type(layer).__name__ == "FixedAffine" for layer in logged.layers) == len(VIEWS["mild"])
+        want = _raw(expected, {"image": images})
+        assert np.abs(want - _raw(plain[0], {"image": images})).max() > 1e-6  # the views change the score
+        np.testing.assert_allclose(_raw(logged, {"image": images}), want, atol=1e-6)
+        # The temperature was fitted on the averaged validation output, not taken from a member.
+        from pipeline.evaluate.scoring import predict_split
+
+        yv, pv, _ = predict_split(expected, s.data, "val")
+        t = float(tags["temperature"])
+        assert t == pytest.approx(fit_calibration(yv, pv), rel=1e-3)
+        served = mlflow.pyfunc.load_model(f"models:/{MODEL}/{new}").predict(
+            pd.DataFrame({"pixels": list(images[..., 0])}))
+        np.testing.assert_allclose(served["probability"].to_numpy(float), apply_temperature(want, t), atol=1e-6)
 
 
 def test_the_ensemble_follows_its_members_threshold_policy(tmp_path):

@@ -181,13 +181,16 @@ class EnsembleCam:
 
 
 def ensemble_members(model) -> list:
-    """The member networks nested in an ensemble model (none for a single network): an ensemble's output is an
-    `Average` of nested models (a single network nests models too: its augmentation block)."""
+    """The networks nested in an averaging model (none for a single network): an ensemble's output, and the
+    test-time views' (pipeline/net/tta.py), is an `Average` of nested models (a single network nests models too:
+    its augmentation block). Recursive, so an ensemble of view-averaging members yields the members' networks;
+    a network under test-time views is explained on the image as it is."""
     import keras
 
     if type(_output_layer(model)).__name__ != "Average":
         return []
-    return [layer for layer in model.layers if isinstance(layer, keras.Model)]
+    return [net for layer in model.layers if isinstance(layer, keras.Model)
+            for net in (ensemble_members(layer) or [layer])]
 
 
 _LAST: list[GradCam] = []  # one slot: the last model's explainer (holding more would keep old models alive)

@@ -300,6 +300,21 @@ class ShiftResult:
         return out
 
 
+    def held_out_operating(self, threshold_raw: float) -> dict[str, float]:
+        """Does the stored threshold hold where nobody chose it? Sensitivity, specificity and accuracy at
+        `threshold_raw` (the network's own probability scale, before the temperature), each the mean over the
+        held-out perturbations; logged as val_heldout_sensitivity / _specificity / _accuracy. Empty without
+        held-out families. On the battery's subset, whose prevalence is validation's."""
+        names = [k for k in self.probabilities if family(k) in self.held_out]
+        if not names:
+            return {}
+        positive = np.asarray(self.labels).astype(bool)
+        called = [self.probabilities[k] >= threshold_raw for k in names]
+        return {"val_heldout_sensitivity": float(np.mean([c[positive].mean() for c in called])),
+                "val_heldout_specificity": float(np.mean([1.0 - c[~positive].mean() for c in called])),
+                "val_heldout_accuracy": float(np.mean([(c == positive).mean() for c in called]))}
+
+
 def family(name: str) -> str:
     """A perturbation's family from its name (`zoom_out_0.85` -> `zoom_out`)."""
     return name.rsplit("_", 1)[0]

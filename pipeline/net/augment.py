@@ -131,6 +131,36 @@ class RandomBlur(_RandomIntensity):
         return x + w * (blurred - x)
 
 
+def affine_resample(images, angle, scale, tx, ty):
+    """float32 images (B, H, W, C) -> each rotated by `angle` (radians), scaled by `scale` (the output -> input
+    scale: > 1 samples a larger area, i.e. zooms out) and shifted by (`tx`, `ty`) pixels about its centre, all
+    (B,) tensors; bilinear interpolation, black outside the image. Gathers only, so XLA compiles it (Keras'
+    ImageProjectiveTransformV3 has no XLA kernel). Shared by `RandomAffine` (training) and `FixedAffine` (the
+    test-time views, pipeline/net/tta.py)."""
+    b, h, w, c = ops.shape(images)[0], images.shape[1], images.shape[2], images.shape[3]
+    cos, sin = ops.cos(angle) * scale, ops.sin(angle) * scale
+
+    # Output pixel (x, y), centred, maps to input (cos*x - sin*y - tx, sin*x + cos*y - ty), re-centred.
+    ys, xs = ops.meshgrid(ops.arange(h, dtype="float32") - (h - 1) / 2,
+                          ops.arange(w, dtype="float32") - (w - 1) / 2, indexing="ij")
+    xs, ys = ops.reshape(xs, (1, h * w)), ops.reshape(ys, (1, h * w))
+    src_x = cos[:, None] * xs - sin[:, None] * ys - tx[:, None] + (w - 1) / 2
+    src_y = sin[:, None] * xs + cos[:, None] * ys - ty[:, None] + (h - 1) / 2
+
+    flat = ops.reshape(images, (b, h * w, c))
+    x0, y0 = ops.floor(src_x), ops.floor(src_y)
+    fx, fy = src_x - x0, src_y - y0
+    out = 0.0
+    for dy, wy in ((0.0, 1.0 - fy), (1.0, fy)):
+        for dx, wx in ((0.0, 1.0 - fx), (1.0, fx)):
+            xi, yi = x0 + dx, y0 + dy
+            inside = (xi >= 0) & (xi <= w - 1) & (yi >= 0) & (yi <= h - 1)
+            index = ops.cast(ops.clip(yi, 0, h - 1) * w + ops.clip(xi, 0, w - 1), "int32")
+            tap = ops.take_along_axis(flat, index[:, :, None], axis=1)  # (b, h*w, 1) broadcasts over c
+            out = out + tap * ops.cast(inside, "float32")[:, :, None] * (wx * wy)[:, :, None]
+    return ops.reshape(out, (b, h, w, c))
+
+
 @keras.saving.register_keras_serializable(package="pneumo")
 class RandomAffine(keras.layers.Layer):
     """Random rotation, zoom and translation in one resampling, from XLA-compilable ops.
@@ -152,7 +182,7 @@ class RandomAffine(keras.layers.Layer):
             return images
         dtype = images.dtype
         images = ops.cast(images, "float32")  # sampling weights in float32 even under a float16 policy
-        b, h, w, c = ops.shape(images)[0], images.shape[1], images.shape[2], images.shape[3]
+        b, h, w = ops.shape(images)[0], images.shape[1], images.shape[2]
 
         def draw(strength):
             return keras.random.uniform((b,), -strength, strength, seed=self.seed_generator)
@@ -160,27 +190,7 @@ class RandomAffine(keras.layers.Layer):
         angle = draw(self.rotation) * 2.0 * math.pi
         scale = 1.0 + draw(self.zoom)  # output -> input scale: > 1 samples a larger area (zoom out)
         tx, ty = draw(self.translation) * w, draw(self.translation) * h
-        cos, sin = ops.cos(angle) * scale, ops.sin(angle) * scale
-
-        # Output pixel (x, y), centred, maps to input (cos*x - sin*y - tx, sin*x + cos*y - ty), re-centred.
-        ys, xs = ops.meshgrid(ops.arange(h, dtype="float32") - (h - 1) / 2,
-                              ops.arange(w, dtype="float32") - (w - 1) / 2, indexing="ij")
-        xs, ys = ops.reshape(xs, (1, h * w)), ops.reshape(ys, (1, h * w))
-        src_x = cos[:, None] * xs - sin[:, None] * ys - tx[:, None] + (w - 1) / 2
-        src_y = sin[:, None] * xs + cos[:, None] * ys - ty[:, None] + (h - 1) / 2
-
-        flat = ops.reshape(images, (b, h * w, c))
-        x0, y0 = ops.floor(src_x), ops.floor(src_y)
-        fx, fy = src_x - x0, src_y - y0
-        out = 0.0
-        for dy, wy in ((0.0, 1.0 - fy), (1.0, fy)):
-            for dx, wx in ((0.0, 1.0 - fx), (1.0, fx)):
-                xi, yi = x0 + dx, y0 + dy
-                inside = (xi >= 0) & (xi <= w - 1) & (yi >= 0) & (yi <= h - 1)
-                index = ops.cast(ops.clip(yi, 0, h - 1) * w + ops.clip(xi, 0, w - 1), "int32")
-                tap = ops.take_along_axis(flat, index[:, :, None], axis=1)  # (b, h*w, 1) broadcasts over c
-                out = out + tap * ops.cast(inside, "float32")[:, :, None] * (wx * wy)[:, :, None]
-        return ops.cast(ops.reshape(out, (b, h, w, c)), dtype)
+        return ops.cast(affine_resample(images, angle, scale, tx, ty), dtype)
 
     def compute_output_shape(self, input_shape):
         return input_shape
@@ -188,6 +198,35 @@ class RandomAffine(keras.layers.Layer):
     def get_config(self):
         return {**super().get_config(), "rotation": self.rotation, "zoom": self.zoom,
                 "translation": self.translation, "seed": self.seed}
+
+
+@keras.saving.register_keras_serializable(package="pneumo")
+class FixedAffine(keras.layers.Layer):
+    """One fixed zoom and shift of every image, in training and inference alike: a test-time view
+    (pipeline/net/tta.py). `scale` is the output -> input scale (< 1 zooms in, > 1 zooms out with black margins);
+    `shift_x`, `shift_y` fractions of the width and height (positive moves the content right and down). Takes and
+    returns the model's uint8 images (rounded), so the network it feeds sees the same input type as ever."""
+
+    def __init__(self, scale: float = 1.0, shift_x: float = 0.0, shift_y: float = 0.0, **kwargs):
+        super().__init__(**kwargs)
+        self.scale, self.shift_x, self.shift_y = float(scale), float(shift_x), float(shift_y)
+
+    def call(self, images):
+        dtype = images.dtype
+        x = ops.cast(images, "float32")
+        b, h, w = ops.shape(x)[0], x.shape[1], x.shape[2]
+        per_image = ops.ones((b,), "float32")
+        out = affine_resample(x, per_image * 0.0, per_image * self.scale, per_image * (self.shift_x * w),
+                              per_image * (self.shift_y * h))
+        if dtype == "uint8":
+            out = ops.round(ops.clip(out, 0.0, 255.0))
+        return ops.cast(out, dtype)
+
+    def compute_output_shape(self, input_shape):
+        return input_shape
+
+    def get_config(self):
+        return {**super().get_config(), "scale": self.scale, "shift_x": self.shift_x, "shift_y": self.shift_y}
 
 
 @keras.saving.register_keras_serializable(package="pneumo")

@@ -1,5 +1,6 @@
 """`pneumo promote --ensemble K`: one Keras model that averages the top K versions of a study, registered as a
-new version and handed to the promotion gate like any candidate.
+new version and handed to the promotion gate like any candidate. With test-time views (`--tta mild`,
+`[promote] tta`; pipeline/net/tta.py) the mean is also taken over the views, K = 1 included.
 
 The ensemble is a plain Keras Functional model with the members' input signature (`image`, and `meta` when
 the members take it) and one output, the mean of the members' probabilities. So predict, evaluate, explain
@@ -30,6 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pipeline.artifact import tag_keys
+from pipeline.net.tta import with_views
 from pipeline.promote.promotion import Candidate, RegistryError
 
 
@@ -49,6 +51,7 @@ class EnsembleResult:
     val_ece: float
     val_ece_calibrated: float
     member_values: dict  # version -> its study-metric value
+    tta: str = "none"  # the test-time views the mean is taken over (pipeline/net/tta.py)
 
 
 def _image_size(model) -> int:
@@ -93,11 +96,13 @@ def build_model(members: list, labels: list[str] | None = None, name: str = "ens
     return keras.Model(inputs, mean, name=name)
 
 
-def select_members(client, model: str, study: str, k: int, metric: str) -> tuple[list[Candidate], list]:
-    """The top `k` versions of `study` by `metric`, on the best one's dataset, earlier ensembles excluded."""
+def select_members(client, model: str, study: str, k: int, metric: str, *, single: bool = False
+                   ) -> tuple[list[Candidate], list]:
+    """The top `k` versions of `study` by `metric`, on the best one's dataset, earlier ensembles excluded
+    (`single`: K = 1 is allowed, for the best version under test-time views)."""
     from pipeline.promote.promotion import rank_candidates
 
-    if k < 2:
+    if k < (1 if single else 2):
         raise EnsembleError(f"--ensemble {k}: an ensemble needs K >= 2 members")
     ranked, skipped = rank_candidates(client, model, metric, study)
     singles = [c for c in ranked if tag_keys.ENSEMBLE_MEMBERS not in c.tags]
@@ -155,11 +160,12 @@ def members_dataset(chosen: list[Candidate], data_dir: str | Path | None) -> tup
     return data_dir, manifest
 
 
-def build_ensemble(model: str, study: str | None, k: int, *, metric: str | None = None,
+def build_ensemble(model: str, study: str | None, k: int, *, metric: str | None = None, tta: str = "none",
                    data_dir: str | Path | None = None, tracking_uri: str | None = None,
                    batch_size: int = 64) -> EnsembleResult:
     """Build, calibrate, log and register the ensemble of the top `k` versions of `study` by `metric` (None: the
-    metric the study optimised); -> the new version.
+    metric the study optimised), averaged over the test-time views `tta` (pipeline/net/tta.py; with them K = 1
+    is allowed: the best version under the views); -> the new version.
 
     Logged as an MLflow run `ensemble-top<k>` in the study's experiment through the path a training run takes
     after its fit (pipeline.study.candidate.make_candidate: validation metrics clustered by patient, the
@@ -172,37 +178,41 @@ def build_ensemble(model: str, study: str | None, k: int, *, metric: str | None 
     from pipeline.study.candidate import make_candidate
 
     if not study:
-        raise EnsembleError("--ensemble needs --study: an ensemble is built from one study's versions")
+        raise EnsembleError("--ensemble and --tta need --study: the candidate is built from one study's versions")
     uri = tracking.resolve_tracking_uri(tracking_uri)
     client = tracking.setup(uri)
     metric = metric or study_metric(versions(client, model), study)
-    chosen, _ = select_members(client, model, study, k, metric)
+    chosen, _ = select_members(client, model, study, k, metric, single=tta != "none")
     data_dir, manifest = members_dataset(chosen, data_dir)
     labels = [c.version for c in chosen]
-    network = build_model([load_keras(f"models:/{model}/{v}") for v in labels], [f"v{v}" for v in labels])
+    members = [load_keras(f"models:/{model}/{v}") for v in labels]
+    # The views wrap the whole mean: each view is scored once by every member.
+    network = with_views(build_model(members, [f"v{v}" for v in labels]) if k > 1 else members[0], tta)
     # Validation only: the temperature and the threshold are fitted there, by the best member's policy.
     recipe = members_recipe(client, chosen[0].run_id).with_values(
         {"data.batch_size": batch_size, "model.metadata_inputs": model_uses_meta(network)})
     needs_shift = recipe.train.threshold_policy == "robust" or metric.startswith("val_auc_shift")
     members_tag = ",".join(labels)
     run_tags = {tag_keys.STUDY: study, tag_keys.KIND: "ensemble", tag_keys.ENSEMBLE_MEMBERS: members_tag}
-    with mlflow.start_run(experiment_id=tracking.ensure_experiment(study, uri), run_name=f"ensemble-top{k}",
+    views = "" if tta == "none" else f"-tta-{tta}"
+    with mlflow.start_run(experiment_id=tracking.ensure_experiment(study, uri), run_name=f"ensemble-top{k}{views}",
                           tags=run_tags) as run:
         tracking.log_dataset(manifest, data_dir)
-        mlflow.log_params({"data.dir": data_dir, "ensemble.k": k, "ensemble.metric": metric,
+        mlflow.log_params({"data.dir": data_dir, "ensemble.k": k, "ensemble.metric": metric, "ensemble.tta": tta,
                            "ensemble.members": members_tag, "ensemble.averaging": "raw probabilities, then T"})
         candidate = make_candidate(network, recipe, data_dir, manifest, with_shift=needs_shift,
                                    register_as=model, title="validation, ensemble")
         v, value = candidate.validation, _metric_value(metric, candidate.validation)
         log_members(chosen, metric, value)
+        over = "" if tta == "none" else f", over the {tta!r} test-time views"
         mlflow.set_tag("mlflow.note.content", (
             f"Ensemble (mean probability) of {model} versions {members_tag}, the top {k} of study {study} by "
-            f"{metric}; calibrated on validation (T={v.temperature:.3f}, ECE {v.ece[0]:.4f} -> {v.ece[1]:.4f}); "
+            f"{metric}{over}; calibrated on validation (T={v.temperature:.3f}, ECE {v.ece[0]:.4f} -> {v.ece[1]:.4f}); "
             f"val AUC {v.metrics['auc']:.4f}"))
     tag_version(client, model, candidate, chosen, run.info.run_id, metric, value)
     return EnsembleResult(version=candidate.version, run_id=run.info.run_id, members=labels, metric=metric,
                           val_metrics=v.metrics, temperature=v.temperature, threshold=v.threshold, val_ece=v.ece[0],
-                          val_ece_calibrated=v.ece[1], member_values={c.version: c.value for c in chosen})
+                          val_ece_calibrated=v.ece[1], member_values={c.version: c.value for c in chosen}, tta=tta)
 
 
 def log_members(chosen: list[Candidate], metric: str, value: float | None) -> None:
@@ -235,7 +245,7 @@ def tag_version(client, model: str, candidate, chosen: list[Candidate], run_id: 
         client.set_model_version_tag(model, candidate.version, key, val)
 
 
-def promote_ensemble(model: str, study: str | None, k: int, *, data_dir: str | None = None,
+def promote_ensemble(model: str, study: str | None, k: int, *, data_dir: str | None = None, tta: str = "none",
                      metric: str | None = None, tracking_uri: str | None = None, report=print, **promote_args):
     """`pneumo promote --ensemble K`: build and register the ensemble (`build_ensemble`), then gate it like any
     candidate (pipeline.promote.promotion.promote); -> the Decision. `promote_args` go to the gate; the ones that
@@ -247,7 +257,7 @@ def promote_ensemble(model: str, study: str | None, k: int, *, data_dir: str | N
             raise EnsembleError(f"--ensemble builds and registers a new version: it cannot go with {flag}")
     promote_args.pop("version", None)
     promote_args.pop("dry_run", None)
-    built = build_ensemble(model, study, k, metric=metric, data_dir=data_dir, tracking_uri=tracking_uri)
+    built = build_ensemble(model, study, k, metric=metric, tta=tta, data_dir=data_dir, tracking_uri=tracking_uri)
     report(summary(built))
     return promote(model, data_dir, study=study, metric=gate_metric(built), version=built.version,
                    tracking_uri=tracking_uri, **promote_args)
@@ -261,7 +271,8 @@ def gate_metric(r: EnsembleResult) -> str:
 
 def summary(r: EnsembleResult) -> str:
     members = ", ".join(f"v{v} ({r.metric} {val:.4f})" for v, val in r.member_values.items())
-    return (f"ensemble   v{r.version}: mean probability of {members}\n"
+    views = "" if r.tta == "none" else f", over the {r.tta!r} test-time views"
+    return (f"ensemble   v{r.version}: mean probability of {members}{views}\n"
             f"validation AUC {r.val_metrics['auc']:.4f}; temperature {r.temperature:.3f} (ECE {r.val_ece:.4f} -> "
             f"{r.val_ece_calibrated:.4f}); threshold {r.threshold:.4f} on calibrated probabilities")
 

@@ -48,7 +48,10 @@ class Validation:
     robust: dict | None = None  # the robust threshold's evidence (kept / left-out conditions, held-out half)
 
     def shift_metrics(self) -> dict:
-        return self.shifted.metrics() if self.shifted is not None else {}
+        """The battery's AUCs, and the stored threshold's operating point on the held-out families."""
+        if self.shifted is None:
+            return {}
+        return {**self.shifted.metrics(), **self.shifted.held_out_operating(self.threshold_raw)}
 
 
 @dataclass
