@@ -16,6 +16,15 @@ Ends with one line: auc_shift_min=<worst AUC> internal_auc=<AUC> (no target: a r
 `--study NAME` reads no images: over the study's completed trials (trained with `train.shift_held_out`), the
 rank correlation of each candidate selection metric with the AUC on the held-out battery families
 (pipeline/study/proxy.py), best predictor first. Ends with: proxy_choice=<metric> spearman=<rho>.
+
+`--candidates` (with `--study NAME --ensemble K`, or `--versions 4,5,6`) compares ways to build the promoted
+candidate on the proxy, validation only (no test read, nothing logged or registered): each member alone, the
+members' mean, and with `--tta mild` the best member and the mean under the test-time views
+(pipeline/net/tta.py). Each is validated as `pneumo promote` would build it (pipeline/study/candidate.py:
+validate, with the members' own threshold policy), and reported with the validation AUC and loss, the battery's
+selection mean, the held-out families' AUC (mean, worst) and, at the candidate's own stored threshold,
+sensitivity and specificity on clean validation and on the held-out families (does the threshold hold?).
+Ends with: candidate_choice=<row> heldout_auc=<its held-out mean AUC>. ~5 min for K = 3 with --tta at 128 px.
 """
 
 from __future__ import annotations
@@ -43,7 +52,17 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", default=None, help="JSON report (default: <data>/generalization-<split>.json)")
     ap.add_argument("--study", default=None, help="report the selection metrics' rank correlation with the "
                     "held-out battery families over this study's trials (no images read)")
+    ap.add_argument("--candidates", action="store_true", help="compare candidate constructions (single, the "
+                    "members' mean, test-time views) on the proxy, over --study's top --ensemble or --versions")
+    ap.add_argument("--ensemble", type=int, default=3, help="with --candidates --study: members, the top K by the "
+                    "study's metric (default 3)")
+    ap.add_argument("--versions", default=None, help="with --candidates: comma-separated versions as members")
+    ap.add_argument("--tta", default="none", choices=["none", "mild"], help="with --candidates: add the "
+                    "test-time-view rows")
+    ap.add_argument("--model-name", default="pneumonia-cnn")
     a = ap.parse_args(argv)
+    if a.candidates:
+        return compare_candidates(a)
     if a.study:
         return study_proxy(a.study, a.tracking_uri)
     if not (Path(a.data) / "manifest.json").exists():
@@ -79,6 +98,65 @@ def study_proxy(study: str, tracking_uri: str | None) -> int:
     rows = proxy.correlations(trials)
     print(proxy.format_table(rows, study))
     print(f"proxy_choice={rows[0].metric} spearman={rows[0].rho:.3f}")
+    return 0
+
+
+def compare_candidates(a) -> int:
+    from pipeline.artifact import tracking
+    from pipeline.artifact.model_store import load_keras
+    from pipeline.net.tta import with_views
+    from pipeline.promote.ensemble import build_model, members_dataset, members_recipe, select_members
+    from pipeline.promote.promotion import Candidate, rank_candidates, study_metric, versions
+    from pipeline.study.candidate import validate
+
+    client = tracking.setup(tracking.resolve_tracking_uri(a.tracking_uri))
+    try:
+        if a.versions:
+            wanted = [v.strip() for v in a.versions.split(",") if v.strip()]
+            ranked, _ = rank_candidates(client, a.model_name, "val_auc")
+            by_version: dict[str, Candidate] = {c.version: c for c in ranked}
+            missing = [v for v in wanted if v not in by_version]
+            if missing:
+                print(f"error: --versions: {', '.join(missing)}: not ranked versions of {a.model_name}", file=sys.stderr)
+                return 2
+            members, how = [by_version[v] for v in wanted], f"versions {','.join(wanted)}"
+        elif a.study:
+            metric = study_metric(versions(client, a.model_name), a.study)
+            members, _ = select_members(client, a.model_name, a.study, a.ensemble, metric, single=True)
+            how = f"the top {a.ensemble} of study {a.study} by {metric}"
+        else:
+            print("error: --candidates needs --study NAME or --versions", file=sys.stderr)
+            return 2
+        data_dir, _ = members_dataset(members, None)  # the members' own dataset, as `pneumo promote` uses
+    except PneumoError as e:
+        print(f"error: {one_line(e)}", file=sys.stderr)
+        return e.exit_code
+    recipe = members_recipe(client, members[0].run_id)
+    nets = {c.version: load_keras(f"models:/{a.model_name}/{c.version}") for c in members}
+    labels = [c.version for c in members]
+    builds = [(f"v{v}", nets[v]) for v in labels]
+    if len(labels) > 1:
+        builds.append((f"mean of {len(labels)}", build_model([nets[v] for v in labels], labels)))
+    if a.tta != "none":
+        builds += [(f"v{labels[0]} + tta", with_views(nets[labels[0]], a.tta))]
+        if len(labels) > 1:
+            builds.append((f"mean of {len(labels)} + tta", with_views(builds[len(labels)][1], a.tta)))
+    print(f"candidates built from {how}, on {data_dir}'s validation split (load {os.getloadavg()[0]:.1f})")
+    cols = ("val AUC", "val loss", "battery", "held-out", "ho worst", "thr", "sens", "spec", "ho sens", "ho spec")
+    print(f"{'candidate':<18}" + "".join(f"{c:>10}" for c in cols) + f"{'s':>6}")
+    rows = []
+    for name, net in builds:
+        t0 = time.perf_counter()
+        v = validate(net, recipe, data_dir, with_shift=True)
+        sm = v.shift_metrics()
+        row = (v.metrics["auc"], v.metrics["loss"], sm["val_auc_shift_mean"], sm.get("val_auc_heldout_mean", float("nan")),
+               sm.get("val_auc_heldout_min", float("nan")), v.threshold, v.metrics["sensitivity"],
+               v.metrics["specificity"], sm.get("val_heldout_sensitivity", float("nan")),
+               sm.get("val_heldout_specificity", float("nan")))
+        rows.append((name, row))
+        print(f"{name:<18}" + "".join(f"{x:>10.4f}" for x in row) + f"{time.perf_counter() - t0:>6.0f}", flush=True)
+    best = max(rows, key=lambda r: r[1][3])
+    print(f"candidate_choice={best[0].replace(' ', '_')} heldout_auc={best[1][3]:.4f}")
     return 0
 
 

@@ -242,6 +242,41 @@ def test_test_time_views_wrap_the_candidate_that_predict_and_serving_score(regis
         np.testing.assert_allclose(served["probability"].to_numpy(float), apply_temperature(want, t), atol=1e-6)
 
 
+def test_the_candidates_benchmark_validates_each_construction_and_registers_nothing(registry_store, capsys):
+    """`benchmarks/generalization.py --candidates --versions a,b --tta mild`: one row per construction (each
+    member, their mean, the best under the views, the mean under the views), each validated as promotion builds
+    it: the mean's row is the mean model's validation AUC; nothing is registered or logged."""
+    import importlib.util
+    from pathlib import Path
+
+    from sklearn.metrics import roc_auc_score
+
+    from pipeline.artifact.model_store import load_keras
+    from pipeline.evaluate.scoring import predict_split
+    from pipeline.promote.ensemble import build_model
+
+    s = registry_store
+    client = _client(s.uri)
+    before = len(client.search_model_versions(f"name='{MODEL}'"))
+    runs_before = len(client.search_runs([e.experiment_id for e in client.search_experiments()]))
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "generalization.py"
+    spec = importlib.util.spec_from_file_location("generalization", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    a, b = s.versions[0], s.versions[1]
+    assert module.main(["--candidates", "--versions", f"{a},{b}", "--tta", "mild", "--tracking-uri", s.uri]) == 0
+    out = capsys.readouterr().out.splitlines()
+    rows = {line[:18].strip(): line[18:].split() for line in out if line.startswith(("v", "mean"))}
+    assert list(rows) == [f"v{a}", f"v{b}", "mean of 2", f"v{a} + tta", "mean of 2 + tta"]
+    y, p, _ = predict_split(build_model([load_keras(f"models:/{MODEL}/{v}") for v in (a, b)]), s.data, "val")
+    assert float(rows["mean of 2"][0]) == pytest.approx(roc_auc_score(y, p), abs=1e-4)
+    assert out[-1].startswith("candidate_choice=")
+    assert len(client.search_model_versions(f"name='{MODEL}'")) == before
+    assert len(client.search_runs([e.experiment_id for e in client.search_experiments()])) == runs_before
+    assert module.main(["--candidates", "--versions", "99", "--tracking-uri", s.uri]) == 2
+    assert "99: not ranked versions of" in capsys.readouterr().err
+
+
 def test_the_ensemble_follows_its_members_threshold_policy(tmp_path):
     """members_recipe reads the policy a member was trained with from its run's params (strings in MLflow)."""
     from mlflow import MlflowClient

@@ -439,6 +439,21 @@ def test_the_proxy_ranks_selection_metrics_by_how_they_predict_the_held_out_fami
     assert by["val_auc"].rho == pytest.approx(spearmanr([t["final_val_auc"] for t in trials], held)[0])
 
 
+def test_the_stored_threshold_is_read_on_the_held_out_families_only():
+    """val_heldout_sensitivity / _specificity / _accuracy: the raw-scale threshold applied to each held-out
+    perturbation's probabilities, averaged over them; the selection perturbations do not enter."""
+    y = np.array([1, 1, 1, 1, 0, 0, 0, 0])
+    probs = {"jpeg_30": np.array([0.9, 0.8, 0.7, 0.2, 0.1, 0.1, 0.6, 0.1]),  # sens 3/4, spec 3/4
+             "gamma_0.6": np.array([0.9, 0.9, 0.9, 0.9, 0.6, 0.6, 0.1, 0.1]),  # sens 1, spec 1/2
+             "blur_1": np.zeros(8)}  # a selection family: would drag sensitivity to 0 if it counted
+    r = shift.ShiftResult(labels=y, clean=np.full(8, 0.5), probabilities=probs, held_out=("jpeg", "gamma"))
+    got = r.held_out_operating(0.5)
+    assert got == pytest.approx({"val_heldout_sensitivity": 0.875, "val_heldout_specificity": 0.625,
+                                 "val_heldout_accuracy": 0.75})
+    assert r.held_out_operating(0.95)["val_heldout_sensitivity"] == 0.0  # nothing called at a higher threshold
+    assert shift.ShiftResult(labels=y, clean=y, probabilities=probs).held_out_operating(0.5) == {}
+
+
 def test_generalization_study_mode_reads_the_trials_and_names_its_choice(tmp_path, capsys):
     """`benchmarks/generalization.py --study NAME` on a store holding a study's trial runs (no images read)."""
     import importlib.util
