@@ -13,9 +13,10 @@ is the part of this report that speaks to other hospitals and devices, and even 
 Ends with one line: auc_shift_min=<worst AUC> internal_auc=<AUC> (no target: a report, not a race).
 ~1-2 min for the 1,049-image Kermany test split at 128 px on 2 CPU cores.
 
-`--study NAME` reads no images: over the study's completed trials (trained with `train.shift_held_out`), the
+`--study NAME` (repeatable) reads no images: over the study's completed trials (trained with `train.shift_held_out`), the
 rank correlation of each candidate selection metric with the AUC on the held-out battery families
-(pipeline/study/proxy.py), best predictor first. Ends with: proxy_choice=<metric> spearman=<rho>.
+(pipeline/study/proxy.py), best predictor first; with several studies, also the correlations pooled over them
+(Fisher z, fixed effect). Ends with: proxy_choice=<metric> spearman=<rho> (the pooled one with several).
 
 `--candidates` (with `--study NAME --ensemble K`, or `--versions 4,5,6`) compares ways to build the promoted
 candidate on the proxy, validation only (no test read, nothing logged or registered): each member alone, the
@@ -36,6 +37,7 @@ import time
 from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # one download bar per member otherwise
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the repository, as benchmarks/common.py does
 
 from pipeline.artifact.model_store import champion_uri  # noqa: E402
@@ -50,8 +52,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--shift-max-images", type=int, default=0, help="0 = the whole split")
     ap.add_argument("--tracking-uri", default=None)
     ap.add_argument("--out", default=None, help="JSON report (default: <data>/generalization-<split>.json)")
-    ap.add_argument("--study", default=None, help="report the selection metrics' rank correlation with the "
-                    "held-out battery families over this study's trials (no images read)")
+    ap.add_argument("--study", action="append", default=[], help="report the selection metrics' rank correlation "
+                    "with the held-out battery families over this study's trials (no images read); repeat it to "
+                    "pool studies")
     ap.add_argument("--candidates", action="store_true", help="compare candidate constructions (single, the "
                     "members' mean, test-time views) on the proxy, over --study's top --ensemble or --versions")
     ap.add_argument("--ensemble", type=int, default=3, help="with --candidates --study: members, the top K by the "
@@ -86,17 +89,24 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def study_proxy(study: str, tracking_uri: str | None) -> int:
+def study_proxy(studies: list[str], tracking_uri: str | None) -> int:
     from pipeline.artifact import tracking
     from pipeline.study import proxy
 
-    trials = proxy.trial_metrics(tracking.setup(tracking.resolve_tracking_uri(tracking_uri)), study)
-    if len(trials) < 4:
-        print(f"error: study {study!r} has {len(trials)} completed trial(s) with {proxy.TARGET}: it needs at least "
-              "4, trained with train.shift_held_out (experiments/kermany.toml sets it)", file=sys.stderr)
-        return 2
-    rows = proxy.correlations(trials)
-    print(proxy.format_table(rows, study))
+    client = tracking.setup(tracking.resolve_tracking_uri(tracking_uri))
+    per_study = []
+    for study in studies:
+        trials = proxy.trial_metrics(client, study)
+        if len(trials) < 4:
+            print(f"error: study {study!r} has {len(trials)} completed trial(s) with {proxy.TARGET}: it needs at "
+                  "least 4, trained with train.shift_held_out (experiments/kermany.toml sets it)", file=sys.stderr)
+            return 2
+        per_study.append(proxy.correlations(trials))
+        print(proxy.format_table(per_study[-1], study))
+    rows = per_study[0]
+    if len(studies) > 1:  # independent studies: their Fisher z pooled (pipeline/study/proxy.py: pooled)
+        rows = proxy.pooled(per_study)
+        print(proxy.format_table(rows, ", ".join(studies), pooled_over=len(studies)))
     print(f"proxy_choice={rows[0].metric} spearman={rows[0].rho:.3f}")
     return 0
 

@@ -439,6 +439,24 @@ def test_the_proxy_ranks_selection_metrics_by_how_they_predict_the_held_out_fami
     assert by["val_auc"].rho == pytest.approx(spearmanr([t["final_val_auc"] for t in trials], held)[0])
 
 
+def test_correlations_pool_over_studies_by_their_fisher_z():
+    """Two independent studies: the pooled rho is the inverse-variance mean of their Fisher z (Bonett-Wright
+    variances), narrower than either; a study without a finite rho for a metric does not enter."""
+    from pipeline.study import proxy
+
+    a = [proxy.Correlation("val_loss", 0.6, 0, 0, 0, 9), proxy.Correlation("val_auc", math.nan, 0, 0, 0, 0)]
+    b = [proxy.Correlation("val_loss", 0.2, 0, 0, 0, 23), proxy.Correlation("val_auc", 0.5, 0.1, 0.8, 0.02, 12)]
+    rows = {r.metric: r for r in proxy.pooled([a, b])}
+    wa, wb = 6 / (1 + 0.36 / 2), 20 / (1 + 0.04 / 2)
+    z = (wa * math.atanh(0.6) + wb * math.atanh(0.2)) / (wa + wb)
+    assert rows["val_loss"].rho == pytest.approx(math.tanh(z)) and rows["val_loss"].n == 32
+    half = 1.959964 / math.sqrt(wa + wb)
+    assert (rows["val_loss"].low, rows["val_loss"].high) == pytest.approx((math.tanh(z - half), math.tanh(z + half)))
+    assert 0.2 < rows["val_loss"].rho < 0.6  # between the two, nearer the larger study
+    assert rows["val_auc"].rho == pytest.approx(0.5) and rows["val_auc"].n == 12  # study a had none
+    assert math.isnan(rows["val_auc_shift_min"].rho)  # no study had it
+
+
 def test_the_stored_threshold_is_read_on_the_held_out_families_only():
     """val_heldout_sensitivity / _specificity / _accuracy: the raw-scale threshold applied to each held-out
     perturbation's probabilities, averaged over them; the selection perturbations do not enter."""

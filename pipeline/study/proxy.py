@@ -74,9 +74,41 @@ def correlations(trials: list[dict]) -> list[Correlation]:
     return sorted(out, key=lambda c: -c.rho if math.isfinite(c.rho) else math.inf)
 
 
-def format_table(rows: list[Correlation], study: str) -> str:
-    lines = [f"study {study}: Spearman rank correlation of each selection metric with {TARGET} "
-             f"(battery families held out of selection), over its completed trials",
+def pooled(per_study: list[list[Correlation]]) -> list[Correlation]:
+    """Each metric's correlation pooled over independent studies, best predictor first: the fixed-effect
+    (inverse-variance) mean of the studies' Fisher z, each with the Bonett-Wright variance (Hedges & Olkin 1985,
+    ch. 11), and its 95% interval and two-sided p; `n` is the trials summed. A study without a finite rho for
+    the metric does not enter."""
+    normal = NormalDist()
+    out = []
+    for name in CANDIDATES:
+        weights, zs, n = [], [], 0
+        for rows in per_study:
+            c = next((r for r in rows if r.metric == name), None)
+            if c is None or not math.isfinite(c.rho) or c.n < 4:
+                continue
+            rho = max(min(c.rho, 0.999999), -0.999999)
+            weights.append((c.n - 3) / (1 + rho**2 / 2))
+            zs.append(math.atanh(rho))
+            n += c.n
+        if not weights:
+            out.append(Correlation(name, math.nan, math.nan, math.nan, math.nan, 0))
+            continue
+        z = sum(w * x for w, x in zip(weights, zs, strict=True)) / sum(weights)
+        se = 1 / math.sqrt(sum(weights))
+        half = normal.inv_cdf(0.975) * se
+        p = 2 * (1 - normal.cdf(abs(z) / se))
+        out.append(Correlation(name, math.tanh(z), math.tanh(z - half), math.tanh(z + half), p, n))
+    return sorted(out, key=lambda c: -c.rho if math.isfinite(c.rho) else math.inf)
+
+
+def format_table(rows: list[Correlation], study: str, pooled_over: int = 0) -> str:
+    """The table `benchmarks/generalization.py --study` prints; `pooled_over` > 1: rows pooled over that many
+    studies (`study` then names them)."""
+    over = (f"Fisher z pooled over {pooled_over} studies ({study}; fixed effect)" if pooled_over > 1
+            else f"over study {study}'s completed trials")
+    lines = [f"Spearman rank correlation of each selection metric with {TARGET} (battery families held out of "
+             f"selection), {over}",
              f"{'selection metric':<22}{'rho [95% CI]':<26}{'p':>8}{'trials':>8}"]
     for c in rows:
         lines.append(f"{c.metric:<22}{f'{c.rho:+.3f} [{c.low:+.3f}, {c.high:+.3f}]':<26}{c.p:>8.3f}{c.n:>8}")
