@@ -60,6 +60,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--ensemble", type=int, default=3, help="with --candidates --study: members, the top K by the "
                     "study's metric (default 3)")
     ap.add_argument("--versions", default=None, help="with --candidates: comma-separated versions as members")
+    ap.add_argument("--metric", default=None, help="with --candidates --study: rank the members by this metric "
+                    "(a version tag or run metric, e.g. val_auc_shift_mean; default: the study's own)")
     ap.add_argument("--tta", default="none", choices=["none", "mild"], help="with --candidates: add the "
                     "test-time-view rows")
     ap.add_argument("--model-name", default="pneumonia-cnn")
@@ -130,12 +132,13 @@ def compare_candidates(a) -> int:
                 print(f"error: --versions: {', '.join(missing)}: not ranked versions of {a.model_name}", file=sys.stderr)
                 return 2
             members, how = [by_version[v] for v in wanted], f"versions {','.join(wanted)}"
-        elif a.study:
-            metric = study_metric(versions(client, a.model_name), a.study)
-            members, _ = select_members(client, a.model_name, a.study, a.ensemble, metric, single=True)
-            how = f"the top {a.ensemble} of study {a.study} by {metric}"
+        elif len(a.study) == 1:
+            study = a.study[0]
+            metric = a.metric or study_metric(versions(client, a.model_name), study)
+            members, _ = select_members(client, a.model_name, study, a.ensemble, metric, single=True)
+            how = f"the top {a.ensemble} of study {study} by {metric}"
         else:
-            print("error: --candidates needs --study NAME or --versions", file=sys.stderr)
+            print("error: --candidates needs one --study NAME or --versions", file=sys.stderr)
             return 2
         data_dir, _ = members_dataset(members, None)  # the members' own dataset, as `pneumo promote` uses
     except PneumoError as e:

@@ -404,8 +404,12 @@ def _row(name: str, e: Evaluation) -> str:
 def format_decision(d: Decision) -> str:
     f = fmt
     c = d.candidate
-    trial = f", study {c.tags[tag_keys.STUDY]} trial {c.tags.get(tag_keys.TRIAL_NUMBER, '?')}" if c.tags.get(tag_keys.STUDY) else ""
-    how = f"best of {d.n_candidates} candidate(s) on this dataset" if d.forced is None else "chosen with --version"
+    members = c.tags.get(tag_keys.ENSEMBLE_MEMBERS)
+    trial = (f", study {c.tags[tag_keys.STUDY]} " + (f"versions {members}" if members else
+                                                     f"trial {c.tags.get(tag_keys.TRIAL_NUMBER, '?')}")
+             if c.tags.get(tag_keys.STUDY) else "")
+    how = (f"best of {d.n_candidates} candidate(s) on this dataset" if d.forced is None else
+           "built from them by --ensemble/--tta" if members else "chosen with --version")
     lines = [f"candidate  {d.model} v{c.version} ({d.metric} {f(c.value)} from {c.source}{trial}); {how}",
              "champion   " + (f"v{d.champion}" if d.champion else "none yet"),
              f"dataset    {d.data_dir} (digest {d.digest[:12]})",
