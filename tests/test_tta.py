@@ -87,3 +87,7 @@ def test_grad_cam_explains_the_network_inside_the_views_and_inside_an_ensemble_o
     assert len(members) == 2 and all(type(m.get_layer("stem_conv")).__name__ == "Conv2D" for m in members)
     heat = gradcam(ensemble, _images(2))
     assert heat.shape == (2, 32, 32) and np.isclose(heat.max(axis=(1, 2)), 1.0).all()
+    # the promoted form: the views around the members' mean
+    views_around = with_views(build_ensemble([net_a, net_b], ["1", "2"]), "mild")
+    assert [m.name for m in ensemble_members(views_around)] == ["member_1", "member_2"]
+    assert gradcam(views_around, _images(2)).shape == (2, 32, 32)
