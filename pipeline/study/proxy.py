@@ -37,6 +37,11 @@ class Correlation:
     n: int
 
 
+def fisher_z(rho: float, n: int) -> tuple[float, float]:
+    """(z, its variance) of a Spearman rho over n pairs: Fisher's z with the Bonett-Wright variance."""
+    return math.atanh(max(min(rho, 0.999999), -0.999999)), (1 + rho**2 / 2) / (n - 3)
+
+
 def spearman(xs: list[float], ys: list[float], alpha: float = 0.05) -> tuple[float, float, float, float]:
     """(rho, CI low, CI high, p) of Spearman's rank correlation (module docstring for the interval)."""
     from scipy.stats import spearmanr
@@ -48,8 +53,8 @@ def spearman(xs: list[float], ys: list[float], alpha: float = 0.05) -> tuple[flo
     rho = float(rho)
     if not math.isfinite(rho):
         return (math.nan,) * 4
-    z, half = math.atanh(max(min(rho, 0.999999), -0.999999)), NormalDist().inv_cdf(1 - alpha / 2) * math.sqrt(
-        (1 + rho**2 / 2) / (n - 3))
+    z, variance = fisher_z(rho, n)
+    half = NormalDist().inv_cdf(1 - alpha / 2) * math.sqrt(variance)
     return rho, math.tanh(z - half), math.tanh(z + half), float(p)
 
 
@@ -87,9 +92,9 @@ def pooled(per_study: list[list[Correlation]]) -> list[Correlation]:
             c = next((r for r in rows if r.metric == name), None)
             if c is None or not math.isfinite(c.rho) or c.n < 4:
                 continue
-            rho = max(min(c.rho, 0.999999), -0.999999)
-            weights.append((c.n - 3) / (1 + rho**2 / 2))
-            zs.append(math.atanh(rho))
+            z, variance = fisher_z(c.rho, c.n)
+            weights.append(1 / variance)
+            zs.append(z)
             n += c.n
         if not weights:
             out.append(Correlation(name, math.nan, math.nan, math.nan, math.nan, 0))
