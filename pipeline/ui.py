@@ -304,12 +304,16 @@ def _serve(server: ManagedServer, what: str, more=None) -> None:
     previous = {sig: signal.signal(sig, _interrupt) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
         with server:
-            print(f"{what}: {server.url}  (Ctrl-C stops it; log: {server.log_path})", flush=True)
+            # The links are read before the URL line is printed, so a Ctrl-C sent once the URL shows lands in the
+            # wait below, not inside the store reads (a SIGINT there once left the process dying of SIGINT after
+            # it had stopped the server: tests/test_ui.py saw exit -2).
+            lines = []
             if more is not None:  # what to open first (read from the store: a failure here is only a hint lost)
                 try:
-                    print("\n".join(more()), flush=True)
+                    lines = list(more())
                 except Exception as e:  # noqa: BLE001
-                    print(f"  (no links: {one_line(e)})", flush=True)
+                    lines = [f"  (no links: {one_line(e)})"]
+            print("\n".join([f"{what}: {server.url}  (Ctrl-C stops it; log: {server.log_path})", *lines]), flush=True)
             code = server.wait()
             if code:
                 raise UiError(f"{server.name} stopped with exit code {code}: {server.log_tail()}")
