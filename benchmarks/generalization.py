@@ -17,6 +17,9 @@ Ends with one line: auc_shift_min=<worst AUC> internal_auc=<AUC> (no target: a r
 rank correlation of each candidate selection metric with the AUC on the held-out battery families
 (pipeline/study/proxy.py), best predictor first; with several studies, also the correlations pooled over them
 (Fisher z, fixed effect). Ends with: proxy_choice=<metric> spearman=<rho> (the pooled one with several).
+`--held-out crop,letterbox,...` re-chooses the held-out families after the fact, from every trial's logged AUC
+under each perturbation (the target and the battery's selection metrics recomputed; pipeline/study/proxy.py:
+retarget): does the choice hold when a family that costs specificity is held out?
 
 `--candidates` (with `--study NAME --ensemble K`, or `--versions 4,5,6`) compares ways to build the promoted
 candidate on the proxy, validation only (no test read, nothing logged or registered): each member alone, the
@@ -24,8 +27,10 @@ members' mean, and with `--tta mild` the best member and the mean under the test
 (pipeline/net/tta.py). Each is validated as `pneumo promote` would build it (pipeline/study/candidate.py:
 validate, with the members' own threshold policy), and reported with the validation AUC and loss, the battery's
 selection mean, the held-out families' AUC (mean, worst) and, at the candidate's own stored threshold,
-sensitivity and specificity on clean validation and on the held-out families (does the threshold hold?).
-Ends with: candidate_choice=<row> heldout_auc=<its held-out mean AUC>. ~5 min for K = 3 with --tta at 128 px.
+sensitivity and specificity on clean validation and on the held-out families (does the threshold hold?); then,
+for the last candidate (the fullest construction), which way each battery family moves its decision: the change
+of sensitivity and specificity at its threshold (pipeline/study/proxy.py: directions). Ends with:
+candidate_choice=<row> heldout_auc=<its held-out mean AUC>. ~5 min for K = 3 with --tta at 128 px.
 """
 
 from __future__ import annotations
@@ -55,6 +60,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--study", action="append", default=[], help="report the selection metrics' rank correlation "
                     "with the held-out battery families over this study's trials (no images read); repeat it to "
                     "pool studies")
+    ap.add_argument("--held-out", default=None, help="with --study: re-choose the held-out families after the fact "
+                    "(comma-separated battery families, e.g. crop,letterbox,gamma,zoom_out), from each trial's logged "
+                    "AUC under every perturbation")
     ap.add_argument("--candidates", action="store_true", help="compare candidate constructions (single, the "
                     "members' mean, test-time views) on the proxy, over --study's top --ensemble or --versions")
     ap.add_argument("--ensemble", type=int, default=3, help="with --candidates --study: members, the top K by the "
@@ -69,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
     if a.candidates:
         return compare_candidates(a)
     if a.study:
-        return study_proxy(a.study, a.tracking_uri)
+        return study_proxy(a.study, a.tracking_uri, a.held_out)
     if not (Path(a.data) / "manifest.json").exists():
         print(f"error: {a.data}/manifest.json not found: convert the data first (README, Kermany section)",
               file=sys.stderr)
@@ -91,14 +99,23 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def study_proxy(studies: list[str], tracking_uri: str | None) -> int:
+def study_proxy(studies: list[str], tracking_uri: str | None, held_out: str | None = None) -> int:
     from pipeline.artifact import tracking
     from pipeline.study import proxy
 
     client = tracking.setup(tracking.resolve_tracking_uri(tracking_uri))
+    families = tuple(f.strip() for f in held_out.split(",") if f.strip()) if held_out is not None else None
+    if families is not None:
+        print(f"held-out families re-chosen after the fact: {', '.join(families)} (pipeline/study/proxy.py: retarget)")
     per_study = []
     for study in studies:
         trials = proxy.trial_metrics(client, study)
+        if families is not None:
+            try:
+                trials = proxy.retarget(trials, families)
+            except PneumoError as e:
+                print(f"error: --held-out: {one_line(e)}", file=sys.stderr)
+                return e.exit_code
         if len(trials) < 4:
             print(f"error: study {study!r} has {len(trials)} completed trial(s) with {proxy.TARGET}: it needs at "
                   "least 4, trained with train.shift_held_out (experiments/kermany.toml sets it)", file=sys.stderr)
@@ -119,6 +136,7 @@ def compare_candidates(a) -> int:
     from pipeline.net.tta import with_views
     from pipeline.promote.ensemble import build_model, members_dataset, members_recipe, select_members
     from pipeline.promote.promotion import Candidate, rank_candidates, study_metric, versions
+    from pipeline.study import proxy
     from pipeline.study.candidate import validate
 
     client = tracking.setup(tracking.resolve_tracking_uri(a.tracking_uri))
@@ -157,10 +175,10 @@ def compare_candidates(a) -> int:
     print(f"candidates built from {how}, on {data_dir}'s validation split (load {os.getloadavg()[0]:.1f})")
     cols = ("val AUC", "val loss", "battery", "held-out", "ho worst", "thr", "sens", "spec", "ho sens", "ho spec")
     print(f"{'candidate':<18}" + "".join(f"{c:>10}" for c in cols) + f"{'s':>6}")
-    rows = []
+    rows, last = [], None
     for name, net in builds:
         t0 = time.perf_counter()
-        v = validate(net, recipe, data_dir, with_shift=True)
+        v = last = validate(net, recipe, data_dir, with_shift=True)
         sm = v.shift_metrics()
         row = (v.metrics["auc"], v.metrics["loss"], sm["val_auc_shift_mean"], sm.get("val_auc_heldout_mean", float("nan")),
                sm.get("val_auc_heldout_min", float("nan")), v.threshold, v.metrics["sensitivity"],
@@ -168,6 +186,8 @@ def compare_candidates(a) -> int:
                sm.get("val_heldout_specificity", float("nan")))
         rows.append((name, row))
         print(f"{name:<18}" + "".join(f"{x:>10.4f}" for x in row) + f"{time.perf_counter() - t0:>6.0f}", flush=True)
+    at = last.shifted.operating(last.threshold_raw)
+    print(proxy.format_directions(proxy.directions(last.shifted, last.threshold_raw), at["clean"], rows[-1][0]))
     best = max(rows, key=lambda r: r[1][3])
     print(f"candidate_choice={best[0].replace(' ', '_')} heldout_auc={best[1][3]:.4f}")
     return 0

@@ -54,6 +54,10 @@ class ModelConfig:
     # Per-image standardisation (zero mean, unit variance per image) instead of the fixed [-1, 1] map: removes
     # a film's overall exposure and contrast before the first conv (pipeline/net/model.py).
     standardize: bool = False
+    # Per-image histogram equalization instead (pipeline/net/augment.py: HistogramEqualization): the output no
+    # longer depends on the film's grey-scale curve (exposure, contrast, gamma) at all, and a white frame only
+    # takes the top ranks. Measured on the proxy: README, "A proxy for travels".
+    equalize: bool = False
     # A keras.applications network in place of the stem and blocks (pipeline/net/backbone.py): none |
     # densenet121 | efficientnetb0. Its weights come from a local file the user downloads once (Keras' ImageNet
     # "notop" .h5: hospitals are often offline, so nothing is fetched at training time); "" = random weights.
@@ -372,6 +376,11 @@ def check_model(m: ModelConfig) -> None:
     if m.backbone != "none" and m.standardize:
         raise ConfigError(f"model.standardize applies to the project's own CNN; model.backbone = {m.backbone!r} "
                           f"takes its ImageNet input normalisation")
+    if m.backbone != "none" and m.equalize:
+        raise ConfigError(f"model.equalize applies to the project's own CNN; model.backbone = {m.backbone!r} "
+                          f"takes its ImageNet input normalisation")
+    if m.standardize and m.equalize:
+        raise ConfigError("model.standardize and model.equalize are two ways to normalise the image: set one")
 
 
 def check_consistency(cfg: Config) -> None:

@@ -19,6 +19,7 @@ from mlflow import MlflowClient
 from pipeline.config import AugmentConfig, ConfigError, load_config
 from pipeline.evaluate import shift
 from pipeline.net.augment import (
+    HistogramEqualization,
     PerImageStandardization,
     RandomBlur,
     RandomGamma,
@@ -246,6 +247,17 @@ def test_evaluate_shift_reports_battery_and_ece(robust_run, synth_data, tmp_path
     assert rep["ece_after"] == pytest.approx(expected_calibration_error(y, apply_temperature(raw, temperature)),
                                              abs=1e-6)
     assert "jpeg_10" in r["table"] and "ECE" in r["table"]
+    # The stored decision under each perturbation: the calibrated battery probabilities at the stored threshold.
+    sample = shift.load_sample(synth_data, "test", 40, 0)
+    threshold, at = r["metrics"]["threshold"], rep["operating"]
+    assert set(at) == {"clean", *rep["auc"]}
+    calibrated = apply_temperature(np.asarray(result.model.predict_on_batch({"image": sample.images})).ravel(),
+                                   temperature)
+    positive = sample.labels == 1
+    assert at["clean"]["sensitivity"] == pytest.approx((calibrated[positive] >= threshold).mean(), abs=1e-6)
+    assert at["clean"]["specificity"] == pytest.approx((calibrated[~positive] < threshold).mean(), abs=1e-6)
+    jpeg_line = next(line for line in r["table"].splitlines() if line.startswith("jpeg_10 "))
+    assert jpeg_line.split()[3:5] == [f"{at['jpeg_10']['sensitivity']:.3f}", f"{at['jpeg_10']['specificity']:.3f}"]
     import json
 
     assert json.loads((tmp_path / "e.json").read_text())["shift"]["worst_name"] == rep["worst_name"]
@@ -379,6 +391,79 @@ def test_standardization_removes_exposure_and_contrast():
     np.testing.assert_allclose(out.std(axis=(1, 2, 3)), 1.0, atol=1e-3)
 
 
+def mid_rank(levels: np.ndarray) -> np.ndarray:
+    """Reference for HistogramEqualization, per image: over the unsaturated pixels, (pixels below + half the
+    pixels equal) / their number, on [-1, 1]; black -> -1, white -> +1."""
+    out = np.empty(levels.shape, np.float64)
+    for i, img in enumerate(levels):
+        flat = img.ravel()
+        counted = np.sort(flat[(flat > 0) & (flat < 255)])
+        below = np.searchsorted(counted, flat, side="left")
+        equal = np.searchsorted(counted, flat, side="right") - below
+        ranked = (below + 0.5 * equal) / max(len(counted), 1) * 2 - 1
+        out[i] = np.where(flat == 0, -1.0, np.where(flat == 255, 1.0, ranked)).reshape(img.shape)
+    return out
+
+
+def test_equalization_is_the_mid_rank_cdf_and_ignores_the_grey_scale_curve_and_margins():
+    """HistogramEqualization: each unsaturated pixel's mid-rank among its image's unsaturated pixels (a hand
+    example, then a numpy reference per image, batch-independent); any strictly increasing grey-scale map
+    (exposure, contrast, gamma) on distinct levels leaves the output unchanged, which per-image
+    standardisation does not do for gamma; a white frame or black margins around the image leave the
+    image's own output unchanged; a flat image maps to 0."""
+    layer = HistogramEqualization()
+    tiny = np.array([0, 64, 64, 128, 200, 255], np.float32).reshape(1, 2, 3, 1) / 255
+    np.testing.assert_allclose(layer(tiny).numpy().ravel(), [-1.0, -0.5, -0.5, 0.25, 0.75, 1.0])
+    images = chest_like(4)
+    images[0, :3] = 0  # some saturated pixels, so the reference's exclusion is exercised
+    images[1, -3:] = 255
+    out = layer(images.astype(np.float32) / 255).numpy()
+    np.testing.assert_allclose(out, mid_rank(images), atol=1e-6)
+    np.testing.assert_allclose(layer(images[2:3].astype(np.float32) / 255).numpy(), out[2:3], atol=1e-6)
+    # 40 distinct levels, so each map below stays one-to-one after rounding to 8 bits.
+    palette = np.linspace(20, 235, 40).round()
+    sparse = palette[np.random.default_rng(1).integers(0, 40, (3, SIZE, SIZE, 1))]
+    for curve in (lambda v: v * 0.6, lambda v: 255 * (v / 255) ** 1.6, lambda v: (v - 128) * 0.5 + 128):
+        assert len(np.unique(np.round(curve(palette)))) == 40
+        shifted = np.round(curve(sparse)).astype(np.float32) / 255
+        np.testing.assert_allclose(layer(shifted).numpy(), layer(sparse.astype(np.float32) / 255).numpy(), atol=1e-6)
+    gamma = np.round(255 * (sparse / 255) ** 1.6).astype(np.float32) / 255
+    standardize = PerImageStandardization()
+    assert np.abs(standardize(gamma).numpy() - standardize(sparse.astype(np.float32) / 255).numpy()).max() > 0.1
+    body = chest_like(2)[:, 4:-4, 4:-4]  # unsaturated inside
+    assert 0 < body.min() and body.max() < 255
+    inner = layer(body.astype(np.float32) / 255).numpy()
+    for fill in (0, 255):  # black margins (zoom-out, letterbox), a white frame (a scanned film)
+        framed = np.pad(body, [(0, 0), (4, 4), (4, 4), (0, 0)], constant_values=fill).astype(np.float32) / 255
+        got = layer(framed).numpy()
+        np.testing.assert_allclose(got[:, 4:-4, 4:-4], inner, atol=1e-6)
+        assert (got[:, :4] == (1.0 if fill else -1.0)).all()
+    np.testing.assert_array_equal(layer(np.full((1, 8, 8, 1), 0.3, np.float32)).numpy(), 0.0)
+
+
+def test_equalization_compiles_saves_and_is_checked_in_the_config(tmp_path):
+    """Inside the model under XLA (tf.function jit_compile) it gives the eager output; a model with it saves and
+    loads with the same predictions; it excludes standardize and a backbone, with one-line errors."""
+    from pipeline.config import ModelConfig, check_model
+    from pipeline.net.model import build_model
+
+    images = chest_like(4).astype(np.float32) / 255
+    layer = HistogramEqualization()
+    np.testing.assert_allclose(tf.function(layer, jit_compile=True)(images).numpy(), layer(images).numpy(),
+                               atol=1e-6)
+    cfg = ModelConfig(blocks=2, filters=4, stem_filters=4, dense_units=0, dropout=0.0, equalize=True)
+    m = build_model(cfg, AugmentConfig(rotation=0.0, zoom=0.0, translation=0.0), SIZE, seed=0)
+    assert "equalize" in [la.name for la in m.layers]
+    x = {"image": chest_like(4)}
+    m.save(tmp_path / "m.keras")
+    np.testing.assert_allclose(keras.saving.load_model(tmp_path / "m.keras").predict_on_batch(x),
+                               m.predict_on_batch(x), atol=1e-6)
+    with pytest.raises(ConfigError, match="set one"):
+        check_model(dataclasses.replace(cfg, standardize=True))
+    with pytest.raises(ConfigError, match="model.equalize applies to the project's own CNN"):
+        check_model(dataclasses.replace(cfg, backbone="densenet121"))
+
+
 def test_bad_new_strengths_name_the_key():
     for key, value in (("gamma", 1.0), ("noise", 0.6), ("blur", -0.1)):
         with pytest.raises(ValueError, match=f"augment.{key}"):
@@ -396,6 +481,18 @@ x = {"image": np.random.default_rng(0).integers(0, 255, (4, 32, 32, 1)).astype("
 assert np.array_equal(np.asarray(m(x, training=False)), np.asarray(m(x, training=False)))
 m.compile(optimizer="adam", loss="binary_crossentropy")
 m.fit(x, np.zeros(4, "float32"), epochs=1, verbose=0)
+from pipeline.net.augment import HistogramEqualization
+flat = x["image"][0].ravel()
+inside = np.sort(flat[(flat > 0) & (flat < 255)])
+below, upto = (np.searchsorted(inside, flat, side=s) for s in ("left", "right"))
+want = np.where(flat == 0, -1.0, np.where(flat == 255, 1.0, (below + 0.5 * (upto - below)) / len(inside) * 2 - 1))
+import jax
+equalize = HistogramEqualization()
+got = np.asarray(jax.jit(lambda t: equalize(t))(x["image"].astype("float32") / 255))  # XLA under JAX
+assert np.allclose(got[0].ravel(), want, atol=1e-6)
+e = build_model(ModelConfig(blocks=2, filters=4, stem_filters=4, dense_units=0, equalize=True), aug, 32)
+e.compile(optimizer="adam", loss="binary_crossentropy")  # jit_compile="auto": XLA under JAX
+e.fit(x, np.zeros(4, "float32"), epochs=1, verbose=0)
 print("jax ok")
 """
 
@@ -472,6 +569,66 @@ def test_the_stored_threshold_is_read_on_the_held_out_families_only():
     assert shift.ShiftResult(labels=y, clean=y, probabilities=probs).held_out_operating(0.5) == {}
 
 
+def test_operating_points_and_which_side_each_family_costs():
+    """`ShiftResult.operating`: sensitivity and specificity at a threshold on clean and under each perturbation
+    (through `calibrate` when given); `proxy.directions`: per family, the mean change from clean, the family
+    costing most specificity first, and the table names the side each one loses."""
+    from pipeline.study import proxy
+
+    y = np.array([1, 1, 1, 1, 0, 0, 0, 0])
+    clean = np.array([0.9, 0.8, 0.7, 0.3, 0.2, 0.1, 0.1, 0.1])  # sens 3/4, spec 1 at 0.5
+    probs = {"exposure_0.6": clean + 0.45,  # every score up: sens 1, spec 0
+             "exposure_1.25": clean - 0.35,  # every score down: sens 1/4 (only 0.9 - 0.35 is called), spec 1
+             "jpeg_30": clean.copy()}  # unchanged
+    r = shift.ShiftResult(labels=y, clean=clean, probabilities=probs, auc={k: 0.9 for k in probs}, held_out=("jpeg",))
+    at = r.operating(0.5)
+    assert at["clean"] == (0.75, 1.0) and at["exposure_0.6"] == (1.0, 0.0) and at["exposure_1.25"] == (0.25, 1.0)
+    assert r.operating(0.25, calibrate=lambda p: p / 2)["clean"] == (0.75, 1.0)  # 0.25 on the halved scale
+    rows = proxy.directions(r, 0.5)
+    assert [(d.family, d.held_out) for d in rows] == [("exposure", False), ("jpeg", True)]
+    assert (rows[0].d_sensitivity, rows[0].d_specificity) == pytest.approx((-0.125, -0.5))  # means of the two
+    assert (rows[1].d_sensitivity, rows[1].d_specificity) == (0.0, 0.0)
+    table = proxy.format_directions(rows, at["clean"], "v1").splitlines()
+    assert table[2].split()[-1] == "specificity" and table[3].split()[-3:] == ["neither", "(held", "out)"]
+    assert table[-1] == "specificity_side=exposure"
+    pushed_down = shift.ShiftResult(labels=y, clean=clean, probabilities={"blur_1": clean - 0.35},
+                                    auc={"blur_1": 0.9}, clean_auc=1.0)
+    table = proxy.format_directions(proxy.directions(pushed_down, 0.5), (0.75, 1.0), "v").splitlines()
+    assert table[2].split()[-1] == "sensitivity" and table[-1] == "specificity_side=none"
+    lines = shift.format_table(pushed_down, pushed_down.operating(0.5)).splitlines()
+    assert lines[0].split() == ["condition", "AUC", "drop", "sens", "spec"]
+    assert lines[1].split()[-2:] == ["0.750", "1.000"] and lines[2].split() == ["blur_1", "0.9000", "-0.1000",
+                                                                               "0.250", "1.000"]
+    assert shift.format_table(pushed_down).splitlines()[0].split() == ["condition", "AUC", "drop"]
+
+
+def test_held_out_families_can_be_re_chosen_after_the_fact():
+    """`proxy.retarget`: from each trial's AUC under every perturbation, the target is the mean over the newly
+    held-out families and the battery's mean, worst and tail are over the rest; the original families give back
+    the logged values; a trial lacking a perturbation is left out; an unknown family is a one-line ConfigError."""
+    from pipeline.study import proxy
+
+    names = [p.name for p in BATTERY]
+    rng = np.random.default_rng(0)
+    aucs = dict(zip(names, rng.uniform(0.9, 1.0, len(names)), strict=True))
+    trial = {f"val_auc_shift/{n}": v for n, v in aucs.items()} | {"final_val_loss": 0.2}
+    held = ("crop", "letterbox")
+    (got,) = proxy.retarget([trial, {"final_val_loss": 0.1, "val_auc_shift/crop_0.9": 0.9}], held)
+    inside = [v for n, v in aucs.items() if shift.family(n) in held]
+    rest = sorted(v for n, v in aucs.items() if shift.family(n) not in held)
+    assert got[proxy.TARGET] == pytest.approx(np.mean(inside)) and len(inside) == 4
+    assert got["val_auc_shift_mean"] == pytest.approx(np.mean(rest)) and got["val_auc_shift_min"] == min(rest)
+    assert got["val_auc_shift_tail"] == pytest.approx(np.mean(rest[: math.ceil(len(rest) / 4)]))
+    assert got["final_val_loss"] == 0.2
+    logged = shift.ShiftResult(labels=np.array([0, 1]), clean=np.zeros(2), probabilities={}, auc=aucs,
+                               held_out=("jpeg", "gamma", "letterbox", "zoom_out"))
+    (same,) = proxy.retarget([trial], logged.held_out)
+    assert same[proxy.TARGET] == pytest.approx(logged.metrics()["val_auc_heldout_mean"])
+    assert same["val_auc_shift_tail"] == pytest.approx(logged.tail)
+    with pytest.raises(ConfigError, match="unknown family 'glare'"):
+        proxy.retarget([trial], ("glare",))
+
+
 def test_generalization_study_mode_reads_the_trials_and_names_its_choice(tmp_path, capsys):
     """`benchmarks/generalization.py --study NAME` on a store holding a study's trial runs (no images read)."""
     import importlib.util
@@ -499,3 +656,5 @@ def test_generalization_study_mode_reads_the_trials_and_names_its_choice(tmp_pat
     assert any(line.startswith("val_auc ") and line.rstrip().endswith("6") for line in out)
     assert module.main(["--study", "nosuch", "--tracking-uri", uri]) == 2
     assert "needs at least 4" in capsys.readouterr().err
+    assert module.main(["--study", "s", "--tracking-uri", uri, "--held-out", "crop,glare"]) == 2
+    assert capsys.readouterr().err.startswith("error: --held-out: train.shift_held_out: unknown family 'glare'")

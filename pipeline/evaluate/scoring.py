@@ -104,7 +104,8 @@ def evaluate_model(uri: str, data_dir: str | Path, split: str = "val", *, tracki
                "threshold_source": threshold_source, "metrics": metrics, "subgroups": subgroups}
     table = format_table(metrics, subgroups) + f"\nthreshold {threshold:.4f}: {threshold_source}"
     if shift:
-        report = shift_report(lm, data_dir, split, y, p_raw, p, max_images=shift_max_images, seed=shift_seed)
+        report = shift_report(lm, data_dir, split, y, p_raw, p, threshold, max_images=shift_max_images,
+                              seed=shift_seed)
         payload["shift"] = {k: v for k, v in report.items() if k != "table"}
         table += "\n\n" + report["table"]
     write_json(path, payload)
@@ -126,22 +127,26 @@ def charge_read(uri: str, version, data_dir: str | Path, digest: str, split: str
     holdout.settle(client, c, f"evaluated {uri}")
 
 
-def shift_report(lm, data_dir: str | Path, split: str, y, raw, p_calibrated, *, max_images: int = 0,
-                 seed: int = 0) -> dict:
-    """The generalization part of `pneumo evaluate --shift`: battery AUCs on `split` and ECE before/after
-    calibration (`raw` and `p_calibrated`: the split's probabilities before and after the model's temperature;
-    `lm` a model_store.LoadedModel)."""
+def shift_report(lm, data_dir: str | Path, split: str, y, raw, p_calibrated, threshold: float, *,
+                 max_images: int = 0, seed: int = 0) -> dict:
+    """The generalization part of `pneumo evaluate --shift`: battery AUCs on `split`, the sensitivity and
+    specificity at `threshold` (calibrated scale) under each perturbation, and ECE before/after calibration
+    (`raw` and `p_calibrated`: the split's probabilities before and after the model's temperature; `lm` a
+    model_store.LoadedModel)."""
     from pipeline.evaluate import shift as sh
     from pipeline.net.calibration import expected_calibration_error
 
     sample = sh.load_sample(data_dir, split, max_images, seed, with_meta=lm.uses_meta)
     result = sh.score_battery(lm.model, sample, seed=seed)
+    operating = result.operating(threshold, lm.calibrate)
     ece_before, ece_after = expected_calibration_error(y, raw), expected_calibration_error(y, p_calibrated)
-    lines = [f"shift battery on the {split} split ({len(sample.labels)} images, seed {seed}; "
-             "AUC is unchanged by calibration)", sh.format_table(result), "",
+    lines = [f"shift battery on the {split} split ({len(sample.labels)} images, seed {seed}; AUC is unchanged "
+             f"by calibration; sensitivity and specificity at the threshold {threshold:.4f})",
+             sh.format_table(result, operating), "",
              f"ECE ({split}, 15 bins): {ece_before:.4f} before calibration, {ece_after:.4f} after "
              f"(temperature {lm.temperature:.3f})"]
     return {"images": int(len(sample.labels)), "seed": seed, "clean_auc": result.clean_auc, "auc": result.auc,
             "mean": result.mean, "worst": result.worst, "worst_name": result.worst_name,
+            "operating": {k: {"sensitivity": sens, "specificity": spec} for k, (sens, spec) in operating.items()},
             "temperature": lm.temperature, "ece_before": ece_before, "ece_after": ece_after,
             "table": "\n".join(lines)}

@@ -299,6 +299,18 @@ class ShiftResult:
             out.update(val_auc_heldout_mean=float(np.mean(held)), val_auc_heldout_min=float(np.min(held)))
         return out
 
+    def operating(self, threshold: float, calibrate: Callable | None = None) -> dict[str, tuple[float, float]]:
+        """Which way each condition moves the stored decision: (sensitivity, specificity) at `threshold` on the
+        clean subset ("clean") and under every perturbation. `calibrate` maps the network's probabilities onto
+        the threshold's scale (a model's temperature); without it `threshold` is on the network's own scale.
+        A perturbation can lose ranking (AUC) and still keep the operating point, or keep the ranking and move
+        every score one way: the AUC alone does not say which side of the threshold fails."""
+        positive = np.asarray(self.labels).astype(bool)
+        out = {}
+        for name, p in {"clean": self.clean, **self.probabilities}.items():
+            called = np.asarray(calibrate(p) if calibrate else p) >= threshold
+            out[name] = (float(called[positive].mean()), float(1.0 - called[~positive].mean()))
+        return out
 
     def held_out_operating(self, threshold_raw: float) -> dict[str, float]:
         """Does the stored threshold hold where nobody chose it? Sensitivity, specificity and accuracy at
@@ -308,11 +320,12 @@ class ShiftResult:
         names = [k for k in self.probabilities if family(k) in self.held_out]
         if not names:
             return {}
-        positive = np.asarray(self.labels).astype(bool)
-        called = [self.probabilities[k] >= threshold_raw for k in names]
-        return {"val_heldout_sensitivity": float(np.mean([c[positive].mean() for c in called])),
-                "val_heldout_specificity": float(np.mean([1.0 - c[~positive].mean() for c in called])),
-                "val_heldout_accuracy": float(np.mean([(c == positive).mean() for c in called]))}
+        at = self.operating(threshold_raw)
+        prevalence = float(np.asarray(self.labels).astype(bool).mean())
+        return {"val_heldout_sensitivity": float(np.mean([at[k][0] for k in names])),
+                "val_heldout_specificity": float(np.mean([at[k][1] for k in names])),
+                "val_heldout_accuracy": float(np.mean([prevalence * at[k][0] + (1 - prevalence) * at[k][1]
+                                                       for k in names]))}
 
 
 def family(name: str) -> str:
@@ -473,10 +486,19 @@ def plot_shift(result: ShiftResult, title: str = "AUC under the shift battery (v
     return fig
 
 
-def format_table(result: ShiftResult) -> str:
-    lines = [f"{'condition':<16}{'AUC':>7}{'drop':>8}", f"{'clean (subset)':<16}{result.clean_auc:>7.4f}{'':>8}"]
+def format_table(result: ShiftResult, operating: dict[str, tuple[float, float]] | None = None) -> str:
+    """The AUC under each condition and its drop from clean; with `operating` (`ShiftResult.operating` at the
+    stored threshold) also the sensitivity and specificity there. Held-out families are marked "(held out)"."""
+    at = operating or {}
+
+    def cols(name: str) -> str:
+        return f"{at[name][0]:>7.3f}{at[name][1]:>7.3f}" if name in at else ""
+
+    head = f"{'condition':<16}{'AUC':>7}{'drop':>8}" + (f"{'sens':>7}{'spec':>7}" if at else "")
+    lines = [head, f"{'clean (subset)':<16}{result.clean_auc:>7.4f}{'':>8}" + cols("clean")]
     for name, auc in result.auc.items():
-        lines.append(f"{name:<16}{auc:>7.4f}{auc - result.clean_auc:>+8.4f}")
+        mark = "  (held out)" if family(name) in result.held_out else ""
+        lines.append(f"{name:<16}{auc:>7.4f}{auc - result.clean_auc:>+8.4f}" + cols(name) + mark)
     lines.append(f"{'mean':<16}{result.mean:>7.4f}{result.mean - result.clean_auc:>+8.4f}")
     lines.append(f"{'worst':<16}{result.worst:>7.4f}{result.worst - result.clean_auc:>+8.4f}  ({result.worst_name})")
     return "\n".join(lines)

@@ -230,6 +230,53 @@ class FixedAffine(keras.layers.Layer):
 
 
 @keras.saving.register_keras_serializable(package="pneumo")
+class HistogramEqualization(keras.layers.Layer):
+    """Global histogram equalization per image (Gonzalez & Woods, Digital Image Processing, 4th ed., sec. 3.3),
+    over the image's unsaturated pixels: each pixel strictly between black and white becomes the fraction of
+    those pixels darker than it (the mid-rank empirical CDF over `levels` grey levels); black stays black and
+    white stays white. The result is mapped to [-1, 1].
+
+    Any strictly increasing change of the grey scale (exposure, contrast, gamma) leaves the ranks and so the
+    output unchanged: a film's intensity profile no longer reaches the convs. Saturated pixels are left out of
+    the histogram because on a film they are mostly not anatomy: a black margin (a collimated or zoomed-out
+    film, letterbox bars) or a white frame (a scanned film) would otherwise shift every other pixel's rank by
+    its area (measured, one seed: with them counted, the white-frame family's AUC was 0.935 and specificity at
+    the stored threshold fell by 0.54; left out, 0.964 and 0.03; README, "A proxy for travels"). Preprocessing,
+    active in training and inference alike; keras.ops only (TensorFlow and JAX; XLA-safe: the histogram is a
+    segment sum of static size)."""
+
+    def __init__(self, levels: int = 256, **kwargs):
+        super().__init__(**kwargs)
+        self.levels = int(levels)
+
+    def call(self, x):
+        x = ops.cast(x, "float32")  # [0, 1]
+        shape = ops.shape(x)
+        top = self.levels - 1
+        n = x.shape[1] * x.shape[2] * x.shape[3]
+        flat = ops.reshape(ops.cast(ops.clip(ops.round(x * top), 0, top), "int32"), (-1, n))
+        images = shape[0]
+        counted = ops.cast((flat > 0) & (flat < top), "float32")
+        # One histogram per image: image i's level l is segment i * levels + l; saturated pixels weigh 0.
+        segment = flat + ops.expand_dims(ops.arange(images, dtype="int32") * self.levels, 1)
+        counts = ops.segment_sum(ops.reshape(counted, (-1,)), ops.reshape(segment, (-1,)),
+                                 num_segments=images * self.levels)
+        counts = ops.reshape(counts, (-1, self.levels))
+        total = ops.maximum(ops.sum(counts, axis=1, keepdims=True), 1.0)
+        # Mid-rank: the counted pixels below a level plus half of its own, so a flat image maps to 0, not 1.
+        cdf = (ops.cumsum(counts, axis=1) - 0.5 * counts) / total
+        ranked = ops.take_along_axis(cdf, flat, axis=1) * 2.0 - 1.0
+        out = ops.where(flat == 0, -1.0, ops.where(flat == top, 1.0, ranked))
+        return ops.reshape(out, shape)
+
+    def compute_output_shape(self, input_shape):
+        return input_shape
+
+    def get_config(self):
+        return {**super().get_config(), "levels": self.levels}
+
+
+@keras.saving.register_keras_serializable(package="pneumo")
 class PerImageStandardization(keras.layers.Layer):
     """(x - mean) / max(std, 1/sqrt(N)) per image, as tf.image.per_image_standardization but in keras.ops (so
     the model stays backend-neutral): a film's overall exposure and contrast no longer reach the convs. Active

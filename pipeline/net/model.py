@@ -1,6 +1,7 @@
 """The CNN family: one builder from `ModelConfig`; the seed's Conv/MaxPool/Dropout/Dense design is one member.
 
-    image uint8 (B, H, W, 1) -> [0, 1] -> augmentation (training only) -> [-1, 1]
+    image uint8 (B, H, W, 1) -> [0, 1] -> augmentation (training only) -> [-1, 1] (fixed map, per-image
+      standardisation or histogram equalization: `model.standardize`, `model.equalize`)
       -> stem (optional strided conv) -> `blocks` x [conv (+BN) + ReLU, `convs_per_block` times; max-pool 2]
       -> global average pooling | flatten -> dropout -> [concat Dense(meta)] -> Dense(dense_units) -> sigmoid
 
@@ -33,7 +34,7 @@ from pipeline.config import AugmentConfig, ConfigError, ModelConfig, check_model
 from pipeline.data.records import (
     META_DIM,  # the side-input vector's width, defined beside the code that builds it
 )
-from pipeline.net.augment import PerImageStandardization, augmentation_block
+from pipeline.net.augment import HistogramEqualization, PerImageStandardization, augmentation_block
 from pipeline.net.backbone import backbone_features
 
 PRECISIONS = ("auto", "float32", "mixed_float16", "mixed_bfloat16")
@@ -169,6 +170,8 @@ def build_model(model: ModelConfig, augment: AugmentConfig, image_size: int, *, 
         x = backbone_features(cfg, x, image_size)
     elif cfg.standardize:
         x = PerImageStandardization(name="standardize")(x)
+    elif cfg.equalize:
+        x = HistogramEqualization(name="equalize")(x)
     else:
         x = layers.Rescaling(2.0, offset=-1.0, name="center")(x)  # [0, 1] -> [-1, 1]: zero-centred input
     if cfg.stem_filters and cfg.backbone == "none":

@@ -7,7 +7,11 @@ validation loss), Spearman's rank correlation with the held-out AUC over the stu
 selecting on it would have picked the trials that hold up there. A simulation of other sites, not one: the
 held-out families are transformations of this hospital's images, on its validation patients.
 
-Read by `benchmarks/generalization.py --study NAME`. Spearman's rho and its p-value from scipy.stats.spearmanr;
+`directions` answers the question the AUC cannot: at the stored threshold, does a family of perturbations cost
+sensitivity (scores pushed down) or specificity (scores pushed up)? A new site can keep the ranking and still move
+every score one way, and only one of the two sides fails then.
+
+Read by `benchmarks/generalization.py --study NAME` (and `--candidates`, for `directions`). Spearman's rho and its p-value from scipy.stats.spearmanr;
 a 95% interval from the Fisher z transform with the Bonett & Wright (Psychometrika 2000) variance
 (1 + rho^2 / 2) / (n - 3), the usual one for Spearman's coefficient.
 """
@@ -19,6 +23,7 @@ from dataclasses import dataclass
 from statistics import NormalDist
 
 from pipeline.artifact import tag_keys
+from pipeline.evaluate.shift import ShiftResult, family
 
 TARGET = "val_auc_heldout_mean"
 # candidate selection metric -> the run metric it is logged as (val_loss: lower is better, so its sign flips)
@@ -66,6 +71,31 @@ def trial_metrics(client, study: str) -> list[dict]:
     runs = client.search_runs([exp.experiment_id], "tags.state = 'COMPLETE'", max_results=10000)
     return [dict(r.data.metrics) for r in runs
             if tag_keys.TRIAL_NUMBER in r.data.tags and TARGET in r.data.metrics]
+
+
+def retarget(trials: list[dict], held_out: tuple[str, ...]) -> list[dict]:
+    """The trials' metrics as if `held_out` had been the held-out families: from each trial's logged AUC under
+    every perturbation (`val_auc_shift/<name>`), the target (their mean over `held_out`) and the battery's
+    selection mean, worst and tail over the others. An analysis after the fact: training and the robust threshold
+    used the families the study was run with, so it speaks for selection metrics outside the battery (val_loss,
+    val_auc) and for the battery metrics as recomputed here, not for the threshold. A trial without every
+    perturbation's AUC is left out."""
+    import numpy as np
+
+    from pipeline.evaluate.shift import FAMILIES, check_held_out
+
+    check_held_out(held_out)
+    out = []
+    for t in trials:
+        aucs = {k.split("/", 1)[1]: v for k, v in t.items() if k.startswith("val_auc_shift/")}
+        if {family(n) for n in aucs} != set(FAMILIES):
+            continue
+        held = [v for n, v in aucs.items() if family(n) in held_out]
+        kept = np.sort([v for n, v in aucs.items() if family(n) not in held_out])
+        out.append({**t, TARGET: float(np.mean(held)), "val_auc_shift_mean": float(kept.mean()),
+                    "val_auc_shift_min": float(kept[0]),
+                    "val_auc_shift_tail": float(kept[: max(1, math.ceil(0.25 * len(kept)))].mean())})
+    return out
 
 
 def correlations(trials: list[dict]) -> list[Correlation]:
@@ -117,4 +147,46 @@ def format_table(rows: list[Correlation], study: str, pooled_over: int = 0) -> s
              f"{'selection metric':<22}{'rho [95% CI]':<26}{'p':>8}{'trials':>8}"]
     for c in rows:
         lines.append(f"{c.metric:<22}{f'{c.rho:+.3f} [{c.low:+.3f}, {c.high:+.3f}]':<26}{c.p:>8.3f}{c.n:>8}")
+    return "\n".join(lines)
+
+
+@dataclass(frozen=True)
+class Direction:
+    """One battery family at the stored threshold, beside the clean subset (means over its severities)."""
+
+    family: str
+    held_out: bool
+    auc: float
+    d_sensitivity: float  # change from the clean subset's sensitivity at the same threshold
+    d_specificity: float
+
+
+def directions(result: ShiftResult, threshold_raw: float) -> list[Direction]:
+    """Each family's mean AUC and its mean change of sensitivity and specificity at `threshold_raw` (the
+    network's own scale) against clean, the family that costs most specificity first."""
+    at = result.operating(threshold_raw)
+    clean_sens, clean_spec = at["clean"]
+    members: dict[str, list[str]] = {}
+    for name in result.probabilities:
+        members.setdefault(family(name), []).append(name)
+    rows = [Direction(fam, fam in result.held_out, float(sum(result.auc[n] for n in names) / len(names)),
+                      sum(at[n][0] for n in names) / len(names) - clean_sens,
+                      sum(at[n][1] for n in names) / len(names) - clean_spec)
+            for fam, names in members.items()]
+    return sorted(rows, key=lambda d: (d.d_specificity, d.family))
+
+
+def format_directions(rows: list[Direction], clean: tuple[float, float], title: str) -> str:
+    """The table `benchmarks/generalization.py --candidates` prints for its last candidate, and a summary line:
+    the families whose perturbation costs more specificity than sensitivity (scores pushed up)."""
+    lines = [f"which way each battery family moves {title}'s stored decision (clean subset: sensitivity "
+             f"{clean[0]:.3f}, specificity {clean[1]:.3f}; means over each family's severities)",
+             f"{'family':<12}{'AUC':>8}{'d sens':>9}{'d spec':>9}  side lost"]
+    for d in rows:
+        side = ("specificity" if d.d_specificity < d.d_sensitivity else "sensitivity") if min(
+            d.d_specificity, d.d_sensitivity) < 0 else "neither"
+        lines.append(f"{d.family:<12}{d.auc:>8.4f}{d.d_sensitivity:>+9.3f}{d.d_specificity:>+9.3f}  {side}"
+                     + ("  (held out)" if d.held_out else ""))
+    up = [d.family for d in rows if d.d_specificity < min(d.d_sensitivity, 0.0)]
+    lines.append(f"specificity_side={','.join(up) or 'none'}")
     return "\n".join(lines)
