@@ -74,6 +74,9 @@ def main(argv: list[str] | None = None) -> int:
                     "test-time-view rows")
     ap.add_argument("--model-name", default="pneumonia-cnn")
     a = ap.parse_args(argv)
+    if a.held_out is not None and (a.candidates or not a.study):
+        print("error: --held-out goes with --study (and not --candidates)", file=sys.stderr)
+        return 2
     if a.candidates:
         return compare_candidates(a)
     if a.study:
@@ -109,16 +112,20 @@ def study_proxy(studies: list[str], tracking_uri: str | None, held_out: str | No
         print(f"held-out families re-chosen after the fact: {', '.join(families)} (pipeline/study/proxy.py: retarget)")
     per_study = []
     for study in studies:
-        trials = proxy.trial_metrics(client, study)
-        if families is not None:
+        if families is None:
+            trials = proxy.trial_metrics(client, study)
+        else:
             try:
-                trials = proxy.retarget(trials, families)
+                trials = proxy.retarget(proxy.trial_metrics(client, study, needs="val_auc_shift_mean"), families)
             except PneumoError as e:
                 print(f"error: --held-out: {one_line(e)}", file=sys.stderr)
                 return e.exit_code
         if len(trials) < 4:
-            print(f"error: study {study!r} has {len(trials)} completed trial(s) with {proxy.TARGET}: it needs at "
-                  "least 4, trained with train.shift_held_out (experiments/kermany.toml sets it)", file=sys.stderr)
+            what = (f"with {proxy.TARGET}: it needs at least 4, trained with train.shift_held_out "
+                    "(experiments/kermany.toml sets it)" if families is None else
+                    "with the AUC under every battery perturbation: --held-out needs at least 4, trained with "
+                    "train.shift_battery")
+            print(f"error: study {study!r} has {len(trials)} completed trial(s) {what}", file=sys.stderr)
             return 2
         per_study.append(proxy.correlations(trials))
         print(proxy.format_table(per_study[-1], study))

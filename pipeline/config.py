@@ -54,9 +54,9 @@ class ModelConfig:
     # Per-image standardisation (zero mean, unit variance per image) instead of the fixed [-1, 1] map: removes
     # a film's overall exposure and contrast before the first conv (pipeline/net/model.py).
     standardize: bool = False
-    # Per-image histogram equalization instead (pipeline/net/augment.py: HistogramEqualization): the output no
-    # longer depends on the film's grey-scale curve (exposure, contrast, gamma) at all, and a white frame only
-    # takes the top ranks. Measured on the proxy: README, "A proxy for travels".
+    # Per-image histogram equalization instead (pipeline/net/augment.py: HistogramEqualization): a strictly
+    # increasing grey-scale change (exposure, contrast, gamma) no longer reaches the convs, up to clipping and
+    # 8-bit rounding; black margins and a white frame stay out of the ranks. Measured on the proxy: README, "A proxy for travels".
     equalize: bool = False
     # A keras.applications network in place of the stem and blocks (pipeline/net/backbone.py): none |
     # densenet121 | efficientnetb0. Its weights come from a local file the user downloads once (Keras' ImageNet

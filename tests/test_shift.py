@@ -256,6 +256,11 @@ def test_evaluate_shift_reports_battery_and_ece(robust_run, synth_data, tmp_path
     positive = sample.labels == 1
     assert at["clean"]["sensitivity"] == pytest.approx((calibrated[positive] >= threshold).mean(), abs=1e-6)
     assert at["clean"]["specificity"] == pytest.approx((calibrated[~positive] < threshold).mean(), abs=1e-6)
+    salt, jpeg = next((i, p) for i, p in enumerate(shift.battery(64)) if p.name == "jpeg_10")  # scored on its own
+    perturbed = np.asarray(shift.apply(jpeg, sample.images, sample.index, 0, salt))
+    scores = apply_temperature(np.asarray(result.model.predict_on_batch({"image": perturbed})).ravel(), temperature)
+    assert at["jpeg_10"]["sensitivity"] == pytest.approx((scores[positive] >= threshold).mean(), abs=1e-6)
+    assert at["jpeg_10"]["specificity"] == pytest.approx((scores[~positive] < threshold).mean(), abs=1e-6)
     jpeg_line = next(line for line in r["table"].splitlines() if line.startswith("jpeg_10 "))
     assert jpeg_line.split()[3:5] == [f"{at['jpeg_10']['sensitivity']:.3f}", f"{at['jpeg_10']['specificity']:.3f}"]
     import json
@@ -579,18 +584,23 @@ def test_operating_points_and_which_side_each_family_costs():
     clean = np.array([0.9, 0.8, 0.7, 0.3, 0.2, 0.1, 0.1, 0.1])  # sens 3/4, spec 1 at 0.5
     probs = {"exposure_0.6": clean + 0.45,  # every score up: sens 1, spec 0
              "exposure_1.25": clean - 0.35,  # every score down: sens 1/4 (only 0.9 - 0.35 is called), spec 1
-             "jpeg_30": clean.copy()}  # unchanged
-    r = shift.ShiftResult(labels=y, clean=clean, probabilities=probs, auc={k: 0.9 for k in probs}, held_out=("jpeg",))
+             "jpeg_30": clean.copy(),  # unchanged
+             # one normal film pushed over: spec 3/4. Sorts before exposure by name, after it by specificity.
+             "blur_1": np.array([0.9, 0.8, 0.7, 0.3, 0.6, 0.1, 0.1, 0.1])}
+    aucs = {"exposure_0.6": 0.8, "exposure_1.25": 0.9, "jpeg_30": 0.95, "blur_1": 0.97}
+    r = shift.ShiftResult(labels=y, clean=clean, probabilities=probs, auc=aucs, held_out=("jpeg",))
     at = r.operating(0.5)
     assert at["clean"] == (0.75, 1.0) and at["exposure_0.6"] == (1.0, 0.0) and at["exposure_1.25"] == (0.25, 1.0)
     assert r.operating(0.25, calibrate=lambda p: p / 2)["clean"] == (0.75, 1.0)  # 0.25 on the halved scale
     rows = proxy.directions(r, 0.5)
-    assert [(d.family, d.held_out) for d in rows] == [("exposure", False), ("jpeg", True)]
-    assert (rows[0].d_sensitivity, rows[0].d_specificity) == pytest.approx((-0.125, -0.5))  # means of the two
-    assert (rows[1].d_sensitivity, rows[1].d_specificity) == (0.0, 0.0)
+    assert [(d.family, d.held_out) for d in rows] == [("exposure", False), ("blur", False), ("jpeg", True)]
+    assert (rows[0].auc, rows[0].d_sensitivity, rows[0].d_specificity) == pytest.approx((0.85, -0.125, -0.5))
+    assert (rows[1].auc, rows[1].d_sensitivity, rows[1].d_specificity) == pytest.approx((0.97, 0.0, -0.25))
+    assert (rows[2].d_sensitivity, rows[2].d_specificity) == (0.0, 0.0)
     table = proxy.format_directions(rows, at["clean"], "v1").splitlines()
-    assert table[2].split()[-1] == "specificity" and table[3].split()[-3:] == ["neither", "(held", "out)"]
-    assert table[-1] == "specificity_side=exposure"
+    assert table[2].split()[:2] == ["exposure", "0.8500"] and table[2].split()[-1] == "specificity"
+    assert table[3].split()[-1] == "specificity" and table[4].split()[-3:] == ["neither", "(held", "out)"]
+    assert table[-1] == "specificity_side=exposure,blur"
     pushed_down = shift.ShiftResult(labels=y, clean=clean, probabilities={"blur_1": clean - 0.35},
                                     auc={"blur_1": 0.9}, clean_auc=1.0)
     table = proxy.format_directions(proxy.directions(pushed_down, 0.5), (0.75, 1.0), "v").splitlines()
@@ -613,7 +623,8 @@ def test_held_out_families_can_be_re_chosen_after_the_fact():
     aucs = dict(zip(names, rng.uniform(0.9, 1.0, len(names)), strict=True))
     trial = {f"val_auc_shift/{n}": v for n, v in aucs.items()} | {"final_val_loss": 0.2}
     held = ("crop", "letterbox")
-    (got,) = proxy.retarget([trial, {"final_val_loss": 0.1, "val_auc_shift/crop_0.9": 0.9}], held)
+    one_short = {k: v for k, v in trial.items() if k != "val_auc_shift/crop_0.8"}  # every family, not every severity
+    (got,) = proxy.retarget([trial, one_short, {"final_val_loss": 0.1, "val_auc_shift/crop_0.9": 0.9}], held)
     inside = [v for n, v in aucs.items() if shift.family(n) in held]
     rest = sorted(v for n, v in aucs.items() if shift.family(n) not in held)
     assert got[proxy.TARGET] == pytest.approx(np.mean(inside)) and len(inside) == 4
@@ -627,6 +638,8 @@ def test_held_out_families_can_be_re_chosen_after_the_fact():
     assert same["val_auc_shift_tail"] == pytest.approx(logged.tail)
     with pytest.raises(ConfigError, match="unknown family 'glare'"):
         proxy.retarget([trial], ("glare",))
+    with pytest.raises(ConfigError, match="no held-out family"):
+        proxy.retarget([trial], ())
 
 
 def test_generalization_study_mode_reads_the_trials_and_names_its_choice(tmp_path, capsys):
@@ -639,11 +652,16 @@ def test_generalization_study_mode_reads_the_trials_and_names_its_choice(tmp_pat
     client = tracking.setup(uri)
     exp = tracking.ensure_experiment("s", uri)
     rng = np.random.default_rng(1)
+    from mlflow.entities import Metric
+
     for i, held in enumerate(rng.uniform(0.8, 0.95, 6)):
         run = client.create_run(exp, tags={tag_keys.TRIAL_NUMBER: str(i), "state": "COMPLETE"})
-        for key, value in {"val_auc_heldout_mean": held, "val_auc_shift_mean": held + 0.001 * rng.random(),
-                           "final_val_auc": 0.99 - 0.001 * i}.items():
-            client.log_metric(run.info.run_id, key, float(value))
+        values = {"val_auc_heldout_mean": held, "val_auc_shift_mean": held + 0.001 * rng.random(),
+                  "final_val_auc": 0.99 - 0.001 * rng.random(), "final_val_loss": 0.1 + 0.01 * i,
+                  # every perturbation: crop tracks val_loss's order (lower loss, higher AUC), the rest is noise
+                  **{f"val_auc_shift/{p.name}": (0.99 - 0.01 * i if p.kind == "crop" else rng.uniform(0.9, 1.0))
+                     for p in BATTERY}}
+        client.log_batch(run.info.run_id, metrics=[Metric(k, float(v), 0, 0) for k, v in values.items()])
     pruned = client.create_run(exp, tags={tag_keys.TRIAL_NUMBER: "9", "state": "PRUNED"})
     client.log_metric(pruned.info.run_id, "val_auc_heldout_mean", 0.5)  # not a finished trial: left out
     path = Path(__file__).resolve().parents[1] / "benchmarks" / "generalization.py"
@@ -658,3 +676,12 @@ def test_generalization_study_mode_reads_the_trials_and_names_its_choice(tmp_pat
     assert "needs at least 4" in capsys.readouterr().err
     assert module.main(["--study", "s", "--tracking-uri", uri, "--held-out", "crop,glare"]) == 2
     assert capsys.readouterr().err.startswith("error: --held-out: train.shift_held_out: unknown family 'glare'")
+    assert module.main(["--study", "s", "--tracking-uri", uri, "--held-out", ""]) == 2
+    assert "no held-out family" in capsys.readouterr().err
+    assert module.main(["--tracking-uri", uri, "--held-out", "crop"]) == 2  # needs --study
+    assert "--held-out goes with --study" in capsys.readouterr().err
+    assert module.main(["--study", "s", "--tracking-uri", uri, "--held-out", "crop"]) == 0
+    out = capsys.readouterr().out.strip().splitlines()
+    assert out[0].startswith("held-out families re-chosen after the fact: crop")
+    loss = next(line for line in out if line.startswith("val_loss "))
+    assert loss.split()[1] == "+1.000" and out[-1] == "proxy_choice=val_loss spearman=1.000"

@@ -63,14 +63,15 @@ def spearman(xs: list[float], ys: list[float], alpha: float = 0.05) -> tuple[flo
     return rho, math.tanh(z - half), math.tanh(z + half), float(p)
 
 
-def trial_metrics(client, study: str) -> list[dict]:
-    """The run metrics of every COMPLETE trial of `study` that logged the held-out target."""
+def trial_metrics(client, study: str, needs: str = TARGET) -> list[dict]:
+    """The run metrics of every COMPLETE trial of `study` that logged `needs` (the held-out target; `retarget`'s
+    callers ask for a battery metric instead, so a study run without held-out families can be re-targeted)."""
     exp = client.get_experiment_by_name(study)
     if exp is None:
         return []
     runs = client.search_runs([exp.experiment_id], "tags.state = 'COMPLETE'", max_results=10000)
     return [dict(r.data.metrics) for r in runs
-            if tag_keys.TRIAL_NUMBER in r.data.tags and TARGET in r.data.metrics]
+            if tag_keys.TRIAL_NUMBER in r.data.tags and needs in r.data.metrics]
 
 
 def retarget(trials: list[dict], held_out: tuple[str, ...]) -> list[dict]:
@@ -82,13 +83,17 @@ def retarget(trials: list[dict], held_out: tuple[str, ...]) -> list[dict]:
     perturbation's AUC is left out."""
     import numpy as np
 
-    from pipeline.evaluate.shift import FAMILIES, check_held_out
+    from pipeline.config import ConfigError
+    from pipeline.evaluate.shift import battery, check_held_out
 
+    if not held_out:
+        raise ConfigError("no held-out family named: give one or more battery families")
     check_held_out(held_out)
+    every = {p.name for p in battery(128)}  # the names do not depend on the image size
     out = []
     for t in trials:
         aucs = {k.split("/", 1)[1]: v for k, v in t.items() if k.startswith("val_auc_shift/")}
-        if {family(n) for n in aucs} != set(FAMILIES):
+        if set(aucs) != every:
             continue
         held = [v for n, v in aucs.items() if family(n) in held_out]
         kept = np.sort([v for n, v in aucs.items() if family(n) not in held_out])
