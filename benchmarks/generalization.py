@@ -194,7 +194,7 @@ def compare_candidates(a) -> int:
         rows.append((name, row))
         print(f"{name:<18}" + "".join(f"{x:>10.4f}" for x in row) + f"{time.perf_counter() - t0:>6.0f}", flush=True)
     at = last.shifted.operating(last.threshold_raw)
-    print(proxy.format_directions(proxy.directions(last.shifted, last.threshold_raw), at["clean"], rows[-1][0]))
+    print(proxy.format_directions(proxy.directions(last.shifted, at), at["clean"], rows[-1][0]))
     best = max(rows, key=lambda r: r[1][3])
     print(f"candidate_choice={best[0].replace(' ', '_')} heldout_auc={best[1][3]:.4f}")
     return 0

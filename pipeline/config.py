@@ -56,7 +56,8 @@ class ModelConfig:
     standardize: bool = False
     # Per-image histogram equalization instead (pipeline/net/augment.py: HistogramEqualization): a strictly
     # increasing grey-scale change (exposure, contrast, gamma) no longer reaches the convs, up to clipping and
-    # 8-bit rounding; black margins and a white frame stay out of the ranks. Measured on the proxy: README, "A proxy for travels".
+    # 8-bit rounding; black margins and a white frame stay out of the ranks. Measured on the proxy: README,
+    # "A proxy for travels".
     equalize: bool = False
     # A keras.applications network in place of the stem and blocks (pipeline/net/backbone.py): none |
     # densenet121 | efficientnetb0. Its weights come from a local file the user downloads once (Keras' ImageNet
@@ -373,12 +374,10 @@ def check_model(m: ModelConfig) -> None:
     if m.backbone_weights and m.backbone == "none":
         raise ConfigError(f"model.backbone_weights = {m.backbone_weights!r} is only read with a model.backbone "
                           f"(it is 'none')")
-    if m.backbone != "none" and m.standardize:
-        raise ConfigError(f"model.standardize applies to the project's own CNN; model.backbone = {m.backbone!r} "
-                          f"takes its ImageNet input normalisation")
-    if m.backbone != "none" and m.equalize:
-        raise ConfigError(f"model.equalize applies to the project's own CNN; model.backbone = {m.backbone!r} "
-                          f"takes its ImageNet input normalisation")
+    for normalisation in ("standardize", "equalize"):
+        if m.backbone != "none" and getattr(m, normalisation):
+            raise ConfigError(f"model.{normalisation} applies to the project's own CNN; model.backbone = "
+                              f"{m.backbone!r} takes its ImageNet input normalisation")
     if m.standardize and m.equalize:
         raise ConfigError("model.standardize and model.equalize are two ways to normalise the image: set one")
 

@@ -592,7 +592,7 @@ def test_operating_points_and_which_side_each_family_costs():
     at = r.operating(0.5)
     assert at["clean"] == (0.75, 1.0) and at["exposure_0.6"] == (1.0, 0.0) and at["exposure_1.25"] == (0.25, 1.0)
     assert r.operating(0.25, calibrate=lambda p: p / 2)["clean"] == (0.75, 1.0)  # 0.25 on the halved scale
-    rows = proxy.directions(r, 0.5)
+    rows = proxy.directions(r, at)
     assert [(d.family, d.held_out) for d in rows] == [("exposure", False), ("blur", False), ("jpeg", True)]
     assert (rows[0].auc, rows[0].d_sensitivity, rows[0].d_specificity) == pytest.approx((0.85, -0.125, -0.5))
     assert (rows[1].auc, rows[1].d_sensitivity, rows[1].d_specificity) == pytest.approx((0.97, 0.0, -0.25))
@@ -603,7 +603,7 @@ def test_operating_points_and_which_side_each_family_costs():
     assert table[-1] == "specificity_side=exposure,blur"
     pushed_down = shift.ShiftResult(labels=y, clean=clean, probabilities={"blur_1": clean - 0.35},
                                     auc={"blur_1": 0.9}, clean_auc=1.0)
-    table = proxy.format_directions(proxy.directions(pushed_down, 0.5), (0.75, 1.0), "v").splitlines()
+    table = proxy.format_directions(proxy.directions(pushed_down, pushed_down.operating(0.5)), (0.75, 1.0), "v").splitlines()
     assert table[2].split()[-1] == "sensitivity" and table[-1] == "specificity_side=none"
     lines = shift.format_table(pushed_down, pushed_down.operating(0.5)).splitlines()
     assert lines[0].split() == ["condition", "AUC", "drop", "sens", "spec"]

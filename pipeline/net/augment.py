@@ -238,10 +238,9 @@ class HistogramEqualization(keras.layers.Layer):
 
     Any strictly increasing change of the grey scale (exposure, contrast, gamma) leaves the ranks and so the
     output unchanged, as long as it neither clips nor merges 8-bit levels: a film's intensity profile no longer
-    reaches the convs. Saturated pixels are left out of
-    the histogram because on a film they are mostly not anatomy: a black margin (a collimated or zoomed-out
-    film, letterbox bars) or a white frame (a scanned film) would otherwise shift every other pixel's rank by
-    its area (measured, one seed: with them counted, the white-frame family's AUC was 0.935 and specificity at
+    reaches the convs. Saturated pixels are left out of the histogram because on a film they are mostly not
+    anatomy: a black margin (a collimated or zoomed-out film, letterbox bars) or a white frame (a scanned film)
+    would otherwise shift every other pixel's rank by its area (measured, one seed: with them counted, the white-frame family's AUC was 0.935 and specificity at
     the stored threshold fell by 0.54; left out, 0.964 and 0.03; README, "A proxy for travels"). Preprocessing,
     active in training and inference alike; keras.ops only (TensorFlow and JAX; XLA-safe: the histogram is a
     segment sum of static size)."""

@@ -175,7 +175,8 @@ def log_validation(v: Validation, history: dict | None = None, title: str = "val
     if v.shifted is not None:
         mlflow.log_metrics({**_finite(v.shift_metrics()), "shift_battery_s": v.battery_s}, model_id=model_id,
                            dataset=dataset)
-        mlflow.log_text(shift.format_table(v.shifted, v.shifted.operating(v.threshold_raw)), "evaluation/val_shift.txt")
+        mlflow.log_text(shift.format_table(v.shifted, v.shifted.operating(v.threshold_raw)),
+                        "evaluation/val_shift.txt")
     if v.robust is not None:
         mlflow.log_dict(v.robust, "evaluation/robust_threshold.json")
         mlflow.log_metrics({f"robust_heldout_{k}": val for k, val in _finite(v.robust["held_out_half"]).items()}

@@ -11,8 +11,8 @@ held-out families are transformations of this hospital's images, on its validati
 sensitivity (scores pushed down) or specificity (scores pushed up)? A new site can keep the ranking and still move
 every score one way, and only one of the two sides fails then.
 
-Read by `benchmarks/generalization.py --study NAME` (and `--candidates`, for `directions`). Spearman's rho and its p-value from scipy.stats.spearmanr;
-a 95% interval from the Fisher z transform with the Bonett & Wright (Psychometrika 2000) variance
+Read by `benchmarks/generalization.py --study NAME` (and `--candidates`, for `directions`). Spearman's rho and
+its p-value from scipy.stats.spearmanr; a 95% interval from the Fisher z transform with the Bonett & Wright (Psychometrika 2000) variance
 (1 + rho^2 / 2) / (n - 3), the usual one for Spearman's coefficient.
 """
 
@@ -80,7 +80,7 @@ def retarget(trials: list[dict], held_out: tuple[str, ...]) -> list[dict]:
     selection mean, worst and tail over the others. An analysis after the fact: training and the robust threshold
     used the families the study was run with, so it speaks for selection metrics outside the battery (val_loss,
     val_auc) and for the battery metrics as recomputed here, not for the threshold. A trial without every
-    perturbation's AUC is left out."""
+    perturbation's AUC is left out. The recomputation is ShiftResult's own (mean, worst, tail, held-out mean)."""
     import numpy as np
 
     from pipeline.config import ConfigError
@@ -95,11 +95,10 @@ def retarget(trials: list[dict], held_out: tuple[str, ...]) -> list[dict]:
         aucs = {k.split("/", 1)[1]: v for k, v in t.items() if k.startswith("val_auc_shift/")}
         if set(aucs) != every:
             continue
-        held = [v for n, v in aucs.items() if family(n) in held_out]
-        kept = np.sort([v for n, v in aucs.items() if family(n) not in held_out])
-        out.append({**t, TARGET: float(np.mean(held)), "val_auc_shift_mean": float(kept.mean()),
-                    "val_auc_shift_min": float(kept[0]),
-                    "val_auc_shift_tail": float(kept[: max(1, math.ceil(0.25 * len(kept)))].mean())})
+        m = ShiftResult(labels=np.empty(0), clean=np.empty(0), probabilities={}, auc=aucs,
+                        held_out=tuple(held_out)).metrics()
+        out.append({**t, TARGET: m["val_auc_heldout_mean"],
+                    **{k: m[k] for k in ("val_auc_shift_mean", "val_auc_shift_min", "val_auc_shift_tail")}})
     return out
 
 
@@ -166,10 +165,9 @@ class Direction:
     d_specificity: float
 
 
-def directions(result: ShiftResult, threshold_raw: float) -> list[Direction]:
-    """Each family's mean AUC and its mean change of sensitivity and specificity at `threshold_raw` (the
-    network's own scale) against clean, the family that costs most specificity first."""
-    at = result.operating(threshold_raw)
+def directions(result: ShiftResult, at: dict[str, tuple[float, float]]) -> list[Direction]:
+    """Each family's mean AUC and its mean change of sensitivity and specificity against clean, from `at`
+    (`result.operating` at the stored threshold), the family that costs most specificity first."""
     clean_sens, clean_spec = at["clean"]
     members: dict[str, list[str]] = {}
     for name in result.probabilities:
