@@ -29,8 +29,11 @@ validate, with the members' own threshold policy), and reported with the validat
 selection mean, the held-out families' AUC (mean, worst) and, at the candidate's own stored threshold,
 sensitivity and specificity on clean validation and on the held-out families (does the threshold hold?); then,
 for the last candidate (the fullest construction), which way each battery family moves its decision: the change
-of sensitivity and specificity at its threshold (pipeline/study/proxy.py: directions). Ends with:
-candidate_choice=<row> heldout_auc=<its held-out mean AUC>. ~5 min for K = 3 with --tta at 128 px.
+of sensitivity and specificity at its threshold (pipeline/study/proxy.py: directions); and, when the members were
+trained with the robust threshold policy, whether its threshold holds on a family it was not fitted on: each
+family scored at a threshold fitted without it, for the stored policy and for other settings of its tail and
+clean-sensitivity floor (pipeline/study/threshold_proxy.py), ending threshold_policy_choice=<the best setting>.
+Ends with: candidate_choice=<row> heldout_auc=<its held-out mean AUC>. ~5 min for K = 3 with --tta at 128 px.
 """
 
 from __future__ import annotations
@@ -143,7 +146,7 @@ def compare_candidates(a) -> int:
     from pipeline.net.tta import with_views
     from pipeline.promote.ensemble import build_model, members_dataset, members_recipe, select_members
     from pipeline.promote.promotion import Candidate, rank_candidates, study_metric, versions
-    from pipeline.study import proxy
+    from pipeline.study import proxy, threshold_proxy
     from pipeline.study.candidate import validate
 
     client = tracking.setup(tracking.resolve_tracking_uri(a.tracking_uri))
@@ -195,6 +198,16 @@ def compare_candidates(a) -> int:
         print(f"{name:<18}" + "".join(f"{x:>10.4f}" for x in row) + f"{time.perf_counter() - t0:>6.0f}", flush=True)
     at = last.shifted.operating(last.threshold_raw)
     print(proxy.format_directions(proxy.directions(last.shifted, at), at["clean"], rows[-1][0]))
+    if recipe.train.threshold_policy == "robust":
+        t = recipe.train
+        stored = threshold_proxy.Policy(t.robust_tail, t.robust_min_sensitivity)
+        try:
+            checks = threshold_proxy.compare_policies(last.shifted, threshold_proxy.grid(stored),
+                                                      auc_floor=t.robust_auc_floor)
+            print(threshold_proxy.format_families(next(c for c in checks if c.policy == stored), rows[-1][0]))
+            print(threshold_proxy.format_policies(checks, stored))
+        except PneumoError as e:  # a battery subset too small to halve: the rest of the report stands
+            print(f"threshold check skipped: {one_line(e)}")
     best = max(rows, key=lambda r: r[1][3])
     print(f"candidate_choice={best[0].replace(' ', '_')} heldout_auc={best[1][3]:.4f}")
     return 0

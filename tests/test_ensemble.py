@@ -242,18 +242,28 @@ def test_test_time_views_wrap_the_candidate_that_predict_and_serving_score(regis
         np.testing.assert_allclose(served["probability"].to_numpy(float), apply_temperature(want, t), atol=1e-6)
 
 
-def test_the_candidates_benchmark_validates_each_construction_and_registers_nothing(registry_store, capsys):
+def test_the_candidates_benchmark_validates_each_construction_and_registers_nothing(registry_store, capsys,
+                                                                                   monkeypatch):
     """`benchmarks/generalization.py --candidates --versions a,b --tta mild`: one row per construction (each
     member, their mean, the best under the views, the mean under the views), each validated as promotion builds
-    it: the mean's row is the mean model's validation AUC; nothing is registered or logged."""
+    it: the mean's row is the mean model's validation AUC; nothing is registered or logged. Members trained
+    with the robust policy (their recipe stood in for) add the leave-one-family-out threshold check."""
     import importlib.util
     from pathlib import Path
 
     from sklearn.metrics import roc_auc_score
 
     from pipeline.artifact.model_store import load_keras
+    from pipeline.config import Config
+    from pipeline.evaluate import shift
     from pipeline.evaluate.scoring import predict_split
+    from pipeline.promote import ensemble
     from pipeline.promote.ensemble import build_model
+
+    robust = Config().with_values({"train.threshold_policy": "robust", "train.robust_tail": 0.5,
+                                   "train.robust_min_sensitivity": 0.9,
+                                   "train.shift_held_out": ["jpeg"], "train.shift_max_images": 48})
+    monkeypatch.setattr(ensemble, "members_recipe", lambda client, run_id: robust)
 
     s = registry_store
     client = _client(s.uri)
@@ -271,6 +281,12 @@ def test_the_candidates_benchmark_validates_each_construction_and_registers_noth
     y, p, _ = predict_split(build_model([load_keras(f"models:/{MODEL}/{v}") for v in (a, b)]), s.data, "val")
     assert float(rows["mean of 2"][0]) == pytest.approx(roc_auc_score(y, p), abs=1e-4)
     assert out[-1].startswith("candidate_choice=")
+    families = out.index(next(line for line in out if line.startswith("does ")))
+    assert out[families].startswith("does mean of 2 + tta's threshold (tail 0.5, min sens 0.9) hold on each")
+    assert [line.split()[0] for line in out[families + 3:families + 3 + len(shift.FAMILIES)]].count("jpeg") == 1
+    policies = [line for line in out if line.startswith("tail ")]
+    assert len(policies) == 16 and sum("(stored)" in line for line in policies) == 1
+    assert out[-2].startswith("threshold_policy_choice=tail:")
     assert len(client.search_model_versions(f"name='{MODEL}'")) == before
     assert len(client.search_runs([e.experiment_id for e in client.search_experiments()])) == runs_before
     assert module.main(["--candidates", "--versions", "99", "--tracking-uri", s.uri]) == 2

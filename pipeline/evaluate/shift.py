@@ -417,6 +417,35 @@ def fitting_half(y: np.ndarray, seed: int) -> np.ndarray:
     return half
 
 
+@dataclass
+class JTable:
+    """Youden's J of every condition at every candidate threshold (the fitting half's, in `robust_threshold`):
+    built once, it answers any tail and sensitivity floor (pipeline/study/threshold_proxy.py asks several)."""
+
+    grid: np.ndarray  # candidate thresholds, ascending
+    j: np.ndarray  # (conditions, grid); row 0 is the clean condition
+    clean_sensitivity: np.ndarray  # (grid,)
+
+    def choose(self, tail: float, min_sensitivity: float) -> tuple[float, float]:
+        """(threshold, objective): the highest threshold maximising the mean J of the worst `tail` fraction of the
+        conditions among those keeping clean sensitivity >= `min_sensitivity`."""
+        worst_k = max(1, math.ceil(tail * len(self.j)))
+        objective = np.sort(self.j, axis=0)[:worst_k].mean(axis=0)
+        objective = np.where(self.clean_sensitivity >= min_sensitivity, objective, -np.inf)
+        best = np.flatnonzero(objective == objective.max())[-1]
+        return float(self.grid[best]), float(objective[best])
+
+
+def j_table(y: np.ndarray, conditions: list[np.ndarray], candidates: int = 1024) -> JTable:
+    """`JTable` over `conditions` (clean first), scores of the same images labelled `y`; the candidate thresholds
+    are quantiles of all pooled scores."""
+    y = np.asarray(y).astype(bool)
+    pooled = np.concatenate(conditions)
+    grid = np.unique(np.quantile(pooled, np.linspace(0.0, 1.0, candidates)))
+    j = np.stack([np.subtract(*_rates(y, c, grid)) for c in conditions])
+    return JTable(grid, j, _rates(y, conditions[0], grid)[0])
+
+
 def robust_threshold(y, clean: np.ndarray, shifted: dict[str, np.ndarray], *, auc_floor: float = 0.6,
                      tail: float = 0.25, min_sensitivity: float = 0.0, seed: int = 0,
                      candidates: int = 1024) -> RobustThreshold:
@@ -449,19 +478,12 @@ def robust_threshold(y, clean: np.ndarray, shifted: dict[str, np.ndarray], *, au
     kept = [name for name, auc in aucs.items() if auc >= auc_floor]
     dropped = {name: auc for name, auc in aucs.items() if auc < auc_floor}
     conditions = [clean] + [np.asarray(shifted[name], dtype=np.float64) for name in kept]
-    pooled = np.concatenate([c[fit] for c in conditions])
-    grid = np.unique(np.quantile(pooled, np.linspace(0.0, 1.0, candidates)))
-    j = np.stack([np.subtract(*_rates(y[fit], c[fit], grid)) for c in conditions])  # (conditions, grid)
-    worst_k = max(1, math.ceil(tail * len(conditions)))
-    objective = np.sort(j, axis=0)[:worst_k].mean(axis=0)
-    clean_sens, _ = _rates(y[fit], clean[fit], grid)
-    objective = np.where(clean_sens >= min_sensitivity, objective, -np.inf)
-    best = np.flatnonzero(objective == objective.max())[-1]
-    t = float(grid[best])
+    table = j_table(y[fit], [c[fit] for c in conditions], candidates)
+    t, best_objective = table.choose(tail, min_sensitivity)
     at = np.array([t])
     report_j = [float(np.subtract(*_rates(y[report_on], c[report_on], at))[0]) for c in conditions]
     sens, fpr = (float(v[0]) for v in _rates(y[report_on], clean[report_on], at))
-    return RobustThreshold(t, float(objective[best]), kept, dropped,
+    return RobustThreshold(t, best_objective, kept, dropped,
                            {"clean_sensitivity": sens, "clean_specificity": 1.0 - fpr, "clean_j": report_j[0],
                             "mean_j": float(np.mean(report_j)), "worst_j": float(np.min(report_j))})
 
