@@ -305,12 +305,19 @@ class ShiftResult:
         the threshold's scale (a model's temperature); without it `threshold` is on the network's own scale.
         A perturbation can lose ranking (AUC) and still keep the operating point, or keep the ranking and move
         every score one way: the AUC alone does not say which side of the threshold fails."""
-        positive = np.asarray(self.labels).astype(bool)
-        out = {}
-        for name, p in {"clean": self.clean, **self.probabilities}.items():
-            called = np.asarray(calibrate(p) if calibrate else p) >= threshold
-            out[name] = (float(called[positive].mean()), float(1.0 - called[~positive].mean()))
+        return {name: operating_point(self.labels, calibrate(p) if calibrate else p, threshold)
+                for name, p in {"clean": self.clean, **self.probabilities}.items()}
+
+    def by_family(self) -> dict[str, list[str]]:
+        """Each family's perturbation names, in battery order."""
+        out: dict[str, list[str]] = {}
+        for name in self.probabilities:
+            out.setdefault(family(name), []).append(name)
         return out
+
+    def selection_probabilities(self) -> dict[str, np.ndarray]:
+        """The perturbations a study may select on and the robust threshold is fitted over (not held out)."""
+        return {k: v for k, v in self.probabilities.items() if family(k) not in self.held_out}
 
     def held_out_operating(self, threshold_raw: float) -> dict[str, float]:
         """Does the stored threshold hold where nobody chose it? Sensitivity, specificity and accuracy at
@@ -326,6 +333,13 @@ class ShiftResult:
                 "val_heldout_specificity": float(np.mean([at[k][1] for k in names])),
                 "val_heldout_accuracy": float(np.mean([prevalence * at[k][0] + (1 - prevalence) * at[k][1]
                                                        for k in names]))}
+
+
+def operating_point(y, p, threshold: float) -> tuple[float, float]:
+    """(sensitivity, specificity) of calling `p >= threshold` positive, against labels `y`."""
+    positive = np.asarray(y).astype(bool)
+    called = np.asarray(p) >= threshold
+    return float(called[positive].mean()), float(1.0 - called[~positive].mean())
 
 
 def family(name: str) -> str:

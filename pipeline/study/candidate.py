@@ -88,8 +88,7 @@ def decide_threshold(cfg: Config, y, p, shifted: shift.ShiftResult | None) -> tu
         if shifted is None:
             raise ValueError("train.threshold_policy = 'robust' needs the shift battery (train.shift_battery)")
         t = cfg.train
-        selection = {k: v for k, v in shifted.probabilities.items() if shift.family(k) not in shifted.held_out}
-        chosen = shift.robust_threshold(shifted.labels, shifted.clean, selection,
+        chosen = shift.robust_threshold(shifted.labels, shifted.clean, shifted.selection_probabilities(),
                                         auc_floor=t.robust_auc_floor, tail=t.robust_tail,
                                         min_sensitivity=t.robust_min_sensitivity, seed=t.shift_seed)
         evidence = {"kept": chosen.kept, "left_out_below_auc_floor": chosen.dropped, "objective": chosen.objective,

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from statistics import NormalDist
 
 from pipeline.artifact import tag_keys
-from pipeline.evaluate.shift import ShiftResult, family
+from pipeline.evaluate.shift import ShiftResult
 
 TARGET = "val_auc_heldout_mean"
 # candidate selection metric -> the run metric it is logged as (val_loss: lower is better, so its sign flips)
@@ -169,13 +169,10 @@ def directions(result: ShiftResult, at: dict[str, tuple[float, float]]) -> list[
     """Each family's mean AUC and its mean change of sensitivity and specificity against clean, from `at`
     (`result.operating` at the stored threshold), the family that costs most specificity first."""
     clean_sens, clean_spec = at["clean"]
-    members: dict[str, list[str]] = {}
-    for name in result.probabilities:
-        members.setdefault(family(name), []).append(name)
     rows = [Direction(fam, fam in result.held_out, float(sum(result.auc[n] for n in names) / len(names)),
                       sum(at[n][0] for n in names) / len(names) - clean_sens,
                       sum(at[n][1] for n in names) / len(names) - clean_spec)
-            for fam, names in members.items()]
+            for fam, names in result.by_family().items()]
     return sorted(rows, key=lambda d: (d.d_specificity, d.family))
 
 

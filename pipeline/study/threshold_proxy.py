@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from pipeline.evaluate.shift import ShiftError, ShiftResult, family, fitting_half, j_table
+from pipeline.evaluate.shift import ShiftError, ShiftResult, family, fitting_half, j_table, operating_point
 
 
 @dataclass(frozen=True)
@@ -71,11 +71,6 @@ class PolicyCheck:
         return float(np.mean([f.sensitivity for f in self.families]))
 
 
-def _rates(y: np.ndarray, p: np.ndarray, threshold: float) -> tuple[float, float]:
-    called = np.asarray(p) >= threshold
-    return float(called[y].mean()), float(1.0 - called[~y].mean())
-
-
 def compare_policies(result: ShiftResult, policies: list[Policy], *, auc_floor: float = 0.6, splits: int = 5,
                      candidates: int = 1024) -> list[PolicyCheck]:
     """Each battery family at the threshold each policy fits without it (module docstring), best mean J over the
@@ -87,10 +82,8 @@ def compare_policies(result: ShiftResult, policies: list[Policy], *, auc_floor: 
 
     y = np.asarray(result.labels).astype(bool)
     clean = np.asarray(result.clean, dtype=np.float64)
-    by_family: dict[str, list[str]] = {}
-    for name in result.probabilities:
-        by_family.setdefault(family(name), []).append(name)
-    selection = [k for k in result.probabilities if family(k) not in result.held_out]
+    by_family = result.by_family()
+    selection = result.selection_probabilities()
     clean_rates = {p: [] for p in policies}
     rates = {(p, fam): [] for p in policies for fam in by_family}
     in_fit = {(p, fam): [] for p in policies for fam in by_family}
@@ -100,7 +93,7 @@ def compare_policies(result: ShiftResult, policies: list[Policy], *, auc_floor: 
         if not (0 < y[fit].sum() < fit.sum() and 0 < y[report].sum() < report.sum()):
             raise ShiftError(f"the threshold check needs both classes in both halves of the battery's "
                              f"{len(y)} images ({int(y.sum())} positive)")
-        kept = [k for k in selection if roc_auc_score(y[fit], result.probabilities[k][fit]) >= auc_floor]
+        kept = [k for k, p in selection.items() if roc_auc_score(y[fit], p[fit]) >= auc_floor]
         for left_out in [None, *(f for f in by_family if f not in result.held_out)]:
             conditions = [clean] + [np.asarray(result.probabilities[k], dtype=np.float64) for k in kept
                                     if family(k) != left_out]
@@ -108,14 +101,14 @@ def compare_policies(result: ShiftResult, policies: list[Policy], *, auc_floor: 
             for policy in policies:
                 t, _ = table.choose(policy.tail, policy.min_sensitivity)
                 if left_out is not None:
-                    rates[policy, left_out] += [_rates(y[report], result.probabilities[n][report], t)
+                    rates[policy, left_out] += [operating_point(y[report], result.probabilities[n][report], t)
                                                 for n in by_family[left_out]]
                     continue
                 # Nothing left out: the stored threshold, on clean and every family (in the fit or not); it is
                 # the left-out threshold of the recipe's held-out families, which no fit sees.
-                clean_rates[policy].append(_rates(y[report], clean[report], t))
+                clean_rates[policy].append(operating_point(y[report], clean[report], t))
                 for fam, names in by_family.items():
-                    got = [_rates(y[report], result.probabilities[n][report], t) for n in names]
+                    got = [operating_point(y[report], result.probabilities[n][report], t) for n in names]
                     in_fit[policy, fam] += got
                     if fam in result.held_out:
                         rates[policy, fam] += got
