@@ -127,6 +127,19 @@ def test_opening_the_storage_retries_a_dropped_connection_only(tmp_path, monkeyp
     assert len(calls) == 2 and isinstance(st, tune.ResilientRDBStorage)
     assert "connection lost while opening sqlite:///" in capsys.readouterr().err
 
+    # ... also when the drop happens inside a commit, which Optuna wraps in StorageInternalError
+    def wrapped(self, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == 1:
+            raise optuna.exceptions.StorageInternalError("An exception is raised during the commit.") from _lost()
+        real(self, *args, **kwargs)
+
+    calls.clear()
+    monkeypatch.setattr(optuna.storages.RDBStorage, "__init__", wrapped)
+    st = tune.make_storage(f"sqlite:///{tmp_path}/o.db", smoke_config())
+    assert len(calls) == 2 and isinstance(st, tune.ResilientRDBStorage)
+    assert "connection lost while opening sqlite:///" in capsys.readouterr().err
+
     refused = sqlalchemy.exc.OperationalError(
         "connect", {}, Exception('connection failed: connection to server at "127.0.0.1", port 1 failed: '
                                  "Connection refused"))
