@@ -54,6 +54,11 @@ class ModelConfig:
     # Per-image standardisation (zero mean, unit variance per image) instead of the fixed [-1, 1] map: removes
     # a film's overall exposure and contrast before the first conv (pipeline/net/model.py).
     standardize: bool = False
+    # Where the standardisation takes its mean and std: "image" (every pixel, as tf.image's), "unsaturated" (every
+    # pixel but black and white ones: a white frame, letterbox bars or a zoomed-out film's black margin leave
+    # them alone) or "center" (those pixels in the central half of each side only). Measured on the proxy:
+    # README, "A proxy for travels" (pipeline/net/augment.py: PerImageStandardization).
+    standardize_stats: str = "image"
     # Per-image histogram equalization instead (pipeline/net/augment.py: HistogramEqualization): a strictly
     # increasing grey-scale change (exposure, contrast, gamma) no longer reaches the convs, up to clipping and
     # 8-bit rounding; black margins and a white frame stay out of the ranks. Measured on the proxy: README,
@@ -210,6 +215,7 @@ SECTIONS = ("data", "model", "augment", "train", "tune", "promote")
 CHOICES = {
     "data.cache": None,  # free-form (path prefix allowed)
     "model.pooling": ("gap", "flatten"),
+    "model.standardize_stats": ("image", "unsaturated", "center"),
     "model.padding": ("same", "valid"),
     "model.backbone": ("none", "densenet121", "efficientnetb0"),
     "train.class_weight": ("balanced", "oversample", "none"),
@@ -378,6 +384,9 @@ def check_model(m: ModelConfig) -> None:
         if m.backbone != "none" and getattr(m, normalisation):
             raise ConfigError(f"model.{normalisation} applies to the project's own CNN; model.backbone = "
                               f"{m.backbone!r} takes its ImageNet input normalisation")
+    if m.standardize_stats != "image" and not m.standardize:
+        raise ConfigError(f"model.standardize_stats = {m.standardize_stats!r} is only read with "
+                          "model.standardize = true")
     if m.standardize and m.equalize:
         raise ConfigError("model.standardize and model.equalize are two ways to normalise the image: set one")
 

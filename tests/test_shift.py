@@ -396,6 +396,67 @@ def test_standardization_removes_exposure_and_contrast():
     np.testing.assert_allclose(out.std(axis=(1, 2, 3)), 1.0, atol=1e-3)
 
 
+def center_standardized(images: np.ndarray, window: float = 0.5) -> np.ndarray:
+    """Reference for PerImageStandardization(window, unsaturated_only=True), per image in float64: mean and
+    std of the unsaturated pixels of the central `window` of each side, applied to the whole image."""
+    h, w = images.shape[1:3]
+    top, left = round(h * (1 - window) / 2), round(w * (1 - window) / 2)
+    out = np.empty(images.shape, np.float64)
+    for i, img in enumerate(images.astype(np.float64)):
+        region = img[top:h - top, left:w - left].ravel()
+        counted = region[(region > 0) & (region < 255)] / 255
+        out[i] = (img / 255 - counted.mean()) / max(counted.std(), 1 / img.size**0.5)
+    return out
+
+
+def test_center_standardization_ignores_a_frame_margins_and_exposure(tmp_path):
+    """standardize_stats = "center": the numpy reference; exposure leaves it unchanged like the whole-image
+    form; a white frame or black bars (inside the outer quarter, so outside the central window) leave the
+    image's own pixels' output unchanged where the whole-image form moves them by more than 0.5; the model
+    builds it from the config, saves and loads it; a model config without the arguments (saved before they
+    existed) loads as the whole-image form; the key is checked with one-line errors."""
+    from pipeline.config import ModelConfig, check_model
+    from pipeline.net.model import build_model
+
+    images = chest_like(4)
+    images[0, SIZE // 2, SIZE // 2] = 255  # saturated pixels inside the window: left out of the statistics
+    images[1, SIZE // 2, : SIZE // 2] = 0
+    center = PerImageStandardization(window=0.5, unsaturated_only=True)
+    whole = PerImageStandardization()
+    unit = images.astype(np.float32) / 255
+    np.testing.assert_allclose(center(unit).numpy(), center_standardized(images), atol=1e-4)
+    body = chest_like(3, seed=1)
+    darker = np.round(body * 0.7).astype(np.float32) / 255
+    np.testing.assert_allclose(center(darker).numpy(), center(body.astype(np.float32) / 255).numpy(), atol=0.02)
+    for fill, rows in ((255, np.s_[:, :5]), (255, np.s_[:, :, -5:]), (0, np.s_[:, :8]), (0, np.s_[:, -8:])):
+        framed = body.copy()
+        framed[rows] = fill
+        keep = np.ones(body.shape, bool)
+        keep[rows] = False
+        plain, marked = body.astype(np.float32) / 255, framed.astype(np.float32) / 255
+        np.testing.assert_allclose(center(marked).numpy()[keep], center(plain).numpy()[keep], atol=1e-5)
+        assert np.abs(whole(marked).numpy()[keep] - whole(plain).numpy()[keep]).max() > 0.5
+    cfg = ModelConfig(blocks=2, filters=4, stem_filters=4, dense_units=0, dropout=0.0, standardize=True,
+                      standardize_stats="center")
+    m = build_model(cfg, AugmentConfig(rotation=0.0, zoom=0.0, translation=0.0), SIZE, seed=0)
+    layer = m.get_layer("standardize")
+    assert (layer.window, layer.unsaturated_only) == (0.5, True)
+    other = build_model(dataclasses.replace(cfg, standardize_stats="unsaturated"), AugmentConfig(), SIZE, seed=0)
+    assert (other.get_layer("standardize").window, other.get_layer("standardize").unsaturated_only) == (1.0, True)
+    x = {"image": images}
+    m.save(tmp_path / "m.keras")
+    np.testing.assert_allclose(keras.saving.load_model(tmp_path / "m.keras").predict_on_batch(x),
+                               m.predict_on_batch(x), atol=1e-6)
+    old = PerImageStandardization.from_config({"name": "standardize", "trainable": True})
+    np.testing.assert_allclose(old(unit).numpy(), whole(unit).numpy())
+    with pytest.raises(ConfigError, match="only read with model.standardize = true"):
+        check_model(dataclasses.replace(cfg, standardize=False))
+    with pytest.raises(ConfigError, match="'model.standardize_stats' must be one of image, unsaturated, center, got 'edges'"):
+        check_model(dataclasses.replace(cfg, standardize_stats="edges"))
+    with pytest.raises(ValueError, match="window must be in"):
+        PerImageStandardization(window=0.0)
+
+
 def mid_rank(levels: np.ndarray) -> np.ndarray:
     """Reference for HistogramEqualization, per image: over the unsaturated pixels, (pixels below + half the
     pixels equal) / their number, on [-1, 1]; black -> -1, white -> +1."""

@@ -281,14 +281,39 @@ class PerImageStandardization(keras.layers.Layer):
     """(x - mean) / max(std, 1/sqrt(N)) per image, as tf.image.per_image_standardization but in keras.ops (so
     the model stays backend-neutral): a film's overall exposure and contrast no longer reach the convs. Active
     in training and inference alike (it is preprocessing, not augmentation). It lives here because
-    pipeline.artifact.model_store imports this module to register the project's custom layers before loading."""
+    pipeline.artifact.model_store imports this module to register the project's custom layers before loading.
+
+    `window` < 1 takes the mean and std from the central `window` fraction of each side only, and
+    `unsaturated_only` from pixels strictly between black and white: a white frame, black letterbox bars or
+    the black margin of a zoomed-out film then leave the statistics alone (over the whole image, a white
+    frame's pixels dominate them: experiments/kermany.toml's ablation). The defaults are the whole-image form,
+    so models saved before these arguments existed load unchanged."""
+
+    def __init__(self, window: float = 1.0, unsaturated_only: bool = False, **kwargs):
+        super().__init__(**kwargs)
+        if not 0.0 < window <= 1.0:
+            raise ValueError(f"PerImageStandardization window must be in (0, 1], got {window!r}")
+        self.window = float(window)
+        self.unsaturated_only = bool(unsaturated_only)
 
     def call(self, x):
         x = ops.cast(x, "float32")
-        n = x.shape[1] * x.shape[2] * x.shape[3]
-        mean = ops.mean(x, axis=(1, 2, 3), keepdims=True)
-        std = ops.std(x, axis=(1, 2, 3), keepdims=True)
+        h, w = x.shape[1], x.shape[2]
+        n = h * w * x.shape[3]
+        top, left = int(round(h * (1 - self.window) / 2)), int(round(w * (1 - self.window) / 2))
+        region = x[:, top:h - top, left:w - left, :]
+        if self.unsaturated_only:
+            # Half a grey level from either end: 0 and 255 after the model's 1/255 rescale, whatever rounding.
+            weight = ops.cast((region > 0.5 / 255) & (region < 254.5 / 255), "float32")
+        else:
+            weight = ops.ones_like(region)
+        count = ops.maximum(ops.sum(weight, axis=(1, 2, 3), keepdims=True), 1.0)
+        mean = ops.sum(region * weight, axis=(1, 2, 3), keepdims=True) / count
+        std = ops.sqrt(ops.sum(weight * ops.square(region - mean), axis=(1, 2, 3), keepdims=True) / count)
         return (x - mean) / ops.maximum(std, 1.0 / n**0.5)
 
     def compute_output_shape(self, input_shape):
         return input_shape
+
+    def get_config(self):
+        return {**super().get_config(), "window": self.window, "unsaturated_only": self.unsaturated_only}

@@ -169,7 +169,9 @@ def build_model(model: ModelConfig, augment: AugmentConfig, image_size: int, *, 
     if cfg.backbone != "none":
         x = backbone_features(cfg, x, image_size)
     elif cfg.standardize:
-        x = PerImageStandardization(name="standardize")(x)
+        stats = cfg.standardize_stats
+        x = PerImageStandardization(window=0.5 if stats == "center" else 1.0, unsaturated_only=stats != "image",
+                                    name="standardize")(x)
     elif cfg.equalize:
         x = HistogramEqualization(name="equalize")(x)
     else:
