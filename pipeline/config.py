@@ -57,7 +57,8 @@ class ModelConfig:
     # Where the standardisation takes its mean and std: "image" (every pixel, as tf.image's), "unsaturated" (every
     # pixel but black and white ones: a white frame, letterbox bars or a zoomed-out film's black margin leave
     # them alone) or "center" (those pixels in the central half of each side only). Measured on the proxy:
-    # README, "A proxy for travels" (pipeline/net/augment.py: PerImageStandardization).
+    # README, "A proxy for travels" (pipeline/net/augment.py: PerImageStandardization). Read only with
+    # standardize = true, so turning that off alone is enough (a backbone needs it off).
     standardize_stats: str = "image"
     # Per-image histogram equalization instead (pipeline/net/augment.py: HistogramEqualization): a strictly
     # increasing grey-scale change (exposure, contrast, gamma) no longer reaches the convs, up to clipping and
@@ -383,10 +384,8 @@ def check_model(m: ModelConfig) -> None:
     for normalisation in ("standardize", "equalize"):
         if m.backbone != "none" and getattr(m, normalisation):
             raise ConfigError(f"model.{normalisation} applies to the project's own CNN; model.backbone = "
-                              f"{m.backbone!r} takes its ImageNet input normalisation")
-    if m.standardize_stats != "image" and not m.standardize:
-        raise ConfigError(f"model.standardize_stats = {m.standardize_stats!r} is only read with "
-                          "model.standardize = true")
+                              f"{m.backbone!r} takes its ImageNet input normalisation (--set "
+                              f"model.{normalisation}=false)")
     if m.standardize and m.equalize:
         raise ConfigError("model.standardize and model.equalize are two ways to normalise the image: set one")
 
