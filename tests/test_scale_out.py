@@ -133,6 +133,15 @@ def _bad_lines(text: str) -> list[str]:
     return [line for line in text.splitlines() if BAD_LOG.search(line) and "/mlflow-artifacts/artifacts/" not in line]
 
 
+def _server_bad_lines(server_log: str) -> list[str]:
+    """`_bad_lines` of the tracking server's log, less the records of requests whose client went away: a worker
+    SIGKILLed in the middle of an artifact upload leaves uvicorn logging that request's ClientDisconnect
+    traceback (seen in a `make test` run), the kill's own trace and not a server fault. The log's records are
+    its timestamped lines, each with the lines that follow it."""
+    records = re.split(r"(?m)^(?=\d{4}/\d\d/\d\d \d\d:\d\d:\d\d )", server_log)
+    return _bad_lines("".join(r for r in records if "starlette.requests.ClientDisconnect" not in r))
+
+
 def _check_study_and_runs(study_name: str, storage: str, server_url: str, target: int) -> dict:
     """The properties every scale-out launch must end with; -> the study and runs for further checks."""
     import optuna
@@ -222,7 +231,7 @@ def test_three_workers_share_a_postgres_study_and_survive_a_sigkill(synth_data, 
     assert f"trial {victim.number} went stale" in out
     assert "1 worker(s) crashed (exit codes -9)" in out  # the killed one; the others ended cleanly
     assert not _bad_lines(out), _bad_lines(out)
-    assert not _bad_lines(server_log), _bad_lines(server_log)
+    assert not _server_bad_lines(server_log), _server_bad_lines(server_log)
     _report("load", {"workers": 3, "finished_trials": 6, "trials_run": len(study.trials), "killed": 1,
                      "wall_s": round(wall, 1), "trials_per_hour": round(6 * 3600 / wall, 1)})
 
