@@ -287,6 +287,46 @@ def test_two_workers_share_a_fresh_store_and_survive_a_sigkill(synth_data, tmp_p
     assert len(versions) == len(study.get_trials(states=(TrialState.COMPLETE,)))
 
 
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")  # the swallow itself
+def test_a_stop_swallowed_by_a_finaliser_still_ends_training():
+    """A CI run sent SIGINT while SQLAlchemy ran a weakref callback: the handler's StopRequested was raised
+    inside it, Python printed "Exception ignored" and dropped it, and the launch ran on and exited 0. The
+    caught signal is remembered, and the trial's callback raises it again after the next training batch."""
+    import time
+
+    import keras
+    import numpy as np
+
+    class SignalInFinaliser:
+        def __del__(self):
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(1)  # the handler runs in here, and its exception is dropped with the finaliser's
+
+    seen = []
+
+    class SwallowAtBatchOne(keras.callbacks.Callback):
+        def on_train_batch_end(self, batch, logs=None):
+            seen.append(batch)
+            if batch == 1:
+                SignalInFinaliser()  # made and collected at once, in the middle of fit
+
+    model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(1)])
+    model.compile("sgd", "mse")
+    x = np.zeros((64, 4), "float32")
+    fit = dict(x=x, y=x[:, :1], batch_size=4, epochs=1, verbose=0)
+    with tune.stop_on_signals():  # without the check the stop is lost: fit runs all 16 batches
+        model.fit(**fit, callbacks=[SwallowAtBatchOne()])
+        assert seen == list(range(16))
+        with pytest.raises(tune.StopRequested) as stop:
+            tune.raise_if_stopped()
+    assert stop.value.exit_code == 128 + signal.SIGTERM
+    tune.raise_if_stopped()  # the memory ends with the context: a later launch in this process is not stopped
+    seen.clear()
+    with tune.stop_on_signals(), pytest.raises(tune.StopRequested):
+        model.fit(**fit, callbacks=[SwallowAtBatchOne(), tune.stop_check_callback()])
+    assert seen == [0, 1]  # stopped at the batch the swallowed signal arrived in
+
+
 @pytest.mark.parametrize("how", ["sigterm", "sigint_ignored_at_start"])
 def test_a_stopped_launch_closes_its_runs_and_the_same_command_resumes(synth_data, tmp_path, how):
     """The signal a scheduler sends on preemption (SIGTERM), or SIGINT to a launcher started with SIGINT

@@ -70,20 +70,56 @@ class StopRequested(KeyboardInterrupt):
         self.exit_code = 128 + signum  # what a shell reports for a process ended by that signal
 
 
+# The signal stop_on_signals caught, kept until its body ends (see raise_if_stopped).
+_caught_signal: int | None = None
+
+
 @contextlib.contextmanager
 def stop_on_signals():
     """SIGTERM (systemd, Kubernetes, `docker stop`, Slurm and other batch schedulers on preemption) and SIGINT
     raise StopRequested in the main thread while the body runs. SIGINT is handled even when this process was
-    started with it ignored (`nohup ... &` makes a background launch ignore Ctrl-C and `kill -INT`)."""
+    started with it ignored (`nohup ... &` makes a background launch ignore Ctrl-C and `kill -INT`).
+
+    The signal is also remembered: Python runs a handler between any two bytecodes, finalisers and weakref
+    callbacks included, and an exception raised there is printed as "Exception ignored" and dropped (seen in
+    CI: SQLAlchemy's `InstanceState._cleanup` swallowed the stop, and the launch ran to the end and exited 0).
+    `raise_if_stopped` raises it again at the checkpoints that poll it (each training batch, each trial)."""
+    global _caught_signal
+
     def handler(signum, frame):
+        global _caught_signal
+        _caught_signal = signum
         raise StopRequested(signum)
 
+    _caught_signal = None
     previous = {s: signal.signal(s, handler) for s in (signal.SIGTERM, signal.SIGINT)}
     try:
         yield
     finally:
         for s, h in previous.items():
             signal.signal(s, h)
+        _caught_signal = None
+
+
+def raise_if_stopped() -> None:
+    """Raise StopRequested if stop_on_signals caught a signal whose exception may have been swallowed."""
+    if _caught_signal is not None:
+        raise StopRequested(_caught_signal)
+
+
+def stop_check_callback():
+    """A Keras callback that polls raise_if_stopped after every training batch: a swallowed stop still ends
+    the trial within a batch, through the same KeyboardInterrupt path as one that was not."""
+    import keras
+
+    class StopCheck(keras.callbacks.Callback):
+        def on_train_batch_end(self, batch, logs=None):
+            raise_if_stopped()
+
+        def on_test_batch_end(self, batch, logs=None):
+            raise_if_stopped()
+
+    return StopCheck()
 
 
 class TuneError(PneumoError):
@@ -449,7 +485,7 @@ def make_objective(spec: WorkerSpec, cfg: Config, state: WorkerState):
 
         # Report the per-epoch metric every epoch even without a pruner (NopPruner): the study keeps learning
         # curves. For the shift metrics that is val_auc (see PER_EPOCH).
-        callbacks = [KerasPruningCallback(trial, pruning_monitor(cfg.tune.metric))]
+        callbacks = [KerasPruningCallback(trial, pruning_monitor(cfg.tune.metric)), stop_check_callback()]
         worker = f"{os.uname().nodename}:{os.getpid()}"
         trial.set_user_attr("worker", worker)
         tags = {tag_keys.STUDY: spec.study, tag_keys.TRIAL_NUMBER: str(trial.number), "state": "RUNNING",
@@ -502,6 +538,7 @@ def work(spec: WorkerSpec) -> dict[str, int]:
     outcomes = {"COMPLETE": 0, "PRUNED": 0, "FAIL": 0}
     failures = 0
     while spec.deadline is None or time.time() < spec.deadline:
+        raise_if_stopped()  # a stop swallowed between trials: no trial of this launch is left half-run
         state.last_trial = None
         t0 = time.perf_counter()
         try:
@@ -694,7 +731,10 @@ def _run_worker_processes(spec: WorkerSpec, workers: int, gpus: list[str], worke
             procs.append(subprocess.Popen([sys.executable, "-m", "pipeline.study.tune", str(path)], env=env))
             time.sleep(1.0)  # stagger start-up: the first trials' TF imports compete for the same 2 cores
         try:
-            codes = [p.wait() for p in procs]
+            while any(p.poll() is None for p in procs):
+                raise_if_stopped()
+                time.sleep(0.5)
+            codes = [p.returncode for p in procs]
         except KeyboardInterrupt as e:
             # Forward the stop (a terminal's Ctrl-C reaches the whole group, a scheduler's SIGTERM often only
             # this process), give each worker STOP_GRACE_S to close its trial, then kill what is left: the
