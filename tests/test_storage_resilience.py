@@ -38,6 +38,38 @@ def test_a_lost_connection_is_retried(storage, monkeypatch, capsys):
     assert capsys.readouterr().err.count("connection lost in get_study_id_from_name") == 2
 
 
+def _pending_rollback(after: BaseException | None) -> optuna.exceptions.StorageInternalError:
+    """What Optuna's `_get_trials` raises when its fallback query reuses a session a failure left invalid."""
+    pending = sqlalchemy.exc.PendingRollbackError("Can't reconnect until invalid transaction is rolled back")
+    pending.__context__ = after  # raised while `after` was being handled, as Python chains it
+    error = optuna.exceptions.StorageInternalError("An exception is raised during the commit.")
+    error.__cause__ = pending  # Optuna's `raise StorageInternalError(...) from e`
+    return error
+
+
+def test_an_invalid_transaction_left_by_a_lost_connection_is_retried(storage, monkeypatch, capsys):
+    """A worker crashed in a make test run: PostgreSQL's backends were terminated during `_get_trials`, Optuna
+    caught the OperationalError and fell back to a second query in the same session, which raised SQLAlchemy's
+    PendingRollbackError. That is the lost connection's doing: retried on a fresh session. A PendingRollbackError
+    after any other error is not."""
+    real = optuna.storages.RDBStorage._get_trials
+    calls = []
+
+    def flaky(self, *args, **kwargs):
+        calls.append(args)
+        if len(calls) == 1:
+            raise _pending_rollback(_lost())
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(optuna.storages.RDBStorage, "_get_trials", flaky)
+    study = optuna.load_study(study_name="s", storage=storage)
+    study.enqueue_trial({"x": 0.5})
+    assert len(study.get_trials(deepcopy=False)) == 1
+    assert len(calls) == 2 and "connection lost in _get_trials (StorageInternalError)" in capsys.readouterr().err
+    assert not tune._transient(_pending_rollback(sqlalchemy.exc.IntegrityError("INSERT", {}, Exception("dup"))))
+    assert not tune._transient(_pending_rollback(None))
+
+
 def test_other_errors_and_a_lasting_outage_are_raised(storage, monkeypatch):
     calls = []
 

@@ -219,12 +219,21 @@ def retried_calls() -> list[str]:
 
 
 def _transient(e: BaseException) -> bool:
-    """A lost connection (server restarted, backend terminated, network blip), not a bad statement."""
+    """A lost connection (server restarted, backend terminated, network blip), not a bad statement.
+
+    Also SQLAlchemy's PendingRollbackError raised while handling a lost connection: Optuna's `_get_trials`
+    catches the OperationalError and retries its query in the same session, whose transaction the dead
+    connection left invalid (seen in tests/test_scale_out.py's cut: a worker crashed on it)."""
     import sqlalchemy.exc
 
+    def lost(x: BaseException | None) -> bool:
+        return isinstance(x, sqlalchemy.exc.OperationalError) or (
+            isinstance(x, sqlalchemy.exc.DBAPIError) and x.connection_invalidated)
+
     cause = e.__cause__ if isinstance(e, optuna.exceptions.StorageInternalError) else e
-    return isinstance(cause, sqlalchemy.exc.OperationalError) or (
-        isinstance(cause, sqlalchemy.exc.DBAPIError) and cause.connection_invalidated)
+    if isinstance(cause, sqlalchemy.exc.PendingRollbackError):
+        return lost(cause.__context__) or lost(cause.__cause__)
+    return lost(cause)
 
 
 _retry_depth = threading.local()  # a retried call that calls another (create_new_trial -> _create_new_trial)
@@ -731,10 +740,15 @@ def _run_worker_processes(spec: WorkerSpec, workers: int, gpus: list[str], worke
             procs.append(subprocess.Popen([sys.executable, "-m", "pipeline.study.tune", str(path)], env=env))
             time.sleep(1.0)  # stagger start-up: the first trials' TF imports compete for the same 2 cores
         try:
-            while any(p.poll() is None for p in procs):
-                raise_if_stopped()
-                time.sleep(0.5)
-            codes = [p.returncode for p in procs]
+            codes = []
+            for p in procs:
+                while True:
+                    raise_if_stopped()
+                    try:
+                        codes.append(p.wait(timeout=0.5))
+                        break
+                    except subprocess.TimeoutExpired:
+                        continue
         except KeyboardInterrupt as e:
             # Forward the stop (a terminal's Ctrl-C reaches the whole group, a scheduler's SIGTERM often only
             # this process), give each worker STOP_GRACE_S to close its trial, then kill what is left: the
