@@ -332,7 +332,8 @@ def test_a_stopped_launch_closes_its_runs_and_the_same_command_resumes(synth_dat
     """The signal a scheduler sends on preemption (SIGTERM), or SIGINT to a launcher started with SIGINT
     ignored (`nohup ... &`): the trial in progress is failed and queued again, its run and the parent run are
     closed KILLED, the launcher exits 128 + signal within a bounded time, and the same command run again
-    finishes the study with no run left RUNNING."""
+    finishes the study with no run left RUNNING (after SIGTERM only: the resume does not depend on the signal,
+    and a second run of it costs the suite half a minute)."""
     uri, storage = f"sqlite:///{tmp_path}/mlflow.db", f"sqlite:///{tmp_path}/optuna.db"
     cmd = [sys.executable, "-m", "pipeline.cli", "tune", "--config", str(SMOKE), "--study", "stop",
            "--data", str(synth_data), "--trials", "2", "--storage", storage, "--tracking-uri", uri,
@@ -364,6 +365,8 @@ def test_a_stopped_launch_closes_its_runs_and_the_same_command_resumes(synth_dat
     assert not [r for r in runs if r.info.status == "RUNNING"], [(r.info.run_name, r.info.status) for r in runs]
     assert {r.info.run_name: r.info.status for r in runs}[f"trial-{victim.number:03d}"] == "KILLED"
     assert [r.info.status for r in runs if r.data.tags.get("kind") == "study"] == ["KILLED"]
+    if how != "sigterm":
+        return
     # the same command again: the interrupted trial's replacement runs too, and everything ends closed
     again = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=600)
     assert again.returncode == 0, again.stdout + again.stderr
