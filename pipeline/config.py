@@ -60,6 +60,11 @@ class ModelConfig:
     # README, "A proxy for travels" (pipeline/net/augment.py: PerImageStandardization). Read only with
     # standardize = true, so turning that off alone is enough (a backbone needs it off).
     standardize_stats: str = "image"
+    # What the standardisation outputs for black and white pixels: "keep" (their standardised value, which for a
+    # black margin is 2-4 standard deviations below the image's mean) or "zero" (the image's mean: flat, like the
+    # fixed map's -1, but never extreme). Read only with standardize = true. On the proxy "zero" lowered the
+    # held-out AUC and lost more specificity under zoom-out (README, "A proxy for travels"): "keep" is the default.
+    standardize_saturated: str = "keep"
     # Per-image histogram equalization instead (pipeline/net/augment.py: HistogramEqualization): a strictly
     # increasing grey-scale change (exposure, contrast, gamma) no longer reaches the convs, up to clipping and
     # 8-bit rounding; black margins and a white frame stay out of the ranks. Measured on the proxy: README,
@@ -217,6 +222,7 @@ CHOICES = {
     "data.cache": None,  # free-form (path prefix allowed)
     "model.pooling": ("gap", "flatten"),
     "model.standardize_stats": ("image", "unsaturated", "center"),
+    "model.standardize_saturated": ("keep", "zero"),
     "model.padding": ("same", "valid"),
     "model.backbone": ("none", "densenet121", "efficientnetb0"),
     "train.class_weight": ("balanced", "oversample", "none"),

@@ -458,6 +458,39 @@ def test_center_standardization_ignores_a_frame_margins_and_exposure(tmp_path):
         PerImageStandardization(window=0.0)
 
 
+def test_standardization_can_output_saturated_pixels_as_the_images_mean(tmp_path):
+    """standardize_saturated = "zero": black margins and white marks come out as 0, the image's mean, where the
+    kept form puts a black margin several standard deviations below it; every other pixel is the kept form's;
+    built from the config, saved and loaded; a config saved before the argument existed loads without it."""
+    from pipeline.config import ModelConfig, check_model
+    from pipeline.net.model import build_model
+
+    images = chest_like(3)
+    images[:, :10] = 0  # letterbox-like bars and a zoomed-out margin
+    images[:, :, -4:] = 0
+    images[:, -3:] = 255  # a white frame edge
+    saturated = (images == 0) | (images == 255)
+    unit = images.astype(np.float32) / 255
+    zeroed = PerImageStandardization(unsaturated_only=True, saturated_to_zero=True)(unit).numpy()
+    kept = PerImageStandardization(unsaturated_only=True)(unit).numpy()
+    assert np.all(zeroed[saturated] == 0.0)
+    assert kept[images == 0].max() < -1.5  # what the option removes: the margin far below the image's range
+    np.testing.assert_allclose(zeroed[~saturated], kept[~saturated], atol=1e-6)
+    cfg = ModelConfig(blocks=2, filters=4, stem_filters=4, dense_units=0, dropout=0.0, standardize=True,
+                      standardize_stats="unsaturated", standardize_saturated="zero")
+    m = build_model(cfg, AugmentConfig(rotation=0.0, zoom=0.0, translation=0.0), SIZE, seed=0)
+    assert m.get_layer("standardize").saturated_to_zero
+    m.save(tmp_path / "m.keras")
+    x = {"image": images}
+    np.testing.assert_allclose(keras.saving.load_model(tmp_path / "m.keras").predict_on_batch(x),
+                               m.predict_on_batch(x), atol=1e-6)
+    old = PerImageStandardization.from_config({"name": "standardize", "trainable": True, "window": 1.0,
+                                               "unsaturated_only": True})
+    np.testing.assert_allclose(old(unit).numpy(), kept)
+    with pytest.raises(ConfigError, match="'model.standardize_saturated' must be one of keep, zero, got 'mean'"):
+        check_model(dataclasses.replace(cfg, standardize_saturated="mean"))
+
+
 def mid_rank(levels: np.ndarray) -> np.ndarray:
     """Reference for HistogramEqualization, per image: over the unsaturated pixels, (pixels below + half the
     pixels equal) / their number, on [-1, 1]; black -> -1, white -> +1."""

@@ -287,14 +287,24 @@ class PerImageStandardization(keras.layers.Layer):
     `unsaturated_only` from pixels strictly between black and white: a white frame, black letterbox bars or
     the black margin of a zoomed-out film then leave the statistics alone (over the whole image, a white
     frame's pixels dominate them: experiments/kermany.toml's ablation). The defaults are the whole-image form,
-    so models saved before these arguments existed load unchanged."""
+    so models saved before these arguments existed load unchanged.
 
-    def __init__(self, window: float = 1.0, unsaturated_only: bool = False, **kwargs):
+    `saturated_to_zero` outputs 0 (the mean) for black and white pixels of the whole image: a black margin is
+    then as flat as under the fixed [-1, 1] map, instead of 2-4 standard deviations below the mean."""
+
+    def __init__(self, window: float = 1.0, unsaturated_only: bool = False, saturated_to_zero: bool = False,
+                 **kwargs):
         super().__init__(**kwargs)
         if not 0.0 < window <= 1.0:
             raise ValueError(f"PerImageStandardization window must be in (0, 1], got {window!r}")
         self.window = float(window)
         self.unsaturated_only = bool(unsaturated_only)
+        self.saturated_to_zero = bool(saturated_to_zero)
+
+    @staticmethod
+    def _unsaturated(x):
+        # Half a grey level from either end: 0 and 255 after the model's 1/255 rescale, whatever rounding.
+        return ops.cast((x > 0.5 / 255) & (x < 254.5 / 255), "float32")
 
     def call(self, x):
         x = ops.cast(x, "float32")
@@ -302,18 +312,16 @@ class PerImageStandardization(keras.layers.Layer):
         n = h * w * x.shape[3]
         top, left = int(round(h * (1 - self.window) / 2)), int(round(w * (1 - self.window) / 2))
         region = x[:, top:h - top, left:w - left, :]
-        if self.unsaturated_only:
-            # Half a grey level from either end: 0 and 255 after the model's 1/255 rescale, whatever rounding.
-            weight = ops.cast((region > 0.5 / 255) & (region < 254.5 / 255), "float32")
-        else:
-            weight = ops.ones_like(region)
+        weight = self._unsaturated(region) if self.unsaturated_only else ops.ones_like(region)
         count = ops.maximum(ops.sum(weight, axis=(1, 2, 3), keepdims=True), 1.0)
         mean = ops.sum(region * weight, axis=(1, 2, 3), keepdims=True) / count
         std = ops.sqrt(ops.sum(weight * ops.square(region - mean), axis=(1, 2, 3), keepdims=True) / count)
-        return (x - mean) / ops.maximum(std, 1.0 / n**0.5)
+        out = (x - mean) / ops.maximum(std, 1.0 / n**0.5)
+        return out * self._unsaturated(x) if self.saturated_to_zero else out
 
     def compute_output_shape(self, input_shape):
         return input_shape
 
     def get_config(self):
-        return {**super().get_config(), "window": self.window, "unsaturated_only": self.unsaturated_only}
+        return {**super().get_config(), "window": self.window, "unsaturated_only": self.unsaturated_only,
+                "saturated_to_zero": self.saturated_to_zero}

@@ -171,7 +171,7 @@ def build_model(model: ModelConfig, augment: AugmentConfig, image_size: int, *, 
     elif cfg.standardize:
         stats = cfg.standardize_stats
         x = PerImageStandardization(window=0.5 if stats == "center" else 1.0, unsaturated_only=stats != "image",
-                                    name="standardize")(x)
+                                    saturated_to_zero=cfg.standardize_saturated == "zero", name="standardize")(x)
     elif cfg.equalize:
         x = HistogramEqualization(name="equalize")(x)
     else:
