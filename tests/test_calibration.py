@@ -125,8 +125,9 @@ def test_training_stores_a_temperature_that_predict_evaluate_and_explain_use(reg
 @pytest.mark.slow
 def test_logits_scaled_by_three_are_brought_back(registry_store):
     """A real trained model (the fixture's, trained through `pipeline.study.train.train`) made over-confident by
-    multiplying its sigmoid head's kernel and bias by 3: the fitted temperature is 3 times the original's, and
-    calibration gives back exactly the original's calibrated probabilities, at a lower NLL.
+    multiplying its sigmoid head's kernel and bias by 3 (by 1/3 when 3 times its temperature would leave the
+    search range): the fitted temperature is that factor times the original's, and calibration gives back the
+    original's calibrated probabilities, at a lower NLL.
 
     ECE is asserted to fall on the simulated model above, not here: on these 2-epoch models with balanced class
     weights most of the miscalibration is a shift of the logit's intercept, which one temperature cannot
@@ -136,20 +137,25 @@ def test_logits_scaled_by_three_are_brought_back(registry_store):
 
     from pipeline.artifact.model_store import load
     from pipeline.evaluate.scoring import predict_split
-    from pipeline.net.calibration import apply_temperature, fit_temperature, nll
+    from pipeline.net.calibration import T_BOUNDS, apply_temperature, fit_temperature, nll
 
     s = registry_store
     v = max(s.versions, key=lambda k: s.val_auc[k])
     lm = load(f"models:/{MODEL}/{v}", s.uri)
+    y, p, _ = predict_split(lm.model, s.data, "val")
+    t0 = fit_temperature(y, p)
+    assert t0 == pytest.approx(lm.temperature, rel=1e-5)  # what training fitted and stored
+    # The expected temperature must lie inside the search range (T_BOUNDS): a CI run's fixture model had
+    # t0 = 16.2, whose triple the search cannot reach. Such a model is made under-confident instead (logits / 3):
+    # the same property, T scales with the logits.
+    factor = 3.0 if 3.0 * t0 < T_BOUNDS[1] / 2 else 1 / 3
     hot = keras.models.clone_model(lm.model)
     hot.set_weights(lm.model.get_weights())
     head = hot.get_layer("prob")
-    head.set_weights([w * 3.0 for w in head.get_weights()])
-    y, p, _ = predict_split(lm.model, s.data, "val")
+    head.set_weights([w * factor for w in head.get_weights()])
     _, p3, _ = predict_split(hot, s.data, "val")
-    t0, t3 = fit_temperature(y, p), fit_temperature(y, p3)
-    assert t0 == pytest.approx(lm.temperature, rel=1e-5)  # what training fitted and stored
-    assert t3 == pytest.approx(3.0 * t0, rel=0.02)
+    t3 = fit_temperature(y, p3)
+    assert t3 == pytest.approx(factor * t0, rel=0.02)
     q3 = apply_temperature(p3, t3)
     assert q3 == pytest.approx(apply_temperature(p, t0), abs=2e-3)
     assert nll(y, q3) < nll(y, p3)

@@ -599,12 +599,16 @@ def test_promote_study_decides_by_the_rule_the_study_was_launched_with(registry_
 
 # --- external sets --------------------------------------------------------------------------------------------
 def test_external_sets_in_the_table_metrics_and_card(registry_store, external_data, capsys, tmp_path):
+    """A required external set: refused without it, then scored, tabled, logged and carded with it. Its check
+    passes at any margin below 1: which of these weak models is better on site2 is a draw (a CI run: the better
+    one on the internal test split was 0.039 AUC worse there, 0.539 vs 0.578). The external check's outcomes are
+    tested on exact inputs (tests/test_gate.py::test_required_external_sets)."""
     from pipeline.cli import main
 
     s = registry_store
     worst, mid, best = s.by_test_auc
     _make_champion(s, worst)
-    cfg = _config_file(tmp_path, replace(POINT, require_external=["site2"]))
+    cfg = _config_file(tmp_path, replace(POINT, require_external=["site2"], margin=1.0))
     assert main(["promote", "--version", best, "--tracking-uri", s.uri, "--config", cfg]) == 0
     out = capsys.readouterr().out
     assert "NOT PROMOTED" in out and "kept" in out
