@@ -311,13 +311,15 @@ class PerImageStandardization(keras.layers.Layer):
         h, w = x.shape[1], x.shape[2]
         n = h * w * x.shape[3]
         top, left = int(round(h * (1 - self.window) / 2)), int(round(w * (1 - self.window) / 2))
-        region = x[:, top:h - top, left:w - left, :]
-        weight = self._unsaturated(region) if self.unsaturated_only else ops.ones_like(region)
+        window = (slice(None), slice(top, h - top), slice(left, w - left), slice(None))
+        unsaturated = self._unsaturated(x) if self.unsaturated_only or self.saturated_to_zero else None
+        region = x[window]
+        weight = unsaturated[window] if self.unsaturated_only else ops.ones_like(region)
         count = ops.maximum(ops.sum(weight, axis=(1, 2, 3), keepdims=True), 1.0)
         mean = ops.sum(region * weight, axis=(1, 2, 3), keepdims=True) / count
         std = ops.sqrt(ops.sum(weight * ops.square(region - mean), axis=(1, 2, 3), keepdims=True) / count)
         out = (x - mean) / ops.maximum(std, 1.0 / n**0.5)
-        return out * self._unsaturated(x) if self.saturated_to_zero else out
+        return out * unsaturated if self.saturated_to_zero else out
 
     def compute_output_shape(self, input_shape):
         return input_shape

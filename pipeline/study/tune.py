@@ -91,7 +91,6 @@ def stop_on_signals():
         _caught_signal = signum
         raise StopRequested(signum)
 
-    _caught_signal = None
     previous = {s: signal.signal(s, handler) for s in (signal.SIGTERM, signal.SIGINT)}
     try:
         yield
@@ -108,8 +107,8 @@ def raise_if_stopped() -> None:
 
 
 def stop_check_callback():
-    """A Keras callback that polls raise_if_stopped after every training batch: a swallowed stop still ends
-    the trial within a batch, through the same KeyboardInterrupt path as one that was not."""
+    """A Keras callback that polls raise_if_stopped after every training and validation batch: a swallowed stop
+    still ends the trial within a batch, through the same KeyboardInterrupt path as one that was not."""
     import keras
 
     class StopCheck(keras.callbacks.Callback):
@@ -742,13 +741,12 @@ def _run_worker_processes(spec: WorkerSpec, workers: int, gpus: list[str], worke
         try:
             codes = []
             for p in procs:
-                while True:
+                code = None
+                while code is None:
                     raise_if_stopped()
-                    try:
-                        codes.append(p.wait(timeout=0.5))
-                        break
-                    except subprocess.TimeoutExpired:
-                        continue
+                    with contextlib.suppress(subprocess.TimeoutExpired):
+                        code = p.wait(timeout=0.5)
+                codes.append(code)
         except KeyboardInterrupt as e:
             # Forward the stop (a terminal's Ctrl-C reaches the whole group, a scheduler's SIGTERM often only
             # this process), give each worker STOP_GRACE_S to close its trial, then kill what is left: the
