@@ -209,6 +209,36 @@ def test_a_fifo_is_skipped_and_a_slow_decode_times_out(raw, tmp_path, monkeypatc
     assert m["rejected"] == [{"path": slow_name, "reason": "decode took longer than 1 s (decode timeout): skipped"}]
 
 
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")  # the drop is the point
+def test_a_time_limit_alarm_swallowed_by_a_finaliser_still_ends_the_block():
+    """Python drops an exception raised inside `__del__` ("Exception ignored"): the deadline's alarm lands in
+    one here, and a single alarm would let the block sleep on for 30 s. The repeating alarm ends it."""
+    from pipeline.data.isolation import TimeLimitExceeded, time_limit
+
+    swallowed = []
+
+    class SlowFinaliser:
+        def __del__(self):
+            try:
+                time.sleep(2)  # the alarm at 0.3 s interrupts this sleep and raises here...
+            except BaseException as e:
+                swallowed.append(type(e))
+                raise  # ...and Python drops it on the way out of __del__
+
+    start = time.monotonic()
+    with pytest.raises(TimeLimitExceeded), time_limit(0.3):
+        SlowFinaliser()  # dropped at once: __del__ runs inside the block
+        time.sleep(30)
+    assert swallowed == [TimeLimitExceeded]
+    assert time.monotonic() - start < 5
+
+    # Left in time, the block leaves no alarm behind it: nothing fires in the code that follows.
+    with time_limit(0.2):
+        pass
+    time.sleep(0.5)
+    assert signal.getitimer(signal.ITIMER_REAL) == (0.0, 0.0)
+
+
 def _deflated_bomb(path: Path, inflated_bytes: int) -> None:
     """A valid Deflated Explicit VR Little Endian file whose data set is a private OB element of zeros:
     a few KB on disk, `inflated_bytes` once inflated. Written as a stream (the test never holds it whole)."""

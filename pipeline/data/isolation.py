@@ -22,25 +22,43 @@ class TimeLimitExceeded(Exception):
     """The decode ran past its time limit (raised by the SIGALRM handler inside `time_limit`)."""
 
 
-def _on_alarm(signum, frame):
-    raise TimeLimitExceeded
+# After the deadline the alarm repeats at this interval until the block is left. Python drops an exception
+# raised inside a finaliser (a `__del__`, a weakref callback) with an "Exception ignored" message, so a single
+# alarm that lands in one would let the block run on unbounded; the next one lands in the block itself.
+_REPEAT_S = 0.1
+
+
+class _Deadline:
+    """The state one `time_limit` block shares with its SIGALRM handler."""
+
+    def __init__(self):
+        self.active = True
+
+    def on_alarm(self, signum, frame):
+        if self.active:  # a late alarm while the block is being left is not an error of the next code
+            raise TimeLimitExceeded
 
 
 @contextmanager
 def time_limit(seconds: float | None):
     """Raise TimeLimitExceeded in the block after `seconds` (a SIGALRM timer: it interrupts Python code and
-    blocking system calls such as opening a FIFO). Outside the main thread (no signals there), or with no
-    limit, the block runs unbounded."""
+    blocking system calls such as opening a FIFO), again every `_REPEAT_S` until the block is left. Outside the
+    main thread (no signals there), or with no limit, the block runs unbounded."""
     timed = bool(seconds) and threading.current_thread() is threading.main_thread()
     if timed:
-        previous = signal.signal(signal.SIGALRM, _on_alarm)
-        signal.setitimer(signal.ITIMER_REAL, seconds)
+        deadline = _Deadline()
+        previous = signal.signal(signal.SIGALRM, deadline.on_alarm)
+        signal.setitimer(signal.ITIMER_REAL, seconds, _REPEAT_S)
     try:
         yield
     finally:
         if timed:
-            signal.setitimer(signal.ITIMER_REAL, 0)
-            signal.signal(signal.SIGALRM, previous)
+            try:
+                deadline.active = False  # from here on an alarm returns quietly...
+            finally:  # ...so this part runs to its end even when one landed just before the line above
+                deadline.active = False
+                signal.setitimer(signal.ITIMER_REAL, 0)
+                signal.signal(signal.SIGALRM, previous)
 
 
 def limit_memory(max_bytes: int | None) -> None:
