@@ -99,6 +99,45 @@ def test_pneumo_ui_serves_until_interrupted(registry_store, tmp_path):
     wait_for(lambda: not _listening(port), 30, "the port to close")
 
 
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")  # the drop is the point
+def test_a_stop_dropped_inside_a_finaliser_still_stops_the_server(tmp_path, capsys):
+    """Python drops an exception raised inside `__del__` ("Exception ignored"): a SIGTERM that lands in one
+    during the store reads before the URL line must still stop the server, not leave `pneumo ui` waiting on it
+    (a supervisor's SIGKILL would then orphan the server's group)."""
+    import threading
+
+    from pipeline.ui import ManagedServer, _serve, group_alive
+
+    class StaticServer(ManagedServer):
+        name = "static server"
+
+        def command(self):
+            return [sys.executable, "-m", "http.server", str(self.port), "--bind", "127.0.0.1",
+                    "--directory", str(tmp_path)]
+
+    class StopInFinaliser:
+        def __del__(self):
+            os.kill(os.getpid(), signal.SIGTERM)  # the handler's KeyboardInterrupt is raised here, and dropped
+
+    server, groups = StaticServer(log_file=tmp_path / "server.log"), []
+
+    def links():
+        groups.append(server.proc.pid)
+        StopInFinaliser()
+        return ["  (links)"]
+
+    # Without the fix the wait never ends: the watchdog then kills the server, and _serve reports its death.
+    watchdog = threading.Timer(60, lambda: groups and os.killpg(groups[0], signal.SIGKILL))
+    watchdog.start()
+    try:
+        _serve(server, "static", more=links)
+    finally:
+        watchdog.cancel()
+    out = capsys.readouterr().out
+    assert "static: http://127.0.0.1:" in out and out.rstrip().endswith("stopped static server")
+    assert not group_alive(groups[0])
+
+
 def _listening(port: int) -> bool:
     import socket
 
