@@ -103,9 +103,14 @@ class TrainConfig:
     weight_decay: float = 0.0
     # Weight averaging: "ema" keeps an exponential moving average of the weights (Polyak & Juditsky 1992; Keras
     # optimizers' use_ema) and writes it into the model at the end of every epoch, so validation, early
-    # stopping and the saved model all see the averaged weights. "none": the last step's weights.
+    # stopping and the saved model all see the averaged weights. "swa": stochastic weight averaging, the mean of
+    # the weights at the end of each of the last `swa_epochs` epochs, trained at `swa_lr_fraction` of the
+    # learning rate, with batch-norm statistics recomputed (pipeline/net/weight_averaging.py). "none": the last
+    # step's weights.
     weight_averaging: str = "none"
     ema_momentum: float = 0.99
+    swa_epochs: int = 4
+    swa_lr_fraction: float = 0.2
     class_weight: str = "balanced"  # balanced (loss weights) | oversample (50/50 batches) | none
     precision: str = "auto"  # auto | float32 | mixed_float16 | mixed_bfloat16
     # auto | true | false (TOML booleans too): auto = XLA on a GPU, off on the CPU (pipeline/net/devices.py);
@@ -232,7 +237,7 @@ CHOICES = {
     "train.backend": ("tensorflow", "jax"),
     "train.lr_scale": ("linear", "sqrt", "none"),
     "train.threshold_policy": ("youden", "sensitivity", "robust"),
-    "train.weight_averaging": ("none", "ema"),
+    "train.weight_averaging": ("none", "ema", "swa"),
     "train.lr_schedule": ("constant", "cosine"),
     "tune.metric": ("val_auc", "val_auc_shift_mean", "val_auc_shift_min", "val_auc_shift_tail", "val_loss"),
     "tune.sampler": ("tpe", "random", "cmaes", "qmc"),
@@ -270,6 +275,8 @@ BOUNDS: dict[str, tuple[float, float, bool]] = {
     "train.learning_rate": (1e-12, INF, False),  # > 0
     "train.weight_decay": (0, INF, False),
     "train.ema_momentum": (0, 1, True),
+    "train.swa_epochs": (1, INF, False),
+    "train.swa_lr_fraction": (1e-9, 1, False),  # > 0: averaging at a learning rate of 0 averages one point
     "train.early_stopping_patience": (0, INF, False),
     "train.lr_plateau_patience": (0, INF, False),
     "train.target_sensitivity": (0, 1, False),
@@ -409,6 +416,15 @@ def check_consistency(cfg: Config) -> None:
         raise ConfigError("train.threshold_policy = 'robust' needs train.shift_battery = true")
     if cfg.tune.metric.startswith("val_auc_shift") and not t.shift_battery:
         raise ConfigError(f"tune.metric = {cfg.tune.metric!r} needs train.shift_battery = true")
+    if t.weight_averaging == "swa" and t.swa_epochs >= t.epochs:
+        raise ConfigError(f"train.swa_epochs = {t.swa_epochs} averages the last epochs: it must be below "
+                          f"train.epochs = {t.epochs}")
+    if t.weight_averaging == "swa" and t.early_stopping_patience:
+        raise ConfigError("train.weight_averaging = 'swa' averages the last epochs, which early stopping would "
+                          "cut off or replace: set train.early_stopping_patience = 0")
+    if t.weight_averaging == "swa" and t.lr_plateau_patience:
+        raise ConfigError("train.weight_averaging = 'swa' sets the learning rate of its last epochs: set "
+                          "train.lr_plateau_patience = 0")
     if t.lr_schedule == "cosine" and t.lr_plateau_patience:
         raise ConfigError("train.lr_schedule = 'cosine' sets the learning rate itself: set "
                           "train.lr_plateau_patience = 0")

@@ -177,6 +177,64 @@ def test_ema_weight_averaging_leaves_the_averaged_weights_in_the_model(synth_dat
     assert not plain.model.optimizer.use_ema
 
 
+def test_swa_holds_the_mean_of_the_last_epochs_weights_across_a_resume(synth_data, smoke_config, tracking_uri):
+    """`train.weight_averaging = "swa"`: the model that is validated and logged holds the mean of the weights at
+    the end of the last `swa_epochs` epochs, also when a crash split those epochs between two processes (each
+    epoch's snapshot is kept beside the backup), and the learning rate is constant over the averaged epochs."""
+    snapshots = {}
+
+    class Snapshot(keras.callbacks.Callback):
+        def on_epoch_end(self, epoch, logs=None):
+            snapshots[epoch] = [np.array(v) for v in self.model.trainable_variables]
+
+    cfg = smoke_config("train.weight_averaging=swa", "train.epochs=3", "train.swa_epochs=2",
+                       "train.swa_lr_fraction=0.25", "train.log_model=false")
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        train(cfg, synth_data, tracking_uri=tracking_uri, callbacks=[Snapshot(), FailAtEpoch(1)], verbose=0)
+    result = train(cfg, synth_data, tracking_uri=tracking_uri, callbacks=[Snapshot()], verbose=0)
+    assert len(result.history["loss"]) == 1  # epoch 3 only: epochs 1-2 were restored
+    assert sorted(snapshots) == [0, 1, 2]
+    for final, first, second in zip(result.model.trainable_variables, snapshots[1], snapshots[2], strict=True):
+        np.testing.assert_allclose(np.array(final), (first + second) / 2, rtol=0, atol=1e-6)
+    assert any(np.abs(a - b).max() > 1e-4 for a, b in zip(snapshots[1], snapshots[2], strict=True))  # two points
+    run = MlflowClient(tracking_uri).get_run(result.run_id)
+    assert run.data.tags["swa_averaged_epochs"] == "2,3"
+    schedule = result.model.optimizer._learning_rate
+    steps = result.model.optimizer.iterations.numpy() // 3  # per epoch
+    rates = [float(schedule(s)) for s in (0, steps - 1, steps + 1, 3 * steps - 1)]
+    assert rates == pytest.approx([3e-3, 3e-3, 7.5e-4, 7.5e-4])
+
+
+def test_batch_norm_statistics_are_recomputed_as_the_mean_over_batches():
+    """SWA's bn_update: each moving mean / variance becomes the mean of the batches' own statistics (not
+    Keras' exponential average), in nested models too, and the layers' momentum is given back."""
+    from pipeline.net.weight_averaging import recompute_batch_norm
+
+    rng = np.random.default_rng(0)
+    inner = keras.Sequential([keras.Input((3,)), keras.layers.BatchNormalization(momentum=0.9)])
+    model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(3, kernel_initializer="identity",
+                                                                    use_bias=False), inner])
+    batches = [rng.normal(loc=i, scale=1 + i, size=(16, 3)).astype("float32") for i in range(4)]
+    assert recompute_batch_norm(model, [(b, None) for b in batches] + [(batches[0] * 100, None)], 4) == 4
+    bn = inner.layers[0]
+    np.testing.assert_allclose(np.array(bn.moving_mean), np.mean([b.mean(0) for b in batches], 0), rtol=1e-5)
+    np.testing.assert_allclose(np.array(bn.moving_variance), np.mean([b.var(0) for b in batches], 0), rtol=1e-4)
+    assert bn.momentum == 0.9
+    assert recompute_batch_norm(keras.Sequential([keras.Input((3,)), keras.layers.Dense(1)]), batches, 4) == 0
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["train.early_stopping_patience=4"], "early stopping would cut off or replace"),
+    (["train.swa_epochs=2"], "train.swa_epochs = 2 averages the last epochs: it must be below train.epochs = 2"),
+    (["train.lr_plateau_patience=2"], "sets the learning rate of its last epochs"),
+])
+def test_swa_settings_that_cannot_work_together_are_refused(smoke_config, overrides, message):
+    from pipeline.config import ConfigError, check_consistency
+
+    with pytest.raises(ConfigError, match=message):
+        check_consistency(smoke_config("train.weight_averaging=swa", "train.swa_epochs=1", *overrides))
+
+
 def test_the_logged_model_carries_its_params_and_validation_metrics(synth_data, smoke_config, tracking_uri):
     """MLflow 3's model view: the logged model has the run's configuration and validation decisions as params,
     and its validation metrics are logged against it and the validation split, so the Models tab compares them."""

@@ -31,6 +31,7 @@ from pipeline.data.tfdata import eval_dataset, load_manifest, train_dataset
 from pipeline.evaluate import metrics, shift
 from pipeline.net.devices import configure_gpus, resolve_jit
 from pipeline.net.model import apply_precision, build_model
+from pipeline.net.weight_averaging import StochasticWeightAveraging
 from pipeline.study.candidate import LoggedCandidate, make_candidate
 
 CURVE_METRICS = ("loss", "auc", "auc_pr", "accuracy", "precision", "recall")
@@ -156,14 +157,22 @@ def run_key(cfg: Config, digest: str, run_name: str | None) -> str:
 
 
 def compile_model(model: keras.Model, cfg: Config, lr: float, total_steps: int = 0, steps_per_epoch: int = 1) -> None:
-    if cfg.train.lr_schedule == "cosine":
+    t = cfg.train
+    if t.weight_averaging == "swa":
+        # SWA's schedule (Izmailov et al. 2018): the run's own schedule until the averaged epochs start, then a
+        # constant `swa_lr_fraction` of the initial rate (CosineDecay holds `alpha` times it after decay_steps).
+        start = max(1, total_steps - steps_per_epoch * t.swa_epochs)
+        lr = (keras.optimizers.schedules.CosineDecay(lr, decay_steps=start, alpha=t.swa_lr_fraction)
+              if t.lr_schedule == "cosine" else
+              keras.optimizers.schedules.PiecewiseConstantDecay([start], [lr, lr * t.swa_lr_fraction]))
+    elif t.lr_schedule == "cosine":
         # Cosine decay to 0 over the whole run (Loshchilov & Hutter, "SGDR", ICLR 2017, without restarts).
         lr = keras.optimizers.schedules.CosineDecay(lr, decay_steps=max(1, total_steps))
     # EMA written into the model once per epoch: without the overwrite Keras swaps it in only when fit ends,
     # after validation and EarlyStopping's restore_best_weights have worked on the raw weights.
-    ema = {"use_ema": True, "ema_momentum": cfg.train.ema_momentum,
-           "ema_overwrite_frequency": max(1, steps_per_epoch)} if cfg.train.weight_averaging == "ema" else {}
-    optimizer = (keras.optimizers.AdamW(lr, weight_decay=cfg.train.weight_decay, **ema) if cfg.train.weight_decay
+    ema = {"use_ema": True, "ema_momentum": t.ema_momentum,
+           "ema_overwrite_frequency": max(1, steps_per_epoch)} if t.weight_averaging == "ema" else {}
+    optimizer = (keras.optimizers.AdamW(lr, weight_decay=t.weight_decay, **ema) if t.weight_decay
                  else keras.optimizers.Adam(lr, **ema))
     model.compile(
         optimizer=optimizer,
@@ -334,6 +343,9 @@ def fit(setup: Setup, opened: OpenRun, callbacks: list | None, verbose: int) -> 
     mlflow.log_metric("input_capacity_images_per_s", input_capacity(setup.train_ds), run_id=opened.run_id)
     stats = EpochStats(setup.steps * setup.global_batch, opened.run_id)
     cbs = [keras.callbacks.BackupAndRestore(str(opened.backup / "state")), stats]
+    if tcfg.weight_averaging == "swa":  # first: its snapshot of an epoch is on disk before the backup records it
+        cbs.insert(0, StochasticWeightAveraging(tcfg.epochs - tcfg.swa_epochs, opened.backup / "swa",
+                                                setup.train_ds, setup.steps))
     if tcfg.early_stopping_patience:
         cbs.append(keras.callbacks.EarlyStopping(monitor="val_auc", mode="max", restore_best_weights=True,
                                                  patience=tcfg.early_stopping_patience))
@@ -343,6 +355,9 @@ def fit(setup: Setup, opened: OpenRun, callbacks: list | None, verbose: int) -> 
     fitted = model.fit(setup.train_ds, validation_data=setup.val_ds, epochs=tcfg.epochs, steps_per_epoch=setup.steps,
                        class_weight=class_weights(setup.manifest, tcfg.class_weight), callbacks=cbs + (callbacks or []),
                        verbose=verbose)
+    swa = [cb for cb in cbs if isinstance(cb, StochasticWeightAveraging)]
+    if swa:  # which epochs the model holds the mean of (a resumed run's earlier epochs included)
+        mlflow.set_tag("swa_averaged_epochs", ",".join(str(e + 1) for e in swa[0].averaged_epochs) or "none")
     # XLA may have been switched off by layers that do not support it: log what really ran.
     mlflow.set_tag("jit_compile_effective", str(bool(getattr(model, "jit_compile", False))))
     mlflow.set_tag("keras_backend", keras.backend.backend())
