@@ -179,8 +179,8 @@ def test_ema_weight_averaging_leaves_the_averaged_weights_in_the_model(synth_dat
 
 def test_swa_holds_the_mean_of_the_last_epochs_weights_across_a_resume(synth_data, smoke_config, tracking_uri):
     """`train.weight_averaging = "swa"`: the model that is validated and logged holds the mean of the weights at
-    the end of the last `swa_epochs` epochs, also when a crash split those epochs between two processes (each
-    epoch's snapshot is kept beside the backup), and the learning rate is constant over the averaged epochs."""
+    the end of the last `swa_epochs` epochs, also when a crash split those epochs between two runs of the same
+    command (each epoch's snapshot is kept beside the backup), and the learning rate is constant over the averaged epochs."""
     snapshots = {}
 
     class Snapshot(keras.callbacks.Callback):
