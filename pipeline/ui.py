@@ -19,7 +19,6 @@ request: put TLS in front (docs/scale-out.md).
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import importlib.util
 import os
@@ -35,6 +34,7 @@ import urllib.request
 from pathlib import Path
 
 from pipeline.errors import InputError, one_line
+from pipeline.stopping import stop_on_signals, wait_stoppable
 from pipeline.stores import (
     artifact_root,
     masked,
@@ -155,10 +155,10 @@ class ManagedServer:
             self._log.close()
             self._log = None
 
-    def wait(self, timeout: float | None = None) -> int:
-        """Block until the server exits by itself (Ctrl-C reaches the caller, not the server's group); with a
-        timeout, subprocess.TimeoutExpired if it is still running then."""
-        return self.proc.wait(timeout) if self.proc else 0
+    def wait(self) -> int:
+        """Block until the server exits by itself (Ctrl-C reaches the caller, not the server's group), or until
+        a stop that `stop_on_signals` caught, even one whose exception was dropped."""
+        return wait_stoppable(self.proc) if self.proc else 0
 
     def __enter__(self) -> ManagedServer:
         return self.start()
@@ -293,28 +293,14 @@ def _absolute_sqlite(uri: str) -> str:
     return f"sqlite:///{db.resolve()}" if db is not None else uri
 
 
-_stop_signal: int | None = None  # the stop `_serve` was sent, kept until it has acted on it
-
-
-def _interrupt(signum, frame):
-    # Remembered as well as raised: Python drops an exception raised inside a finaliser (SQLAlchemy's cleanup
-    # during the store reads, any `__del__`), and the serving wait below raises it again.
-    global _stop_signal
-    _stop_signal = signum
-    raise KeyboardInterrupt
-
-
 def _serve(server: ManagedServer, what: str, more=None) -> None:
     """Start, print the URL, and keep serving until Ctrl-C (or SIGTERM); the group is always stopped.
 
     SIGINT gets the handler explicitly: a process started from a non-interactive shell's background job (nohup,
     `cmd &` in a script, some CI runners) inherits SIGINT as ignored, and Python then installs no
     KeyboardInterrupt handler, so Ctrl-C (or a supervisor's SIGINT) would leave the server running."""
-    global _stop_signal
-    _stop_signal = None
-    previous = {sig: signal.signal(sig, _interrupt) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
-        with server:
+        with stop_on_signals(), server:
             # The links are read before the URL line is printed, so a Ctrl-C sent once the URL shows lands in the
             # wait below, not inside the store reads (a SIGINT there once left the process dying of SIGINT after
             # it had stopped the server: tests/test_ui.py saw exit -2).
@@ -325,20 +311,11 @@ def _serve(server: ManagedServer, what: str, more=None) -> None:
                 except Exception as e:  # noqa: BLE001
                     lines = [f"  (no links: {one_line(e)})"]
             print("\n".join([f"{what}: {server.url}  (Ctrl-C stops it; log: {server.log_path})", *lines]), flush=True)
-            code = None
-            while code is None:  # in steps: a stop whose KeyboardInterrupt was dropped still ends the wait
-                if _stop_signal is not None:
-                    raise KeyboardInterrupt
-                with contextlib.suppress(subprocess.TimeoutExpired):
-                    code = server.wait(timeout=0.5)
+            code = server.wait()
             if code:
                 raise UiError(f"{server.name} stopped with exit code {code}: {server.log_tail()}")
     except KeyboardInterrupt:
         print(f"stopped {server.name}", flush=True)
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
-        _stop_signal = None
 
 
 def remote_warning(host: str, auth: bool) -> str:

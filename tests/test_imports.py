@@ -18,7 +18,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "pipeline"
 # from earlier ones, never from a later one. A subpackage is a group by its name; the top-level modules are
 # named here, the basics first and the entry points last. A new top-level module must be placed here.
 LAYERS: list[tuple[str, frozenset[str] | None]] = [
-    ("basics", frozenset({"errors", "files", "stores", "config"})),
+    ("basics", frozenset({"errors", "files", "stores", "config", "stopping"})),
     ("data", None),  # pipeline/data/: DICOM decoding, labels, TFRecords, the converter, tf.data
     ("net", None),  # pipeline/net/: the CNN family, augmentation, devices, calibration
     ("artifact", None),  # pipeline/artifact/: MLflow logging, the served pyfunc, loading, integrity, tag keys

@@ -40,6 +40,7 @@ from pipeline.config import Config, ConfigError
 from pipeline.data.manifest import load_manifest
 from pipeline.errors import PneumoError, one_line
 from pipeline.net import devices
+from pipeline.stopping import StopRequested, raise_if_stopped, stop_on_signals, wait_stoppable
 from pipeline.stores import masked, resolve_optuna_storage, sqlite_path
 from pipeline.study import study_report
 
@@ -58,52 +59,6 @@ optuna.logging.set_verbosity(optuna.logging.WARNING)  # one line per trial is pr
 
 class QueueEmpty(Exception):
     """No queued trial is left for this launch."""
-
-
-class StopRequested(KeyboardInterrupt):
-    """SIGTERM or SIGINT arrived: stop the launch cleanly. A KeyboardInterrupt, so every path that closes a
-    run on Ctrl-C (a training run ends KILLED, pipeline/study/train.py) closes it on preemption too."""
-
-    def __init__(self, signum: int):
-        super().__init__(signal.Signals(signum).name)
-        self.signum = signum
-        self.exit_code = 128 + signum  # what a shell reports for a process ended by that signal
-
-
-# The signal stop_on_signals caught, kept until its body ends (see raise_if_stopped).
-_caught_signal: int | None = None
-
-
-@contextlib.contextmanager
-def stop_on_signals():
-    """SIGTERM (systemd, Kubernetes, `docker stop`, Slurm and other batch schedulers on preemption) and SIGINT
-    raise StopRequested in the main thread while the body runs. SIGINT is handled even when this process was
-    started with it ignored (`nohup ... &` makes a background launch ignore Ctrl-C and `kill -INT`).
-
-    The signal is also remembered: Python runs a handler between any two bytecodes, finalisers and weakref
-    callbacks included, and an exception raised there is printed as "Exception ignored" and dropped (seen in
-    CI: SQLAlchemy's `InstanceState._cleanup` swallowed the stop, and the launch ran to the end and exited 0).
-    `raise_if_stopped` raises it again at the checkpoints that poll it (each training batch, each trial)."""
-    global _caught_signal
-
-    def handler(signum, frame):
-        global _caught_signal
-        _caught_signal = signum
-        raise StopRequested(signum)
-
-    previous = {s: signal.signal(s, handler) for s in (signal.SIGTERM, signal.SIGINT)}
-    try:
-        yield
-    finally:
-        for s, h in previous.items():
-            signal.signal(s, h)
-        _caught_signal = None
-
-
-def raise_if_stopped() -> None:
-    """Raise StopRequested if stop_on_signals caught a signal whose exception may have been swallowed."""
-    if _caught_signal is not None:
-        raise StopRequested(_caught_signal)
 
 
 def stop_check_callback():
@@ -741,12 +696,7 @@ def _run_worker_processes(spec: WorkerSpec, workers: int, gpus: list[str], worke
         try:
             codes = []
             for p in procs:
-                code = None
-                while code is None:
-                    raise_if_stopped()
-                    with contextlib.suppress(subprocess.TimeoutExpired):
-                        code = p.wait(timeout=0.5)
-                codes.append(code)
+                codes.append(wait_stoppable(p))
         except KeyboardInterrupt as e:
             # Forward the stop (a terminal's Ctrl-C reaches the whole group, a scheduler's SIGTERM often only
             # this process), give each worker STOP_GRACE_S to close its trial, then kill what is left: the
