@@ -44,7 +44,7 @@ class StochasticWeightAveraging(keras.callbacks.Callback):
         tmp.replace(self.state_dir / f"epoch-{epoch:04d}.npz")
 
     def on_train_end(self, logs=None):
-        snapshots = sorted(self.state_dir.glob("epoch-*.npz")) if self.state_dir.exists() else []
+        snapshots = sorted(self.state_dir.glob("epoch-*.npz"))  # none when the folder was never made
         if not snapshots:
             return  # training ended before the averaging window: the last weights stand
         weights = self.model.trainable_weights
@@ -82,7 +82,7 @@ def recompute_batch_norm(model: keras.Model, data, batches: int) -> int:
         bn.moving_variance.assign(keras.ops.ones_like(bn.moving_variance))
     seen = 0
     try:
-        for element in data.take(batches) if hasattr(data, "take") else data:
+        for element in data:  # a tf.data pipeline or any iterable; the training one is endless
             inputs = element[0] if isinstance(element, tuple) else element
             seen += 1
             for bn in layers:

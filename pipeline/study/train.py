@@ -343,9 +343,10 @@ def fit(setup: Setup, opened: OpenRun, callbacks: list | None, verbose: int) -> 
     mlflow.log_metric("input_capacity_images_per_s", input_capacity(setup.train_ds), run_id=opened.run_id)
     stats = EpochStats(setup.steps * setup.global_batch, opened.run_id)
     cbs = [keras.callbacks.BackupAndRestore(str(opened.backup / "state")), stats]
-    if tcfg.weight_averaging == "swa":  # first: its snapshot of an epoch is on disk before the backup records it
-        cbs.insert(0, StochasticWeightAveraging(tcfg.epochs - tcfg.swa_epochs, opened.backup / "swa",
-                                                setup.train_ds, setup.steps))
+    swa = (StochasticWeightAveraging(tcfg.epochs - tcfg.swa_epochs, opened.backup / "swa", setup.train_ds,
+                                     setup.steps) if tcfg.weight_averaging == "swa" else None)
+    if swa is not None:  # first: its snapshot of an epoch is on disk before the backup records it
+        cbs.insert(0, swa)
     if tcfg.early_stopping_patience:
         cbs.append(keras.callbacks.EarlyStopping(monitor="val_auc", mode="max", restore_best_weights=True,
                                                  patience=tcfg.early_stopping_patience))
@@ -355,9 +356,8 @@ def fit(setup: Setup, opened: OpenRun, callbacks: list | None, verbose: int) -> 
     fitted = model.fit(setup.train_ds, validation_data=setup.val_ds, epochs=tcfg.epochs, steps_per_epoch=setup.steps,
                        class_weight=class_weights(setup.manifest, tcfg.class_weight), callbacks=cbs + (callbacks or []),
                        verbose=verbose)
-    swa = [cb for cb in cbs if isinstance(cb, StochasticWeightAveraging)]
-    if swa:  # which epochs the model holds the mean of (a resumed run's earlier epochs included)
-        mlflow.set_tag("swa_averaged_epochs", ",".join(str(e + 1) for e in swa[0].averaged_epochs) or "none")
+    if swa is not None:  # which epochs the model holds the mean of (a resumed run's earlier epochs included)
+        mlflow.set_tag("swa_averaged_epochs", ",".join(str(e + 1) for e in swa.averaged_epochs) or "none")
     # XLA may have been switched off by layers that do not support it: log what really ran.
     mlflow.set_tag("jit_compile_effective", str(bool(getattr(model, "jit_compile", False))))
     mlflow.set_tag("keras_backend", keras.backend.backend())
