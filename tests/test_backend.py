@@ -53,3 +53,15 @@ def test_default_cnn_trains_under_jax(synth_data, tmp_path):
     x = {"image": np.random.default_rng(0).integers(0, 256, (8, 64, 64, 1), dtype=np.uint8)}
     after, before = trained.predict(x, verbose=0).reshape(-1), init.predict(x, verbose=0).reshape(-1)
     assert np.all(np.isfinite(after)) and np.max(np.abs(after - before)) > 1e-3
+
+
+def test_swa_batch_norm_recompute_runs_under_jax():
+    """SWA's batch-norm recompute assigns the layers' statistics eagerly, which differs by backend (JAX cannot
+    take a Keras variable where an array is expected): tests/test_train.py's exact check, run under JAX."""
+    pytest.importorskip("jax", reason="the CPU build of jax is in the dev extras (pip install '.[dev]')")
+    env = {**os.environ, "KERAS_BACKEND": "jax",
+           "PYTHONPATH": os.pathsep.join([str(REPO / "tests"), str(REPO), os.environ.get("PYTHONPATH", "")])}
+    script = ("import keras; assert keras.backend.backend() == 'jax'\n"
+              "from test_train import check_batch_norm_recompute; check_batch_norm_recompute()")
+    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]

@@ -152,29 +152,64 @@ def test_rsna_recipe_with_metadata_inputs_runs_small(synth_data, tmp_path, track
     np.testing.assert_allclose(a, apply_temperature(keras_out, result.temperature), atol=1e-6)  # the trained one
 
 
-def test_ema_weight_averaging_leaves_the_averaged_weights_in_the_model(synth_data, smoke_config, tracking_uri):
-    """`train.weight_averaging = "ema"`: the optimizer keeps the moving average and writes it into the model
-    every epoch, so the model that is validated, early-stopped and logged holds the averaged weights."""
-    captured = {}
+def test_ema_averages_the_raw_trajectory_across_a_resume_and_early_stopping(synth_data, smoke_config,
+                                                                              tracking_uri):
+    """`train.weight_averaging = "ema"` is Polyak averaging: training goes on from the raw weights (the average
+    is never written back into them, also not by a crash and resume), while validation, the epoch-end
+    callbacks and the saved model see the exponential average of the whole raw trajectory; early stopping
+    restores the best epoch's average."""
+    raw, at_start, at_validation, at_end = [], {}, [], {}
 
-    class Snapshot(keras.callbacks.Callback):  # what the model holds when an epoch ends (after the overwrite)
+    def weights(model):
+        return [np.array(v, dtype=np.float64) for v in model.trainable_variables]
+
+    class Record(keras.callbacks.Callback):  # after the project's callbacks: it sees what they leave
+        def on_epoch_begin(self, epoch, logs=None):
+            at_start[epoch] = weights(self.model)
+
+        def on_train_batch_end(self, batch, logs=None):
+            raw.append(weights(self.model))
+
+        def on_test_begin(self, logs=None):
+            at_validation.append(weights(self.model))
+
         def on_epoch_end(self, epoch, logs=None):
-            averages = self.model.optimizer._model_variables_moving_average
-            captured[epoch] = [(np.array(v), np.array(a)) for v, a in zip(self.model.trainable_variables, averages,
-                                                                          strict=True)]
+            at_end[epoch] = weights(self.model)
 
-    cfg = smoke_config("train.weight_averaging=ema", "train.ema_momentum=0.9", "train.epochs=2",
-                       "train.early_stopping_patience=0")
-    result = train(cfg, synth_data, tracking_uri=tracking_uri, callbacks=[Snapshot()], verbose=0)
-    opt = result.model.optimizer
-    assert opt.use_ema and opt.ema_momentum == pytest.approx(0.9)
-    run = MlflowClient(tracking_uri).get_run(result.run_id)
-    assert run.data.params["train.weight_averaging"] == "ema"
-    for v, a in captured[1]:
-        np.testing.assert_allclose(v, a, rtol=0, atol=1e-6)  # the model holds the average at each epoch's end
-    plain = train(smoke_config("train.epochs=2", "train.early_stopping_patience=0"), synth_data,
-                  tracking_uri=tracking_uri, verbose=0)
-    assert not plain.model.optimizer.use_ema
+    def average(trajectory, momentum=0.9):  # Keras' EMA: the first step's weights, then the recursion
+        ema = trajectory[0]
+        for w in trajectory[1:]:
+            ema = [momentum * e + (1 - momentum) * x for e, x in zip(ema, w, strict=True)]
+        return ema
+
+    def assert_same(a, b):
+        for x, y in zip(a, b, strict=True):
+            np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-6)
+
+    cfg = smoke_config("train.weight_averaging=ema", "train.ema_momentum=0.9", "train.epochs=3",
+                       "train.log_model=false")
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        train(cfg, synth_data, tracking_uri=tracking_uri, callbacks=[Record(), FailAtEpoch(0)], verbose=0)
+    steps = len(raw)
+    assert_same(at_validation[0], average(raw))  # epoch 1 was validated on the average
+    assert_same(at_end[0], average(raw))
+    result = train(cfg, synth_data, tracking_uri=tracking_uri, callbacks=[Record()], verbose=0)
+    assert len(result.history["loss"]) == 2 and len(raw) == 3 * steps  # epochs 2-3, resumed from the backup
+    assert_same(at_start[1], raw[steps - 1])  # the resumed run trains on from the raw weights, not the average
+    assert_same(at_start[2], raw[2 * steps - 1])
+    assert max(np.abs(a - b).max() for a, b in zip(raw[-1], average(raw), strict=True)) > 1e-4  # two things
+    assert_same(weights(result.model), average(raw))
+    assert result.model.optimizer.use_ema
+    assert MlflowClient(tracking_uri).get_run(result.run_id).data.params["train.weight_averaging"] == "ema"
+
+    raw.clear(), at_start.clear(), at_end.clear()
+    stopped = train(smoke_config("train.weight_averaging=ema", "train.ema_momentum=0.9", "train.epochs=3",
+                                 "train.early_stopping_patience=1", "train.log_model=false"),
+                    synth_data, tracking_uri=tracking_uri, callbacks=[Record()], verbose=0)
+    val_auc = stopped.history["val_auc"]
+    best = int(np.argmax(val_auc))  # EarlyStopping keeps the first of equal values, as argmax does
+    assert_same(weights(stopped.model), at_end[best])  # the best epoch's average, not its raw weights
+    assert_same(at_end[best], average(raw[:(best + 1) * (len(raw) // len(val_auc))]))
 
 
 def test_swa_holds_the_mean_of_the_last_epochs_weights_across_a_resume(synth_data, smoke_config, tracking_uri):
@@ -207,7 +242,12 @@ def test_swa_holds_the_mean_of_the_last_epochs_weights_across_a_resume(synth_dat
 
 def test_batch_norm_statistics_are_recomputed_as_the_mean_over_batches():
     """SWA's bn_update: each moving mean / variance becomes the mean of the batches' own statistics (not
-    Keras' exponential average), in nested models too, and the layers' momentum is given back."""
+    Keras' exponential average), in nested models too, and the layers' momentum is given back.
+    tests/test_backend.py runs the same check under JAX."""
+    check_batch_norm_recompute()
+
+
+def check_batch_norm_recompute():
     from pipeline.net.weight_averaging import recompute_batch_norm
 
     rng = np.random.default_rng(0)

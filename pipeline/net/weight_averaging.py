@@ -78,8 +78,9 @@ def recompute_batch_norm(model: keras.Model, data, batches: int) -> int:
         return 0
     momenta = [bn.momentum for bn in layers]
     for bn in layers:
-        bn.moving_mean.assign(keras.ops.zeros_like(bn.moving_mean))
-        bn.moving_variance.assign(keras.ops.ones_like(bn.moving_variance))
+        # From shapes, not zeros_like(variable): JAX cannot read a Keras variable's dtype
+        bn.moving_mean.assign(keras.ops.zeros(bn.moving_mean.shape, bn.moving_mean.dtype))
+        bn.moving_variance.assign(keras.ops.ones(bn.moving_variance.shape, bn.moving_variance.dtype))
     seen = 0
     try:
         for element in data:  # a tf.data pipeline or any iterable; the training one is endless

@@ -168,10 +168,10 @@ def compile_model(model: keras.Model, cfg: Config, lr: float, total_steps: int =
     elif t.lr_schedule == "cosine":
         # Cosine decay to 0 over the whole run (Loshchilov & Hutter, "SGDR", ICLR 2017, without restarts).
         lr = keras.optimizers.schedules.CosineDecay(lr, decay_steps=max(1, total_steps))
-    # EMA written into the model once per epoch: without the overwrite Keras swaps it in only when fit ends,
-    # after validation and EarlyStopping's restore_best_weights have worked on the raw weights.
-    ema = {"use_ema": True, "ema_momentum": t.ema_momentum,
-           "ema_overwrite_frequency": max(1, steps_per_epoch)} if t.weight_averaging == "ema" else {}
+    # Polyak averaging: the optimizer keeps the average beside the weights it trains, which it never
+    # overwrites; fit() shows the average to validation and the epoch-end callbacks (SwapEMAWeights) and
+    # leaves it in the model at the end.
+    ema = {"use_ema": True, "ema_momentum": t.ema_momentum} if t.weight_averaging == "ema" else {}
     optimizer = (keras.optimizers.AdamW(lr, weight_decay=t.weight_decay, **ema) if t.weight_decay
                  else keras.optimizers.Adam(lr, **ema))
     model.compile(
@@ -347,6 +347,11 @@ def fit(setup: Setup, opened: OpenRun, callbacks: list | None, verbose: int) -> 
                                      setup.steps) if tcfg.weight_averaging == "swa" else None)
     if swa is not None:  # first: its snapshot of an epoch is on disk before the backup records it
         cbs.insert(0, swa)
+    if tcfg.weight_averaging == "ema":
+        # Validation and every callback after this one see the average; training goes on from the raw weights.
+        # After the backup, which must record the raw weights beside their average for a resume; before early
+        # stopping, whose best weights are then the average's.
+        cbs.insert(1, keras.callbacks.SwapEMAWeights(swap_on_epoch=True))
     if tcfg.early_stopping_patience:
         cbs.append(keras.callbacks.EarlyStopping(monitor="val_auc", mode="max", restore_best_weights=True,
                                                  patience=tcfg.early_stopping_patience))
