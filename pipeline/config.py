@@ -103,10 +103,10 @@ class TrainConfig:
     weight_decay: float = 0.0
     # Weight averaging: "ema" keeps an exponential moving average of the weights (Polyak & Juditsky 1992; Keras
     # optimizers' use_ema) beside the weights being trained; validation, early stopping and the saved model see
-    # the average, and training goes on from the raw weights (Keras' SwapEMAWeights). "swa": stochastic weight averaging, the mean of
-    # the weights at the end of each of the last `swa_epochs` epochs, trained at `swa_lr_fraction` of the
-    # learning rate, with batch-norm statistics recomputed (pipeline/net/weight_averaging.py). "none": the last
-    # step's weights.
+    # the average (its batch-norm statistics recomputed at the end), and training goes on from the raw weights
+    # (Keras' SwapEMAWeights). "swa": stochastic weight averaging, the mean of the weights at the end of each of
+    # the last `swa_epochs` epochs, trained at `swa_lr_fraction` of the learning rate, with batch-norm
+    # statistics recomputed (pipeline/net/weight_averaging.py). "none": the last step's weights.
     weight_averaging: str = "none"
     ema_momentum: float = 0.99
     swa_epochs: int = 4

@@ -172,3 +172,81 @@ def test_validation_batches_split_evenly_first_and_never_leave_a_replica_empty(c
     assert b == max(possible) and b % replicas == 0
     assert count >= b  # the first batch is a full one, split evenly
     assert count % b == 0 or count % b >= replicas  # the last one gives every replica at least one record
+
+
+AVERAGING_SCRIPT = r'''
+import json, sys
+data_dir, out_dir, config = sys.argv[1:4]
+
+import tensorflow as tf
+
+cpu = tf.config.list_physical_devices("CPU")[0]
+tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
+
+import keras
+import numpy as np
+
+from pipeline.config import load_config
+from pipeline.net.weight_averaging import batch_norm_layers
+from pipeline.study.train import RunSpec, train
+
+
+def values(variables):
+    return [np.array(v, dtype=np.float64) for v in variables]
+
+
+def gap(a, b):
+    return max(float(np.max(np.abs(x - y))) for x, y in zip(a, b, strict=True))
+
+
+class Record(keras.callbacks.Callback):
+    def __init__(self):
+        super().__init__()
+        self.raw, self.at_end = [], []
+
+    def on_train_batch_end(self, batch, logs=None):
+        self.raw.append(values(self.model.trainable_variables))
+
+    def on_epoch_end(self, epoch, logs=None):
+        self.at_end.append(values(self.model.trainable_variables))
+
+
+report = {}
+for mode, extra in (("swa", "train.swa_epochs=2"), ("ema", "train.ema_momentum=0.9")):
+    cfg = load_config(config, [f"train.checkpoint_dir={out_dir}/ckpt-{mode}", "train.devices=all", "train.epochs=3",
+                               "train.steps_per_epoch=2", "train.log_model=false", f"train.weight_averaging={mode}",
+                               extra])
+    record = Record()
+    result = train(cfg, data_dir, tracking_uri=f"sqlite:///{out_dir}/mlflow.db", run=RunSpec(experiment=mode),
+                   callbacks=[record], verbose=0)
+    if mode == "swa":  # the mean of the last two epochs' weights
+        expected = [(a + b) / 2 for a, b in zip(record.at_end[1], record.at_end[2], strict=True)]
+    else:  # Keras' EMA of the raw weights, step by step
+        expected = record.raw[0]
+        for w in record.raw[1:]:
+            expected = [0.9 * e + 0.1 * x for e, x in zip(expected, w, strict=True)]
+    stats = [v for bn in batch_norm_layers(result.model) for v in (bn.moving_mean, bn.moving_variance)]
+    per_replica = [[np.array(r) for r in v.value.values] for v in stats]  # each replica's own copy
+    report[mode] = {"replicas": len(per_replica[0]), "gap": gap(values(result.model.trainable_variables), expected),
+                    "moved": gap(record.at_end[-1], record.at_end[-2]),
+                    "replica_spread": max(float(np.max(np.abs(r - rs[0]))) for rs in per_replica for r in rs),
+                    "finite": bool(all(np.isfinite(r).all() for rs in per_replica for r in rs))}
+print("REPORT " + json.dumps(report), flush=True)
+'''
+
+
+def test_weight_averaging_under_mirrored_strategy(synth_data, tmp_path):
+    """SWA and EMA with `train.devices = "all"` (two replicas): the model holds the mean of the last epochs'
+    weights (SWA) or the EMA of every step's (EMA), as on one device, and the batch-norm recompute that follows
+    both, which calls the model outside the replicas, leaves every replica the same finite statistics."""
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "CUDA_VISIBLE_DEVICES": ""}
+    run = subprocess.run([sys.executable, "-c", AVERAGING_SCRIPT, str(synth_data), str(tmp_path), str(SMOKE)],
+                         cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    lines = [ln for ln in run.stdout.splitlines() if ln.startswith("REPORT ")]
+    assert run.returncode == 0 and lines, f"exit {run.returncode}\n{run.stdout[-3000:]}\n{run.stderr[-5000:]}"
+    report = json.loads(lines[-1].removeprefix("REPORT "))
+    for mode in ("swa", "ema"):
+        assert report[mode]["replicas"] == 2 and report[mode]["finite"], report
+        assert report[mode]["moved"] > 1e-4, report  # the weights moved between epochs: the means mean something
+        assert report[mode]["gap"] < 1e-5, report
+        assert report[mode]["replica_spread"] == 0.0, report

@@ -157,11 +157,16 @@ def test_ema_averages_the_raw_trajectory_across_a_resume_and_early_stopping(synt
     """`train.weight_averaging = "ema"` is Polyak averaging: training goes on from the raw weights (the average
     is never written back into them, also not by a crash and resume), while validation, the epoch-end
     callbacks and the saved model see the exponential average of the whole raw trajectory; early stopping
-    restores the best epoch's average."""
-    raw, at_start, at_validation, at_end = [], {}, [], {}
+    restores the best epoch's average, and the batch-norm statistics are recomputed for the average."""
+    from pipeline.net.weight_averaging import batch_norm_layers
+
+    raw, at_start, at_validation, at_end, statistics = [], {}, [], {}, {}
 
     def weights(model):
         return [np.array(v, dtype=np.float64) for v in model.trainable_variables]
+
+    def batch_norm_statistics(model):
+        return [np.array(v) for bn in batch_norm_layers(model) for v in (bn.moving_mean, bn.moving_variance)]
 
     class Record(keras.callbacks.Callback):  # after the project's callbacks: it sees what they leave
         def on_epoch_begin(self, epoch, logs=None):
@@ -175,6 +180,7 @@ def test_ema_averages_the_raw_trajectory_across_a_resume_and_early_stopping(synt
 
         def on_epoch_end(self, epoch, logs=None):
             at_end[epoch] = weights(self.model)
+            statistics[epoch] = batch_norm_statistics(self.model)
 
     def average(trajectory, momentum=0.9):  # Keras' EMA: the first step's weights, then the recursion
         ema = trajectory[0]
@@ -199,6 +205,9 @@ def test_ema_averages_the_raw_trajectory_across_a_resume_and_early_stopping(synt
     assert_same(at_start[2], raw[2 * steps - 1])
     assert max(np.abs(a - b).max() for a, b in zip(raw[-1], average(raw), strict=True)) > 1e-4  # two things
     assert_same(weights(result.model), average(raw))
+    final = batch_norm_statistics(result.model)
+    assert final and all(np.isfinite(v).all() for v in final)
+    assert max(np.abs(a - b).max() for a, b in zip(final, statistics[2], strict=True)) > 1e-4  # recomputed
     assert result.model.optimizer.use_ema
     assert MlflowClient(tracking_uri).get_run(result.run_id).data.params["train.weight_averaging"] == "ema"
 
