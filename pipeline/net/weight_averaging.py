@@ -7,7 +7,9 @@ Written here because Keras 3 has no SWA: TensorFlow Addons' `SWA` optimizer is a
 procedure follows PyTorch's reference (`torch.optim.swa_utils`: AveragedModel, SWALR's constant rate, update_bn
 with a cumulative average over one pass of the training data). The learning-rate side lives in
 pipeline/study/train.py (`compile_model`): the cosine decay ends where averaging starts, at
-`train.swa_lr_fraction` of the initial rate, and stays there.
+`train.swa_lr_fraction` of the initial rate, and stays there. `train.weight_averaging = "ema"` (Keras' own
+averaging, pipeline/study/train.py: fit) ends with the same batch-norm recompute, since Keras averages the
+trainable weights only.
 """
 
 from __future__ import annotations
