@@ -192,8 +192,8 @@ def test_ema_averages_the_raw_trajectory_across_a_resume_and_early_stopping(synt
         for x, y in zip(a, b, strict=True):
             np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-6)
 
-    cfg = smoke_config("train.weight_averaging=ema", "train.ema_momentum=0.9", "train.epochs=3",
-                       "train.log_model=false")
+    fast = ("train.log_model=false", "train.shift_battery=false", "train.bootstrap=0")  # after fit: not under test
+    cfg = smoke_config("train.weight_averaging=ema", "train.ema_momentum=0.9", "train.epochs=3", *fast)
     with pytest.raises(RuntimeError, match="simulated crash"):
         train(cfg, synth_data, tracking_uri=tracking_uri, callbacks=[Record(), FailAtEpoch(0)], verbose=0)
     steps = len(raw)
@@ -215,7 +215,7 @@ def test_ema_averages_the_raw_trajectory_across_a_resume_and_early_stopping(synt
     for recorded in (raw, at_start, at_end):
         recorded.clear()
     stopped = train(smoke_config("train.weight_averaging=ema", "train.ema_momentum=0.9", "train.epochs=3",
-                                 "train.early_stopping_patience=1", "train.log_model=false"),
+                                 "train.early_stopping_patience=1", *fast),
                     synth_data, tracking_uri=tracking_uri, callbacks=[Record()], verbose=0)
     val_auc = stopped.history["val_auc"]
     best = int(np.argmax(val_auc))  # EarlyStopping keeps the first of equal values, as argmax does
