@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -65,3 +66,75 @@ def test_swa_batch_norm_recompute_runs_under_jax():
               "from test_train import check_batch_norm_recompute; check_batch_norm_recompute()")
     done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
+
+
+EMA_SCRIPT = r'''
+import json, sys
+import keras
+import numpy as np
+
+from pipeline.config import load_config
+from pipeline.study.train import train
+
+data_dir, out_dir, config = sys.argv[1:4]
+raw, at_start, validated = [], {}, []
+
+
+def weights(model):
+    return [np.array(v, dtype=np.float64) for v in model.trainable_variables]
+
+
+class Record(keras.callbacks.Callback):
+    def on_epoch_begin(self, epoch, logs=None):
+        at_start[epoch] = weights(self.model)
+
+    def on_train_batch_end(self, batch, logs=None):
+        raw.append(weights(self.model))
+
+    def on_test_begin(self, logs=None):
+        validated.append(weights(self.model))
+
+
+def average(trajectory):
+    ema = trajectory[0]
+    for w in trajectory[1:]:
+        ema = [0.9 * e + 0.1 * x for e, x in zip(ema, w, strict=True)]
+    return ema
+
+
+cfg = load_config(config, [f"train.checkpoint_dir={out_dir}/ckpt", "train.backend=jax", "train.weight_averaging=ema",
+                           "train.ema_momentum=0.9", "train.epochs=2", "train.steps_per_epoch=4",
+                           "train.log_model=false", "train.shift_battery=false", "train.bootstrap=0"])
+result = train(cfg, data_dir, tracking_uri=f"sqlite:///{out_dir}/mlflow.db", callbacks=[Record()], verbose=0)
+
+
+def gap(a, b):
+    return max(float(np.max(np.abs(x - y))) for x, y in zip(a, b, strict=True))
+
+
+print("REPORT " + json.dumps({"backend": keras.backend.backend(), "steps": len(raw),
+                              "final_vs_ema": gap(weights(result.model), average(raw)),
+                              "first_validation_vs_ema": gap(validated[0], average(raw[:4])),
+                              "final_vs_last_raw": gap(weights(result.model), raw[-1]),
+                              "second_epoch_start_vs_raw": gap(at_start[1], raw[3])}), flush=True)
+'''
+
+
+def test_ema_is_the_average_of_the_raw_weights_under_jax(synth_data, tmp_path):
+    """JAX's trainer keeps the weights outside the model between steps, so the EMA swap has its own code path
+    there: the model still ends with the step-by-step EMA of the raw weights, and the second epoch trains on
+    from the raw weights, not the average, and validation sees the average (tests/test_train.py checks the same
+    and more under TensorFlow)."""
+    pytest.importorskip("jax", reason="the CPU build of jax is in the dev extras (pip install '.[dev]')")
+    env = {**os.environ, "KERAS_BACKEND": "jax", "TF_CPP_MIN_LOG_LEVEL": "2",
+           "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+    done = subprocess.run([sys.executable, "-c", EMA_SCRIPT, str(synth_data), str(tmp_path),
+                           str(REPO / "experiments" / "smoke.toml")], env=env, capture_output=True, text=True,
+                          timeout=600, cwd=tmp_path)
+    lines = [ln for ln in done.stdout.splitlines() if ln.startswith("REPORT ")]
+    assert done.returncode == 0 and lines, done.stderr[-3000:]
+    report = json.loads(lines[-1].removeprefix("REPORT "))
+    assert report["backend"] == "jax" and report["steps"] == 8, report
+    assert report["final_vs_ema"] < 1e-5 and report["first_validation_vs_ema"] < 1e-5, report
+    assert report["second_epoch_start_vs_raw"] == 0.0, report
+    assert report["final_vs_last_raw"] > 1e-4, report  # the average is not the last weights: the check can fail
