@@ -61,9 +61,9 @@ def test_swa_batch_norm_recompute_runs_under_jax():
     take a Keras variable where an array is expected): tests/test_train.py's exact check, run under JAX."""
     pytest.importorskip("jax", reason="the CPU build of jax is in the dev extras (pip install '.[dev]')")
     env = {**os.environ, "KERAS_BACKEND": "jax",
-           "PYTHONPATH": os.pathsep.join([str(REPO / "tests"), str(REPO), os.environ.get("PYTHONPATH", "")])}
+           "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
     script = ("import keras; assert keras.backend.backend() == 'jax'\n"
-              "from test_train import check_batch_norm_recompute; check_batch_norm_recompute()")
+              "from tests.test_train import check_batch_norm_recompute; check_batch_norm_recompute()")
     done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
 
@@ -75,6 +75,7 @@ import numpy as np
 
 from pipeline.config import load_config
 from pipeline.study.train import train
+from tests.test_train import keras_ema
 
 data_dir, out_dir, config = sys.argv[1:4]
 raw, at_start, validated = [], {}, []
@@ -95,13 +96,6 @@ class Record(keras.callbacks.Callback):
         validated.append(weights(self.model))
 
 
-def average(trajectory):
-    ema = trajectory[0]
-    for w in trajectory[1:]:
-        ema = [0.9 * e + 0.1 * x for e, x in zip(ema, w, strict=True)]
-    return ema
-
-
 cfg = load_config(config, [f"train.checkpoint_dir={out_dir}/ckpt", "train.backend=jax", "train.weight_averaging=ema",
                            "train.ema_momentum=0.9", "train.epochs=2", "train.steps_per_epoch=4",
                            "train.log_model=false", "train.shift_battery=false", "train.bootstrap=0"])
@@ -113,8 +107,8 @@ def gap(a, b):
 
 
 print("REPORT " + json.dumps({"backend": keras.backend.backend(), "steps": len(raw),
-                              "final_vs_ema": gap(weights(result.model), average(raw)),
-                              "first_validation_vs_ema": gap(validated[0], average(raw[:4])),
+                              "final_vs_ema": gap(weights(result.model), keras_ema(raw)),
+                              "first_validation_vs_ema": gap(validated[0], keras_ema(raw[:4])),
                               "final_vs_last_raw": gap(weights(result.model), raw[-1]),
                               "second_epoch_start_vs_raw": gap(at_start[1], raw[3])}), flush=True)
 '''

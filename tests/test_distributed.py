@@ -189,6 +189,7 @@ import numpy as np
 from pipeline.config import load_config
 from pipeline.net.weight_averaging import batch_norm_layers
 from pipeline.study.train import RunSpec, train
+from tests.test_train import keras_ema
 
 
 def values(variables):
@@ -223,9 +224,7 @@ for mode, extra in (("swa", "train.swa_epochs=2"), ("ema", "train.ema_momentum=0
     if mode == "swa":  # the mean of the last two epochs' weights
         expected = [(a + b) / 2 for a, b in zip(record.at_end[1], record.at_end[2], strict=True)]
     else:  # Keras' EMA of the raw weights, step by step
-        expected = record.raw[0]
-        for w in record.raw[1:]:
-            expected = [0.9 * e + 0.1 * x for e, x in zip(expected, w, strict=True)]
+        expected = keras_ema(record.raw)
     stats = [v for bn in batch_norm_layers(result.model) for v in (bn.moving_mean, bn.moving_variance)]
     per_replica = [[np.array(r) for r in v.value.values] for v in stats]  # each replica's own copy
     report[mode] = {"replicas": len(per_replica[0]), "gap": gap(values(result.model.trainable_variables), expected),

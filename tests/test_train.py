@@ -152,6 +152,15 @@ def test_rsna_recipe_with_metadata_inputs_runs_small(synth_data, tmp_path, track
     np.testing.assert_allclose(a, apply_temperature(keras_out, result.temperature), atol=1e-6)  # the trained one
 
 
+def keras_ema(trajectory: list[list[np.ndarray]], momentum: float = 0.9) -> list[np.ndarray]:
+    """Keras' EMA of a run's weights, step by step: the first step's weights, then the recursion. The JAX and
+    two-replica tests (tests/test_backend.py, tests/test_distributed.py) import it into their subprocesses."""
+    ema = trajectory[0]
+    for w in trajectory[1:]:
+        ema = [momentum * e + (1 - momentum) * x for e, x in zip(ema, w, strict=True)]
+    return ema
+
+
 def test_ema_averages_the_raw_trajectory_across_a_resume_and_early_stopping(synth_data, smoke_config,
                                                                               tracking_uri):
     """`train.weight_averaging = "ema"` is Polyak averaging: training goes on from the raw weights (the average
@@ -182,12 +191,6 @@ def test_ema_averages_the_raw_trajectory_across_a_resume_and_early_stopping(synt
             at_end[epoch] = weights(self.model)
             statistics[epoch] = batch_norm_statistics(self.model)
 
-    def average(trajectory, momentum=0.9):  # Keras' EMA: the first step's weights, then the recursion
-        ema = trajectory[0]
-        for w in trajectory[1:]:
-            ema = [momentum * e + (1 - momentum) * x for e, x in zip(ema, w, strict=True)]
-        return ema
-
     def assert_same(a, b):
         for x, y in zip(a, b, strict=True):
             np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-6)
@@ -197,15 +200,15 @@ def test_ema_averages_the_raw_trajectory_across_a_resume_and_early_stopping(synt
     with pytest.raises(RuntimeError, match="simulated crash"):
         train(cfg, synth_data, tracking_uri=tracking_uri, callbacks=[Record(), FailAtEpoch(0)], verbose=0)
     steps = len(raw)
-    assert_same(at_validation[0], average(raw))  # epoch 1 was validated on the average
-    assert_same(at_end[0], average(raw))
+    assert_same(at_validation[0], keras_ema(raw))  # epoch 1 was validated on the average
+    assert_same(at_end[0], keras_ema(raw))
     result = train(cfg, synth_data, tracking_uri=tracking_uri, callbacks=[Record()], verbose=0)
     assert len(result.history["loss"]) == 2 and len(raw) == 3 * steps  # epochs 2-3, resumed from the backup
     assert_same(at_start[1], raw[steps - 1])  # the resumed run trains on from the raw weights, not the average
     assert_same(at_start[2], raw[2 * steps - 1])
     # the average is not the last raw weights, so the checks around this one can tell the two apart
-    assert max(np.abs(a - b).max() for a, b in zip(raw[-1], average(raw), strict=True)) > 1e-4
-    assert_same(weights(result.model), average(raw))
+    assert max(np.abs(a - b).max() for a, b in zip(raw[-1], keras_ema(raw), strict=True)) > 1e-4
+    assert_same(weights(result.model), keras_ema(raw))
     final = batch_norm_statistics(result.model)
     assert final and all(np.isfinite(v).all() for v in final)
     assert max(np.abs(a - b).max() for a, b in zip(final, statistics[2], strict=True)) > 1e-4  # recomputed
@@ -220,7 +223,7 @@ def test_ema_averages_the_raw_trajectory_across_a_resume_and_early_stopping(synt
     val_auc = stopped.history["val_auc"]
     best = int(np.argmax(val_auc))  # EarlyStopping keeps the first of equal values, as argmax does
     assert_same(weights(stopped.model), at_end[best])  # the best epoch's average, not its raw weights
-    assert_same(at_end[best], average(raw[:(best + 1) * (len(raw) // len(val_auc))]))
+    assert_same(at_end[best], keras_ema(raw[:(best + 1) * (len(raw) // len(val_auc))]))
 
 
 def test_swa_holds_the_mean_of_the_last_epochs_weights_across_a_resume(synth_data, smoke_config, tracking_uri):
