@@ -71,46 +71,23 @@ def test_swa_batch_norm_recompute_runs_under_jax():
 EMA_SCRIPT = r'''
 import json, sys
 import keras
-import numpy as np
 
 from pipeline.config import load_config
 from pipeline.study.train import train
-from tests.test_train import keras_ema
+from tests.test_train import WeightRecorder, gap, keras_ema, weights
 
 data_dir, out_dir, config = sys.argv[1:4]
-raw, at_start, validated = [], {}, []
-
-
-def weights(model):
-    return [np.array(v, dtype=np.float64) for v in model.trainable_variables]
-
-
-class Record(keras.callbacks.Callback):
-    def on_epoch_begin(self, epoch, logs=None):
-        at_start[epoch] = weights(self.model)
-
-    def on_train_batch_end(self, batch, logs=None):
-        raw.append(weights(self.model))
-
-    def on_test_begin(self, logs=None):
-        validated.append(weights(self.model))
-
-
 cfg = load_config(config, [f"train.checkpoint_dir={out_dir}/ckpt", "train.backend=jax", "train.weight_averaging=ema",
                            "train.ema_momentum=0.9", "train.epochs=2", "train.steps_per_epoch=4",
                            "train.log_model=false", "train.shift_battery=false", "train.bootstrap=0"])
-result = train(cfg, data_dir, tracking_uri=f"sqlite:///{out_dir}/mlflow.db", callbacks=[Record()], verbose=0)
-
-
-def gap(a, b):
-    return max(float(np.max(np.abs(x - y))) for x, y in zip(a, b, strict=True))
-
-
+record = WeightRecorder()
+result = train(cfg, data_dir, tracking_uri=f"sqlite:///{out_dir}/mlflow.db", callbacks=[record], verbose=0)
+raw = record.raw
 print("REPORT " + json.dumps({"backend": keras.backend.backend(), "steps": len(raw),
                               "final_vs_ema": gap(weights(result.model), keras_ema(raw)),
-                              "first_validation_vs_ema": gap(validated[0], keras_ema(raw[:4])),
+                              "first_validation_vs_ema": gap(record.validated[0], keras_ema(raw[:4])),
                               "final_vs_last_raw": gap(weights(result.model), raw[-1]),
-                              "second_epoch_start_vs_raw": gap(at_start[1], raw[3])}), flush=True)
+                              "second_epoch_start_vs_raw": gap(record.at_start[1], raw[3])}), flush=True)
 '''
 
 

@@ -189,27 +189,7 @@ import numpy as np
 from pipeline.config import load_config
 from pipeline.net.weight_averaging import batch_norm_layers
 from pipeline.study.train import RunSpec, train
-from tests.test_train import keras_ema
-
-
-def values(variables):
-    return [np.array(v, dtype=np.float64) for v in variables]
-
-
-def gap(a, b):
-    return max(float(np.max(np.abs(x - y))) for x, y in zip(a, b, strict=True))
-
-
-class Record(keras.callbacks.Callback):
-    def __init__(self):
-        super().__init__()
-        self.raw, self.at_end = [], []
-
-    def on_train_batch_end(self, batch, logs=None):
-        self.raw.append(values(self.model.trainable_variables))
-
-    def on_epoch_end(self, epoch, logs=None):
-        self.at_end.append(values(self.model.trainable_variables))
+from tests.test_train import WeightRecorder, gap, keras_ema, weights
 
 
 report = {}
@@ -218,7 +198,7 @@ for mode, extra in (("swa", "train.swa_epochs=2"), ("ema", "train.ema_momentum=0
     cfg = load_config(config, [f"train.checkpoint_dir={out_dir}/ckpt-{mode}", "train.devices=all", "train.epochs=3",
                                "train.steps_per_epoch=2", "train.log_model=false", "train.shift_battery=false",
                                "train.bootstrap=0", f"train.weight_averaging={mode}", extra])
-    record = Record()
+    record = WeightRecorder()
     result = train(cfg, data_dir, tracking_uri=f"sqlite:///{out_dir}/mlflow.db", run=RunSpec(experiment=mode),
                    callbacks=[record], verbose=0)
     if mode == "swa":  # the mean of the last two epochs' weights
@@ -227,8 +207,8 @@ for mode, extra in (("swa", "train.swa_epochs=2"), ("ema", "train.ema_momentum=0
         expected = keras_ema(record.raw)
     stats = [v for bn in batch_norm_layers(result.model) for v in (bn.moving_mean, bn.moving_variance)]
     per_replica = [[np.array(r) for r in v.value.values] for v in stats]  # each replica's own copy
-    report[mode] = {"replicas": len(per_replica[0]), "gap": gap(values(result.model.trainable_variables), expected),
-                    "moved": gap(record.at_end[-1], record.at_end[-2]),
+    report[mode] = {"replicas": len(per_replica[0]), "gap": gap(weights(result.model), expected),
+                    "moved": gap(record.at_end[2], record.at_end[1]),
                     "replica_spread": max(float(np.max(np.abs(r - rs[0]))) for rs in per_replica for r in rs),
                     "finite": bool(all(np.isfinite(r).all() for rs in per_replica for r in rs))}
 print("REPORT " + json.dumps(report), flush=True)

@@ -152,13 +152,45 @@ def test_rsna_recipe_with_metadata_inputs_runs_small(synth_data, tmp_path, track
     np.testing.assert_allclose(a, apply_temperature(keras_out, result.temperature), atol=1e-6)  # the trained one
 
 
+# Weight averaging checks. The JAX and two-replica tests (tests/test_backend.py, tests/test_distributed.py) import
+# these into their subprocesses.
+def weights(model) -> list[np.ndarray]:
+    return [np.array(v, dtype=np.float64) for v in model.trainable_variables]
+
+
+def gap(a: list[np.ndarray], b: list[np.ndarray]) -> float:
+    """The largest absolute difference between two lists of weights."""
+    return max(float(np.max(np.abs(x - y))) for x, y in zip(a, b, strict=True))
+
+
 def keras_ema(trajectory: list[list[np.ndarray]], momentum: float = 0.9) -> list[np.ndarray]:
-    """Keras' EMA of a run's weights, step by step: the first step's weights, then the recursion. The JAX and
-    two-replica tests (tests/test_backend.py, tests/test_distributed.py) import it into their subprocesses."""
+    """Keras' EMA of a run's weights, step by step: the first step's weights, then the recursion."""
     ema = trajectory[0]
     for w in trajectory[1:]:
         ema = [momentum * e + (1 - momentum) * x for e, x in zip(ema, w, strict=True)]
     return ema
+
+
+class WeightRecorder(keras.callbacks.Callback):
+    """The trainable weights at each epoch's start and end, after every training batch and when each validation
+    begins. Placed after the project's callbacks, it sees what they leave; one recorder may follow several
+    `train` calls (a crashed run and its resume)."""
+
+    def __init__(self):
+        super().__init__()
+        self.at_start, self.raw, self.validated, self.at_end = {}, [], [], {}
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self.at_start[epoch] = weights(self.model)
+
+    def on_train_batch_end(self, batch, logs=None):
+        self.raw.append(weights(self.model))
+
+    def on_test_begin(self, logs=None):
+        self.validated.append(weights(self.model))
+
+    def on_epoch_end(self, epoch, logs=None):
+        self.at_end[epoch] = weights(self.model)
 
 
 def test_ema_averages_the_raw_trajectory_across_a_resume_and_early_stopping(synth_data, smoke_config,
@@ -169,27 +201,17 @@ def test_ema_averages_the_raw_trajectory_across_a_resume_and_early_stopping(synt
     restores the best epoch's average, and the batch-norm statistics are recomputed for the average."""
     from pipeline.net.weight_averaging import batch_norm_layers
 
-    raw, at_start, at_validation, at_end, statistics = [], {}, [], {}, {}
-
-    def weights(model):
-        return [np.array(v, dtype=np.float64) for v in model.trainable_variables]
-
     def batch_norm_statistics(model):
         return [np.array(v) for bn in batch_norm_layers(model) for v in (bn.moving_mean, bn.moving_variance)]
 
-    class Record(keras.callbacks.Callback):  # after the project's callbacks: it sees what they leave
-        def on_epoch_begin(self, epoch, logs=None):
-            at_start[epoch] = weights(self.model)
-
-        def on_train_batch_end(self, batch, logs=None):
-            raw.append(weights(self.model))
-
-        def on_test_begin(self, logs=None):
-            at_validation.append(weights(self.model))
+    class Record(WeightRecorder):  # and each epoch's batch-norm statistics
+        def __init__(self):
+            super().__init__()
+            self.statistics = {}
 
         def on_epoch_end(self, epoch, logs=None):
-            at_end[epoch] = weights(self.model)
-            statistics[epoch] = batch_norm_statistics(self.model)
+            super().on_epoch_end(epoch, logs)
+            self.statistics[epoch] = batch_norm_statistics(self.model)
 
     def assert_same(a, b):
         for x, y in zip(a, b, strict=True):
@@ -197,33 +219,34 @@ def test_ema_averages_the_raw_trajectory_across_a_resume_and_early_stopping(synt
 
     fast = ("train.log_model=false", "train.shift_battery=false", "train.bootstrap=0")  # after fit: not under test
     cfg = smoke_config("train.weight_averaging=ema", "train.ema_momentum=0.9", "train.epochs=3", *fast)
+    record = Record()
     with pytest.raises(RuntimeError, match="simulated crash"):
-        train(cfg, synth_data, tracking_uri=tracking_uri, callbacks=[Record(), FailAtEpoch(0)], verbose=0)
+        train(cfg, synth_data, tracking_uri=tracking_uri, callbacks=[record, FailAtEpoch(0)], verbose=0)
+    raw, at_start = record.raw, record.at_start
     steps = len(raw)
-    assert_same(at_validation[0], keras_ema(raw))  # epoch 1 was validated on the average
-    assert_same(at_end[0], keras_ema(raw))
-    result = train(cfg, synth_data, tracking_uri=tracking_uri, callbacks=[Record()], verbose=0)
+    assert_same(record.validated[0], keras_ema(raw))  # epoch 1 was validated on the average
+    assert_same(record.at_end[0], keras_ema(raw))
+    result = train(cfg, synth_data, tracking_uri=tracking_uri, callbacks=[record], verbose=0)
     assert len(result.history["loss"]) == 2 and len(raw) == 3 * steps  # epochs 2-3, resumed from the backup
     assert_same(at_start[1], raw[steps - 1])  # the resumed run trains on from the raw weights, not the average
     assert_same(at_start[2], raw[2 * steps - 1])
     # the average is not the last raw weights, so the checks around this one can tell the two apart
-    assert max(np.abs(a - b).max() for a, b in zip(raw[-1], keras_ema(raw), strict=True)) > 1e-4
+    assert gap(raw[-1], keras_ema(raw)) > 1e-4
     assert_same(weights(result.model), keras_ema(raw))
     final = batch_norm_statistics(result.model)
     assert final and all(np.isfinite(v).all() for v in final)
-    assert max(np.abs(a - b).max() for a, b in zip(final, statistics[2], strict=True)) > 1e-4  # recomputed
+    assert gap(final, record.statistics[2]) > 1e-4  # recomputed
     assert result.model.optimizer.use_ema
     assert MlflowClient(tracking_uri).get_run(result.run_id).data.params["train.weight_averaging"] == "ema"
 
-    for recorded in (raw, at_start, at_end):
-        recorded.clear()
+    record = WeightRecorder()
     stopped = train(smoke_config("train.weight_averaging=ema", "train.ema_momentum=0.9", "train.epochs=3",
                                  "train.early_stopping_patience=1", *fast),
-                    synth_data, tracking_uri=tracking_uri, callbacks=[Record()], verbose=0)
+                    synth_data, tracking_uri=tracking_uri, callbacks=[record], verbose=0)
     val_auc = stopped.history["val_auc"]
     best = int(np.argmax(val_auc))  # EarlyStopping keeps the first of equal values, as argmax does
-    assert_same(weights(stopped.model), at_end[best])  # the best epoch's average, not its raw weights
-    assert_same(at_end[best], keras_ema(raw[:(best + 1) * (len(raw) // len(val_auc))]))
+    assert_same(weights(stopped.model), record.at_end[best])  # the best epoch's average, not its raw weights
+    assert_same(record.at_end[best], keras_ema(record.raw[:(best + 1) * (len(record.raw) // len(val_auc))]))
 
 
 def test_swa_holds_the_mean_of_the_last_epochs_weights_across_a_resume(synth_data, smoke_config, tracking_uri):
