@@ -34,6 +34,8 @@ trained with the robust threshold policy, whether its threshold holds on a famil
 family scored at a threshold fitted without it, for the stored policy and for other settings of its tail and
 clean-sensitivity floor (pipeline/study/threshold_proxy.py), ending threshold_policy_choice=<the best setting>.
 Ends with: candidate_choice=<row> heldout_auc=<its held-out mean AUC>. ~5 min for K = 3 with --tta at 128 px.
+`--metric M --within val_loss` ranks by M among the study's better half by validation loss only
+(pipeline/promote/ensemble.py: select_members), so no badly calibrated member enters the mean.
 """
 
 from __future__ import annotations
@@ -73,12 +75,18 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--versions", default=None, help="with --candidates: comma-separated versions as members")
     ap.add_argument("--metric", default=None, help="with --candidates --study: rank the members by this metric "
                     "(a version tag or run metric, e.g. val_auc_shift_mean; default: the study's own)")
+    ap.add_argument("--within", default=None, help="with --candidates --study: rank by --metric only the study's "
+                    "better half by this metric (e.g. val_loss: no badly calibrated member; README, \"A proxy for "
+                    "travels\")")
     ap.add_argument("--tta", default="none", choices=["none", "mild"], help="with --candidates: add the "
                     "test-time-view rows")
     ap.add_argument("--model-name", default="pneumonia-cnn")
     a = ap.parse_args(argv)
     if a.held_out is not None and (a.candidates or not a.study):
         print("error: --held-out goes with --study (and not --candidates)", file=sys.stderr)
+        return 2
+    if a.within is not None and not (a.candidates and len(a.study) == 1 and not a.versions):
+        print("error: --within goes with --candidates and one --study (not --versions)", file=sys.stderr)
         return 2
     if a.candidates:
         return compare_candidates(a)
@@ -163,8 +171,10 @@ def compare_candidates(a) -> int:
         elif len(a.study) == 1:
             study = a.study[0]
             metric = a.metric or study_metric(versions(client, a.model_name), study)
-            members, _ = select_members(client, a.model_name, study, a.ensemble, metric, single=True)
-            how = f"the top {a.ensemble} of study {study} by {metric}"
+            members, _ = select_members(client, a.model_name, study, a.ensemble, metric, single=True,
+                                        within=a.within)
+            how = f"the top {a.ensemble} of study {study} by {metric}" + (
+                f" among its better half by {a.within}" if a.within else "")
         else:
             print("error: --candidates needs one --study NAME or --versions", file=sys.stderr)
             return 2

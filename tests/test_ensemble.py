@@ -147,6 +147,42 @@ def test_promote_ensemble_registers_one_calibrated_version_that_predicts(registr
     assert new not in [c.version for c in chosen] and len(chosen) == 3
 
 
+def test_members_within_the_better_half_by_another_metric(registry_store, capsys):
+    """`within="val_loss"`: members ranked by the battery mean come from the better half by validation loss
+    only (max(k, ceil(n / 2)) of the n versions), so the best-ranked but worst-calibrated version stays out; a
+    version without the metric is not eligible; too few eligible is a one-line refusal."""
+    import importlib.util
+    from pathlib import Path
+
+    from pipeline.promote.ensemble import EnsembleError, select_members
+
+    s = registry_store
+    client = _client(s.uri)
+    a, b, c = s.versions
+    for version, loss, mean in ((a, 0.10, 0.970), (b, 0.12, 0.980), (c, 0.40, 0.990)):
+        client.set_model_version_tag(MODEL, version, "val_loss", str(loss))
+        client.set_model_version_tag(MODEL, version, "val_auc_shift_mean", str(mean))
+    by_mean = [m.version for m in select_members(client, MODEL, STUDY, 2, "val_auc_shift_mean")[0]]
+    assert by_mean == [c, b]
+    within = [m.version for m in select_members(client, MODEL, STUDY, 2, "val_auc_shift_mean", within="val_loss")[0]]
+    assert within == [b, a]  # c, the best by the mean, has the worst loss: out of the better half (2 of 3)
+    assert [m.version for m in select_members(client, MODEL, STUDY, 1, "val_auc_shift_mean", single=True,
+                                              within="val_loss")[0]] == [b]  # the half is 2 even for k = 1
+    everyone = select_members(client, MODEL, STUDY, 3, "val_auc_shift_mean", within="val_loss")[0]
+    assert [m.version for m in everyone] == [c, b, a]  # k = 3 of 3: the half is at least k
+    for version in (b, c):  # a version without the metric (tag or run metric) is not eligible: a has none
+        client.set_model_version_tag(MODEL, version, "held_out_loss", "0.2")
+    with pytest.raises(EnsembleError, match=r"only 2 ranked version\(s\) .* in the better half by held_out_loss"):
+        select_members(client, MODEL, STUDY, 3, "val_auc_shift_mean", within="held_out_loss")
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "generalization.py"
+    spec = importlib.util.spec_from_file_location("generalization", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    assert module.main(["--candidates", "--versions", f"{a},{b}", "--within", "val_loss", "--tracking-uri", s.uri]) == 2
+    assert "--within goes with --candidates and one --study" in capsys.readouterr().err
+
+
 def test_promote_ensemble_refusals(registry_store, capsys):
     from pipeline.cli import main
 

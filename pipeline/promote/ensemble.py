@@ -27,6 +27,7 @@ refused with a one-line reason.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -96,10 +97,15 @@ def build_model(members: list, labels: list[str] | None = None, name: str = "ens
     return keras.Model(inputs, mean, name=name)
 
 
-def select_members(client, model: str, study: str, k: int, metric: str, *, single: bool = False
-                   ) -> tuple[list[Candidate], list]:
+def select_members(client, model: str, study: str, k: int, metric: str, *, single: bool = False,
+                   within: str | None = None) -> tuple[list[Candidate], list]:
     """The top `k` versions of `study` by `metric`, on the best one's dataset, earlier ensembles excluded
-    (`single`: K = 1 is allowed, for the best version under test-time views)."""
+    (`single`: K = 1 is allowed, for the best version under test-time views).
+
+    `within`: rank by `metric` only the better half by `within` (the first max(k, ceil(n / 2)) of the n versions
+    on that dataset ranked by it; a version without it is out). `within="val_loss"` keeps a member whose
+    probabilities are badly calibrated (a high validation loss) out of a mean ranked by another metric: such
+    a member pulled the mean's threshold down in studies k10 and k14 (README, "A proxy for travels")."""
     from pipeline.promote.promotion import rank_candidates
 
     if k < (1 if single else 2):
@@ -110,9 +116,15 @@ def select_members(client, model: str, study: str, k: int, metric: str, *, singl
         raise EnsembleError(f"study {study!r} of {model!r} has no version with {metric} to ensemble")
     digest = singles[0].digest
     same = [c for c in singles if c.digest == digest]
+    if within:
+        by_within = [c.version for c in rank_candidates(client, model, within, study)[0]
+                     if tag_keys.ENSEMBLE_MEMBERS not in c.tags and c.digest == digest]
+        eligible = set(by_within[:max(k, math.ceil(len(by_within) / 2))])
+        same = [c for c in same if c.version in eligible]
     if len(same) < k:
+        among = f" in the better half by {within}" if within else ""
         raise EnsembleError(f"--ensemble {k}: study {study!r} has only {len(same)} ranked version(s) of {model!r} "
-                            f"on dataset {str(digest)[:12]} ({len(skipped)} without {metric})")
+                            f"on dataset {str(digest)[:12]}{among} ({len(skipped)} without {metric})")
     return same[:k], skipped
 
 
