@@ -26,6 +26,18 @@ def _val_images(data, n: int = 40):
     return features["image"].numpy(), features["meta"].numpy()
 
 
+def _generalization_benchmark():
+    """benchmarks/generalization.py as a module (benchmarks/ is not a package)."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "generalization.py"
+    spec = importlib.util.spec_from_file_location("generalization", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def _raw(model, inputs) -> np.ndarray:
     return np.asarray(model.predict_on_batch(inputs), dtype=np.float64).reshape(-1)
 
@@ -151,9 +163,6 @@ def test_members_within_the_better_half_by_another_metric(registry_store, capsys
     """`within="val_loss"`: members ranked by the battery mean come from the better half by validation loss
     only (max(k, ceil(n / 2)) of the n versions), so the best-ranked but worst-calibrated version stays out; a
     version without the metric is not eligible; too few eligible is a one-line refusal."""
-    import importlib.util
-    from pathlib import Path
-
     from pipeline.promote.ensemble import EnsembleError, select_members
 
     s = registry_store
@@ -171,14 +180,11 @@ def test_members_within_the_better_half_by_another_metric(registry_store, capsys
     everyone = select_members(client, MODEL, STUDY, 3, "val_auc_shift_mean", within="val_loss")[0]
     assert [m.version for m in everyone] == [c, b, a]  # k = 3 of 3: the half is at least k
     for version in (b, c):  # a version without the metric (tag or run metric) is not eligible: a has none
-        client.set_model_version_tag(MODEL, version, "held_out_loss", "0.2")
-    with pytest.raises(EnsembleError, match=r"only 2 ranked version\(s\) .* in the better half by held_out_loss"):
-        select_members(client, MODEL, STUDY, 3, "val_auc_shift_mean", within="held_out_loss")
+        client.set_model_version_tag(MODEL, version, "calibration_loss", "0.2")
+    with pytest.raises(EnsembleError, match=r"only 2 ranked version\(s\) .* in the better half by calibration_loss"):
+        select_members(client, MODEL, STUDY, 3, "val_auc_shift_mean", within="calibration_loss")
 
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "generalization.py"
-    spec = importlib.util.spec_from_file_location("generalization", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = _generalization_benchmark()
     assert module.main(["--candidates", "--versions", f"{a},{b}", "--within", "val_loss", "--tracking-uri", s.uri]) == 2
     assert "--within goes with --candidates and one --study" in capsys.readouterr().err
 
@@ -284,9 +290,6 @@ def test_the_candidates_benchmark_validates_each_construction_and_registers_noth
     member, their mean, the best under the views, the mean under the views), each validated as promotion builds
     it: the mean's row is the mean model's validation AUC; nothing is registered or logged. Members trained
     with the robust policy (their recipe stood in for) add the leave-one-family-out threshold check."""
-    import importlib.util
-    from pathlib import Path
-
     from sklearn.metrics import roc_auc_score
 
     from pipeline.artifact.model_store import load_keras
@@ -305,10 +308,7 @@ def test_the_candidates_benchmark_validates_each_construction_and_registers_noth
     client = _client(s.uri)
     before = len(client.search_model_versions(f"name='{MODEL}'"))
     runs_before = len(client.search_runs([e.experiment_id for e in client.search_experiments()]))
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "generalization.py"
-    spec = importlib.util.spec_from_file_location("generalization", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = _generalization_benchmark()
     a, b = s.versions[0], s.versions[1]
     assert module.main(["--candidates", "--versions", f"{a},{b}", "--tta", "mild", "--tracking-uri", s.uri]) == 0
     out = capsys.readouterr().out.splitlines()

@@ -105,7 +105,8 @@ def select_members(client, model: str, study: str, k: int, metric: str, *, singl
     `within`: rank by `metric` only the better half by `within` (the first max(k, ceil(n / 2)) of the n versions
     on that dataset ranked by it; a version without it is out). `within="val_loss"` keeps a member whose
     probabilities are badly calibrated (a high validation loss) out of a mean ranked by another metric: such
-    a member pulled the mean's threshold down in studies k10 and k14 (README, "A proxy for travels")."""
+    a member pulled the mean's threshold down in studies k10 and k14. Measured as rule R on k16-k18 and not
+    adopted (README, "A proxy for travels"): the recipe's members are the top 3 by validation loss itself."""
     from pipeline.promote.promotion import rank_candidates
 
     if k < (1 if single else 2):
