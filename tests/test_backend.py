@@ -56,12 +56,17 @@ def test_default_cnn_trains_under_jax(synth_data, tmp_path):
     assert np.all(np.isfinite(after)) and np.max(np.abs(after - before)) > 1e-3
 
 
+def jax_env(**extra: str) -> dict:
+    """A subprocess environment on the JAX backend that imports the repository (and `tests.`) from REPO."""
+    return {**os.environ, "KERAS_BACKEND": "jax", **extra,
+            "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+
+
 def test_swa_batch_norm_recompute_runs_under_jax():
     """SWA's batch-norm recompute assigns the layers' statistics eagerly, which differs by backend (JAX cannot
     take a Keras variable where an array is expected): tests/test_train.py's exact check, run under JAX."""
     pytest.importorskip("jax", reason="the CPU build of jax is in the dev extras (pip install '.[dev]')")
-    env = {**os.environ, "KERAS_BACKEND": "jax",
-           "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+    env = jax_env()
     script = ("import keras; assert keras.backend.backend() == 'jax'\n"
               "from tests.test_train import check_batch_norm_recompute; check_batch_norm_recompute()")
     done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
@@ -97,8 +102,7 @@ def test_ema_is_the_average_of_the_raw_weights_under_jax(synth_data, tmp_path):
     from the raw weights, not the average, and validation sees the average (tests/test_train.py checks the same
     and more under TensorFlow)."""
     pytest.importorskip("jax", reason="the CPU build of jax is in the dev extras (pip install '.[dev]')")
-    env = {**os.environ, "KERAS_BACKEND": "jax", "TF_CPP_MIN_LOG_LEVEL": "2",
-           "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+    env = jax_env(TF_CPP_MIN_LOG_LEVEL="2")
     done = subprocess.run([sys.executable, "-c", EMA_SCRIPT, str(synth_data), str(tmp_path),
                            str(REPO / "experiments" / "smoke.toml")], env=env, capture_output=True, text=True,
                           timeout=600, cwd=tmp_path)
