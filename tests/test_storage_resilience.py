@@ -1,5 +1,6 @@
 """The Optuna storage retries a call whose database connection was lost (a PostgreSQL restart), and only such
-a call. The end-to-end case (every connection of a live study killed twice) is in tests/test_scale_out.py."""
+a call. The end-to-end case (every connection of a live study killed twice) is in tests/test_scale_out.py. The
+MLflow store's one race between workers (the same new dataset logged twice at once) is repeated, and only it."""
 
 from __future__ import annotations
 
@@ -185,3 +186,54 @@ def test_opening_the_storage_retries_a_dropped_connection_only(tmp_path, monkeyp
     with pytest.raises(tune.TuneError, match="does not answer: connection failed"):
         tune.make_storage(f"sqlite:///{tmp_path}/o.db", smoke_config())
     assert len(calls) == 1
+
+
+def test_a_dataset_another_worker_created_mid_call_is_linked_not_failed(tmp_path):
+    """The MLflow side of a two-worker study (a failed first trial in the scale-out test): MLflow's SQL store
+    looks a run's dataset up, then inserts it. Here the other worker inserts the same dataset in between, for
+    real, on the same SQLite store; the logged input must still land, on the one dataset row there is."""
+    import mlflow
+    from mlflow.tracking._tracking_service.utils import _get_store
+    from sqlalchemy import event
+
+    from pipeline.artifact import tag_keys, tracking
+
+    client = tracking.setup(f"sqlite:///{tmp_path}/mlruns/mlflow.db")
+    experiment = tracking.ensure_experiment("race")
+    manifest = {"digest": "d" * 64}
+    entity = tracking.dataset_entity(manifest, tmp_path / "data")
+    other = client.create_run(experiment).info.run_id
+    engine = _get_store().engine
+    cut_in = []
+
+    def other_worker_first(conn, cursor, statement, *args):
+        if statement.lstrip().upper().startswith("INSERT INTO DATASETS") and not cut_in:
+            cut_in.append(statement)  # once: the other worker's own insert comes through here too
+            client.log_inputs(other, datasets=[mlflow.entities.DatasetInput(entity._to_mlflow_entity())])
+
+    event.listen(engine, "before_cursor_execute", other_worker_first)
+    try:
+        with mlflow.start_run(experiment_id=experiment) as run:
+            tracking.log_dataset(manifest, tmp_path / "data")
+    finally:
+        event.remove(engine, "before_cursor_execute", other_worker_first)
+    assert cut_in, "the other worker never cut in: the race was not staged"
+    mine, theirs = (client.get_run(r).inputs.dataset_inputs for r in (run.info.run_id, other))
+    assert [d.dataset.digest for d in mine] == [d.dataset.digest for d in theirs] == ["d" * 36]
+    assert client.get_run(run.info.run_id).data.tags[tag_keys.DATASET_DIGEST] == "d" * 64
+
+
+def test_other_mlflow_errors_are_raised_at_once():
+    from mlflow.exceptions import MlflowException
+
+    from pipeline.artifact import tracking
+
+    calls = []
+
+    def missing_run():
+        calls.append(1)
+        raise MlflowException("Run with id=abc not found", error_code="RESOURCE_DOES_NOT_EXIST")
+
+    with pytest.raises(MlflowException, match="not found"):
+        tracking.log_inputs_racing(missing_run)
+    assert calls == [1]

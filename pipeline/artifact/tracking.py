@@ -184,9 +184,31 @@ def dataset_entity(manifest: dict, data_dir: str | Path, split: str | None = Non
     return MetaDataset(source, name=name, digest=manifest["digest"][:36])
 
 
+def lost_insert_race(error: Exception) -> bool:
+    """Whether a store write failed on a unique constraint another writer had just filled (SQLite's and
+    PostgreSQL's wording, as a local store raises it and as a tracking server relays it)."""
+    text = str(error)
+    return "UNIQUE constraint failed" in text or "duplicate key value violates unique constraint" in text
+
+
+def log_inputs_racing(log_inputs, *args, **kwargs) -> None:
+    """Call an MLflow log-inputs function, once more if it lost a race to create the same dataset.
+
+    MLflow's SQL store (`SqlAlchemyStore._log_inputs_impl`) looks the run's datasets up by (experiment, name,
+    digest) and inserts the missing ones in one transaction: two workers logging the same new dataset at once
+    both miss it, and the later commit fails the unique constraint (seen as a failed first trial in a two-worker
+    study). That transaction rolled back whole, so the call repeated finds the winner's row and links it."""
+    try:
+        log_inputs(*args, **kwargs)
+    except mlflow.exceptions.MlflowException as e:
+        if not lost_insert_race(e):
+            raise
+        log_inputs(*args, **kwargs)
+
+
 def log_dataset(manifest: dict, data_dir: str | Path, context: str = "training") -> None:
     """The converter's manifest digest as the run's dataset input: the dataset's identity."""
-    mlflow.log_input(dataset_entity(manifest, data_dir), context=context)
+    log_inputs_racing(mlflow.log_input, dataset_entity(manifest, data_dir), context=context)
     mlflow.set_tag(tag_keys.DATASET_DIGEST, manifest["digest"])
 
 

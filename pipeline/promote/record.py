@@ -329,8 +329,9 @@ def _log_test_view(client, rid: str, d: Decision, manifest: dict) -> None:
     entity = tracking.dataset_entity(manifest, d.data_dir, "test")._to_mlflow_entity()
     source = client.get_model_version(d.model, d.candidate.version).source or ""
     model_id = source.removeprefix("models:/") if source.startswith("models:/m-") else None  # MLflow 3 models
-    client.log_inputs(rid, datasets=[DatasetInput(entity, tags=[InputTag("mlflow.data.context", "test")])],
-                      models=[LoggedModelInput(model_id)] if model_id else None)
+    tracking.log_inputs_racing(
+        client.log_inputs, rid, datasets=[DatasetInput(entity, tags=[InputTag("mlflow.data.context", "test")])],
+        models=[LoggedModelInput(model_id)] if model_id else None)
     for key in HEADLINE:
         value = d.candidate_eval.metrics.get(key)
         if value is not None and math.isfinite(value):
