@@ -32,8 +32,10 @@ lint: $(VENV)
 
 # Two pytest workers, a test file each at a time (its module fixtures stay in one process): a serial run
 # leaves the 2 cores partly idle while tests wait on servers, subprocesses and store start-up (README, Tests).
+# Files go out in collection order, the heaviest first (tests/conftest.py: HEAVIEST_FIRST), not xdist's
+# most-tests-first order, which left the minute-long files for last.
 test: $(VENV) lint
-	$(BIN)/python -m pytest -q -n 2 --dist loadfile
+	$(BIN)/python -m pytest -q -n 2 --dist loadfile --no-loadscope-reorder
 
 demo: $(VENV)
 	$(BIN)/pneumo demo
