@@ -140,10 +140,19 @@ def cmd_tune(a):
     from pipeline.config import load_config
 
     cfg = load_config(a.config, a.set)
-    _use_backend(cfg)
+    from pipeline.net import devices
+
+    workers = devices.default_workers(a.workers_per_gpu) if a.workers is None else a.workers
+    if workers <= 1:
+        _use_backend(cfg)  # the trials run in this process
+    else:
+        # The launcher only coordinates: each worker process imports TensorFlow itself. Imported here too, it
+        # cost ~10 s of CPU before the first worker started (on 2 cores, while they start) and its memory for
+        # the whole study.
+        os.environ["KERAS_BACKEND"] = cfg.train.backend
     from pipeline.study.tune import run_tune
 
-    run_tune(cfg, a.study, data_dir=a.data, trials=a.trials, timeout=a.timeout, workers=a.workers,
+    run_tune(cfg, a.study, data_dir=a.data, trials=a.trials, timeout=a.timeout, workers=workers,
              storage=a.storage, tracking_uri=a.tracking_uri, config_file=a.config,
              workers_per_gpu=a.workers_per_gpu)
 

@@ -336,12 +336,31 @@ def test_tune_exits_1_when_every_trial_failed(tune_args, monkeypatch, capsys):
 
 
 def test_tune_exits_1_when_a_worker_crashed(tune_args, monkeypatch, capsys):
-    from pipeline.cli import main
+    import pipeline.cli as cli
 
+    loaded = []
+    monkeypatch.setattr(cli, "_load_tensorflow", lambda: loaded.append(True))
     monkeypatch.setattr(sys, "executable", "/bin/false")  # each worker process exits 1 at once
-    assert main([*tune_args, "--study", "crash", "--workers", "2"]) == 1
+    assert cli.main([*tune_args, "--study", "crash", "--workers", "2"]) == 1
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert err == "pneumo tune: error: study crash: 2 worker(s) crashed (exit codes 1, 1)"
+    assert not loaded  # the whole launch, its summary included, ran without TensorFlow in the launcher
+
+
+@pytest.mark.parametrize("flags, workers", [([], 1), (["--workers", "1"], 1), (["--workers", "2"], 2)])
+def test_only_a_launch_that_trains_in_process_loads_tensorflow(tune_args, monkeypatch, flags, workers):
+    """One worker: the trials run in the launcher, which loads TensorFlow (quietly) first. Several: each worker
+    process loads its own, and the launcher, which only coordinates, does not."""
+    import pipeline.cli as cli
+    import pipeline.study.tune as tune
+
+    loaded, launched = [], []
+    monkeypatch.setattr(cli, "_load_tensorflow", lambda: loaded.append(True))
+    monkeypatch.setattr(tune, "run_tune", lambda cfg, study, **kw: launched.append(kw["workers"]))
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")  # no GPU: the default is one worker
+    assert cli.main([*tune_args, "--study", "s", *flags]) == 0
+    assert launched == [workers] and loaded == [True] * (workers == 1)
+    assert os.environ["KERAS_BACKEND"] == "tensorflow"  # the workers' backend, from the config, either way
 
 
 def test_a_launch_with_a_completed_trial_is_not_a_failure():
