@@ -27,8 +27,12 @@ def test_default_cnn_trains_under_jax(synth_data, tmp_path):
     from pipeline.config import load_config
 
     uri = f"sqlite:///{tmp_path}/mlflow.db"
-    sets = [*DEFAULT_CNN, "train.backend=jax", "train.epochs=4", "train.steps_per_epoch=5", "train.bootstrap=50",
-            f"train.checkpoint_dir={tmp_path}/ckpt", "train.learning_rate=0.003"]
+    # With XLA, as `train.jit_compile = "auto"` picks on a GPU (the device path: the GPU machines run the model
+    # under JAX), and the augmentation XLA compiles. Its predict step once crashed on the reader's TensorFlow
+    # tensors, which the un-jitted step (the CPU's default, tested with EMA below) took.
+    sets = [*DEFAULT_CNN, "train.backend=jax", "train.jit_compile=true", "augment.xla_safe=true", "train.epochs=4",
+            "train.steps_per_epoch=5", "train.bootstrap=50", f"train.checkpoint_dir={tmp_path}/ckpt",
+            "train.learning_rate=0.003"]
     env = {k: v for k, v in os.environ.items() if k != "KERAS_BACKEND"}  # the CLI must pick it from the config
     env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")])
     cmd = [sys.executable, "-m", "pipeline.cli", "train", "--config", str(REPO / "experiments" / "smoke.toml"),
@@ -39,6 +43,7 @@ def test_default_cnn_trains_under_jax(synth_data, tmp_path):
     client = MlflowClient(uri)
     run = client.search_runs([client.get_experiment_by_name("smoke").experiment_id])[0]
     assert run.data.tags["keras_backend"] == "jax" and run.data.params["train.backend"] == "jax"
+    assert run.data.tags["jit_compile_effective"] == "True", run.data.tags
     loss = [m.value for m in sorted(client.get_metric_history(run.info.run_id, "loss"), key=lambda m: m.step)]
     assert len(loss) == 4 and all(np.isfinite(loss)) and loss[-1] < loss[0], loss
 

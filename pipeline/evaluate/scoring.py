@@ -23,9 +23,11 @@ def predict_split(model, data_dir: str | Path, split: str, batch_size: int = 64,
     ys, ps = [], []
     info: dict[str, list] = {"patient_id": [], "view_position": [], "sex": [], "age": [], "boxes": []}
     for features, labels in eval_dataset(data_dir, split, batch_size, with_info=True, with_meta=True):
-        inputs = {"image": features["image"]}
+        # NumPy, not the reader's TensorFlow tensors: under the JAX backend a jitted predict step
+        # (`train.jit_compile`, on by default with a GPU) cannot take a TensorFlow tensor as an argument.
+        inputs = {"image": features["image"].numpy()}
         if with_meta:
-            inputs["meta"] = features["meta"]
+            inputs["meta"] = features["meta"].numpy()
         ps.append(np.asarray(model.predict_on_batch(inputs), dtype=np.float64).reshape(-1))
         ys.append(labels.numpy().astype(np.int64))
         for key in ("patient_id", "view_position", "sex"):
