@@ -80,7 +80,7 @@ def stop_launcher(proc: subprocess.Popen, port: int) -> None:
 
 
 # The test files that take longest, the heaviest first (pytest --junitxml, per-file sums of a `make test` run
-# on 2026-12-07: 242 s down to 28 s; together about 90% of the suite's 1,546 s). `make test` runs
+# on 2026-12-07: 242 s down to 28 s; together about 94% of the suite's 1,546 s). `make test` runs
 # `--dist loadfile --no-loadscope-reorder`, so xdist hands out whole files in collection order; this hook puts
 # these first. xdist's default order (the files with the most tests first) started the few-test, minute-long
 # files last, and one worker ran the PostgreSQL scale-out file alone for the suite's last four minutes. A
