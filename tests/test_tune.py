@@ -335,8 +335,9 @@ def test_a_stopped_launch_closes_its_runs_and_the_same_command_resumes(synth_dat
     finishes the study with no run left RUNNING (after SIGTERM only: the resume does not depend on the signal,
     and a second run of it costs the suite half a minute)."""
     uri, storage = f"sqlite:///{tmp_path}/mlflow.db", f"sqlite:///{tmp_path}/optuna.db"
+    # One trial a launch: the resume runs it and the interrupted trial's replacement (with --trials 2, a third).
     cmd = [sys.executable, "-m", "pipeline.cli", "tune", "--config", str(SMOKE), "--study", "stop",
-           "--data", str(synth_data), "--trials", "2", "--storage", storage, "--tracking-uri", uri,
+           "--data", str(synth_data), "--trials", "1", "--storage", storage, "--tracking-uri", uri,
            "--set", f"train.checkpoint_dir={tmp_path}/ckpt", "--set", "train.epochs=6"]
     sig = signal.SIGTERM if how == "sigterm" else signal.SIGINT
 
@@ -372,4 +373,7 @@ def test_a_stopped_launch_closes_its_runs_and_the_same_command_resumes(synth_dat
     assert again.returncode == 0, again.stdout + again.stderr
     study = optuna.load_study(study_name="stop", storage=storage)
     assert not study.get_trials(states=(TrialState.WAITING, TrialState.RUNNING))
+    finished = study.get_trials(states=(TrialState.COMPLETE, TrialState.PRUNED))
+    assert [t.user_attrs.get("replaces_interrupted_trial") for t in finished].count(victim.number) == 1
+    assert len(finished) == 2, [(t.number, t.state.name) for t in study.trials]
     assert not [r for r in _runs(uri, "stop") if r.info.status == "RUNNING"]
