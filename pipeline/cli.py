@@ -109,11 +109,13 @@ def cmd_convert(a):
     print(f"wrote {a.out}/manifest.json")
 
 
-def _use_backend(cfg) -> None:
+def _use_backend(cfg, load: bool = True) -> None:
     """Keras reads KERAS_BACKEND once, when it is first imported: set it from `train.backend` before any stage
-    that imports Keras (tune workers inherit it with the environment)."""
+    that imports Keras (tune workers inherit it with the environment). `load=False`: set it only, for a process
+    that does not train itself."""
     os.environ["KERAS_BACKEND"] = cfg.train.backend
-    _load_tensorflow()
+    if load:
+        _load_tensorflow()
 
 
 def cmd_train(a):
@@ -143,13 +145,10 @@ def cmd_tune(a):
     from pipeline.net import devices
 
     workers = devices.default_workers(a.workers_per_gpu) if a.workers is None else a.workers
-    if workers <= 1:
-        _use_backend(cfg)  # the trials run in this process
-    else:
-        # The launcher only coordinates: each worker process imports TensorFlow itself. Imported here too, it
-        # cost ~10 s of CPU before the first worker started (on 2 cores, while they start) and its memory for
-        # the whole study.
-        os.environ["KERAS_BACKEND"] = cfg.train.backend
+    # One worker: the trials run in this process. More: the launcher only coordinates and each worker imports
+    # TensorFlow itself; imported here too, it cost ~10 s of CPU before the first worker started (on 2 cores,
+    # while they start) and its memory for the whole study.
+    _use_backend(cfg, load=workers <= 1)
     from pipeline.study.tune import run_tune
 
     run_tune(cfg, a.study, data_dir=a.data, trials=a.trials, timeout=a.timeout, workers=workers,

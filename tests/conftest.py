@@ -27,6 +27,21 @@ def shared_data(*parts: str) -> Path:
     return path
 
 
+def repo_env(**extra: str) -> dict:
+    """A subprocess environment that imports the repository (and `tests.`) from REPO, with `extra` set."""
+    return {**os.environ, **extra, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+
+
+def load_benchmark(name: str):
+    """benchmarks/<name>.py as a module (benchmarks/ is not a package)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(name, REPO / "benchmarks" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def no_postgres(reason: str):
     """Skip a PostgreSQL test when no server answers, except under CI (`CI=true`, set by .ci/run, which starts
     the server): there a missing server fails the test, so the suite cannot go green without its scale-out

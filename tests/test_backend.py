@@ -3,15 +3,14 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
+from tests.conftest import REPO, repo_env
+
 pytestmark = pytest.mark.slow
 # experiments/smoke.toml's [model] back to the default CNN (config.py's ModelConfig), a few steps.
 DEFAULT_CNN = ["model.blocks=3", "model.filters=32", "model.stem_filters=32", "model.dense_units=64",
@@ -33,8 +32,8 @@ def test_default_cnn_trains_under_jax(synth_data, tmp_path):
     sets = [*DEFAULT_CNN, "train.backend=jax", "train.jit_compile=true", "augment.xla_safe=true", "train.epochs=4",
             "train.steps_per_epoch=5", "train.bootstrap=50", f"train.checkpoint_dir={tmp_path}/ckpt",
             "train.learning_rate=0.003"]
-    env = {k: v for k, v in os.environ.items() if k != "KERAS_BACKEND"}  # the CLI must pick it from the config
-    env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")])
+    env = repo_env()
+    env.pop("KERAS_BACKEND", None)  # the CLI must pick it from the config
     cmd = [sys.executable, "-m", "pipeline.cli", "train", "--config", str(REPO / "experiments" / "smoke.toml"),
            "--data", str(synth_data), "--tracking-uri", uri] + [a for s in sets for a in ("--set", s)]
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900, cwd=tmp_path)
@@ -61,17 +60,11 @@ def test_default_cnn_trains_under_jax(synth_data, tmp_path):
     assert np.all(np.isfinite(after)) and np.max(np.abs(after - before)) > 1e-3
 
 
-def jax_env(**extra: str) -> dict:
-    """A subprocess environment on the JAX backend that imports the repository (and `tests.`) from REPO."""
-    return {**os.environ, "KERAS_BACKEND": "jax", **extra,
-            "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
-
-
 def test_swa_batch_norm_recompute_runs_under_jax():
     """SWA's batch-norm recompute assigns the layers' statistics eagerly, which differs by backend (JAX cannot
     take a Keras variable where an array is expected): tests/test_train.py's exact check, run under JAX."""
     pytest.importorskip("jax", reason="the CPU build of jax is in the dev extras (pip install '.[dev]')")
-    env = jax_env()
+    env = repo_env(KERAS_BACKEND="jax")
     script = ("import keras; assert keras.backend.backend() == 'jax'\n"
               "from tests.test_train import check_batch_norm_recompute; check_batch_norm_recompute()")
     done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
@@ -107,7 +100,7 @@ def test_ema_is_the_average_of_the_raw_weights_under_jax(synth_data, tmp_path):
     from the raw weights, not the average, and validation sees the average (tests/test_train.py checks the same
     and more under TensorFlow)."""
     pytest.importorskip("jax", reason="the CPU build of jax is in the dev extras (pip install '.[dev]')")
-    env = jax_env(TF_CPP_MIN_LOG_LEVEL="2")
+    env = repo_env(KERAS_BACKEND="jax", TF_CPP_MIN_LOG_LEVEL="2")
     done = subprocess.run([sys.executable, "-c", EMA_SCRIPT, str(synth_data), str(tmp_path),
                            str(REPO / "experiments" / "smoke.toml")], env=env, capture_output=True, text=True,
                           timeout=600, cwd=tmp_path)

@@ -8,6 +8,8 @@ import csv
 import numpy as np
 import pytest
 
+from tests.conftest import load_benchmark
+
 pytest_plugins = ["fixtures_registry"]
 MODEL, META_MODEL, STUDY = "pneumonia-cnn", "pneumonia-cnn-meta", "regstudy"  # as in fixtures_registry
 pytestmark = pytest.mark.slow
@@ -24,18 +26,6 @@ def _val_images(data, n: int = 40):
 
     features, _ = next(iter(eval_dataset(data, "val", n, with_meta=True)))
     return features["image"].numpy(), features["meta"].numpy()
-
-
-def _generalization_benchmark():
-    """benchmarks/generalization.py as a module (benchmarks/ is not a package)."""
-    import importlib.util
-    from pathlib import Path
-
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "generalization.py"
-    spec = importlib.util.spec_from_file_location("generalization", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def _raw(model, inputs) -> np.ndarray:
@@ -184,7 +174,7 @@ def test_members_within_the_better_half_by_another_metric(registry_store, capsys
     with pytest.raises(EnsembleError, match=r"only 2 ranked version\(s\) .* in the better half by calibration_loss"):
         select_members(client, MODEL, STUDY, 3, "val_auc_shift_mean", within="calibration_loss")
 
-    module = _generalization_benchmark()
+    module = load_benchmark("generalization")
     assert module.main(["--candidates", "--versions", f"{a},{b}", "--within", "val_loss", "--tracking-uri", s.uri]) == 2
     assert "--within goes with --candidates and one --study" in capsys.readouterr().err
 
@@ -308,7 +298,7 @@ def test_the_candidates_benchmark_validates_each_construction_and_registers_noth
     client = _client(s.uri)
     before = len(client.search_model_versions(f"name='{MODEL}'"))
     runs_before = len(client.search_runs([e.experiment_id for e in client.search_experiments()]))
-    module = _generalization_benchmark()
+    module = load_benchmark("generalization")
     a, b = s.versions[0], s.versions[1]
     assert module.main(["--candidates", "--versions", f"{a},{b}", "--tta", "mild", "--tracking-uri", s.uri]) == 0
     out = capsys.readouterr().out.splitlines()

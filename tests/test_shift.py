@@ -5,10 +5,8 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import os
 import subprocess
 import sys
-from pathlib import Path
 
 import keras  # noqa: F401  (hard dependencies, imported directly: a broken install fails, it does not skip)
 import numpy as np
@@ -26,7 +24,7 @@ from pipeline.net.augment import (
     RandomNoise,
     augmentation_block,
 )
-from tests.conftest import REPO
+from tests.conftest import REPO, load_benchmark, repo_env
 
 SMOKE = REPO / "experiments" / "smoke.toml"
 SIZE = 48
@@ -599,7 +597,7 @@ print("jax ok")
 
 def test_robust_recipe_model_runs_under_jax():
     pytest.importorskip("jax")
-    env = {**os.environ, "KERAS_BACKEND": "jax", "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    env = repo_env(KERAS_BACKEND="jax")
     run = subprocess.run([sys.executable, "-c", JAX_SCRIPT], capture_output=True, text=True, env=env, timeout=300)
     assert run.returncode == 0 and "jax ok" in run.stdout, run.stderr[-3000:]
 
@@ -739,7 +737,6 @@ def test_held_out_families_can_be_re_chosen_after_the_fact():
 
 def test_generalization_study_mode_reads_the_trials_and_names_its_choice(tmp_path, capsys):
     """`benchmarks/generalization.py --study NAME` on a store holding a study's trial runs (no images read)."""
-    import importlib.util
 
     from pipeline.artifact import tag_keys, tracking
 
@@ -759,10 +756,7 @@ def test_generalization_study_mode_reads_the_trials_and_names_its_choice(tmp_pat
         client.log_batch(run.info.run_id, metrics=[Metric(k, float(v), 0, 0) for k, v in values.items()])
     pruned = client.create_run(exp, tags={tag_keys.TRIAL_NUMBER: "9", "state": "PRUNED"})
     client.log_metric(pruned.info.run_id, "val_auc_heldout_mean", 0.5)  # not a finished trial: left out
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "generalization.py"
-    spec = importlib.util.spec_from_file_location("generalization", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = load_benchmark("generalization")
     assert module.main(["--study", "s", "--tracking-uri", uri]) == 0
     out = capsys.readouterr().out.strip().splitlines()
     assert out[-1].startswith("proxy_choice=val_auc_shift_mean spearman=")
