@@ -84,14 +84,18 @@ FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
 
 
 def csv_text(df) -> str:
-    """The predictions as CSV with every text cell that could start a formula escaped (numbers untouched)."""
+    """The predictions as CSV with every text cell that could start a formula escaped (numbers untouched).
+
+    Lines end in CRLF (RFC 4180). Python's csv writer quotes a cell only for the characters of its own line
+    terminator, so with pandas' "\n" a file name holding a bare CR went out unquoted, and a spreadsheet, which
+    ends rows at a CR, read the rest as a new row whose first cell was never checked for a formula."""
     import pandas as pd
 
     safe = df.copy()
     for col in safe.columns:
         if safe[col].dtype == object or pd.api.types.is_string_dtype(safe[col]):
             safe[col] = safe[col].map(lambda v: f"'{v}" if isinstance(v, str) and v.startswith(FORMULA_STARTS) else v)
-    return safe.to_csv(index=False, float_format="%.6f")
+    return safe.to_csv(index=False, float_format="%.6f", lineterminator="\r\n")
 
 
 def write_csv(df, path: str | Path) -> None:

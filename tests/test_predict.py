@@ -4,6 +4,7 @@ probabilities as `pneumo evaluate` on the same images."""
 from __future__ import annotations
 
 import csv
+import io
 import json
 import shutil
 
@@ -156,7 +157,23 @@ def test_csv_to_stdout_when_piped(registry_store, capsys):
     run_predict(files, f"models:/{MODEL}/{s.versions[0]}", None, tracking_uri=s.uri)
     out = capsys.readouterr().out
     assert out.splitlines()[0].startswith("path,probability,prediction")  # no PatientID unless asked
-    assert len(out.splitlines()) == 4
+    rows = pd.read_csv(io.StringIO(out))
+    assert list(rows["path"]) == files and "patient_id" not in rows  # one row per file, in order
+    np.testing.assert_allclose(rows["probability"], _model_output(s, s.versions[0], files), atol=2e-6)  # 6 decimals
+
+
+def test_every_formula_start_is_escaped_and_nothing_else_is():
+    """csv_text, the writer behind every predictions CSV: each character a spreadsheet reads as a formula start
+    gets the apostrophe; plain text and numbers (a negative one included) are written as they are; a line break
+    inside a cell (a file name can hold one) stays in its cell, so no row starts with an unchecked fragment."""
+    from pipeline.predict import csv_text
+
+    cells = ["=1+1", "+1", "-1", "@SUM(A1)", "\tx", "\rx", "PAT-7", "a=b", "/in/a\r=1+1.dcm", "/in/b\n@x.dcm"]
+    df = pd.DataFrame({"patient_id": cells, "score": [-0.5] * len(cells), "prediction": [1] * len(cells)})
+    back = pd.read_csv(io.StringIO(csv_text(df)), keep_default_na=False)
+    assert list(back["patient_id"]) == ["'=1+1", "'+1", "'-1", "'@SUM(A1)", "'\tx", "'\rx", "PAT-7", "a=b",
+                                        "/in/a\r=1+1.dcm", "/in/b\n@x.dcm"]
+    assert list(back["score"]) == [-0.5] * len(cells) and list(back["prediction"]) == [1] * len(cells)
 
 
 def test_a_patient_id_that_looks_like_a_formula_is_written_as_text(registry_store, tmp_path):
