@@ -587,7 +587,8 @@ def test_load_image_file_modes(tmp_path):
     grey16 = (np.arange(64, dtype=np.uint16).reshape(8, 8) * 1000).astype(np.uint16)
     Image.fromarray(grey16).save(tmp_path / "g16.png")
     out = load_image_file(tmp_path / "g16.png", 8)
-    assert out.min() == 0 and out.max() == 255  # stretched, not clipped at 255
+    # Stretched min..max onto 0..255, linearly: clipping at 255 would leave two levels (0 and 255), not 64.
+    np.testing.assert_allclose(out, grey16 / 63000 * 255, atol=0.5)
     rgba = np.full((8, 8, 4), 200, np.uint8)
     Image.fromarray(rgba).save(tmp_path / "rgba.png")
     assert (load_image_file(tmp_path / "rgba.png", 8) == 200).all()

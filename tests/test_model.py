@@ -60,6 +60,34 @@ def test_output_shape_dtype_range(cfg):
     assert tuple(m(x, training=True).shape) == (8, 1)  # the augmentation path too
 
 
+def _parents(model, name: str) -> list[str]:
+    """The names of the layers whose outputs feed layer `name`."""
+    return [t._keras_history.operation.name for t in model.get_layer(name)._inbound_nodes[0].input_tensors]
+
+
+@pytest.mark.parametrize("cfg", CONFIGS.values(), ids=CONFIGS.keys())
+def test_each_option_builds_its_layers(cfg):
+    """The graph each option promises, not only its output's shape: a residual block adds its last conv to a 1x1
+    projection of the block's input; batch_norm, pooling, dense_units, metadata each show up as their layers."""
+    m = build_model(cfg, AugmentConfig(), SIZE)
+    names = {layer.name for layer in m.layers}
+    kinds = {type(layer).__name__ for layer in m.layers}
+    bn = "_bn" if cfg.batch_norm else ""
+    for b in range(1, cfg.blocks + 1):
+        if cfg.residual:
+            stem = "stem_conv_relu" if cfg.batch_norm else "stem_conv"  # without BN the ReLU is the conv's own
+            block_input = f"block{b - 1}_pool" if b > 1 else (stem if cfg.stem_filters else "center")
+            assert _parents(m, f"block{b}_add") == [f"block{b}_conv{cfg.convs_per_block}{bn}", f"block{b}_proj{bn}"]
+            assert _parents(m, f"block{b}_proj") == [block_input]
+            assert _parents(m, f"block{b}_relu") == [f"block{b}_add"]
+        else:
+            assert not {f"block{b}_add", f"block{b}_proj"} & names
+    assert ("BatchNormalization" in kinds) == cfg.batch_norm
+    assert ({"gap", "flatten"} & names) == {cfg.pooling}
+    assert ("dense" in names) == bool(cfg.dense_units)
+    assert ("meta_dense" in names and "concat_meta" in names) == cfg.metadata_inputs
+
+
 def test_seed_configuration_is_the_seed_cnn():
     m = build_model(SEED, AugmentConfig(), 128)
     kinds = [type(layer).__name__ for layer in m.layers]

@@ -48,13 +48,18 @@ def promoted(registry_store, tmp_path):
 
 
 def test_a_promoted_version_is_verified_into_a_private_folder_and_cleaned_up(promoted):
+    from pipeline.artifact import tag_keys
+    from pipeline.artifact.integrity import artifact_sha256
     from pipeline.artifact.model_store import verified_copy
 
-    s, v, _, _ = promoted
+    s, v, client, _ = promoted
     verified = verified_copy(f"models:/{MODEL}@champion", s.uri)
     try:
         assert verified.uri == f"models:/{MODEL}/{v}" and verified.version == v
-        assert 0 < verified.threshold < 1 and verified.temperature > 0
+        tags = client.get_model_version(MODEL, v).tags  # the decision travels with the files, as registered
+        assert (verified.threshold, verified.temperature) == (float(tags[tag_keys.THRESHOLD]),
+                                                              float(tags[tag_keys.TEMPERATURE]))
+        assert artifact_sha256(verified.folder) == tags[tag_keys.MODEL_SHA256]  # the files promotion hashed
         root = next(p for p in [verified.folder, *verified.folder.parents] if p.name.startswith("pneumo-serve-"))
         assert oct(root.stat().st_mode & 0o777) == "0o700"  # this user only
     finally:
@@ -157,6 +162,9 @@ def _post(url: str, data: bytes) -> tuple[int, dict]:
 
 
 def test_pneumo_serve_answers_rows_and_refuses_oversized_requests_with_one_line(promoted, tmp_path):
+    import mlflow
+    import pandas as pd
+
     from pipeline.data.synth import example_dicom_bytes
 
     s, v, _, _ = promoted
@@ -172,6 +180,10 @@ def test_pneumo_serve_answers_rows_and_refuses_oversized_requests_with_one_line(
         answers = body["predictions"]
         assert [a["status"] for a in answers] == ["ok", "error"] and answers[0]["model_version"] == v
         assert answers[1]["error"] == "dicom: not valid base64"
+        # The verified copy answers what the registered version answers in-process: the calibrated probability.
+        direct = mlflow.pyfunc.load_model(f"models:/{MODEL}/{v}").predict(pd.DataFrame([{"dicom": dicom}]))
+        assert answers[0]["probability"] == pytest.approx(direct.loc[0, "probability"], rel=1e-5, abs=1e-6)
+        assert answers[0]["prediction"] == direct.loc[0, "prediction"]
 
         status, body = _post(server.url, json.dumps({"dataframe_records": [{"dicom": "AAAA"}] * 65}).encode())
         assert status == 400 and set(body) == {"error_code", "message"}, body  # no stack_trace, no echo

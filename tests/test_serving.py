@@ -80,8 +80,9 @@ def rows(champion, tmp_path):
     ]}
 
 
-def _expected(uri: str, tracking_uri: str, real, png):
-    """Probabilities computed the long way: the Keras model, the converter's decoder, the run's temperature."""
+def _expected(uri: str, tracking_uri: str, *files: Path):
+    """Probabilities computed the long way: the Keras model, the converter's decoder (a DICOM by its `.dcm`
+    suffix, else an image file), the run's temperature."""
     from mlflow import MlflowClient
 
     from pipeline.artifact.model_store import load
@@ -90,7 +91,8 @@ def _expected(uri: str, tracking_uri: str, real, png):
 
     lm = load(uri, tracking_uri)
     size = lm.image_size
-    images = np.stack([read_dicom(real, size).pixels, load_image_file(png, size)])[..., None]
+    images = np.stack([read_dicom(f, size).pixels if f.suffix == ".dcm" else load_image_file(f, size)
+                       for f in files])[..., None]
     raw = np.asarray(lm.model.predict_on_batch({"image": images})).reshape(-1)
     temperature = float(MlflowClient(tracking_uri).get_run(lm.run_id).data.tags["temperature"])
     assert temperature != 1.0 and lm.temperature == temperature  # a skipped calibration would show
@@ -157,7 +159,7 @@ def test_a_request_past_its_limits_is_refused_whole_and_other_formats_are_not_op
     assert list(out["status"]) == ["error", "ok"] and out.loc[0, "error"] == "image: not a PNG or JPEG file"
 
 
-def test_the_logged_model_has_a_signature_and_an_input_example_it_answers(champion):
+def test_the_logged_model_has_a_signature_and_an_input_example_it_answers(champion, tmp_path):
     import mlflow
     from mlflow.models import Model
     from mlflow.types import DataType
@@ -178,7 +180,12 @@ def test_the_logged_model_has_a_signature_and_an_input_example_it_answers(champi
                                                              "pylibjpeg", "pylibjpeg-openjpeg"}
     example = meta.load_input_example(local)
     answer = mlflow.pyfunc.load_model(local).predict(example)
-    assert list(answer["status"]) == ["ok"] and 0.0 < answer.loc[0, "probability"] < 1.0
+    assert list(answer["status"]) == ["ok"]
+    dicom = tmp_path / "example.dcm"  # the example is a DICOM: answered as the long way answers it
+    dicom.write_bytes(base64.b64decode(example.loc[0, "dicom"]))
+    lm, want = _expected(f"models:/{MODEL}/{v}", s.uri, dicom)
+    assert answer.loc[0, "probability"] == pytest.approx(want[0], rel=1e-5, abs=1e-6)
+    assert answer.loc[0, "prediction"] == int(want[0] >= lm.threshold)
 
 
 # The child interpreter with the project's package made unimportable: the editable install's finder dropped and

@@ -359,12 +359,30 @@ def test_intensity_layers_train_random_eval_identity(layer, mode):
 
 
 def test_blur_blurs_and_sharpens():
-    """Positive weights lower the high-frequency energy, negative ones raise it."""
+    """x + w (blur(x) - x), with blur the 5-tap Gaussian of sigma 1 and mirrored borders (scipy's reference), for
+    a fixed w; drawn per image, w spans both signs, and positive weights lower the high-frequency energy while
+    negative ones raise it."""
+    from scipy.ndimage import correlate1d, gaussian_filter
+
     x = unit_images(64)
+    taps = np.array(RandomBlur.KERNEL)
+    assert np.allclose(taps, gaussian_filter(np.eye(5)[2], 1.0, truncate=2.0, mode="constant"), atol=1e-6)
+    blurred = correlate1d(correlate1d(x.numpy(), taps, axis=1, mode="mirror"), taps, axis=2, mode="mirror")
+    for w in (0.9, -0.9):
+        fixed = RandomBlur(0.9, seed=0)
+        fixed.per_image = lambda b, low, high, w=w: np.float32(w)
+        np.testing.assert_allclose(fixed.transform(x, 64).numpy(), x.numpy() + w * (blurred - x.numpy()), atol=1e-6)
+
     out = RandomBlur(0.9, seed=0)(x, training=True).numpy()
+    x = x.numpy()
+    inside = (out > 0) & (out < 1)  # the layer clips to [0, 1]: fit each image's weight on the unclipped pixels
+    d, o = np.where(inside, blurred - x, 0), np.where(inside, out - x, 0)
+    w = (o * d).sum(axis=(1, 2, 3)) / (d * d).sum(axis=(1, 2, 3))
+    np.testing.assert_allclose(out, np.clip(x + w[:, None, None, None] * (blurred - x), 0, 1), atol=1e-5)
+    assert np.abs(w).max() <= 0.9 and w.min() < -0.3 and w.max() > 0.3  # both ways, across the range
     lap = lambda a: np.abs(np.diff(a, axis=1)).mean(axis=(1, 2, 3))  # noqa: E731
-    change = lap(out) - lap(x.numpy())
-    assert (change < 0).any() and (change > 0).any()
+    change, clear = lap(out) - lap(x), np.abs(w) > 0.05
+    assert (np.sign(change[clear]) == -np.sign(w[clear])).all()
 
 
 def test_block_orders_the_new_layers_and_a_model_leaves_eval_untouched():
