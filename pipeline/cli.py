@@ -7,6 +7,7 @@ Every failure the user can fix ends as one line `pneumo <command>: error: <reaso
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 
@@ -61,7 +62,7 @@ def _number(kind: type, low: float, high: float | None = None, what: str = ""):
         except ValueError:
             raise argparse.ArgumentTypeError(f"not {'an integer' if kind is int else 'a number'}: {text!r}") \
                 from None
-        if value < low or (high is not None and value > high):
+        if not math.isfinite(value) or value < low or (high is not None and value > high):  # nan passes `<`
             bound = f"in [{low}, {high}]" if high is not None else f">= {low}"
             raise argparse.ArgumentTypeError(f"must be {bound}{what}, got {text}")
         return value
@@ -292,7 +293,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--positive-rate", type=float, default=0.25, help="fraction of positive patients")
     p.add_argument("--image-size", "--size", dest="image_size", type=positive_int, default=1024,
                    help="stored image side in pixels (--size is the older name)")
-    p.add_argument("--seed", type=int, default=0, help="random seed")
+    p.add_argument("--seed", type=non_negative_int, default=0, help="random seed")
     p.add_argument("--workers", type=positive_int, default=os.cpu_count() or 1,
                    help="writer processes (default: the core count, %(default)s here)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -310,7 +311,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, help="output folder (default: [data] dir of --config)")
     p.add_argument("--image-size", type=positive_int, default=256, help="stored image width and height")
     p.add_argument("--workers", type=positive_int, default=None, help="decode processes (default: the core count)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the patient-level split")
+    p.add_argument("--seed", type=non_negative_int, default=0, help="seed of the patient-level split")
     p.add_argument("--test-frac", type=float, default=0.2, help="fraction of patients in the test split")
     p.add_argument("--val-frac", type=float, default=0.2, help="fraction of the remaining patients in validation")
     p.add_argument("--limit", type=positive_int, default=None,

@@ -8,6 +8,7 @@ Like nanoGPT's configurator, a key that does not exist or a value of the wrong t
 from __future__ import annotations
 
 import dataclasses
+import math
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -147,7 +148,8 @@ class TrainConfig:
     bootstrap: int = 1000  # bootstrap resamples for confidence intervals
     seed: int = 0
     log_model: bool = True
-    checkpoint_dir: str = "mlruns/checkpoints"  # BackupAndRestore state, one folder per run key
+    checkpoint_dir: str = "mlruns/checkpoints"  # BackupAndRestore state, one folder per run key; relative: under
+    # the project home, beside the stores (pipeline/stores.py: anchored_path), not the current folder
 
 
 @dataclass(frozen=True)
@@ -313,8 +315,12 @@ def _range_text(key: str) -> str:
 
 
 def check_range(key: str, value: Any) -> None:
-    """ConfigError naming key and value when a number lies outside BOUNDS."""
-    if key not in BOUNDS or isinstance(value, bool) or not isinstance(value, int | float):
+    """ConfigError naming key and value when a number is not finite or lies outside BOUNDS."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return
+    if not math.isfinite(value):  # TOML and `--set` read inf and nan; no key means either (nan slips past `<`)
+        raise ConfigError(f"config key {key!r} must be a finite number, got {value!r}")
+    if key not in BOUNDS:
         return
     low, high, high_open = BOUNDS[key]
     if not (low <= value and (value < high if high_open else value <= high)):
@@ -453,6 +459,10 @@ def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
         raw = tomllib.loads(path.read_text())
     except FileNotFoundError:
         raise ConfigError(f"{path}: experiment file not found") from None
+    except UnicodeDecodeError as e:  # TOML is UTF-8; a Latin-1 comment or a UTF-16 file from Windows is not
+        raise ConfigError(f"{path}: not UTF-8 text (byte {e.start}: {e.reason}); save it as UTF-8") from None
+    except IsADirectoryError:
+        raise ConfigError(f"{path}: a folder, not an experiment file") from None
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"{path}: not valid TOML ({e})") from None
     values: dict[str, Any] = {}

@@ -57,6 +57,13 @@ def anchored(url: str) -> str:
     return url
 
 
+def anchored_path(path: str | Path) -> Path:
+    """A relative path (the default `train.checkpoint_dir`, `mlruns/checkpoints`) under `project_home()`, beside
+    the stores: a run started again from another folder finds its checkpoint as it finds its MLflow run."""
+    path = Path(path).expanduser()
+    return path if path.is_absolute() else project_home() / path
+
+
 def resolve_tracking_uri(uri: str | None = None) -> str:
     """--tracking-uri, else $MLFLOW_TRACKING_URI, else the embedded SQLite store under `project_home()`."""
     return postgres_driver(uri or os.environ.get("MLFLOW_TRACKING_URI") or anchored(DEFAULT_TRACKING_URI))

@@ -172,7 +172,13 @@ def test_bad_flag_values_exit_2_naming_the_flag(capsys):
                         (["predict", "x", "--batch-size", "-1"], "argument --batch-size: must be >= 1, got -1"),
                         (["predict", "x", "--threshold", "1.5"], "argument --threshold: must be in [0.0, 1.0]"),
                         (["tune", "--config", "c", "--study", "s", "--workers", "0"], "argument --workers"),
-                        (["ui", "--port", "70000"], "argument --port: must be in [1, 65535], got 70000")]:
+                        (["ui", "--port", "70000"], "argument --port: must be in [1, 65535], got 70000"),
+                        # nan compares false with every bound: it once passed, and --threshold nan called
+                        # every patient negative with exit 0
+                        (["predict", "x", "--threshold", "nan"], "argument --threshold: must be in [0.0, 1.0], got nan"),
+                        (["tune", "--config", "c", "--study", "s", "--timeout", "nan"], "argument --timeout: must be"),
+                        (["convert", "--image-dir", "x", "--seed", "-1"], "argument --seed: must be >= 0, got -1"),
+                        (["synth", "--out", "x", "--seed", "-1"], "argument --seed: must be >= 0, got -1")]:
         with pytest.raises(SystemExit) as e:
             main(argv)
         assert e.value.code == 2
@@ -192,6 +198,9 @@ def test_config_out_of_range_is_one_line_exit_2(capsys):
     ("smoke.toml", "augment.contrast=1.0", "config key 'augment.contrast' must be in [0, 1), got 1.0"),
     ("seed.toml", "model.residual=true", "model.residual needs model.padding = 'same'"),
     ("smoke.toml", "promote.alpha=1.5", "config key 'promote.alpha' must be in (0, 1), got 1.5"),
+    # inf was inside every open-ended range: a learning rate of inf trained to nan and ended in a traceback
+    ("smoke.toml", "train.learning_rate=inf", "config key 'train.learning_rate' must be a finite number, got inf"),
+    ("smoke.toml", "augment.zoom=nan", "config key 'augment.zoom' must be a finite number, got nan"),
 ])
 def test_a_value_the_model_cannot_take_is_refused_when_the_file_is_read(capsys, config, override, reason):
     """One table of ranges (pipeline/config.py:BOUNDS) for files, overrides and sections built in code: these
@@ -202,6 +211,39 @@ def test_a_value_the_model_cannot_take_is_refused_when_the_file_is_read(capsys, 
     assert main(["train", "--config", str(path), "--set", override]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith(f"pneumo train: error: {path}: ") and reason in err and "\n" not in err, err
+
+
+def test_an_experiment_file_that_is_not_utf8_or_not_a_file_is_one_line(tmp_path, capsys):
+    from pipeline.cli import main
+
+    latin1 = tmp_path / "latin1.toml"
+    latin1.write_bytes('name = "x"\n# caf\xe9 au lait\n'.encode("latin-1"))
+    assert main(["train", "--config", str(latin1)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == (f"pneumo train: error: {latin1}: not UTF-8 text (byte 16: invalid continuation byte); "
+                   "save it as UTF-8")
+    assert main(["train", "--config", str(tmp_path)]) == 2
+    assert capsys.readouterr().err.strip() == f"pneumo train: error: {tmp_path}: a folder, not an experiment file"
+
+
+def test_a_decode_timeout_the_timer_cannot_hold_is_one_line_before_any_work(tmp_path, capsys):
+    """nan, inf and 1e20 reached SIGALRM's timer as a traceback (after the plan was written); the library
+    refuses them before it touches --out."""
+    from PIL import Image
+
+    from pipeline.cli import main
+
+    images = tmp_path / "images"
+    for i, label in enumerate(("NORMAL", "PNEUMONIA")):
+        (images / label).mkdir(parents=True)
+        Image.new("L", (32, 32), 60 * i).save(images / label / f"p{i}.png")
+    for value in ("nan", "inf", "1e20", "0", "-1"):
+        out = tmp_path / f"out-{value}"
+        assert main(["convert", "--image-dir", str(images), "--out", str(out), "--decode-timeout", value,
+                     "--patient-regex", "(.*)"]) == 2, value
+        err = capsys.readouterr().err.strip()
+        assert f"--decode-timeout must be a number of seconds in (0, 86400], got {float(value)!r}" in err, err
+        assert "\n" not in err and not out.exists()
 
 
 # --- 6. flags: one meaning, a documented default, --version, answers before TensorFlow ----------------------

@@ -424,3 +424,23 @@ def test_shards_are_private_and_a_second_convert_on_one_out_is_refused(raw, tmp_
         with pytest.raises(ConvertError, match=r"another `pneumo convert` is writing to this folder"):
             _convert(raw, out, workers=1)
     assert _convert(raw, out, workers=1)["splits"]  # and once it is done, the folder is free again
+
+
+def test_a_limit_that_expires_before_the_block_starts_leaves_no_timer_behind():
+    """`--decode-timeout 1e-7`: the alarm is due before the block's first line. It once fired between arming
+    the repeating timer and the `try` that disarms it, so the timer outlived the block and the process died of
+    SIGALRM. Each attempt now ends in TimeLimitExceeded, or in the block, with the timer off and the handler
+    restored."""
+    from pipeline.data.isolation import TimeLimitExceeded, time_limit
+
+    before = signal.getsignal(signal.SIGALRM)
+    expired = 0
+    for _ in range(200):
+        try:
+            with time_limit(1e-7):
+                time.sleep(0.001)
+        except TimeLimitExceeded:
+            expired += 1
+        assert signal.getitimer(signal.ITIMER_REAL) == (0.0, 0.0)
+        assert signal.getsignal(signal.SIGALRM) is before
+    assert expired == 200

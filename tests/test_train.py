@@ -76,6 +76,47 @@ def test_a_crash_marks_the_run_failed_and_a_rerun_resumes_it(synth_data, smoke_c
     assert sorted(steps) == [0, 1, 2]
 
 
+def test_a_run_that_diverges_fails_with_one_line_and_a_failed_run(synth_data, smoke_config, tracking_uri):
+    """A learning rate of 1e30 trains the weights to nan: the run says so (it used to end in scikit-learn's
+    'Input contains NaN' traceback from the AUC) and is marked FAILED, with no model logged."""
+    import mlflow
+
+    from pipeline.study.candidate import DivergedError
+
+    cfg = smoke_config("train.epochs=1", "train.learning_rate=1e30")
+    with pytest.raises(DivergedError, match=r"^training diverged: (\d+) of \1 validation probabilities are not "
+                                            r"finite \(train.learning_rate = 1e\+30; a lower one may train\)$"):
+        train(cfg, synth_data, tracking_uri=tracking_uri, verbose=0)
+    client = MlflowClient(tracking_uri)
+    [run] = client.search_runs([client.get_experiment_by_name("smoke").experiment_id])
+    assert run.info.status == "FAILED"
+    assert mlflow.search_logged_models(experiment_ids=[run.info.experiment_id], output_format="list") == []
+
+
+def test_a_crashed_run_resumes_from_another_folder(synth_data, tmp_path, monkeypatch):
+    """The default checkpoint folder (relative: `mlruns/checkpoints`) lives under the project home, beside the
+    stores, not in the current folder: started again from elsewhere, the run finds its checkpoint as it finds
+    its MLflow run (it landed in the first folder, and a second start elsewhere began again from epoch 1)."""
+    from pipeline.config import load_config
+    from tests.conftest import REPO
+
+    home, first, second = tmp_path / "home", tmp_path / "first", tmp_path / "second"
+    for folder in (home, first, second):
+        folder.mkdir()
+    monkeypatch.setenv("PNEUMO_HOME", str(home))
+    cfg = load_config(REPO / "experiments" / "smoke.toml", ["train.epochs=3", "train.log_model=false"])
+    assert cfg.train.checkpoint_dir == "mlruns/checkpoints"  # the default, relative
+    monkeypatch.chdir(first)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        train(cfg, synth_data, callbacks=[FailAtEpoch(1)], verbose=0)
+    assert [p.name for p in (home / "mlruns" / "checkpoints").glob("*/mlflow_run_id")] == ["mlflow_run_id"]
+    assert not (first / "mlruns").exists()
+    monkeypatch.chdir(second)
+    result = train(cfg, synth_data, verbose=0)
+    assert len(result.history["loss"]) == 1  # only epoch 3 was left: epochs 1-2 came from the checkpoint
+    assert not (second / "mlruns").exists()
+
+
 def test_learning_rate_scaling_rules():
     assert scaled_learning_rate(1e-3, 4, "linear") == pytest.approx(4e-3)
     assert scaled_learning_rate(1e-3, 4, "sqrt") == pytest.approx(2e-3)

@@ -60,6 +60,7 @@ MIN_SHARDS = 4  # per split (fewer when it has fewer records): enough files for 
 # The slowest legitimate decode measured is ~0.3 s (a 4300 x 3500 16-bit native DICOM); 60 s leaves room
 # for a machine loaded many times over. `--decode-timeout` changes it.
 DECODE_TIMEOUT_S = 60.0
+MAX_DECODE_TIMEOUT_S = 86_400  # a day: "no limit" in practice, and within what the SIGALRM timer can hold
 
 
 class ConvertError(PneumoError):
@@ -372,8 +373,12 @@ def run_conversion(items: list[Item], source: dict, out: str | Path, image_size:
             raise ConvertValueError(f"{name} must be a number in [0, 1), got {value!r}")
     if workers is not None and workers < 1:
         raise ConvertValueError(f"--workers must be at least 1, got {workers}")
-    if not decode_timeout or decode_timeout <= 0:
-        raise ConvertValueError(f"--decode-timeout must be positive, got {decode_timeout!r}")
+    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+        raise ConvertValueError(f"--seed must be a non-negative integer, got {seed!r}")
+    if (isinstance(decode_timeout, bool) or not isinstance(decode_timeout, int | float)
+            or not 0 < decode_timeout <= MAX_DECODE_TIMEOUT_S):  # nan fails too; inf would overflow the timer
+        raise ConvertValueError(f"--decode-timeout must be a number of seconds in (0, {MAX_DECODE_TIMEOUT_S}], "
+                                f"got {decode_timeout!r}")
     workers = workers or os.cpu_count() or 1
     root = None if root is None else os.fspath(root)
     start = time.perf_counter()

@@ -48,8 +48,11 @@ def time_limit(seconds: float | None):
     if timed:
         deadline = _Deadline()
         previous = signal.signal(signal.SIGALRM, deadline.on_alarm)
-        signal.setitimer(signal.ITIMER_REAL, seconds, _REPEAT_S)
     try:
+        if timed:
+            # Armed inside the try: an alarm due before the block starts (a tiny limit) still disarms the timer
+            # and restores the handler below; armed before it, the repeating timer outlived the block.
+            signal.setitimer(signal.ITIMER_REAL, seconds, _REPEAT_S)
         yield
     finally:
         if timed:

@@ -22,9 +22,14 @@ import numpy as np
 
 from pipeline.artifact import tag_keys, tracking
 from pipeline.config import Config
+from pipeline.errors import PneumoError
 from pipeline.evaluate import metrics, plots, shift
 from pipeline.evaluate.scoring import predict_split
 from pipeline.net.calibration import apply_temperature, expected_calibration_error, fit_temperature, nll
+
+
+class DivergedError(PneumoError):
+    """The network's validation outputs are not finite: training diverged (its loss went to nan or inf)."""
 
 
 @dataclass
@@ -129,6 +134,10 @@ def validate(model, cfg: Config, data_dir: str | Path, *, with_shift: bool) -> V
     """Step 1: score validation, decide threshold and temperature, measure (module docstring)."""
     scorer = single_replica(model)
     y, p_raw, info = predict_split(scorer, data_dir, "val", cfg.data.batch_size, with_meta=cfg.model.metadata_inputs)
+    bad = int((~np.isfinite(p_raw)).sum())
+    if bad:  # nothing downstream (AUC, threshold, calibration) means anything; said here, not as sklearn's traceback
+        raise DivergedError(f"training diverged: {bad} of {len(p_raw)} validation probabilities are not finite "
+                            f"(train.learning_rate = {cfg.train.learning_rate:g}; a lower one may train)")
     t_shift = time.perf_counter()
     shifted = shift_battery(scorer, cfg, data_dir) if with_shift else None
     battery_s = time.perf_counter() - t_shift

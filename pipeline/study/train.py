@@ -32,6 +32,7 @@ from pipeline.evaluate import metrics, shift
 from pipeline.net.devices import configure_gpus, resolve_jit
 from pipeline.net.model import apply_precision, build_model
 from pipeline.net.weight_averaging import StochasticWeightAveraging, recompute_batch_norm
+from pipeline.stores import anchored_path
 from pipeline.study.candidate import LoggedCandidate, make_candidate
 
 CURVE_METRICS = ("loss", "auc", "auc_pr", "accuracy", "precision", "recall")
@@ -291,7 +292,7 @@ def training_run(setup: Setup, spec: RunSpec, tracking_uri: str | None, config_f
     cfg = setup.cfg
     uri = tracking.resolve_tracking_uri(tracking_uri)
     exp_id = tracking.ensure_experiment(spec.experiment or cfg.name, uri)
-    backup = Path(cfg.train.checkpoint_dir) / run_key(cfg, setup.manifest["digest"], spec.name)
+    backup = anchored_path(cfg.train.checkpoint_dir) / run_key(cfg, setup.manifest["digest"], spec.name)
     previous = backup / "mlflow_run_id"
     resume_id = previous.read_text().strip() if previous.exists() else None
     # `pneumo train` runs get a readable name, the experiment file's stem and the start time (the run key
