@@ -117,6 +117,21 @@ def test_a_crashed_run_resumes_from_another_folder(synth_data, tmp_path, monkeyp
     assert not (second / "mlruns").exists()
 
 
+def test_a_checkpoint_of_a_run_in_another_store_is_set_aside_not_resumed(synth_data, smoke_config, tmp_path,
+                                                                          capsys):
+    """The same command against another tracking store: the checkpoint's run is not there to continue (MLflow
+    would fail to find it), so the run starts afresh and says why."""
+    cfg = smoke_config("train.epochs=2", "train.log_model=false")
+    first, second = f"sqlite:///{tmp_path}/a.db", f"sqlite:///{tmp_path}/b.db"
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        train(cfg, synth_data, tracking_uri=first, callbacks=[FailAtEpoch(0)], verbose=0)
+    [crashed] = MlflowClient(first).search_runs([MlflowClient(first).get_experiment_by_name("smoke").experiment_id])
+    result = train(cfg, synth_data, tracking_uri=second, verbose=0)
+    assert len(result.history["loss"]) == 2 and result.run_id != crashed.info.run_id  # both epochs, a new run
+    assert f"belongs to MLflow run {crashed.info.run_id}, which {second} does not hold" in capsys.readouterr().err
+    assert MlflowClient(second).get_run(result.run_id).info.status == "FINISHED"
+
+
 def test_learning_rate_scaling_rules():
     assert scaled_learning_rate(1e-3, 4, "linear") == pytest.approx(4e-3)
     assert scaled_learning_rate(1e-3, 4, "sqrt") == pytest.approx(2e-3)

@@ -15,6 +15,7 @@ import hashlib
 import json
 import math
 import shutil
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -285,6 +286,20 @@ def prepare(cfg: Config, data_dir: str | Path | None) -> Setup:
                  steps=steps, global_batch=global_batch, replicas=replicas, learning_rate=lr, precision=precision)
 
 
+def _run_in_store(run_id: str, uri: str) -> bool:
+    """Whether the tracking store at `uri` holds run `run_id` (other errors, e.g. an unreachable server, raise)."""
+    from mlflow.exceptions import MlflowException
+    from mlflow.protos.databricks_pb2 import RESOURCE_DOES_NOT_EXIST, ErrorCode
+
+    try:
+        mlflow.MlflowClient(uri).get_run(run_id)
+    except MlflowException as e:
+        if e.error_code == ErrorCode.Name(RESOURCE_DOES_NOT_EXIST):
+            return False
+        raise
+    return True
+
+
 @contextlib.contextmanager
 def training_run(setup: Setup, spec: RunSpec, tracking_uri: str | None, config_file: str | Path | None):
     """The MLflow run's lifecycle, apart from what happens in it: open (or resume the interrupted run of the
@@ -295,6 +310,13 @@ def training_run(setup: Setup, spec: RunSpec, tracking_uri: str | None, config_f
     backup = anchored_path(cfg.train.checkpoint_dir) / run_key(cfg, setup.manifest["digest"], spec.name)
     previous = backup / "mlflow_run_id"
     resume_id = previous.read_text().strip() if previous.exists() else None
+    if resume_id and not _run_in_store(resume_id, uri):
+        # The checkpoint's run lives in another store (the same command against another --tracking-uri, or a
+        # store since deleted): its state is not this store's run to continue, so it is set aside, not resumed.
+        print(f"note: the checkpoint in {backup} belongs to MLflow run {resume_id}, which {uri} does not hold: "
+              "starting a new run", file=sys.stderr)
+        shutil.rmtree(backup, ignore_errors=True)
+        resume_id = None
     # `pneumo train` runs get a readable name, the experiment file's stem and the start time (the run key
     # above stays name-free, so an interrupted run still resumes); trials pass their own names.
     display = spec.name or f"{Path(config_file).stem if config_file else cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}"
