@@ -252,7 +252,7 @@ def cmd_explain(a):
     _read_only(a, a.model)
     from pipeline.evaluate.explain import run_explain
 
-    run_explain(a.paths, a.model, a.out, tracking_uri=a.tracking_uri)
+    run_explain(a.paths, a.model, a.out, tracking_uri=a.tracking_uri, force=a.force)
 
 
 def cmd_serve(a):
@@ -411,6 +411,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("paths", nargs="+", metavar="PATH", help="DICOM or PNG/JPEG files or folders (recursive)")
     p.add_argument("--model", default=None, help="model URI (default: models:/pneumonia-cnn@champion)")
     p.add_argument("--out", default="explanations", help="folder for <stem>.png")
+    p.add_argument("--force", action="store_true", help="explain DICOMs whose header is out of scope too "
+                   "(as `pneumo predict --force`; default: skipped with the reason)")
     p.set_defaults(func=cmd_explain)
 
     from pipeline import serve as serve_defaults  # light: the heavy imports are inside serve()

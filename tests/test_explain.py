@@ -242,6 +242,31 @@ def test_pneumo_explain_on_a_folder_with_a_png_and_a_corrupt_file(trained, tmp_p
         assert prob == pytest.approx(expected[pid], abs=1e-3)
 
 
+def test_an_out_of_scope_dicom_is_skipped_as_predict_skips_it_unless_forced(trained, tmp_path, capsys):
+    """A hand film (BodyPartExamined HAND) got a heat map and a probability from explain while predict
+    skipped it: explain now says why and skips it, and `--force` explains it with the warning kept."""
+    import pydicom
+
+    from pipeline.cli import main
+
+    _, _, _, pids = _split(trained.data, "val")
+    ds = pydicom.dcmread(trained.raw / "stage_2_train_images" / f"{pids[0]}.dcm")
+    ds.BodyPartExamined = "HAND"
+    hand = tmp_path / "hand.dcm"
+    ds.save_as(hand)
+    args = ["explain", str(hand), "--model", trained.model_uri, "--tracking-uri", trained.uri]
+    assert main([*args, "--out", str(tmp_path / "a")]) == 0  # skipped is not a failure to read
+    captured = capsys.readouterr()
+    assert captured.out == f"{hand}: skipped: BodyPartExamined HAND is not CHEST\n"
+    assert "explained 0 of 1 files" in captured.err and "1 skipped as out of scope (--force explains them)" in captured.err
+    assert not (tmp_path / "a").exists() or not list((tmp_path / "a").iterdir())
+    assert main([*args, "--out", str(tmp_path / "b"), "--force"]) == 0
+    out = capsys.readouterr().out
+    assert re.fullmatch(rf"{re.escape(str(hand))}: p=[0-9.]+ -> \S+hand\.png \(warning: BodyPartExamined HAND is "
+                        r"not CHEST\)\n", out), out
+    assert [p.name for p in (tmp_path / "b").iterdir()] == ["hand.png"]
+
+
 def test_log_explanations_puts_a_grid_and_the_pointing_game_on_the_run(trained):
     from pipeline.evaluate.explain import log_explanations
 

@@ -40,7 +40,7 @@ import numpy as np
 
 from pipeline.artifact.model_store import champion_uri
 from pipeline.data import inputs
-from pipeline.data.dicom import DicomError, ImageError, load_image_file, read_dicom
+from pipeline.data.dicom import ImageError, load_image_file, screen_dicom
 from pipeline.data.inputs import DICOM_SUFFIXES, IMAGE_SUFFIXES
 from pipeline.errors import InputError
 
@@ -342,17 +342,25 @@ class _Decoded:
     pixels: np.ndarray | None
     meta: tuple[str, str, int]  # view position, sex, age (-1 unknown): zeros in the meta vector for images
     error: str = ""
+    warning: str = ""  # out of scope by its header, as `pneumo predict` says it
 
 
-def _decode(path: Path, size: int) -> _Decoded:
-    """PNG/JPEG by suffix (through the converter's geometry policy), everything else as DICOM."""
-    try:
-        if path.suffix.lower() in IMAGE_SUFFIXES:
-            return _Decoded(load_image_file(path, size), ("", "", -1))
-        img = read_dicom(path, size)
-        return _Decoded(img.pixels, (img.view_position, img.sex, img.age))
-    except (DicomError, ImageError) as e:
-        return _Decoded(None, ("", "", -1), str(e))
+def _decode(path: Path, size: int, force: bool = False) -> _Decoded:
+    """PNG/JPEG by suffix (through the converter's geometry policy), everything else as DICOM through predict's
+    scope check: a header that is not a single-frame chest radiograph is skipped with the reason (no heat map,
+    no probability) unless `force`, as `pneumo predict` skips it."""
+    none = ("", "", -1)
+    if path.suffix.lower() in IMAGE_SUFFIXES:
+        try:
+            return _Decoded(load_image_file(path, size), none)
+        except ImageError as e:
+            return _Decoded(None, none, str(e))
+    screened = screen_dicom(path, size)
+    img = screened.image
+    if img is None:
+        return _Decoded(None, none, screened.error, screened.out_of_scope)
+    pixels = img.pixels if force or not screened.out_of_scope else None
+    return _Decoded(pixels, (img.view_position, img.sex, img.age), warning=screened.out_of_scope)
 
 
 def meta_vectors(meta: list[tuple[str, str, int]]) -> np.ndarray:
@@ -392,12 +400,14 @@ def _png_name(path: Path, used: set[str]) -> str:
 
 def explain_paths(paths: Iterable[str | Path], model_uri: str | None = None,
                   out_dir: str | Path = "explanations", *, tracking_uri: str | None = None, model=None,
-                  batch_size: int = 32) -> list[dict]:
-    """One Grad-CAM overlay PNG per readable file -> rows {path, probability, png, error}, in input order.
+                  batch_size: int = 32, force: bool = False) -> list[dict]:
+    """One Grad-CAM overlay PNG per readable file -> rows {path, probability, png, error, warning}, in input
+    order.
 
     Unreadable files get a row with the one-line reason in `error` (and no probability or PNG); the others
-    still run. `model` (a model_store.LoadedModel, or a Keras model: temperature 1) skips loading
-    `model_uri`. The probability is calibrated with the version's temperature, as predict's is.
+    still run. A DICOM out of scope by its header gets the reason in `warning` and is skipped unless `force`.
+    `model` (a model_store.LoadedModel, or a Keras model: temperature 1) skips loading `model_uri`. The
+    probability is calibrated with the version's temperature, as predict's is.
     """
     from pipeline.net.calibration import apply_temperature
 
@@ -411,7 +421,7 @@ def explain_paths(paths: Iterable[str | Path], model_uri: str | None = None,
     rows: list[dict] = []
     for start in range(0, len(files), batch_size):
         chunk = files[start:start + batch_size]
-        decoded = [_decode(p, cam.size) for p in chunk]
+        decoded = [_decode(p, cam.size, force) for p in chunk]
         ok = [d for d in decoded if d.pixels is not None]
         if ok:
             images = np.stack([d.pixels for d in ok])
@@ -419,7 +429,7 @@ def explain_paths(paths: Iterable[str | Path], model_uri: str | None = None,
             heats, probs = cam(images, meta)
             results = iter(zip(heats, apply_temperature(probs, temperature), strict=True))
         for path, d in zip(chunk, decoded, strict=True):
-            row = {"path": str(path), "probability": None, "png": None, "error": d.error}
+            row = {"path": str(path), "probability": None, "png": None, "error": d.error, "warning": d.warning}
             if d.pixels is not None:
                 heat, prob = next(results)
                 png = save_png(overlay(d.pixels, heat, float(prob)), out_dir / _png_name(path, used))
@@ -429,20 +439,26 @@ def explain_paths(paths: Iterable[str | Path], model_uri: str | None = None,
 
 
 def run_explain(paths: list[str], model_uri: str | None = None, out_dir: str | Path = "explanations", *,
-                tracking_uri: str | None = None, stdout=None) -> list[dict]:
+                tracking_uri: str | None = None, stdout=None, force: bool = False) -> list[dict]:
     """`pneumo explain`: a line per file on stdout, a summary on stderr; ExplainError (non-zero exit) after
-    everything readable was written, when any file failed."""
+    everything readable was written, when any file failed. Out-of-scope DICOMs are skipped, as `pneumo predict`
+    skips them, unless `force`."""
     stdout = stdout or sys.stdout
     files = collect_paths(paths)  # a typo fails before the model loads
     model, uri = load(model_uri, tracking_uri)
-    rows = explain_paths(files, uri, out_dir, model=model)
+    rows = explain_paths(files, uri, out_dir, model=model, force=force)
     for r in rows:
+        note = f" (warning: {r['warning']})" if r["warning"] else ""
         if r["error"]:
             print(f"{r['path']}: error: {r['error']}", file=stdout)
+        elif r["png"] is None:
+            print(f"{r['path']}: skipped: {r['warning']}", file=stdout)
         else:
-            print(f"{r['path']}: p={r['probability']:.4f} -> {r['png']}", file=stdout)
+            print(f"{r['path']}: p={r['probability']:.4f} -> {r['png']}{note}", file=stdout)
     failed = sum(bool(r["error"]) for r in rows)
-    print(f"explained {len(rows) - failed} of {len(rows)} files with {uri}; PNGs in {out_dir}"
+    skipped = sum(not r["error"] and r["png"] is None for r in rows)
+    print(f"explained {len(rows) - failed - skipped} of {len(rows)} files with {uri}; PNGs in {out_dir}"
+          + (f"; {skipped} skipped as out of scope (--force explains them)" if skipped else "")
           + (f"; {failed} failed to read" if failed else ""), file=sys.stderr)
     if failed:
         raise ExplainError(f"{failed} of {len(rows)} files could not be read (see the lines above)")
