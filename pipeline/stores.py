@@ -104,12 +104,16 @@ def artifact_root(url: str) -> Path:
 
 
 def require_store(url: str, command: str, kind: str = "tracking") -> None:
-    """Fail with one line when a read-only `command` would create an empty SQLite store at `url`."""
+    """Fail with one line when a read-only `command` would create an empty SQLite store at `url`, or write its
+    tables into an empty file there (a 0-byte file is what an interrupted start or a `touch` leaves; no store
+    that holds anything is 0 bytes)."""
     db = sqlite_path(url)
-    if db is not None and not db.is_file():
-        what, flag = ("MLflow store", "--tracking-uri") if kind == "tracking" else ("Optuna storage", "--storage")
-        raise StoreMissing(f"no {what} at {db}: pneumo {command} only reads one; {FILLED_BY[kind]} fills it "
-                           f"(or pass {flag}, or set PNEUMO_HOME to the folder holding mlruns/)")
+    if db is None or (db.is_file() and db.stat().st_size):
+        return
+    what, flag = ("MLflow store", "--tracking-uri") if kind == "tracking" else ("Optuna storage", "--storage")
+    found = f"{db} is an empty file" if db.is_file() else f"no {what} at {db}"
+    raise StoreMissing(f"{found}: pneumo {command} only reads one; {FILLED_BY[kind]} fills it "
+                       f"(or pass {flag}, or set PNEUMO_HOME to the folder holding mlruns/)")
 
 
 # Query parameters that carry a secret in database and server URLs (libpq's `password`, `sslpassword`; tokens).

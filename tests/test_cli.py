@@ -103,6 +103,13 @@ def test_read_only_commands_never_create_a_store(argv, tmp_path, monkeypatch, ca
                    "reads one; `pneumo train --register`, `pneumo tune` or `pneumo demo` fills it (or pass "
                    "--tracking-uri, or set PNEUMO_HOME to the folder holding mlruns/)")
     assert not (tmp_path / "mlruns").exists()
+    # An empty file where the store should be: named as such, and left empty (MLflow would write its tables)
+    (tmp_path / "mlruns").mkdir()
+    (tmp_path / "mlruns" / "mlflow.db").touch()
+    assert main([a if a not in ("DATA",) else str(tmp_path) for a in argv]) == 2
+    assert capsys.readouterr().err.startswith(f"pneumo {argv[0]}: error: {tmp_path}/mlruns/mlflow.db is an empty "
+                                              f"file: pneumo {argv[0]} only reads one;")
+    assert (tmp_path / "mlruns" / "mlflow.db").stat().st_size == 0
 
 
 def test_dashboard_names_the_missing_optuna_storage(tmp_path, monkeypatch, capsys):
