@@ -578,7 +578,7 @@ def test_the_decision_goes_through_the_reuse_correction(registry_store, monkeypa
     assert _aliases(s)["champion"] == (mid if outcome == "promoted" else worst)
 
 
-def test_promote_study_decides_by_the_rule_the_study_was_launched_with(registry_store, capsys):
+def test_promote_study_decides_by_the_rule_the_study_was_launched_with(registry_store, capsys, tmp_path):
     """No --config: the study's recorded [promote] (pipeline.study.tune.prepare records it); --config wins."""
     from pipeline.artifact import tag_keys
     from pipeline.cli import main
@@ -594,6 +594,10 @@ def test_promote_study_decides_by_the_rule_the_study_was_launched_with(registry_
     assert "rule       non-inferiority" in out
     assert f"rule from  /somewhere/experiments/kermany.toml ([promote] recorded by study '{STUDY}' at launch, " \
            "sha256 abababababab)" in out
+    given = _config_file(tmp_path, replace(POINT, policy="superiority"))  # --config wins over the record
+    assert main(["promote", "--study", STUDY, "--dry-run", "--tracking-uri", s.uri, "--config", given]) == 0
+    out = capsys.readouterr().out
+    assert "rule       superiority" in out and f"rule from  --config {given}\n" in out
     assert main(["promote", "--study", "nosuch-study", "--dry-run", "--tracking-uri", s.uri]) == 2  # no versions
 
 
