@@ -84,7 +84,7 @@ def test_a_run_that_diverges_fails_with_one_line_and_a_failed_run(synth_data, sm
     from pipeline.study.candidate import DivergedError
 
     cfg = smoke_config("train.epochs=1", "train.learning_rate=1e30")
-    with pytest.raises(DivergedError, match=r"^training diverged: (\d+) of \1 validation probabilities are not "
+    with pytest.raises(DivergedError, match=r"^training diverged: \d+ of \d+ validation probabilities are not "
                                             r"finite \(train.learning_rate = 1e\+30; a lower one may train\)$"):
         train(cfg, synth_data, tracking_uri=tracking_uri, verbose=0)
     client = MlflowClient(tracking_uri)
@@ -104,6 +104,7 @@ def test_a_crashed_run_resumes_from_another_folder(synth_data, tmp_path, monkeyp
     for folder in (home, first, second):
         folder.mkdir()
     monkeypatch.setenv("PNEUMO_HOME", str(home))
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)  # the default store: under the home too
     cfg = load_config(REPO / "experiments" / "smoke.toml", ["train.epochs=3", "train.log_model=false"])
     assert cfg.train.checkpoint_dir == "mlruns/checkpoints"  # the default, relative
     monkeypatch.chdir(first)
