@@ -188,10 +188,13 @@ def test_opening_the_storage_retries_a_dropped_connection_only(tmp_path, monkeyp
     assert len(calls) == 1
 
 
-def test_a_dataset_another_worker_created_mid_call_is_linked_not_failed(tmp_path):
+@pytest.mark.parametrize("logged_by", ["log_dataset", "log_metrics_racing"])
+def test_a_dataset_another_worker_created_mid_call_is_linked_not_failed(tmp_path, logged_by):
     """The MLflow side of a two-worker study (a failed first trial in the scale-out test): MLflow's SQL store
     looks a run's dataset up, then inserts it. Here the other worker inserts the same dataset in between, for
-    real, on the same SQLite store; the logged input must still land, on the one dataset row there is."""
+    real, on the same SQLite store; the logged input must still land, on the one dataset row there is. Both
+    ways a run links a dataset: as its input (training), and inside `log_metrics(dataset=...)` (validation's
+    metrics, linked to the validation split: the same race failed a trial in a later CI run)."""
     import mlflow
     from mlflow.tracking._tracking_service.utils import _get_store
     from sqlalchemy import event
@@ -214,13 +217,19 @@ def test_a_dataset_another_worker_created_mid_call_is_linked_not_failed(tmp_path
     event.listen(engine, "before_cursor_execute", other_worker_first)
     try:
         with mlflow.start_run(experiment_id=experiment) as run:
-            tracking.log_dataset(manifest, tmp_path / "data")
+            if logged_by == "log_dataset":
+                tracking.log_dataset(manifest, tmp_path / "data")
+            else:
+                tracking.log_metrics_racing({"final_val_auc": 0.9}, dataset=entity)
     finally:
         event.remove(engine, "before_cursor_execute", other_worker_first)
     assert cut_in, "the other worker never cut in: the race was not staged"
     mine, theirs = (client.get_run(r).inputs.dataset_inputs for r in (run.info.run_id, other))
     assert [d.dataset.digest for d in mine] == [d.dataset.digest for d in theirs] == ["d" * 36]
-    assert client.get_run(run.info.run_id).data.tags[tag_keys.DATASET_DIGEST] == "d" * 64
+    if logged_by == "log_dataset":
+        assert client.get_run(run.info.run_id).data.tags[tag_keys.DATASET_DIGEST] == "d" * 64
+    else:  # logged once, against the dataset: the lost call had logged no metric
+        assert [m.value for m in client.get_metric_history(run.info.run_id, "final_val_auc")] == [0.9]
 
 
 def test_other_mlflow_errors_are_raised_at_once():

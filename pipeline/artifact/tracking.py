@@ -206,6 +206,13 @@ def log_inputs_racing(log_inputs, *args, **kwargs) -> None:
         log_inputs(*args, **kwargs)
 
 
+def log_metrics_racing(metrics: dict, **kwargs) -> None:
+    """`mlflow.log_metrics`; given a `dataset`, MLflow links it to the run inside the call, before it logs any
+    metric, so the call can lose the same race (a failed trial in a fresh-clone CI run: two workers' first
+    validations, `data-val`). The lost call logged nothing and is repeated once."""
+    log_inputs_racing(mlflow.log_metrics, metrics, **kwargs)
+
+
 def log_dataset(manifest: dict, data_dir: str | Path, context: str = "training") -> None:
     """The converter's manifest digest as the run's dataset input: the dataset's identity."""
     log_inputs_racing(mlflow.log_input, dataset_entity(manifest, data_dir), context=context)

@@ -173,16 +173,17 @@ def log_validation(v: Validation, history: dict | None = None, title: str = "val
                    model_id: str | None = None, dataset=None) -> None:
     """Step 3: what `validate` decided and measured, to the active run; with `model_id` (and the validation
     split as `dataset`) the metrics are linked to the logged model too: MLflow 3's Models tab compares them."""
-    mlflow.log_metrics({**{f"final_val_{k}": val for k, val in _finite(v.metrics).items()},
-                        "threshold": v.threshold, "threshold_uncalibrated": v.threshold_raw,
-                        "temperature": v.temperature, "val_ece": v.ece[0], "val_ece_calibrated": v.ece[1],
-                        **_finite({"val_ece_heldout": v.ece_heldout})}, model_id=model_id, dataset=dataset)
+    # With a dataset MLflow links it to the run inside the call: another worker may create it at the same moment
+    tracking.log_metrics_racing({**{f"final_val_{k}": val for k, val in _finite(v.metrics).items()},
+                                 "threshold": v.threshold, "threshold_uncalibrated": v.threshold_raw,
+                                 "temperature": v.temperature, "val_ece": v.ece[0], "val_ece_calibrated": v.ece[1],
+                                 **_finite({"val_ece_heldout": v.ece_heldout})}, model_id=model_id, dataset=dataset)
     mlflow.set_tags({tag_keys.THRESHOLD: repr(float(v.threshold)),  # full precision: a case at it must not flip
                      tag_keys.THRESHOLD_POLICY: v.threshold_policy,
                      tag_keys.TEMPERATURE: repr(float(v.temperature))})
     if v.shifted is not None:
-        mlflow.log_metrics({**_finite(v.shift_metrics()), "shift_battery_s": v.battery_s}, model_id=model_id,
-                           dataset=dataset)
+        tracking.log_metrics_racing({**_finite(v.shift_metrics()), "shift_battery_s": v.battery_s},
+                                    model_id=model_id, dataset=dataset)
         mlflow.log_text(shift.format_table(v.shifted, v.shifted.operating(v.threshold_raw)),
                         "evaluation/val_shift.txt")
     if v.robust is not None:
