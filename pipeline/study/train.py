@@ -288,13 +288,10 @@ def prepare(cfg: Config, data_dir: str | Path | None) -> Setup:
 
 def _run_in_store(run_id: str, uri: str) -> bool:
     """Whether the tracking store at `uri` holds run `run_id` (other errors, e.g. an unreachable server, raise)."""
-    from mlflow.exceptions import MlflowException
-    from mlflow.protos.databricks_pb2 import RESOURCE_DOES_NOT_EXIST, ErrorCode
-
     try:
         mlflow.MlflowClient(uri).get_run(run_id)
-    except MlflowException as e:
-        if e.error_code == ErrorCode.Name(RESOURCE_DOES_NOT_EXIST):
+    except mlflow.exceptions.MlflowException as e:
+        if e.error_code == "RESOURCE_DOES_NOT_EXIST":
             return False
         raise
     return True
@@ -313,8 +310,8 @@ def training_run(setup: Setup, spec: RunSpec, tracking_uri: str | None, config_f
     if resume_id and not _run_in_store(resume_id, uri):
         # The checkpoint's run lives in another store (the same command against another --tracking-uri, or a
         # store since deleted): its state is not this store's run to continue, so it is set aside, not resumed.
-        print(f"note: the checkpoint in {backup} belongs to MLflow run {resume_id}, which {uri} does not hold: "
-              "starting a new run", file=sys.stderr)
+        print(f"note: the checkpoint in {backup} belongs to MLflow run {resume_id}, which {tracking.masked(uri)} "
+              "does not hold: starting a new run", file=sys.stderr)
         shutil.rmtree(backup, ignore_errors=True)
         resume_id = None
     # `pneumo train` runs get a readable name, the experiment file's stem and the start time (the run key
