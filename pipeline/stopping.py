@@ -51,8 +51,16 @@ def stop_on_signals():
         _caught_signal = None
 
 
+def stop_pending() -> bool:
+    """Whether stop_on_signals has caught a signal (its body is still running, stopping)."""
+    return _caught_signal is not None
+
+
 def raise_if_stopped() -> None:
-    """Raise StopRequested if stop_on_signals caught a signal whose exception may have been swallowed."""
+    """Raise StopRequested if stop_on_signals caught a signal whose exception may have been swallowed, or
+    replaced on its way out: TensorFlow's device scope raises RuntimeError("Exiting device scope without proper
+    scope nesting") from its `__exit__` when the stop lands inside it (seen in CI: the trial was failed as an
+    error, not queued again). Called in an `except` block, the replaced exception stays chained as context."""
     if _caught_signal is not None:
         raise StopRequested(_caught_signal)
 

@@ -329,6 +329,52 @@ def test_a_stop_swallowed_by_a_finaliser_still_ends_training():
     assert seen == [0, 1]  # stopped at the batch the swallowed signal arrived in
 
 
+def _stop_replaced_by_an_error():
+    """SIGTERM to this process, and a RuntimeError raised in place of the handler's StopRequested."""
+    import time
+
+    try:
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(5)  # the handler runs in here, and raises
+    except tune.StopRequested:
+        raise RuntimeError("Exiting device scope without proper scope nesting") from None
+
+
+@pytest.mark.parametrize("where", ["in_training", "after_training"])
+def test_a_stop_another_error_replaced_still_queues_the_trial_again(synth_data, tmp_path, monkeypatch, capsys,
+                                                                     where):
+    """A CI run's SIGTERM landed inside TensorFlow's device scope, whose `__exit__` then raised RuntimeError
+    ("Exiting device scope without proper scope nesting") in the stop's place: the trial was failed as an
+    error, its run closed FAILED, and no replacement was queued. Here the same happens in a trial run
+    in-process: mid-epoch (a callback), or after its run has ended (while the objective reads the result)."""
+    import keras
+
+    class StopReplacedAtBatchOne(keras.callbacks.Callback):
+        def on_train_batch_end(self, batch, logs=None):
+            if batch == 1:
+                _stop_replaced_by_an_error()
+
+    if where == "in_training":
+        monkeypatch.setattr(tune, "stop_check_callback", StopReplacedAtBatchOne)
+    else:
+        monkeypatch.setattr(tune, "objective_value", lambda result, metric: _stop_replaced_by_an_error())
+    uri, storage = f"sqlite:///{tmp_path}/mlflow.db", f"sqlite:///{tmp_path}/optuna.db"
+    cfg = load_config(SMOKE, [f"train.checkpoint_dir={tmp_path}/ckpt", "train.log_model=false",
+                              "train.epochs=1"])
+    with pytest.raises(tune.StopRequested) as stop:
+        tune.run_tune(cfg, "replaced", data_dir=str(synth_data), trials=1, storage=storage, tracking_uri=uri)
+    if where == "in_training":
+        assert isinstance(stop.value.__context__, RuntimeError)  # the error that took its place, kept for the log
+    assert "trial 0 interrupted; queued again for the next launch" in capsys.readouterr().err
+    study = optuna.load_study(study_name="replaced", storage=storage)
+    assert [t.state for t in study.trials] == [TrialState.FAIL, TrialState.WAITING]
+    assert study.trials[1].user_attrs["replaces_interrupted_trial"] == 0
+    statuses = {r.info.run_name: r.info.status for r in _runs(uri, "replaced")}
+    # after training, the trial's run had already ended as it should: FINISHED, its model and metrics logged
+    trial_status = "KILLED" if where == "in_training" else "FINISHED"
+    assert statuses == {"study:replaced": "KILLED", "trial-000": trial_status}, statuses
+
+
 @pytest.mark.parametrize("how", ["sigterm", "sigint_ignored_at_start"])
 def test_a_stopped_launch_closes_its_runs_and_the_same_command_resumes(synth_data, tmp_path, how):
     """The signal a scheduler sends on preemption (SIGTERM), or SIGINT to a launcher started with SIGINT

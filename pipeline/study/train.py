@@ -33,6 +33,7 @@ from pipeline.evaluate import metrics, shift
 from pipeline.net.devices import configure_gpus, resolve_jit
 from pipeline.net.model import apply_precision, build_model
 from pipeline.net.weight_averaging import StochasticWeightAveraging, recompute_batch_norm
+from pipeline.stopping import raise_if_stopped, stop_pending
 from pipeline.stores import anchored_path
 from pipeline.study.candidate import LoggedCandidate, make_candidate
 
@@ -237,7 +238,7 @@ def train(cfg: Config, data_dir: str | Path | None = None, *, tracking_uri: str 
           config_file: str | Path | None = None, verbose: int = 2) -> TrainResult:
     """Train one model and log it as one MLflow run (nested under `run.parent_run_id` when given); register it
     as `register_as` when given. An exception in `run.stop_exceptions` ends the run FINISHED and propagates;
-    any other ends it FAILED, Ctrl-C ends it KILLED."""
+    any other ends it FAILED, Ctrl-C (or any exception raised while a stop is under way) ends it KILLED."""
     setup = prepare(cfg, data_dir)
     with training_run(setup, run, tracking_uri, config_file) as opened:
         if not opened.resumed:
@@ -337,7 +338,10 @@ def training_run(setup: Setup, spec: RunSpec, tracking_uri: str | None, config_f
         mlflow.end_run("KILLED")
         raise
     except BaseException:
-        mlflow.end_run("FAILED")
+        # Raised while a stop was under way, this exception took the stop's place (pipeline/stopping.py): the
+        # run was stopped, not failed, and the stop goes on up.
+        mlflow.end_run("KILLED" if stop_pending() else "FAILED")
+        raise_if_stopped()
         raise
     shutil.rmtree(backup, ignore_errors=True)  # finished: the next identical command starts a new run
     mlflow.end_run("FINISHED")

@@ -506,12 +506,15 @@ def work(spec: WorkerSpec) -> dict[str, int]:
         t0 = time.perf_counter()
         try:
             study.optimize(objective, n_trials=1, catch=(Exception,), gc_after_trial=True)
+            raise_if_stopped()  # a stop some code swallowed or replaced with its own error in this trial
         except StopRequested:
             # Optuna failed the interrupted trial (its run is closed KILLED): queue its replacement, so the same
-            # command run again does the work this launch could not finish.
-            if state.last_trial is not None:
-                study.enqueue_trial({}, user_attrs={"replaces_interrupted_trial": state.last_trial})
-                print(f"trial {state.last_trial} interrupted; queued again for the next launch [worker "
+            # command run again does the work this launch could not finish. A trial that finished before the
+            # stop was noticed needs none.
+            last = state.last_trial
+            if last is not None and study.get_trials(deepcopy=False)[last].state == TrialState.FAIL:
+                study.enqueue_trial({}, user_attrs={"replaces_interrupted_trial": last})
+                print(f"trial {last} interrupted; queued again for the next launch [worker "
                       f"{spec.worker}]", file=sys.stderr, flush=True)
             raise
         except QueueEmpty:
