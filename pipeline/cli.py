@@ -130,9 +130,14 @@ def cmd_train(a):
     from pipeline.data.manifest import load_manifest
 
     load_manifest(a.data or cfg.data.dir)  # a missing dataset, too
+    from pipeline.stopping import stop_check_callback, stop_on_signals
     from pipeline.study.train import summary_table, train
 
-    result = train(cfg, a.data, tracking_uri=a.tracking_uri, config_file=a.config, register_as=a.register)
+    # SIGTERM (a scheduler's preemption) ends the run KILLED with its checkpoint kept, as Ctrl-C does: the same
+    # command resumes it. Without the handler the process died at once and left the run RUNNING.
+    with stop_on_signals():
+        result = train(cfg, a.data, tracking_uri=a.tracking_uri, config_file=a.config, register_as=a.register,
+                       callbacks=[stop_check_callback()])
     print(summary_table(result))
     if result.model_version:
         print(f"registered {a.register} version {result.model_version} "
@@ -493,7 +498,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args.func(args)
         return 0
-    except KeyboardInterrupt as e:  # Ctrl-C, or SIGTERM/SIGINT during `pneumo tune` (pipeline.study.tune)
+    except KeyboardInterrupt as e:  # Ctrl-C, or SIGTERM/SIGINT during `pneumo train` or `tune` (pipeline/stopping.py)
         how = f" ({e})" if str(e) else ""
         print(f"pneumo {args.command}: interrupted{how}", file=sys.stderr)
         return getattr(e, "exit_code", 130)

@@ -1,7 +1,7 @@
 """Stopping a long-running command cleanly on SIGTERM or SIGINT, also when Python drops the stop.
 
-One home for `pneumo tune` (its launcher, workers and trials: pipeline/study/tune.py) and the servers `pneumo ui`
-and `pneumo dashboard` start (pipeline/ui.py).
+One home for `pneumo train` (pipeline/cli.py), `pneumo tune` (its launcher, workers and trials:
+pipeline/study/tune.py) and the servers `pneumo ui` and `pneumo dashboard` start (pipeline/ui.py).
 """
 
 from __future__ import annotations
@@ -63,6 +63,21 @@ def raise_if_stopped() -> None:
     error, not queued again). Called in an `except` block, the replaced exception stays chained as context."""
     if _caught_signal is not None:
         raise StopRequested(_caught_signal)
+
+
+def stop_check_callback():
+    """A Keras callback that polls raise_if_stopped after every training and validation batch: a swallowed stop
+    still ends training within a batch, through the same KeyboardInterrupt path as one that was not."""
+    import keras  # here, not at the top: the servers stop with this module and never load Keras
+
+    class StopCheck(keras.callbacks.Callback):
+        def on_train_batch_end(self, batch, logs=None):
+            raise_if_stopped()
+
+        def on_test_batch_end(self, batch, logs=None):
+            raise_if_stopped()
+
+    return StopCheck()
 
 
 def wait_stoppable(proc: subprocess.Popen) -> int:

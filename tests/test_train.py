@@ -76,6 +76,46 @@ def test_a_crash_marks_the_run_failed_and_a_rerun_resumes_it(synth_data, smoke_c
     assert sorted(steps) == [0, 1, 2]
 
 
+def test_sigterm_ends_pneumo_train_killed_with_its_checkpoint_kept(synth_data, tmp_path):
+    """A scheduler's SIGTERM (preemption, `docker stop`) to `pneumo train` mid-training: the run ends KILLED
+    (the process used to die at once and leave it RUNNING), the command exits 143 with one line, and the
+    checkpoint the same command resumes from stays on disk, naming the run."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO, repo_env, wait_for
+
+    uri, ckpt, log_path = f"sqlite:///{tmp_path}/mlflow.db", tmp_path / "ckpt", tmp_path / "train.log"
+    cmd = [sys.executable, "-m", "pipeline.cli", "train", "--config", str(REPO / "experiments" / "smoke.toml"),
+           "--data", str(synth_data), "--tracking-uri", uri, "--set", f"train.checkpoint_dir={ckpt}",
+           "--set", "train.epochs=50", "--set", "train.log_model=false"]
+    log = open(log_path, "w")
+    proc = subprocess.Popen(cmd, cwd=tmp_path, env=repo_env(), stdout=log, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+    try:
+        wait_for(lambda: any(ckpt.glob("*/state/*")), 300, "the first epoch's checkpoint", proc, log_path)
+        client = MlflowClient(uri)  # the store exists now (the run was opened before the checkpoint)
+        wait_for(lambda: client.search_runs([client.get_experiment_by_name("smoke").experiment_id])[0].data.metrics
+                 .get("val_auc") is not None, 120, "the first epoch's metrics", proc, log_path)
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=120)  # a stop ends training within a batch, not at the end of 50 epochs
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=60)
+        log.close()
+    out = log_path.read_text()
+    assert proc.returncode == 128 + signal.SIGTERM, out
+    assert "pneumo train: interrupted (SIGTERM)" in out and "Traceback" not in out, out
+    [run] = client.search_runs([client.get_experiment_by_name("smoke").experiment_id])
+    assert run.info.status == "KILLED"
+    assert 1 <= len(client.get_metric_history(run.info.run_id, "val_auc")) < 50  # stopped mid-way
+    [saved] = ckpt.glob("*/mlflow_run_id")
+    assert saved.read_text().strip() == run.info.run_id
+
+
 def test_a_run_that_diverges_fails_with_one_line_and_a_failed_run(synth_data, smoke_config, tracking_uri):
     """A learning rate of 1e30 trains the weights to nan: the run says so (it used to end in scikit-learn's
     'Input contains NaN' traceback from the AUC) and is marked FAILED, with no model logged."""

@@ -40,7 +40,13 @@ from pipeline.config import Config, ConfigError
 from pipeline.data.manifest import load_manifest
 from pipeline.errors import PneumoError, one_line
 from pipeline.net import devices
-from pipeline.stopping import StopRequested, raise_if_stopped, stop_on_signals, wait_stoppable
+from pipeline.stopping import (
+    StopRequested,
+    raise_if_stopped,
+    stop_check_callback,
+    stop_on_signals,
+    wait_stoppable,
+)
 from pipeline.stores import masked, resolve_optuna_storage, sqlite_path
 from pipeline.study import study_report
 
@@ -59,21 +65,6 @@ optuna.logging.set_verbosity(optuna.logging.WARNING)  # one line per trial is pr
 
 class QueueEmpty(Exception):
     """No queued trial is left for this launch."""
-
-
-def stop_check_callback():
-    """A Keras callback that polls raise_if_stopped after every training and validation batch: a swallowed stop
-    still ends the trial within a batch, through the same KeyboardInterrupt path as one that was not."""
-    import keras
-
-    class StopCheck(keras.callbacks.Callback):
-        def on_train_batch_end(self, batch, logs=None):
-            raise_if_stopped()
-
-        def on_test_batch_end(self, batch, logs=None):
-            raise_if_stopped()
-
-    return StopCheck()
 
 
 class TuneError(PneumoError):
