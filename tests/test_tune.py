@@ -370,7 +370,7 @@ def test_a_stop_another_error_replaced_still_queues_the_trial_again(synth_data, 
     assert [t.state for t in study.trials] == [TrialState.FAIL, TrialState.WAITING]
     assert study.trials[1].user_attrs["replaces_interrupted_trial"] == 0
     statuses = {r.info.run_name: r.info.status for r in _runs(uri, "replaced")}
-    # after training, the trial's run had already ended as it should: FINISHED, its model and metrics logged
+    # after training, the trial's run had already ended as it should: FINISHED, its metrics logged
     trial_status = "KILLED" if where == "in_training" else "FINISHED"
     assert statuses == {"study:replaced": "KILLED", "trial-000": trial_status}, statuses
 
