@@ -1,5 +1,10 @@
 """One training run end to end on synthetic TFRecords, and what it leaves in MLflow."""
 
+import os
+import signal
+import subprocess
+import sys
+
 import keras
 import mlflow
 import numpy as np
@@ -8,6 +13,7 @@ import pytest
 from mlflow import MlflowClient
 
 from pipeline.study.train import scaled_learning_rate, train
+from tests.conftest import REPO, repo_env, wait_for
 
 
 class FailAtEpoch(keras.callbacks.Callback):
@@ -80,13 +86,6 @@ def test_sigterm_ends_pneumo_train_killed_with_its_checkpoint_kept(synth_data, t
     """A scheduler's SIGTERM (preemption, `docker stop`) to `pneumo train` mid-training: the run ends KILLED
     (the process used to die at once and leave it RUNNING), the command exits 143 with one line, and the
     checkpoint the same command resumes from stays on disk, naming the run."""
-    import os
-    import signal
-    import subprocess
-    import sys
-
-    from tests.conftest import REPO, repo_env, wait_for
-
     uri, ckpt, log_path = f"sqlite:///{tmp_path}/mlflow.db", tmp_path / "ckpt", tmp_path / "train.log"
     cmd = [sys.executable, "-m", "pipeline.cli", "train", "--config", str(REPO / "experiments" / "smoke.toml"),
            "--data", str(synth_data), "--tracking-uri", uri, "--set", f"train.checkpoint_dir={ckpt}",
@@ -119,8 +118,6 @@ def test_sigterm_ends_pneumo_train_killed_with_its_checkpoint_kept(synth_data, t
 def test_a_run_that_diverges_fails_with_one_line_and_a_failed_run(synth_data, smoke_config, tracking_uri):
     """A learning rate of 1e30 trains the weights to nan: the run says so (it used to end in scikit-learn's
     'Input contains NaN' traceback from the AUC) and is marked FAILED, with no model logged."""
-    import mlflow
-
     from pipeline.study.candidate import DivergedError
 
     cfg = smoke_config("train.epochs=1", "train.learning_rate=1e30")
@@ -138,7 +135,6 @@ def test_a_crashed_run_resumes_from_another_folder(synth_data, tmp_path, monkeyp
     stores, not in the current folder: started again from elsewhere, the run finds its checkpoint as it finds
     its MLflow run (it landed in the first folder, and a second start elsewhere began again from epoch 1)."""
     from pipeline.config import load_config
-    from tests.conftest import REPO
 
     home, first, second = tmp_path / "home", tmp_path / "first", tmp_path / "second"
     for folder in (home, first, second):
@@ -214,7 +210,6 @@ def test_the_default_cnn_learns_synthetic_pneumonia(learnable_data, tmp_path, tr
 def test_rsna_recipe_with_metadata_inputs_runs_small(synth_data, tmp_path, tracking_uri):
     """experiments/rsna.toml (residual CNN, metadata inputs, precision auto) shrunk to 64 px and one epoch."""
     from pipeline.config import load_config
-    from tests.conftest import REPO
 
     cfg = load_config(REPO / "experiments" / "rsna.toml", [
         "data.batch_size=16", "train.epochs=1", "model.blocks=3", f"train.checkpoint_dir={tmp_path}/ckpt",

@@ -173,7 +173,6 @@ def log_validation(v: Validation, history: dict | None = None, title: str = "val
                    model_id: str | None = None, dataset=None) -> None:
     """Step 3: what `validate` decided and measured, to the active run; with `model_id` (and the validation
     split as `dataset`) the metrics are linked to the logged model too: MLflow 3's Models tab compares them."""
-    # With a dataset MLflow links it to the run inside the call: another worker may create it at the same moment
     tracking.log_metrics_racing({**{f"final_val_{k}": val for k, val in _finite(v.metrics).items()},
                                  "threshold": v.threshold, "threshold_uncalibrated": v.threshold_raw,
                                  "temperature": v.temperature, "val_ece": v.ece[0], "val_ece_calibrated": v.ece[1],
